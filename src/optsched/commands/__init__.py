@@ -1,0 +1,1 @@
+"""Subcommands of the ``optsched`` command line, one module each (see :mod:`optsched.cli`)."""
