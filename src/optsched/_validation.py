@@ -21,6 +21,8 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
+    "check_step_count",
+    "integral_to_int",
     "closest",
     "did_you_mean",
     "missing_package",
@@ -118,6 +120,22 @@ def check_int(
         hi = "inf" if high is None else high
         raise ValueError(f"{field}={value!r} is out of range; accepted: an integer in [{lo}, {hi}].")
     return int(value)
+
+
+def check_step_count(field: str, value: Any, *, low: int = 0, allow_none: bool = False) -> int | None:
+    """A number of steps: an ``int``, or a float with an integral value (returned as ``int``).
+
+    HF's own recipe for the total, ``(len(ds) // batch) * args.num_train_epochs``, is a float
+    (``num_train_epochs`` is a float), so ``24.0`` is accepted as 24 steps; ``24.5`` is not.
+    """
+    return check_int(field, integral_to_int(value), low=low, allow_none=allow_none)
+
+
+def integral_to_int(value: Any) -> Any:
+    """``24.0 -> 24``; any other value (``24.5``, ``None``, an int, a string) is returned unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def check_bool(field: str, value: Any, allow_none: bool = False) -> bool | None:
