@@ -1,0 +1,69 @@
+"""Learning-rate schedules: pure closed-form functions, a registry of names, and the torch adapter.
+
+* :mod:`.core` -- building blocks (``Warmup``, ``Decay``, ``join``, ``warmup_then``, ...).
+* :mod:`.catalog` -- every HF ``lr_scheduler_type`` built from them.
+* :mod:`.registry` -- names, aliases, kwargs validation, ``register_schedule``.
+* :mod:`.scheduler` -- ``ScheduleLR``, ``get_scheduler``, ``create_scheduler``.
+* :mod:`.plateau`, :mod:`.greedy` -- the metric-driven ones (imported when used).
+* :mod:`.render` -- terminal chart and PNG of a curve.
+"""
+
+from __future__ import annotations
+
+from optsched.schedules.core import (
+    Constant,
+    Decay,
+    InverseSqrt,
+    Join,
+    Ramp,
+    Scale,
+    Schedule,
+    Shift,
+    Warmup,
+    join,
+    warmup_then,
+)
+from optsched.schedules.registry import (
+    ScheduleInfo,
+    SchedulerType,
+    get_schedule_info,
+    list_schedulers,
+    register_schedule,
+    resolve_schedule_name,
+    validate_scheduler_kwargs,
+)
+from optsched.schedules.scheduler import (
+    ScheduleLR,
+    build_schedule,
+    create_scheduler,
+    get_scheduler,
+    is_metric_scheduler,
+    make_spec,
+)
+
+__all__ = [
+    "Constant",
+    "Decay",
+    "InverseSqrt",
+    "Join",
+    "Ramp",
+    "Scale",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleLR",
+    "SchedulerType",
+    "Shift",
+    "Warmup",
+    "build_schedule",
+    "create_scheduler",
+    "get_schedule_info",
+    "get_scheduler",
+    "is_metric_scheduler",
+    "join",
+    "list_schedulers",
+    "make_spec",
+    "register_schedule",
+    "resolve_schedule_name",
+    "validate_scheduler_kwargs",
+    "warmup_then",
+]

@@ -1,0 +1,188 @@
+"""Draw learning-rate curves: a plain-text terminal chart and a PNG (matplotlib, optional).
+
+Reusable by every command that shows a schedule (``optsched schedule``, ``plan``, ``demo``): the
+inputs are plain ``{label: [lr at step 0, 1, ...]}`` mappings, one curve per param group if wanted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from optsched._validation import check_int, missing_package
+
+__all__ = ["MARKERS", "ascii_chart", "key_points", "sample", "save_png", "format_key_points"]
+
+MARKERS = "*o+x#%@&"
+"""Characters for the curves of a multi-series chart, in order."""
+
+
+def sample(schedule: Callable[[int], float], num_steps: int, scale: float = 1.0) -> list[float]:
+    """``[scale * schedule(s) for s in range(num_steps)]``: the values a run of ``num_steps`` steps uses."""
+    check_int("num_steps", num_steps, low=1)
+    return [scale * float(schedule(s)) for s in range(num_steps)]
+
+
+def _as_series(series: Mapping[str, Sequence[float]] | Sequence[float]) -> dict[str, list[float]]:
+    if isinstance(series, Mapping):
+        out = {str(k): [float(v) for v in vals] for k, vals in series.items()}
+    else:
+        out = {"lr": [float(v) for v in series]}
+    if not out or any(len(v) == 0 for v in out.values()):
+        raise ValueError("series is empty; accepted: at least one curve with at least one value.")
+    for label, values in out.items():
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"curve {label!r} has non-finite values; accepted: finite learning rates.")
+    return out
+
+
+def _columns(values: list[float], width: int) -> list[tuple[float, float]]:
+    """(low, high) per column: each column covers a bucket of steps; joined to the previous column
+    so steep drops (restarts) are drawn as a vertical line instead of leaving gaps."""
+    n = len(values)
+    cols = min(width, n)
+    out: list[tuple[float, float]] = []
+    previous: float | None = None
+    for c in range(cols):
+        lo_i = c * n // cols
+        hi_i = max(lo_i + 1, (c + 1) * n // cols)
+        bucket = values[lo_i:hi_i]
+        low, high = min(bucket), max(bucket)
+        if previous is not None:
+            low, high = min(low, previous), max(high, previous)
+        out.append((low, high))
+        previous = bucket[-1]
+    return out
+
+
+def ascii_chart(
+    series: Mapping[str, Sequence[float]] | Sequence[float],
+    width: int = 60,
+    height: int = 15,
+    *,
+    y_min: float | None = None,
+    y_max: float | None = None,
+) -> str:
+    """A plain-ASCII line chart of one or more curves sampled at steps ``0..n-1``.
+
+    Each curve is drawn with its marker from :data:`MARKERS` (a legend line is added for more than
+    one). The y axis runs from ``y_min`` (default: 0 or the lowest value if negative) to ``y_max``
+    (default: the highest value), labelled at the top, middle and bottom; the x axis shows the first
+    and last step.
+
+    Example:
+        >>> print(ascii_chart([0, 1, 2, 3], width=4, height=3))  # doctest: +NORMALIZE_WHITESPACE
+        3.000e+00 |   *
+        1.500e+00 | ***
+        0.000e+00 |**
+                  +----
+                   0  3
+    """
+    check_int("width", width, low=2)
+    check_int("height", height, low=2)
+    curves = _as_series(series)
+    everything = [v for vals in curves.values() for v in vals]
+    lo = min(0.0, min(everything)) if y_min is None else float(y_min)
+    hi = max(everything) if y_max is None else float(y_max)
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    n = max(len(v) for v in curves.values())
+    cols = min(width, n)
+    grid = [[" "] * cols for _ in range(height)]
+
+    def row_of(value: float) -> int:
+        frac = (min(max(value, lo), hi) - lo) / (hi - lo)
+        return (height - 1) - round(frac * (height - 1))
+
+    for index, (label, values) in enumerate(curves.items()):
+        marker = MARKERS[index % len(MARKERS)]
+        # stretch shorter curves over the same x range
+        m = len(values)
+        padded = values if m == n else [values[min(m - 1, i * m // n)] for i in range(n)]
+        for c, (low, high) in enumerate(_columns(padded, cols)):
+            top, bottom = row_of(high), row_of(low)
+            for r in range(top, bottom + 1):
+                grid[r][c] = marker
+    labels = {0: f"{hi:.3e}", (height - 1) // 2: f"{(lo + hi) / 2:.3e}", height - 1: f"{lo:.3e}"}
+    pad = max(len(s) for s in labels.values())
+    lines = [f"{labels.get(r, ''):>{pad}} |{''.join(row).rstrip()}" for r, row in enumerate(grid)]
+    lines.append(f"{'':>{pad}} +{'-' * cols}")
+    first, last = "0", str(n - 1)
+    axis = first + " " * max(1, cols - len(first) - len(last)) + last if cols > 1 else first
+    lines.append(f"{'':>{pad}}  {axis}")
+    if len(curves) > 1:
+        legend = "  ".join(f"{MARKERS[i % len(MARKERS)]} {label}" for i, label in enumerate(curves))
+        lines.append(f"{'':>{pad}}  {legend}")
+    return "\n".join(lines)
+
+
+def key_points(num_steps: int, num_warmup_steps: int = 0) -> list[tuple[str, int]]:
+    """The steps worth printing: start, end of warmup, middle, last (``num_steps - 1``); no duplicates."""
+    check_int("num_steps", num_steps, low=1)
+    check_int("num_warmup_steps", num_warmup_steps, low=0)
+    candidates = [
+        ("start", 0),
+        ("end of warmup", min(num_warmup_steps, num_steps - 1)),
+        ("middle", num_steps // 2),
+        ("last", num_steps - 1),
+    ]
+    seen: set[int] = set()
+    out: list[tuple[str, int]] = []
+    for label, step in candidates:
+        if label == "end of warmup" and num_warmup_steps == 0:
+            continue
+        if step not in seen:
+            seen.add(step)
+            out.append((label, step))
+    return sorted(out, key=lambda item: item[1])
+
+
+def format_key_points(values: Sequence[float], num_warmup_steps: int = 0) -> str:
+    """``"end of warmup (step 10)   lr = 5.000000e-05"``-style lines for :func:`key_points` of one curve."""
+    return "\n".join(
+        f"{label + ' (step ' + str(step) + ')':<26} lr = {values[step]:.6e}"
+        for label, step in key_points(len(values), num_warmup_steps)
+    )
+
+
+def save_png(
+    series: Mapping[str, Sequence[float]] | Sequence[float],
+    path: str | Path,
+    title: str = "",
+    *,
+    num_warmup_steps: int | None = None,
+) -> Path:
+    """Write the curves to a PNG with matplotlib (non-interactive backend); returns the path.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'optsched[plot]'``).
+    """
+    curves = _as_series(series)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise missing_package("matplotlib", "plot", "Writing a PNG of the schedule") from None
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise FileNotFoundError(f"png={str(path)!r}: the folder {str(path.parent)!r} does not exist.")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    try:
+        for label, values in curves.items():
+            ax.plot(range(len(values)), values, label=label)
+        if num_warmup_steps:
+            ax.axvline(num_warmup_steps, color="gray", linestyle=":", linewidth=1, label="end of warmup")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("learning rate")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if len(curves) > 1 or num_warmup_steps:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path

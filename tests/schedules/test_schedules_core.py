@@ -1,0 +1,132 @@
+"""Building blocks: values at the edges, joins, holding the end value, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from optsched.schedules.core import (
+    DECAY_SHAPES,
+    WARMUP_FORMS,
+    Constant,
+    Decay,
+    InverseSqrt,
+    Ramp,
+    Scale,
+    Shift,
+    Warmup,
+    join,
+    warmup_then,
+)
+
+
+@pytest.mark.parametrize(
+    ("form", "mid"),
+    [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1.0 - math.sqrt(0.5))],
+)
+def test_warmup_forms_edges_and_midpoint(form, mid):
+    w = Warmup(10, form)
+    assert w(0) == 0.0
+    assert w(5) == pytest.approx(mid)
+    assert w(10) == pytest.approx(1.0)
+    assert w(25) == pytest.approx(1.0)  # holds 1 past its end
+
+
+def test_warmup_start_value():
+    assert Warmup(4, "linear", start=0.2)(0) == pytest.approx(0.2)
+    assert Warmup(4, "linear", start=0.2)(2) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "params", "at_half"),
+    [
+        ("linear", {}, 0.5),
+        ("cosine", {}, 0.5),
+        ("cosine", {"num_cycles": 1.0}, 0.0),
+        ("cosine_with_restarts", {"num_cycles": 2}, 1.0),
+        ("1-sqrt", {}, 1.0 - math.sqrt(0.5)),
+        ("polynomial", {"power": 2.0}, 0.25),
+    ],
+)
+def test_decay_shapes(shape, params, at_half):
+    d = Decay(10, shape, params=params)
+    assert d(0) == pytest.approx(1.0)
+    assert d(5) == pytest.approx(at_half, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", sorted(DECAY_SHAPES))
+def test_decay_reaches_end_and_holds(shape):
+    d = Decay(8, shape, end=0.1)
+    assert d(8) == pytest.approx(0.1)
+    assert [d(s) for s in range(8, 40)] == [d(8)] * 32
+
+
+def test_empty_decay_is_over():
+    assert Decay(0, "cosine", end=0.3)(0) == pytest.approx(0.3)
+
+
+def test_join_uses_local_steps_and_boundaries():
+    f = join([Constant(0.5), Decay(4, "linear"), Constant(0.0)], [2, 6])
+    assert [f(s) for s in range(8)] == [0.5, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+
+
+def test_join_equal_boundaries_skip_empty_piece():
+    f = join([Constant(1.0), Constant(2.0), Constant(3.0)], [3, 3])
+    assert [f(s) for s in range(5)] == [1.0, 1.0, 1.0, 3.0, 3.0]
+
+
+def test_warmup_then_zero_warmup_is_the_schedule():
+    f = warmup_then(0, Decay(10, "cosine"))
+    assert f(0) == 1.0 and f(10) == 0.0
+
+
+def test_shift_scale_ramp_inverse_sqrt():
+    assert Shift(Decay(4, "linear"), 1)(0) == pytest.approx(0.75)
+    assert Scale(Constant(1.0), 0.3)(7) == pytest.approx(0.3)
+    assert Ramp(denominator=4, offset=1.0)(0) == pytest.approx(0.25)
+    assert Ramp(denominator=4, start=0.2)(4) == pytest.approx(1.0)
+    assert InverseSqrt(10)(0) == 1.0 and InverseSqrt(10)(30) == pytest.approx(0.5)
+
+
+def test_blocks_are_hashable_and_comparable():
+    assert Decay(5, "cosine", params={"num_cycles": 1.0}) == Decay(5, "cosine", params={"num_cycles": 1.0})
+    assert hash(warmup_then(3, Decay(5))) == hash(warmup_then(3, Decay(5)))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: Warmup(-1), ValueError, "num_steps=-1"),
+        (lambda: Warmup(3, "quadratic"), ValueError, "Did you mean|Accepted"),
+        (lambda: Decay(3, "cosin"), ValueError, "Did you mean 'cosine'"),
+        (lambda: Decay(3, end=1.5), ValueError, "end=1.5"),
+        (lambda: Decay(2.5), TypeError, "num_steps must be an integer"),
+        (lambda: InverseSqrt(0), ValueError, "timescale=0"),
+        (lambda: join([Constant()], [3]), ValueError, "one more schedule than boundaries"),
+        (lambda: join([Constant(), Constant(), Constant()], [5, 2]), ValueError, "not sorted"),
+    ],
+)
+def test_bad_blocks(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@given(
+    warmup=st.integers(0, 50),
+    decay=st.integers(0, 200),
+    form=st.sampled_from(sorted(WARMUP_FORMS)),
+    shape=st.sampled_from(sorted(DECAY_SHAPES)),
+    end=st.floats(0.0, 1.0),
+)
+def test_warmup_then_decay_properties(warmup, decay, form, shape, end):
+    f = warmup_then(warmup, Decay(decay, shape, end=end, params={"num_cycles": 0.5, "power": 2.0}), form=form)
+    values = [f(s) for s in range(warmup + decay + 5)]
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 + 1e-12 for v in values)
+    assert all(b >= a - 1e-12 for a, b in zip(values[: warmup - 1], values[1:warmup]))  # monotone warmup
+    if decay and shape != "cosine_with_restarts":
+        # continuity at the join: the last warmup step is one warmup increment below the peak
+        assert values[warmup] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(end)  # final value, held

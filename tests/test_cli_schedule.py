@@ -1,0 +1,84 @@
+"""``optsched schedule``: output, PNG, and one-line errors with exit code 2 (also via python -m)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from optsched.cli import main
+from optsched.commands.schedule import parse_kw
+
+
+def test_prints_chart_and_key_points(capsys):
+    assert main(["schedule", "linear", "--warmup-steps", "2", "--steps", "10", "--lr", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("linear: warmup 2 steps, 10 steps, lr 10")
+    assert "1.000e+01 |" in out and "0.000e+00 |" in out
+    assert "start (step 0)" in out and "lr = 0.000000e+00" in out
+    assert "end of warmup (step 2)" in out and "lr = 1.000000e+01" in out
+    assert "middle (step 5)" in out and "lr = 6.250000e+00" in out
+    assert "last (step 9)" in out and "lr = 1.250000e+00" in out
+
+
+def test_kwargs_alias_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "wsd.png"
+    argv = ["schedule", "wsd", "--warmup-steps", "5", "--steps", "50", "--kw", "num_decay_steps=10",
+            "--kw", "decay_type=linear", "--kw", "min_lr_ratio=0.1", "--png", str(png)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warmup_stable_decay" in out and "num_decay_steps=10" in out and "decay_type='linear'" in out
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["schedule", "cosin", "--steps", "10"], "Did you mean 'cosine'"),
+        (["schedule", "linear"], "steps"),
+        (["schedule", "linear", "--steps", "0"], "num_training_steps=0"),
+        (["schedule", "linear", "--steps", "10", "--warmup-steps", "-1"], "num_warmup_steps=-1"),
+        (["schedule", "linear", "--steps", "10", "--kw", "num_cycles=2"], "does not accept"),
+        (["schedule", "cosine", "--steps", "10", "--kw", "num_cycles"], "not key=value"),
+        (["schedule", "polynomial", "--steps", "10", "--kw", "lr_end=1"], "must be smaller than the initial lr"),
+        (["schedule", "greedy", "--steps", "10"], "metric-driven"),
+        (["schedule", "linear", "--steps", "abc"], "steps"),
+        (["schedule", "linear", "--steps", "10", "--lr", "0"], "--lr=0.0"),
+    ],
+)
+def test_bad_input_one_line_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert fragment in err and "\n" not in err and "Traceback" not in err
+    assert captured.out == ""
+
+
+def test_python_dash_m_bad_name_exits_2():
+    # the bad-name path fails before torch is imported, so this subprocess is cheap
+    bad = subprocess.run(
+        [sys.executable, "-m", "optsched", "schedule", "nope", "--steps", "20"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a known schedule" in bad.stderr
+
+
+@pytest.mark.slow
+def test_python_dash_m_end_to_end():
+    ok = subprocess.run(
+        [sys.executable, "-m", "optsched", "schedule", "cosine", "--warmup-steps", "1", "--steps", "20"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0 and "end of warmup (step 1)" in ok.stdout
+
+
+def test_parse_kw_values():
+    assert parse_kw(["a=2", "b=0.5", "c=true", "d=null", "e=linear", "f=[1, 2]", "g=1e-7"]) == {
+        "a": 2, "b": 0.5, "c": True, "d": None, "e": "linear", "f": [1, 2], "g": 1e-7,
+    }  # fmt: skip
+    assert parse_kw(None) == {}
+    with pytest.raises(ValueError, match="given twice"):
+        parse_kw(["a=1", "a=2"])
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_kw(["=1"])
