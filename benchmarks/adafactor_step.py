@@ -1,0 +1,100 @@
+"""How long does one Adafactor step take on a 50M-parameter fp32 model on CPU, ours vs transformers'?
+
+transformers' ``Adafactor.step`` loops over parameters in Python and, per matrix, makes about 21
+passes over matrix-sized memory, mostly over four freshly allocated temporaries;
+``optsched.optim.Adafactor`` reads the gradient twice and the parameter once or twice, writes the
+parameter once, keeps its one temporary in a cache-resident workspace, and updates the vectors with
+``torch._foreach_*``. The work is memory-bound, so the ratio follows the memory traffic.
+
+The model is 12 blocks of three matrices (1024x1024, 1024x1536, 1536x1024) with their biases and
+two LayerNorm-like vectors: 50.4M parameters, 96 tensors. Gradients are fixed random tensors shared by
+both optimizers (neither modifies them). Steps alternate ours / reference (``benchmarks._timing``),
+median over rounds.
+
+Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--torch] [--threads N]``
+
+Prints ``adafactor step[ (<config>)]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
+faster) for each config: ``default`` (relative_step, scale_parameter: transformers' defaults) and
+``trainer`` (``relative_step=False, scale_parameter=False, lr=1e-3``: what transformers' Trainer
+builds for ``optim="adafactor"``); ``beta1+wd`` (on request) adds a first moment and weight decay.
+``--torch`` also times ``torch.optim.Adafactor`` (different
+semantics: for information only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from benchmarks._timing import compare, time_once
+from optsched.optim.adafactor import Adafactor
+
+CONFIGS = {
+    "default": {},
+    "trainer": {"relative_step": False, "scale_parameter": False, "lr": 1e-3},
+    "beta1+wd": {
+        "relative_step": False, "scale_parameter": False, "lr": 1e-3, "beta1": 0.9, "weight_decay": 0.01,
+    },
+}
+
+
+def model_shapes(blocks: int = 12, hidden: int = 1024, inner: int = 1536) -> list[tuple[int, ...]]:
+    """Shapes of a transformer-like stack: per block three matrices, their biases, two norm vectors."""
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(blocks):
+        shapes += [(hidden, hidden), (inner, hidden), (hidden, inner)]
+        shapes += [(hidden,), (inner,), (hidden,), (hidden,), (hidden,)]
+    return shapes
+
+
+def make_params(shapes: list[tuple[int, ...]], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["default", "trainer"])
+    parser.add_argument("--torch", action="store_true", help="also time torch.optim.Adafactor")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    torch.manual_seed(0)
+    shapes = model_shapes()
+    grads = [torch.randn(s) * 1e-3 for s in shapes]
+    total = sum(g.numel() for g in grads)
+    print(f"model: {total / 1e6:.1f}M parameters in {len(shapes)} tensors (fp32); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    for name in args.config:
+        kwargs = CONFIGS[name]
+        ours = Adafactor(make_params(shapes, grads), **kwargs)
+        reference = HFAdafactor(make_params(shapes, grads), **kwargs)
+        result = compare(ours.step, reference.step, rounds=args.rounds, warmup=1)
+        print(
+            f"adafactor step{'' if name == 'default' else f' ({name})'}: ours {result.ours * 1e3:.1f} ms, "
+            f"reference {result.reference * 1e3:.1f} ms, "
+            f"ratio {result.ratio:.2f}",
+            flush=True,
+        )
+        del ours, reference
+        if args.torch:
+            lr = kwargs.get("lr") or 1e-2
+            torch_opt = torch.optim.Adafactor(make_params(shapes, grads), lr=lr)
+            torch_opt.step()
+            seconds = statistics.median(time_once(torch_opt.step) for _ in range(args.rounds))
+            print(f"  torch.optim.Adafactor step (for information; other semantics): {seconds * 1e3:.1f} ms")
+            del torch_opt
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,651 @@
+"""Adafactor with transformers' semantics, without transformers, and with fewer passes over memory.
+
+Adafactor (Shazeer & Stern, 2018, https://arxiv.org/abs/1804.04235) keeps, for a matrix parameter, only
+the row and column means of the squared gradient instead of a full second moment. This module
+reproduces ``transformers.optimization.Adafactor`` (arguments, defaults, state keys, param-group keys,
+``_get_lr``) so that a state dict moves freely between the two, and ``AdafactorSchedule``, its proxy
+scheduler. One Adafactor step of a parameter ``p`` with gradient ``g`` at step ``t`` (1-based):
+
+.. code-block:: text
+
+    rel_step  = min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))   if relative_step else lr
+    lr_t      = max(eps[1], RMS(p)) * rel_step                         if scale_parameter else rel_step
+    beta2_t   = 1 - t ** decay_rate
+    G         = g**2 + eps[0]
+    factored (p.ndim >= 2; rows R and columns C are the last two dims):
+        row   = beta2_t * row + (1 - beta2_t) * mean_C(G)
+        col   = beta2_t * col + (1 - beta2_t) * mean_R(G)
+        u     = g * rsqrt(row / mean_R(row))[..., :, None] * rsqrt(col)[..., None, :]
+    unfactored (vectors, scalars):
+        v     = beta2_t * v + (1 - beta2_t) * G
+        u     = g * rsqrt(v)
+    u         = lr_t * u / max(1, RMS(u) / clip_threshold)
+    m         = beta1 * m + (1 - beta1) * u;  u = m                      (only when beta1 is not None)
+    p         = p - weight_decay * lr_t * p - u
+
+where ``RMS(x) = ||x||_2 / sqrt(x.numel())``. At ``t = 1`` with the defaults, ``beta2_t = 0`` (the
+second moment is the first squared gradient) and ``rel_step = 1e-2``.
+
+Two implementations live here:
+
+* :func:`adafactor_reference_update`, a pure function of ``(param, grad, state, hyperparameters)``
+  written as the formulas above; the tests hold the fast path to it and to transformers.
+* :class:`Adafactor`, the fast path. transformers' loop makes about 21 passes over a matrix-sized
+  memory per step, most of them over four freshly allocated temporaries. This one reads the gradient
+  twice, reads the parameter once (twice with ``scale_parameter``, for its RMS) and writes it once;
+  everything else happens in one matrix-sized workspace, reused from matrix to matrix so that it
+  stays in cache, and freed after the step. The row factor, learning rate and clipping are folded
+  into one per-row vector (so the update is never rescaled in place), the RMS of the update comes
+  from its row norms, and vectors go through ``torch._foreach_*`` kernels, a whole group at once.
+  fp32 parameters are updated in place; fp16/bf16 ones through an fp32 copy with fp32 state, as
+  transformers does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from optsched._validation import check_bool, check_number
+
+__all__ = [
+    "Adafactor",
+    "AdafactorSchedule",
+    "adafactor_reference_update",
+    "get_adafactor_schedule",
+    "relative_step_size",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Parameter dtypes that are updated through an fp32 copy (transformers' behaviour).
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+#: The hyperparameters a param group carries, with transformers' defaults.
+DEFAULTS: dict[str, Any] = {
+    "lr": None,
+    "eps": (1e-30, 1e-3),
+    "clip_threshold": 1.0,
+    "decay_rate": -0.8,
+    "beta1": None,
+    "weight_decay": 0.0,
+    "scale_parameter": True,
+    "relative_step": True,
+    "warmup_init": False,
+}
+
+# State keys holding tensors that follow the gradient's dtype and device.
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hyperparameters
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_eps(field: str, eps: Any) -> tuple[float, float]:
+    if not isinstance(eps, Sequence) or isinstance(eps, (str, bytes)):
+        raise TypeError(
+            f"{field} must be a pair of numbers (eps_square_grad, eps_param_scale), "
+            f"got {type(eps).__name__} {eps!r}."
+        )
+    if len(eps) != 2:
+        raise ValueError(
+            f"{field}={eps!r} has {len(eps)} values; accepted: a pair (eps_square_grad, eps_param_scale) "
+            "such as (1e-30, 1e-3)."
+        )
+    eps1 = check_number(f"{field}[0]", eps[0], low=0.0)
+    eps2 = check_number(f"{field}[1]", eps[1], low=0.0)
+    return eps1, eps2
+
+
+def check_adafactor_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
+    """Validate one set of Adafactor hyperparameters (constructor arguments or a param group).
+
+    Checks the ranges transformers leaves unchecked (a positive ``decay_rate`` would make
+    ``beta2_t`` negative) and the combinations it rejects, with the same wording.
+
+    Args:
+        group: a mapping with the keys of :data:`DEFAULTS`.
+        where: a prefix naming the place (``"param_groups[1]: "``) for the messages.
+
+    Raises:
+        TypeError: a value of the wrong type.
+        ValueError: a value out of range or an incompatible combination.
+    """
+    relative_step = check_bool(f"{where}relative_step", group["relative_step"])
+    check_bool(f"{where}scale_parameter", group["scale_parameter"])
+    warmup_init = check_bool(f"{where}warmup_init", group["warmup_init"])
+    lr = check_number(f"{where}lr", group["lr"], low=0.0, allow_none=True)
+    _check_eps(f"{where}eps", group["eps"])
+    check_number(f"{where}clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
+    check_number(f"{where}decay_rate", group["decay_rate"], high=0.0)
+    check_number(f"{where}beta1", group["beta1"], low=0.0, high=1.0, high_open=True, allow_none=True)
+    check_number(f"{where}weight_decay", group["weight_decay"], low=0.0)
+    if lr is not None and relative_step:
+        raise ValueError(
+            f"Cannot combine manual `lr` and `relative_step=True` options: {where}lr={lr!r} would be "
+            "ignored, because relative_step=True makes Adafactor compute its own step size. Accepted: "
+            "lr=None with relative_step=True, or relative_step=False (and scale_parameter=False for "
+            "a plain external learning rate) with an lr."
+        )
+    if warmup_init and not relative_step:
+        raise ValueError(
+            f"`warmup_init=True` requires `relative_step=True`: {where}warmup_init=True was given with "
+            "relative_step=False. Accepted: warmup_init=False, or relative_step=True with lr=None."
+        )
+    if lr is None and not relative_step:
+        raise ValueError(
+            f"{where}lr=None with relative_step=False leaves Adafactor without a step size; accepted: "
+            "an lr such as 1e-3 with relative_step=False, or relative_step=True (lr=None)."
+        )
+
+
+def relative_step_size(step: int, *, lr: float | None, relative_step: bool, warmup_init: bool) -> float:
+    """The step size before parameter scaling: ``rho_t`` of the paper, or the external ``lr``.
+
+    ``min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))`` when ``relative_step``; else ``lr``.
+    At ``t = 1`` that is ``1e-2`` (``1e-6`` with ``warmup_init``); it stays ``1e-2`` until
+    ``t = 10_000``, then decays as ``1 / sqrt(t)``. With ``warmup_init`` it rises linearly until
+    ``1e-6 * t = 1 / sqrt(t)``, at ``t = 10_000`` as well.
+    """
+    if not relative_step:
+        return lr  # type: ignore[return-value]
+    min_step = 1e-6 * step if warmup_init else 1e-2
+    return min(min_step, 1.0 / math.sqrt(step))
+
+
+def _rms(tensor: Tensor) -> Tensor:
+    return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+
+def _inv_sqrt_numel(tensor: Tensor) -> float:
+    # An empty tensor has a zero norm; 1 keeps its RMS at 0 instead of dividing by zero.
+    return max(tensor.numel(), 1) ** -0.5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference implementation
+# ---------------------------------------------------------------------------------------------------
+
+
+def adafactor_reference_update(
+    param: Tensor,
+    grad: Tensor,
+    state: Mapping[str, Any],
+    *,
+    lr: float | None = None,
+    eps: tuple[float, float] = (1e-30, 1e-3),
+    clip_threshold: float = 1.0,
+    decay_rate: float = -0.8,
+    beta1: float | None = None,
+    weight_decay: float = 0.0,
+    scale_parameter: bool = True,
+    relative_step: bool = True,
+    warmup_init: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """One Adafactor step, written as the formulas of the module docstring; a pure function.
+
+    Args:
+        param: the parameter before the step (not modified).
+        grad: its gradient (not modified).
+        state: the parameter's state (``{}`` before the first step); not modified.
+        lr, eps, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
+            warmup_init: the hyperparameters, as for :class:`Adafactor`.
+
+    Returns:
+        ``(new_param, new_state)``: the parameter after the step, in its own dtype, and the new
+        state with transformers' keys (``step``, ``RMS``, ``exp_avg_sq_row``/``exp_avg_sq_col`` for
+        tensors of two or more dims, else ``exp_avg_sq``, and ``exp_avg`` when ``beta1`` is set).
+        Moments are fp32 for fp16/bf16 parameters.
+    """
+    g = grad.float() if grad.dtype in LOW_PRECISION_DTYPES else grad
+    p = param.float() if param.dtype in LOW_PRECISION_DTYPES else param
+    step = state.get("step", 0) + 1
+    new_state: dict[str, Any] = {"step": step, "RMS": _rms(p)}
+
+    rel_step = relative_step_size(step, lr=lr, relative_step=relative_step, warmup_init=warmup_init)
+    param_scale = max(eps[1], new_state["RMS"]) if scale_parameter else 1.0
+    step_lr = param_scale * rel_step
+
+    beta2t = 1.0 - step**decay_rate
+    squared = g * g + eps[0]
+    if g.dim() >= 2:
+        row = state.get("exp_avg_sq_row", torch.zeros_like(squared[..., 0]))
+        col = state.get("exp_avg_sq_col", torch.zeros_like(squared[..., 0, :]))
+        row = beta2t * row + (1.0 - beta2t) * squared.mean(dim=-1)
+        col = beta2t * col + (1.0 - beta2t) * squared.mean(dim=-2)
+        new_state["exp_avg_sq_row"], new_state["exp_avg_sq_col"] = row, col
+        # V_hat = row col^T / mean(row), so 1/sqrt(V_hat) is an outer product of two rsqrt vectors.
+        row_factor = torch.rsqrt(row / row.mean(dim=-1, keepdim=True)).unsqueeze(-1)
+        col_factor = torch.rsqrt(col).unsqueeze(-2)
+        update = g * row_factor * col_factor
+    else:
+        second_moment = state.get("exp_avg_sq", torch.zeros_like(squared))
+        second_moment = beta2t * second_moment + (1.0 - beta2t) * squared
+        new_state["exp_avg_sq"] = second_moment
+        update = g * torch.rsqrt(second_moment)
+
+    update = update / torch.clamp(_rms(update) / clip_threshold, min=1.0)
+    update = step_lr * update
+    if beta1 is not None:
+        exp_avg = state.get("exp_avg", torch.zeros_like(g))
+        update = new_state["exp_avg"] = beta1 * exp_avg + (1.0 - beta1) * update
+
+    new_param = p - weight_decay * step_lr * p - update
+    return new_param.to(param.dtype), new_state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast path
+# ---------------------------------------------------------------------------------------------------
+
+
+# Flat buffers by (device, dtype) for the one full-size temporary of a matrix update.
+_Workspace = dict[tuple[torch.device, torch.dtype], Tensor]
+
+
+@dataclass
+class _Slot:
+    """One parameter taking part in a step: fp32 views/copies and its state."""
+
+    param: Tensor
+    p32: Tensor  # the parameter itself (fp32) or an fp32 copy (fp16/bf16)
+    g32: Tensor
+    state: dict[str, Any]
+    step: int
+    beta2t: float
+
+
+def _moments_to(state: dict[str, Any], like: Tensor) -> None:
+    # transformers moves moments to the gradient's dtype/device every step (`.to(grad)`); this is the
+    # same, but only touches a tensor when it is not already there (a resumed fp16 run, a device move).
+    for key in _MOMENT_KEYS:
+        value = state.get(key)
+        if value is not None and (value.dtype != like.dtype or value.device != like.device):
+            state[key] = value.to(like)
+
+
+def _init_state(state: dict[str, Any], grad: Tensor, factored: bool, use_first_moment: bool) -> None:
+    if not state:
+        state["step"] = 0
+        state["RMS"] = 0
+    if use_first_moment and "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(grad)
+    if factored and "exp_avg_sq_row" not in state:
+        state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], dtype=grad.dtype, device=grad.device)
+        state["exp_avg_sq_col"] = torch.zeros(
+            grad.shape[:-2] + grad.shape[-1:], dtype=grad.dtype, device=grad.device
+        )
+    if not factored and "exp_avg_sq" not in state:
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+
+
+class Adafactor(Optimizer):
+    """Adafactor with ``transformers.optimization.Adafactor``'s arguments, defaults and state.
+
+    Memory: factored second moments (a row and a column vector) for tensors of two or more
+    dimensions, a full one for vectors, plus a first moment when ``beta1`` is set. The learning rate
+    is relative (``relative_step=True``, ``lr=None``: ``min(1e-2, 1/sqrt(t))`` scaled by the
+    parameter's RMS) or external (``relative_step=False, scale_parameter=False, lr=...``, as
+    transformers' Trainer builds it for ``optim="adafactor"``). See the module docstring for the
+    update formula.
+
+    Args:
+        params: parameters or param groups (groups may override any hyperparameter below).
+        lr: the external learning rate; must be ``None`` when ``relative_step=True``.
+        eps: ``(eps_square_grad, eps_param_scale)``: added to the squared gradient, and the floor of
+            the parameter RMS used by ``scale_parameter``.
+        clip_threshold: the update's RMS is clipped to this (> 0).
+        decay_rate: second-moment decay exponent: ``beta2_t = 1 - t ** decay_rate`` (<= 0).
+        beta1: first-moment coefficient in ``[0, 1)``, or ``None`` for no first moment.
+        weight_decay: decoupled decay, scaled by the step's learning rate: ``p -= wd * lr_t * p``.
+        scale_parameter: multiply the step size by ``max(eps[1], RMS(p))``.
+        relative_step: compute a time-dependent step size instead of the external ``lr``.
+        warmup_init: with ``relative_step``, start the step size at ``1e-6`` and raise it linearly.
+
+    Raises:
+        ValueError: a value out of range, ``lr`` with ``relative_step=True`` (transformers' message:
+            "Cannot combine manual `lr` and `relative_step=True` options"), ``warmup_init`` without
+            ``relative_step``, or neither an ``lr`` nor ``relative_step``.
+        TypeError: a value of the wrong type.
+
+    Differences from transformers, all deliberate: values are validated; a ``closure`` runs with
+    gradients enabled (transformers runs it under ``no_grad``); the parameter RMS is only computed
+    when ``scale_parameter`` needs it (``state["RMS"]`` keeps its last value otherwise); moments of
+    fp16/bf16 parameters stay fp32 across ``load_state_dict`` (torch would cast them to the
+    parameter's dtype).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = Adafactor(model.parameters(), lr=1e-3, scale_parameter=False, relative_step=False)
+        >>> model(torch.ones(2, 4)).sum().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['RMS', 'exp_avg_sq_col', 'exp_avg_sq_row', 'step']
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "eps": eps,
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "scale_parameter": scale_parameter,
+            "relative_step": relative_step,
+            "warmup_init": warmup_init,
+        }
+        check_adafactor_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, filling in defaults, and validate its hyperparameters."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        check_adafactor_hyperparameters(self.param_groups[index], where=f"param_groups[{index}]: ")
+
+    # transformers' helpers, kept with their signatures: AdafactorSchedule (ours and transformers')
+    # calls `optimizer._get_lr(group, state)`.
+    @staticmethod
+    def _get_lr(param_group: Mapping[str, Any], param_state: Mapping[str, Any]) -> float | Tensor:
+        rel_step_sz = relative_step_size(
+            param_state["step"],
+            lr=param_group["lr"],
+            relative_step=param_group["relative_step"],
+            warmup_init=param_group["warmup_init"],
+        )
+        param_scale = 1.0
+        if param_group["scale_parameter"]:
+            param_scale = max(param_group["eps"][1], param_state["RMS"])
+        return param_scale * rel_step_sz
+
+    @staticmethod
+    def _get_options(param_group: Mapping[str, Any], param_shape: torch.Size) -> tuple[bool, bool]:
+        factored = len(param_shape) >= 2
+        use_first_moment = param_group["beta1"] is not None
+        return factored, use_first_moment
+
+    @staticmethod
+    def _rms(tensor: Tensor) -> Tensor:
+        return _rms(tensor)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict (ours or transformers'); fp16/bf16 parameters keep fp32 moments."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        restored = 0
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None or param.dtype not in LOW_PRECISION_DTYPES:
+                continue
+            # torch casts every floating state tensor to the parameter's dtype; undo that for the
+            # moments, which the step keeps in fp32.
+            for key in _MOMENT_KEYS:
+                if isinstance(saved.get(key), Tensor):
+                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+                    restored += 1
+        if restored:
+            logger.debug("Adafactor.load_state_dict: kept %d fp16/bf16 parameter moments in fp32", restored)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with gradients enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: a sparse gradient (as transformers and torch.optim).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # One flat buffer per (device, dtype), reused by every matrix of the step for its one full-size
+        # temporary: it stays in cache from one matrix to the next and is freed after the step, so
+        # the peak extra memory is the largest matrix (transformers' is four times that).
+        workspace: _Workspace = {}
+        for group in self.param_groups:
+            slots = self._prepare(group)
+            devices = {slot.p32.device for slot in slots}
+            for device in devices:  # foreach kernels and stacking need one device
+                on_device = [s for s in slots if s.p32.device == device] if len(devices) > 1 else slots
+                self._update(group, on_device, workspace)
+            for slot in slots:
+                if slot.p32 is not slot.param:
+                    slot.param.copy_(slot.p32)
+        return loss
+
+    def _prepare(self, group: dict[str, Any]) -> list[_Slot]:
+        """Collect the parameters with a gradient; initialise or convert their state; count the step."""
+        slots = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "Adafactor does not support sparse gradients; got a sparse gradient for a parameter "
+                    f"of shape {tuple(p.shape)}. Use dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
+            grad = p.grad.float() if p.grad.dtype in LOW_PRECISION_DTYPES else p.grad
+            p32 = p.float() if p.dtype in LOW_PRECISION_DTYPES else p
+            state = self.state[p]
+            factored, use_first_moment = self._get_options(group, grad.shape)
+            _init_state(state, grad, factored, use_first_moment)
+            _moments_to(state, grad)
+            state["step"] += 1
+            beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+            slots.append(_Slot(p, p32, grad, state, state["step"], beta2t))
+        return slots
+
+    def _learning_rates(self, group: dict[str, Any], slots: list[_Slot]) -> Tensor:
+        """``lr_t`` of each slot as one fp32 tensor (one RMS kernel for the whole group)."""
+        rel = [
+            relative_step_size(
+                s.step, lr=group["lr"], relative_step=group["relative_step"], warmup_init=group["warmup_init"]
+            )
+            for s in slots
+        ]
+        device = slots[0].p32.device
+        # fp32 like transformers' (an fp32 RMS times a Python float); fp64 when a parameter is fp64.
+        dtype = torch.float64 if any(s.p32.dtype == torch.float64 for s in slots) else torch.float32
+        rel_t = torch.tensor(rel, dtype=dtype, device=device)
+        if not group["scale_parameter"]:
+            return rel_t
+        norms = torch.stack(torch._foreach_norm([s.p32 for s in slots])).to(dtype)
+        inv_sqrt_numel = torch.tensor([_inv_sqrt_numel(s.p32) for s in slots], dtype=dtype, device=device)
+        rms = norms.mul_(inv_sqrt_numel)
+        for slot, value in zip(slots, rms.unbind()):
+            slot.state["RMS"] = value
+        return rms.clamp(min=group["eps"][1]).mul_(rel_t)
+
+    @staticmethod
+    def _buffer(workspace: _Workspace, like: Tensor, numel: int) -> Tensor:
+        key = (like.device, like.dtype)
+        buffer = workspace.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer
+
+    def _update(self, group: dict[str, Any], slots: list[_Slot], workspace: _Workspace) -> None:
+        if not slots:
+            return
+        lrs = self._learning_rates(group, slots)
+        matrices = [(i, s) for i, s in enumerate(slots) if s.g32.dim() >= 2]
+        vectors = [(i, s) for i, s in enumerate(slots) if s.g32.dim() < 2]
+        if matrices:
+            largest = max(s.g32.numel() for _, s in matrices)
+            for i, slot in matrices:
+                self._update_factored(group, slot, lrs[i], self._buffer(workspace, slot.g32, largest))
+        if vectors:
+            self._update_unfactored(group, [s for _, s in vectors], lrs[[i for i, _ in vectors]])
+
+    @staticmethod
+    def _update_factored(group: dict[str, Any], slot: _Slot, lr: Tensor, buffer: Tensor) -> None:
+        g, p, state = slot.g32, slot.p32, slot.state
+        n_rows, n_cols = max(g.shape[-2], 1), max(g.shape[-1], 1)  # max: an empty tensor divides by 1
+        eps1 = group["eps"][0]
+        rho = 1.0 - slot.beta2t
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        work = buffer[: g.numel()].view(g.shape)
+        # mean(g**2 + eps1) over a dim == sum of squares / size + eps1, so eps1 is added to the small
+        # statistics, not to a full-size tensor. (linalg.vector_norm over dim -2 would avoid the g**2
+        # buffer, but it takes a slow strided path on CPU: 100x slower than a sum.)
+        squared = torch.mul(g, g, out=work)
+        row.mul_(slot.beta2t).add_(squared.sum(dim=-1), alpha=rho / n_cols).add_(rho * eps1)
+        col.mul_(slot.beta2t).add_(squared.sum(dim=-2), alpha=rho / n_rows).add_(rho * eps1)
+
+        row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()
+        # The one full-size temporary, in the workspace: g scaled by the column factor.
+        scaled = torch.mul(g, col.rsqrt().unsqueeze(-2), out=work)
+        # RMS(update) = ||row_factor * rownorm(scaled)|| / sqrt(numel): no pass over a rescaled update.
+        row_norms = torch.linalg.vector_norm(scaled, dim=-1).mul_(row_factor)
+        clip = (torch.linalg.vector_norm(row_norms) * (_inv_sqrt_numel(g) / group["clip_threshold"])).clamp_(
+            min=1.0
+        )
+        # Everything per row folded into one vector: lr_t * row_factor / clip.
+        coef = row_factor.mul_(lr / clip).unsqueeze(-1)
+
+        if group["weight_decay"] != 0:
+            # transformers' exact expression: p + (-wd * lr_t) * p rounds like it, unlike p * (1 - wd*lr_t).
+            p.add_(p, alpha=-group["weight_decay"] * lr)
+        beta1 = group["beta1"]
+        if beta1 is not None:
+            exp_avg = state["exp_avg"]
+            exp_avg.mul_(beta1).addcmul_(scaled, coef, value=1.0 - beta1)
+            p.sub_(exp_avg)
+        else:
+            p.addcmul_(scaled, coef, value=-1.0)
+
+    @staticmethod
+    def _update_unfactored(group: dict[str, Any], slots: list[_Slot], lrs: Tensor) -> None:
+        grads = [s.g32 for s in slots]
+        params = [s.p32 for s in slots]
+        second = [s.state["exp_avg_sq"] for s in slots]
+        beta2s = [s.beta2t for s in slots]
+        rhos = [1.0 - b for b in beta2s]
+        eps1 = group["eps"][0]
+        torch._foreach_mul_(second, beta2s)
+        torch._foreach_addcmul_(second, grads, grads, rhos)
+        torch._foreach_add_(second, [r * eps1 for r in rhos])
+        updates = torch._foreach_rsqrt(second)
+        torch._foreach_mul_(updates, grads)
+
+        norms = torch.stack(torch._foreach_norm(updates))
+        inv_sqrt_numel = torch.tensor(
+            [_inv_sqrt_numel(u) for u in updates], dtype=norms.dtype, device=norms.device
+        )
+        clip = norms.mul_(inv_sqrt_numel).div_(group["clip_threshold"]).clamp_(min=1.0)
+        coefs = lrs / clip
+        torch._foreach_mul_(updates, list(coefs.unbind()))
+
+        if group["weight_decay"] != 0:
+            for param, alpha in zip(params, (-group["weight_decay"] * lrs).tolist()):
+                param.add_(param, alpha=alpha)
+        beta1 = group["beta1"]
+        if beta1 is not None:
+            exp_avgs = [s.state["exp_avg"] for s in slots]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, updates, alpha=1.0 - beta1)
+            updates = exp_avgs
+        torch._foreach_sub_(params, updates)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Proxy schedule
+# ---------------------------------------------------------------------------------------------------
+
+
+class AdafactorSchedule(LambdaLR):
+    """A proxy scheduler that reports the learning rate Adafactor computes itself.
+
+    With ``relative_step=True`` Adafactor schedules its own step size, but a training loop (or the
+    Trainer's logging) may want a scheduler: this one returns ``initial_lr`` for every group until
+    the first optimizer step, then each group's ``lr_t`` of its last step (transformers'
+    ``AdafactorSchedule``). It writes that value into ``group["lr"]``, which a relative-step group
+    ignores.
+
+    Args:
+        optimizer: an :class:`Adafactor` (or transformers' ``Adafactor``: anything with its
+            ``_get_lr(group, state)``) whose groups all use ``relative_step=True``.
+        initial_lr: the value reported before the first step (``>= 0``).
+
+    Raises:
+        TypeError: ``optimizer`` has no ``_get_lr``.
+        ValueError: a group with ``relative_step=False``: the value written into its ``lr`` would
+            replace the external learning rate (with ``initial_lr=0.0`` it would stop training);
+            use a regular scheduler (``optsched.get_scheduler``) there.
+
+    Differences from transformers: a group is read from its first parameter that has been stepped
+    (transformers reads the first parameter, and drops the group, misaligning the others, when that
+    one has no gradient); values are floats, not 0-dim tensors.
+    """
+
+    def __init__(self, optimizer: Optimizer, initial_lr: float = 0.0) -> None:
+        if not callable(getattr(optimizer, "_get_lr", None)):
+            raise TypeError(
+                "AdafactorSchedule needs an Adafactor optimizer (with `_get_lr`), "
+                f"got {type(optimizer).__name__}."
+            )
+        initial_lr = check_number("initial_lr", initial_lr, low=0.0)
+        for index, group in enumerate(optimizer.param_groups):
+            if not group.get("relative_step", False):
+                raise ValueError(
+                    f"param_groups[{index}] has relative_step={group.get('relative_step')!r}; "
+                    "AdafactorSchedule only reports the step size Adafactor computes with "
+                    "relative_step=True, and would overwrite this group's lr="
+                    f"{group.get('lr')!r}. Accepted: relative_step=True groups; for an external lr use "
+                    "a regular scheduler such as optsched.get_scheduler('constant', optimizer)."
+                )
+
+        def lr_lambda(_: int) -> float:
+            return initial_lr
+
+        for group in optimizer.param_groups:
+            group["initial_lr"] = initial_lr
+        super().__init__(optimizer, lr_lambda)
+        for group in optimizer.param_groups:
+            del group["initial_lr"]
+
+    def get_lr(self) -> list[float]:
+        """Each group's last ``lr_t`` (``initial_lr`` for a group not stepped yet)."""
+        opt = self.optimizer
+        lrs = []
+        for group, base_lr in zip(opt.param_groups, self.base_lrs):
+            state = next((opt.state[p] for p in group["params"] if opt.state.get(p)), None)
+            lr = base_lr if state is None else opt._get_lr(group, state)  # type: ignore[attr-defined]
+            lrs.append(float(lr))
+        return lrs
+
+
+def get_adafactor_schedule(optimizer: Optimizer, initial_lr: float = 0.0) -> AdafactorSchedule:
+    """A proxy schedule for :class:`Adafactor` (transformers' function of the same name)."""
+    return AdafactorSchedule(optimizer, initial_lr)
