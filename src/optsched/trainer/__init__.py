@@ -1,0 +1,32 @@
+"""The Trainer: transformers' ``Trainer`` API over optsched's optimizers and schedules.
+
+``Trainer`` (loop, evaluation, checkpoints, resume, DDP), ``TrainerState`` / ``TrainerControl``
+(transformers' fields and JSON layout), ``TrainerCallback`` (transformers' hook names).
+"""
+
+from __future__ import annotations
+
+from optsched.trainer.callbacks import (
+    CallbackHandler,
+    DefaultFlowCallback,
+    JsonLinesLoggerCallback,
+    ProgressCallback,
+    TrainerCallback,
+)
+from optsched.trainer.checkpoint import get_last_checkpoint
+from optsched.trainer.state import TrainerControl, TrainerState
+from optsched.trainer.trainer import Trainer, TrainOutput, set_seed
+
+__all__ = [
+    "CallbackHandler",
+    "DefaultFlowCallback",
+    "JsonLinesLoggerCallback",
+    "ProgressCallback",
+    "TrainOutput",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "get_last_checkpoint",
+    "set_seed",
+]

@@ -1,0 +1,130 @@
+"""Process-group set-up for ``torchrun``: device choice, DDP wrapping, and the few collectives we use.
+
+Under ``torchrun --nproc_per_node=N`` the environment carries ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
+:func:`init_distributed` starts the default process group from it (NCCL when the process drives a CUDA
+device, gloo on CPU). Without those variables everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistributedContext",
+    "all_reduce_sum",
+    "barrier",
+    "init_distributed",
+    "no_sync",
+    "resolve_device",
+    "unwrap_model",
+    "wrap_model",
+]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: ``rank`` of ``world_size``; ``local_rank`` picks its CUDA device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer; torchrun sets it.") from None
+
+
+def resolve_device(use_cpu: bool, local_rank: int = 0) -> torch.device:
+    """``cuda:<local_rank>`` when CUDA is available and ``use_cpu`` is False, else ``cpu``."""
+    if not use_cpu and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def init_distributed(use_cpu: bool = False, env: Mapping[str, str] | None = None) -> DistributedContext:
+    """Read torchrun's variables and start the process group when ``WORLD_SIZE > 1``.
+
+    A process group already started by the caller is reused as is. The backend is NCCL for CUDA devices
+    and gloo otherwise.
+    """
+    env = os.environ if env is None else env
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(
+            rank=dist.get_rank(), local_rank=_env_int(env, "LOCAL_RANK", 0), world_size=dist.get_world_size()
+        )
+    world_size = _env_int(env, "WORLD_SIZE", 1)
+    ctx = DistributedContext(
+        rank=_env_int(env, "RANK", 0), local_rank=_env_int(env, "LOCAL_RANK", 0), world_size=world_size
+    )
+    if world_size <= 1:
+        return ctx
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={world_size} but this torch build has no torch.distributed support.")
+    device = resolve_device(use_cpu, ctx.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, rank=ctx.rank, world_size=world_size)
+    logger.info("Started process group: backend=%s rank=%d world_size=%d", backend, ctx.rank, world_size)
+    return ctx
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistributedContext, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` under more than one process (gradients averaged), else ``model``."""
+    if not ctx.enabled:
+        return model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model: torch.nn.Module, skip_sync: bool) -> Any:
+    """DDP's ``no_sync()`` while accumulating (no all-reduce until the last micro-batch), else a no-op."""
+    if skip_sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """Sum ``tensor`` over all processes (a copy; the input is left alone). Identity for one process."""
+    if not ctx.enabled:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def barrier(ctx: DistributedContext) -> None:
+    """Wait for every process (no-op for one process)."""
+    if ctx.enabled:
+        dist.barrier()

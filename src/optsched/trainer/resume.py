@@ -1,0 +1,642 @@
+"""What the learning rate does when a run resumes: the saved plan, the new plan, and ``lr_resume_policy``.
+
+A checkpoint carries the *resolved plan* of its run in ``optsched_plan.json`` (:data:`PLAN_NAME`): every
+param group with its name, parameter names and settings (base lr, weight decay, betas, ...; no tensors),
+the schedule's spec (``{name, num_warmup_steps, num_training_steps, kwargs}``, see
+:class:`optsched.schedules.ScheduleLR`) and, for a run that was itself continued, the continuation
+(``{from_step, multiplier}``). On resume the plan the new arguments describe is compared with it
+(:func:`compare_plans`) and ``lr_resume_policy`` decides:
+
+* unchanged plan (every policy): the scheduler state is loaded as saved; the run continues bitwise as
+  if it had never stopped (a saved continuation is rebuilt from the plan file).
+* ``"replan"`` (default): the new plan applies from the resumed step ``s0``: each group's lr becomes
+  ``new_plan.lr_at(s0)`` before the first step; a warning states the lr before and after.
+* ``"continue"``: the lr stays continuous and the rest of the new plan is re-planned from it
+  (:func:`continue_schedule`); a warning states the lr and what was re-planned.
+* ``"strict"``: any difference is a ``ValueError`` listing every one of them.
+
+Under ``replan`` and ``continue`` the group settings of the new arguments (weight decay, betas, ...)
+replace the checkpoint's after the optimizer state is loaded (torch's ``load_state_dict`` would silently
+bring back the old ones); a parameter frozen, added or removed since is an error under every policy.
+No optimizer step is ever taken at a stale lr (transformers restores the old lr, takes one step with it,
+then jumps).
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optsched._validation import check_choice, check_int, check_number
+from optsched.arguments import LR_RESUME_POLICIES
+from optsched.schedules.core import Constant, Decay, Join, Ramp, Scale, Shift, Warmup, join
+from optsched.trainer.checkpoint import CheckpointError, verify_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LR_RESUME_POLICIES",
+    "PLAN_NAME",
+    "Continuation",
+    "Lerp",
+    "PlanDifference",
+    "ResumeContext",
+    "ScheduleResume",
+    "compare_plans",
+    "continue_schedule",
+    "load_plan",
+    "plan_differences",
+    "prepare_resume",
+    "resolve_plan",
+    "restore_scheduler",
+    "save_plan",
+]
+
+PLAN_NAME = "optsched_plan.json"
+PLAN_FORMAT = 1
+#: Param-group keys that are not settings of the plan: the tensors and their names, the lr (stored as
+#: the group's base lr) and running state some optimizers keep in their groups (schedule-free's step
+#: count ``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``, ``train_mode``; a group ``step``).
+NON_SETTING_KEYS = frozenset(
+    {"params", "param_names", "name", "lr", "initial_lr", "k", "weight_sum", "lr_max", "scheduled_lr",
+     "train_mode", "step"}
+)
+_SKIP = object()
+
+
+# ---- the resolved plan ----------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON value for a group setting, or ``_SKIP`` (tensors with elements, callables, objects)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 and value.ndim == 0 else _SKIP
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, Mapping):
+        items = {str(k): _jsonable(v) for k, v in value.items()}
+        return _SKIP if any(v is _SKIP for v in items.values()) else items
+    return _SKIP
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def resolve_plan(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, Any]:
+    """The plan an optimizer and its scheduler carry out, as a JSON-able dict.
+
+    ``{"format": 1, "step": int | None, "schedule": spec | None, "continuation": {...} | None,
+    "param_groups": [{"name", "param_names", "num_params", "lr", "current_lr", "settings"}]}``.
+    A group's ``lr`` is its base lr (``initial_lr`` once a scheduler is attached), ``current_lr`` the lr
+    its next step uses; ``settings`` holds every other hyperparameter that has a JSON value (tensors are
+    left out, 0-d tensors become numbers), without the keys in :data:`NON_SETTING_KEYS`.
+    """
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        settings = {}
+        for key in sorted(group):
+            if key in NON_SETTING_KEYS:
+                continue
+            value = _jsonable(group[key])
+            if value is not _SKIP:
+                settings[str(key)] = value
+        groups.append(
+            {
+                "name": group.get("name"),
+                "param_names": list(group["param_names"]) if "param_names" in group else None,
+                "num_params": len(group["params"]),
+                "lr": _float(group.get("initial_lr", group["lr"])),
+                "current_lr": _float(group["lr"]),
+                "settings": settings,
+            }
+        )
+    spec = getattr(scheduler, "spec", None)
+    schedule = getattr(scheduler, "schedule", None)
+    plan = {
+        "format": PLAN_FORMAT,
+        "step": getattr(scheduler, "last_epoch", None),
+        "schedule": _jsonable(dict(spec)) if isinstance(spec, Mapping) else None,
+        "continuation": schedule.record() if isinstance(schedule, Continuation) else None,
+        "param_groups": groups,
+    }
+    if plan["schedule"] is _SKIP:
+        plan["schedule"] = {"name": str(spec.get("name")), "unserializable": True}
+    return json.loads(json.dumps(plan))  # exactly what a reload gives (tuples -> lists)
+
+
+def save_plan(directory: str | os.PathLike, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> Path:
+    """Write :func:`resolve_plan` to ``directory/optsched_plan.json``; return the path."""
+    path = Path(directory) / PLAN_NAME
+    text = json.dumps(resolve_plan(optimizer, scheduler), indent=2, sort_keys=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def load_plan(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The plan saved in a checkpoint, or ``None`` when it has none (a checkpoint of an older version).
+
+    The file is checked against the checkpoint's ``checksums.json`` first
+    (:func:`optsched.trainer.checkpoint.verify_file`), like every other checkpoint file, so a truncated
+    or bit-flipped plan is reported as damaged instead of being compared as if it were the run's plan.
+
+    Raises:
+        CheckpointError: the file's size or SHA-256 differs from ``checksums.json``, or it is not UTF-8
+            JSON (a ``ValueError`` subclass; the message names the file).
+        ValueError: the file is JSON but not a plan this version reads (unknown format).
+    """
+    path = Path(directory) / PLAN_NAME
+    if not path.is_file():
+        return None
+    verify_file(path)
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); delete it to resume without a plan check."
+        ) from None
+    found = plan.get("format") if isinstance(plan, dict) else None
+    if found != PLAN_FORMAT or not isinstance(plan.get("param_groups"), list):
+        raise ValueError(
+            f"{path} is not an optsched plan of format {PLAN_FORMAT} (format={found!r}); "
+            "accepted: a file written by this version's Trainer."
+        )
+    return plan
+
+
+# ---- comparing plans -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanDifference:
+    """One difference between the checkpoint's plan and the new one.
+
+    Attributes:
+        kind: ``"schedule"`` (spec), ``"lr"`` (a group's base lr), ``"setting"`` (another group
+            hyperparameter) or ``"membership"`` (groups or their parameters).
+        where: what differs, e.g. ``"schedule.num_training_steps"`` or ``"group 0 ('decay').weight_decay"``.
+        old / new: the checkpoint's value and the new one.
+        group / key: the group index and setting key for ``"lr"`` / ``"setting"``.
+    """
+
+    kind: str
+    where: str
+    old: Any
+    new: Any
+    group: int | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "membership" and isinstance(self.old, list) and isinstance(self.new, list):
+            parts = []
+            if self.old:
+                parts.append(f"in the checkpoint only (frozen or removed since): {self.old}")
+            if self.new:
+                parts.append(f"new (unfrozen or added since): {self.new}")
+            return f"{self.where}: " + ("; ".join(parts) or "same parameters in another order")
+        return f"{self.where}: {self.old!r} -> {self.new!r}"
+
+
+def _group_label(i: int, group: Mapping[str, Any]) -> str:
+    return f"group {i} ({group['name']!r})" if group.get("name") is not None else f"group {i}"
+
+
+def _schedule_differences(old: Any, new: Any) -> list[PlanDifference]:
+    if old is None or new is None:
+        return [] if old == new else [PlanDifference("schedule", "schedule", old, new)]
+    diffs = []
+    for key in ("name", "num_warmup_steps", "num_training_steps"):
+        if old.get(key) != new.get(key):
+            diffs.append(PlanDifference("schedule", f"schedule.{key}", old.get(key), new.get(key)))
+    old_kw, new_kw = old.get("kwargs") or {}, new.get("kwargs") or {}
+    for key in sorted(set(old_kw) | set(new_kw)):
+        if old_kw.get(key) != new_kw.get(key):
+            where = f"schedule.kwargs.{key}"
+            diffs.append(PlanDifference("schedule", where, old_kw.get(key), new_kw.get(key)))
+    return diffs
+
+
+def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[PlanDifference]:
+    label = _group_label(i, new)
+    diffs = []
+    if old.get("name") != new.get("name"):
+        diffs.append(PlanDifference("membership", f"group {i}.name", old.get("name"), new.get("name"), i))
+    old_names, new_names = old.get("param_names"), new.get("param_names")
+    if old_names is not None and new_names is not None:
+        if old_names != new_names:
+            removed = [n for n in old_names if n not in set(new_names)]
+            added = [n for n in new_names if n not in set(old_names)]
+            diffs.append(PlanDifference("membership", f"{label} parameters", removed, added, i))
+    elif old.get("num_params") != new.get("num_params"):
+        where = f"{label} number of parameters"
+        diffs.append(PlanDifference("membership", where, old.get("num_params"), new.get("num_params"), i))
+    if old.get("lr") != new.get("lr"):
+        diffs.append(PlanDifference("lr", f"{label}.lr", old.get("lr"), new.get("lr"), i, "lr"))
+    old_set, new_set = old.get("settings") or {}, new.get("settings") or {}
+    for key in sorted(set(old_set) | set(new_set)):
+        if old_set.get(key) != new_set.get(key):
+            old_value, new_value = old_set.get(key), new_set.get(key)
+            diffs.append(PlanDifference("setting", f"{label}.{key}", old_value, new_value, i, key))
+    return diffs
+
+
+def compare_plans(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[PlanDifference]:
+    """Every difference between two plans (:func:`resolve_plan`), schedule first, then group by group.
+
+    Groups are matched by position (as torch's ``load_state_dict`` does). The ``step``, the groups'
+    ``current_lr`` and a saved ``continuation`` are the run's position, not its plan: they are not
+    differences.
+    """
+    diffs = _schedule_differences(saved.get("schedule"), new.get("schedule"))
+    old_groups, new_groups = saved.get("param_groups") or [], new.get("param_groups") or []
+    if len(old_groups) != len(new_groups):
+        names = lambda groups: [g.get("name") or str(i) for i, g in enumerate(groups)]  # noqa: E731
+        diffs.append(PlanDifference("membership", "param_groups", names(old_groups), names(new_groups)))
+    for i, (old, grp) in enumerate(zip(old_groups, new_groups)):
+        diffs.extend(_group_differences(i, old, grp))
+    return diffs
+
+
+def plan_differences(new_state: dict[str, Any], saved_state: dict[str, Any]) -> list[str]:
+    """``"field: old -> new"`` for each part of two schedulers' states that differs (``spec``, ``base_lrs``).
+
+    Used when a checkpoint has no plan file. A scheduler without a ``spec`` (a user's own) is compared on
+    ``base_lrs`` only.
+    """
+    diffs: list[str] = []
+    new_spec, old_spec = new_state.get("spec"), saved_state.get("spec")
+    if isinstance(new_spec, dict) and isinstance(old_spec, dict):
+        for key in sorted(set(new_spec) | set(old_spec)):
+            if new_spec.get(key) != old_spec.get(key):
+                diffs.append(f"{key}: {old_spec.get(key)!r} -> {new_spec.get(key)!r}")
+    new_base, old_base = new_state.get("base_lrs"), saved_state.get("base_lrs")
+    if new_base is not None and old_base is not None and list(new_base) != list(old_base):
+        diffs.append(f"base_lrs: {list(old_base)!r} -> {list(new_base)!r}")
+    return diffs
+
+
+# ---- the continued schedule ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lerp:
+    """``f(s) = end + (start - end) * schedule(s)`` for a ``schedule`` falling from 1 to 0.
+
+    ``f = start`` exactly where ``schedule`` is 1 and ``end`` exactly where it is 0, so a join at
+    either end is continuous to the bit. ``start`` may be above or below ``end`` (a decay or a rise).
+    """
+
+    schedule: Callable[[int], float]
+    start: float
+    end: float
+
+    def __call__(self, step: int) -> float:
+        v = float(self.schedule(step))
+        if v == 1.0:
+            return float(self.start)
+        if v == 0.0:
+            return float(self.end)
+        return self.end + (self.start - self.end) * v
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A plan continued from multiplier ``multiplier`` at step ``from_step`` (see :func:`continue_schedule`).
+
+    ``planned`` is the new plan's function; ``curve`` the continued one (``planned`` before
+    ``from_step``: those steps belong to the checkpoint's run, its log has the lrs they used).
+    """
+
+    planned: Callable[[int], float]
+    from_step: int
+    multiplier: float
+    curve: Callable[[int], float] = field(repr=False, compare=False)
+
+    def __call__(self, step: int) -> float:
+        return float(self.curve(step))
+
+    def record(self) -> dict[str, Any]:
+        """What the plan file stores to rebuild it: ``{"from_step", "multiplier"}``."""
+        return {"from_step": self.from_step, "multiplier": self.multiplier}
+
+
+def _pieces(schedule: Callable[[int], float]) -> tuple[tuple[Callable[[int], float], ...], tuple[int, ...]]:
+    if isinstance(schedule, Continuation):
+        schedule = schedule.planned
+    if isinstance(schedule, Join):
+        return schedule.schedules, schedule.boundaries
+    return (schedule,), ()
+
+
+def _find_decay(pieces: Sequence[Any], starts: Sequence[int], s0: int) -> tuple[Decay, int] | None:
+    """The plan's decay block and the step where its progress is 0: the first one not over at ``s0``."""
+    found = []
+    for piece, start in zip(pieces, starts):
+        by = 0
+        if isinstance(piece, Shift):
+            piece, by = piece.schedule, piece.by
+        if isinstance(piece, Decay):
+            found.append((piece, start - by))
+    for decay, begin in found:
+        if begin + decay.num_steps > s0:
+            return decay, begin
+    return found[-1] if found else None
+
+
+def continue_schedule(planned: Callable[[int], float], from_step: int, multiplier: float) -> Continuation:
+    """Re-plan the rest of ``planned`` so it starts at ``multiplier`` at step ``from_step``.
+
+    With ``s0 = from_step``, ``m0 = multiplier`` and ``g`` the result (``g(s0) = m0`` exactly;
+    ``g(s) = planned(s)`` for ``s < s0``):
+
+    * warmup not finished (``planned`` is a join whose first piece is a ``Warmup`` / ``Ramp`` ending at
+      ``W > s0``): a straight line from ``m0`` at ``s0`` to the peak 1 at ``W``, then ``planned(s)``
+      (its stable phase and decay as planned). A cosine or 1-sqrt warmup is re-planned as a line.
+    * a decay block ``Decay(n, shape, end=r)`` whose progress is 0 at step ``b`` and that is not over
+      at ``s0`` (``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial``, the ``*_min_lr`` and
+      ``warmup_stable_decay`` schedules): ``g(s) = r + (m0 - r) * shape(p)``, the plan's own shape
+      rescaled to start at ``m0``, where ``p`` runs from 0 at ``max(s0, b)`` to 1 at the plan's end
+      ``b + n``; before ``b`` (a stable phase not reached yet) ``g`` holds ``m0``. So ``g`` reaches the
+      plan's floor ``r`` (0 for linear and cosine, ``lr_end / lr`` for polynomial, ``min_lr_rate``, WSD's
+      ``min_lr_ratio``) at the plan's last step and holds it after. ``m0`` below ``r`` rises to ``r``.
+    * no decay left (``constant``, ``constant_with_warmup`` after its warmup, a decay already over):
+      ``g`` holds ``m0``.
+    * any other piece without an end (``inverse_sqrt``): ``g(s) = m0 * planned(s) / planned(s0)``.
+
+    Raises:
+        ValueError: ``planned(s0) == 0`` for a piece that can only be scaled.
+    """
+    s0 = check_int("from_step", from_step, low=0)
+    m0 = float(check_number("multiplier", multiplier, low=0.0))
+    pieces, bounds = _pieces(planned)
+    planned = planned.planned if isinstance(planned, Continuation) else planned
+    starts = (0, *bounds)
+    warm_end = bounds[0] if bounds and isinstance(pieces[0], (Warmup, Ramp)) else 0
+    if s0 < warm_end:
+        ramp = Lerp(Decay(warm_end - s0, "linear"), m0, 1.0)
+        rest: list[Callable[[int], float]] = [ramp, Shift(planned, warm_end)]
+        cuts = [s0, warm_end]
+    else:
+        found = _find_decay(pieces, starts, s0)
+        current = pieces[bisect.bisect_right(bounds, s0)]
+        if found is not None and found[1] + found[0].num_steps > s0:
+            decay, begin = found
+            end_step = begin + decay.num_steps
+            first = max(s0, begin)
+            tail = Lerp(Decay(end_step - first, decay.shape, 0.0, decay.params), m0, decay.end)
+            rest, cuts = ([Constant(m0), tail], [s0, begin]) if begin > s0 else ([tail], [s0])
+        elif found is not None or isinstance(current, Constant):
+            rest, cuts = [Constant(m0)], [s0]
+        else:
+            at = float(planned(s0))
+            if at <= 0.0:
+                raise ValueError(
+                    f"lr_resume_policy='continue' cannot re-plan {type(current).__name__} from step {s0}: "
+                    "the plan's multiplier there is 0, so it cannot be scaled to the current lr; "
+                    "accepted: lr_resume_policy='replan'."
+                )
+            rest, cuts = [Shift(Scale(planned, m0 / at), s0)], [s0]
+    curve = join([planned, *rest], cuts)
+    return Continuation(planned, s0, m0, curve)
+
+
+# ---- the resume ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumeContext:
+    """What :func:`prepare_resume` found before the optimizer state was loaded.
+
+    Attributes:
+        policy: the ``lr_resume_policy``.
+        saved_plan: the checkpoint's plan (``None``: the checkpoint has no plan file).
+        new_plan: the plan the new optimizer and scheduler carry.
+        differences: :func:`compare_plans` of the two (empty without a saved plan).
+        group_settings: the new groups' settings as objects (not JSON), re-applied after the load.
+    """
+
+    policy: str
+    saved_plan: dict[str, Any] | None
+    new_plan: dict[str, Any]
+    differences: list[PlanDifference]
+    group_settings: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ScheduleResume:
+    """The outcome of :func:`restore_scheduler`.
+
+    Attributes:
+        plan_changed: the new arguments describe another plan than the checkpoint's.
+        step: the resumed global step.
+        lr_before: each group's lr as saved in the checkpoint (the lr its next step would have used).
+        lr_after: each group's lr the next optimizer step will use.
+        differences: what changed, as ``"field: old -> new"`` strings.
+        policy: the ``lr_resume_policy`` applied.
+    """
+
+    plan_changed: bool
+    step: int
+    lr_before: list[float]
+    lr_after: list[float]
+    differences: list[str]
+    policy: str = "replan"
+
+
+def _strict_error(diffs: Sequence[Any], source: str) -> ValueError:
+    return ValueError(
+        f"lr_resume_policy='strict': the plan in {source} differs from the one the arguments describe "
+        f"({len(diffs)} difference{'s' if len(diffs) != 1 else ''}, checkpoint -> now):\n  - "
+        + "\n  - ".join(str(d) for d in diffs)
+        + "\nAccepted: the checkpoint's arguments, or lr_resume_policy='replan' (the new schedule from the "
+        "resumed step) or 'continue' (the lr continuous, the rest of the decay re-planned)."
+    )
+
+
+def prepare_resume(
+    optimizer: torch.optim.Optimizer, scheduler: Any, checkpoint: str | os.PathLike, policy: str = "replan"
+) -> ResumeContext:
+    """Read the checkpoint's plan and compare it with the new one, *before* ``optimizer.load_state_dict``.
+
+    Raises:
+        ValueError: an unknown ``policy`` (with "did you mean"); ``policy="strict"`` and any difference
+            (all of them listed); an unreadable plan file.
+    """
+    policy = check_choice("lr_resume_policy", policy, LR_RESUME_POLICIES, what="lr resume policy")
+    new_plan = resolve_plan(optimizer, scheduler)
+    saved_plan = load_plan(checkpoint)
+    diffs = compare_plans(saved_plan, new_plan) if saved_plan is not None else []
+    if policy == "strict" and diffs:
+        raise _strict_error(diffs, str(Path(checkpoint) / PLAN_NAME))
+    settings = [
+        {k: copy.deepcopy(v) for k, v in g.items() if k not in NON_SETTING_KEYS}
+        for g in optimizer.param_groups
+    ]
+    return ResumeContext(policy, saved_plan, new_plan, diffs, settings)
+
+
+def _lrs_at(scheduler: Any, step: int) -> list[float] | None:
+    """The scheduler's closed-form lr per group at ``step``, or None when it has no closed form."""
+    if callable(getattr(scheduler, "lr_at", None)):
+        return [float(x) for x in scheduler.lr_at(step)]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    return None
+
+
+def _common_multiplier(lr_before: Sequence[float], base_lrs: Sequence[float]) -> float:
+    """The one multiplier ``m`` with ``lr_before[i] == base_lrs[i] * m`` for every group (``continue``)."""
+    pairs = [(lr, base) for lr, base in zip(lr_before, base_lrs) if base > 0]
+    if not pairs:
+        return 0.0
+    ref = pairs[0][0] / pairs[0][1]
+    if any(not math.isclose(lr / base, ref, rel_tol=1e-9, abs_tol=1e-15) for lr, base in pairs):
+        ratios = ", ".join(f"{lr:.6g}/{base:.6g}={lr / base:.6g}" for lr, base in pairs)
+        raise ValueError(
+            "lr_resume_policy='continue' keeps every group's lr continuous with one schedule multiplier, "
+            "but the checkpoint's lrs are not one multiple of the new base lrs (lr/base per group: "
+            f"{ratios}): the groups' relative lrs changed. Accepted: the checkpoint's per-group lr "
+            "ratios, or lr_resume_policy='replan'."
+        )
+    return ref
+
+
+def _apply_group_settings(optimizer: torch.optim.Optimizer, context: ResumeContext) -> list[str]:
+    """Put the new arguments' settings back where the loaded optimizer state brought the old ones."""
+    applied = []
+    for diff in context.differences:
+        if diff.kind == "setting" and diff.group is not None and diff.group < len(optimizer.param_groups):
+            settings = context.group_settings[diff.group]
+            if diff.key in settings:
+                optimizer.param_groups[diff.group][diff.key] = copy.deepcopy(settings[diff.key])
+                applied.append(str(diff))
+    return applied
+
+
+def _move_to(scheduler: Any, optimizer: torch.optim.Optimizer, step: int, lrs: Sequence[float]) -> None:
+    base_lrs = list(getattr(scheduler, "base_lrs", []))
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, lrs)):
+        group["lr"] = lr
+        if i < len(base_lrs):
+            group["initial_lr"] = base_lrs[i]  # the optimizer state restored the old plan's value
+    scheduler.last_epoch = step
+    scheduler._last_lr = list(lrs)
+
+
+def _continue(scheduler: Any, step: int, multiplier: float) -> None:
+    planned = getattr(scheduler, "schedule", None)
+    if planned is None or not callable(getattr(scheduler, "lr_at", None)):
+        raise ValueError(
+            f"lr_resume_policy='continue' re-plans an optsched ScheduleLR, but the scheduler is a "
+            f"{type(scheduler).__name__}; accepted: a scheduler from optsched.schedules, or "
+            "lr_resume_policy='replan'."
+        )
+    scheduler.schedule = continue_schedule(planned, step, multiplier)
+
+
+def restore_scheduler(
+    scheduler: Any,
+    optimizer: torch.optim.Optimizer,
+    saved_state: dict[str, Any] | None,
+    global_step: int,
+    context: ResumeContext | None = None,
+) -> ScheduleResume:
+    """Apply the resume policy to ``scheduler`` (and the new group settings to ``optimizer``).
+
+    Call after ``optimizer.load_state_dict`` (which restores the checkpoint's lrs and settings into the
+    groups), with the :class:`ResumeContext` from :func:`prepare_resume` (``None``: policy ``"replan"``,
+    the plan compared on the scheduler state only). ``saved_state=None`` (a checkpoint saved with
+    ``save_only_model``) moves the plan to ``global_step``.
+
+    Raises:
+        ValueError: ``"strict"`` and a changed schedule state (checkpoints without a plan file);
+            ``"continue"`` with a scheduler that is not a ``ScheduleLR`` or groups whose relative lrs changed.
+    """
+    policy = context.policy if context is not None else "replan"
+    saved_plan = context.saved_plan if context is not None else None
+    current = [_float(g["lr"]) for g in optimizer.param_groups]
+    lr_before = current
+    if saved_plan is not None and len(saved_plan["param_groups"]) == len(current):
+        # the plan's lrs are right even without optimizer.pt (save_only_model)
+        lr_before = [float(g["current_lr"]) for g in saved_plan["param_groups"]]
+
+    if saved_plan is not None:
+        diffs = [str(d) for d in context.differences]
+    elif saved_state is None:
+        diffs = ["scheduler.pt: missing -> the new plan at the resumed step"]
+    else:
+        diffs = plan_differences(scheduler.state_dict(), saved_state)
+        if diffs and policy == "strict":
+            raise _strict_error(diffs, "the checkpoint's scheduler.pt (it has no plan file)")
+    settings_applied = _apply_group_settings(optimizer, context) if context is not None else []
+
+    if not diffs:  # the same plan: continue exactly as saved
+        continuation = saved_plan.get("continuation") if saved_plan else None
+        if continuation:
+            _continue(scheduler, continuation["from_step"], continuation["multiplier"])
+        if saved_state is not None:
+            scheduler.load_state_dict(saved_state)
+        else:
+            _move_to(scheduler, optimizer, global_step, _lrs_at(scheduler, global_step) or current)
+        after = [_float(g["lr"]) for g in optimizer.param_groups]
+        return ScheduleResume(False, global_step, lr_before, after, [], policy)
+
+    lrs = _lrs_at(scheduler, global_step)
+    if lrs is None:
+        if saved_state is None:
+            logger.warning(
+                "No scheduler state and no closed form for %s: it restarts at step 0.",
+                type(scheduler).__name__,
+            )
+            return ScheduleResume(True, global_step, lr_before, current, diffs, policy)
+        logger.warning(
+            "The learning-rate plan changed since the checkpoint (%s) but %s has no closed form to "
+            "follow the new plan from step %d; continuing with the checkpoint's schedule.",
+            "; ".join(diffs),
+            type(scheduler).__name__,
+            global_step,
+        )
+        scheduler.load_state_dict(saved_state)
+        after = [_float(g["lr"]) for g in optimizer.param_groups]
+        return ScheduleResume(True, global_step, lr_before, after, diffs, policy)
+
+    if policy == "continue":
+        multiplier = _common_multiplier(lr_before, [float(b) for b in scheduler.base_lrs])
+        _continue(scheduler, global_step, multiplier)
+        lrs = _lrs_at(scheduler, global_step)
+    _move_to(scheduler, optimizer, global_step, lrs)
+    if policy == "continue":
+        logger.warning(
+            "Resuming at step %d with a changed plan (%s), lr_resume_policy='continue': lr %s -> %s "
+            "(continuous); the rest of the schedule is re-planned from multiplier %.6g to the new plan's "
+            "end.",
+            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier,
+        )
+    else:
+        logger.warning(
+            "Resuming at step %d with a changed learning-rate schedule (%s): lr %s -> %s. The new plan "
+            "applies from this step on; no step is taken at the checkpoint's lr.",
+            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs),
+        )
+    if settings_applied:
+        logger.info(
+            "Group settings of the new arguments replace the checkpoint's: %s", "; ".join(settings_applied)
+        )
+    return ScheduleResume(True, global_step, lr_before, list(lrs), diffs, policy)
+
+
+def _fmt(lrs: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{x:.6g}" for x in lrs) + "]"

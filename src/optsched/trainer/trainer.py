@@ -1,0 +1,1241 @@
+"""The Trainer: transformers' ``Trainer`` API over optsched's optimizer, param groups and schedules.
+
+It composes the public functions a user would call (``optsched.optim.create_optimizer``,
+``optsched.schedules.create_scheduler``, ``optsched.params.get_decay_parameter_names``) and owns no
+optimizer or schedule logic of its own. What it adds is the loop:
+
+* step counting as transformers (see :mod:`optsched.trainer.data`), gradient accumulation whose last,
+  partial group of an epoch is scaled by its own size, ``max_grad_norm`` clipping, bf16 / fp16 autocast,
+  CUDA when available unless ``use_cpu``;
+* logging every ``logging_steps`` into ``state.log_history``, ``<output_dir>/log_history.jsonl`` and a
+  tqdm bar; evaluation by ``eval_strategy``; metric-driven schedules stepped on the eval metric;
+  schedule-free optimizers switched to ``eval()`` around evaluation and checkpointing;
+* checkpoints in transformers' layout, written atomically (:mod:`optsched.trainer.checkpoint`), and an
+  exact resume: model, optimizer, scheduler, RNG states and data position;
+* DDP under ``torchrun`` (:mod:`optsched.trainer.distributed`).
+* reliability (docs/reliability.md): a step with a NaN / inf loss or gradient norm is skipped, optimizer
+  and scheduler both, and ``max_consecutive_nonfinite`` skips in a row stop training
+  (:mod:`optsched.trainer.nonfinite`); NaN / inf weights are never saved; SIGTERM / SIGINT save a
+  checkpoint at the current step and end ``train()`` cleanly (:mod:`optsched.trainer.signals`,
+  ``trainer.preempted_by``); damaged or untrusted checkpoint files raise ``CheckpointError``.
+
+Optimizers that update inside ``backward`` (see :func:`optimizer_update_mode`): LOMO / AdaLomo
+(``fused_backward``) replace ``loss.backward()`` + ``optimizer.step()`` by ``optimizer.fused_backward(loss,
+lr)``, preceded by ``optimizer.grad_norm(loss)`` (a second backward pass) when clipping; layer-wise
+optimizers (GaLore / APOLLO ``*_layerwise``) step each parameter from its gradient hook, so there is no
+gradient left to clip after ``backward``. Both need ``gradient_accumulation_steps=1``, no fp16 and one
+process. A NaN / inf loss skips their backward entirely (nothing is applied); a non-finite gradient is
+caught before the update for LOMO with clipping only.
+
+Per-step cost: the loop does no work proportional to the number of modules. ``model.train()`` runs
+once per ``train()`` and after each evaluation (a step re-enables it only if the model was left in eval
+mode), the parameter list used for clipping is built once per ``train()``, gradients are released with
+``optimizer.zero_grad(set_to_none=True)`` (plus the few trainable parameters the optimizer does not
+hold), and the loss stays a tensor until logging time.
+
+Loss scaling: each micro-batch loss is divided by the number of micro-batches in its optimizer step
+(``gradient_accumulation_steps``, or fewer for the last step of an epoch), so every step's gradient is
+the mean over its batches. With ``compute_loss_func(outputs, labels, num_items_in_batch)`` the loss
+is used as returned: ``num_items_in_batch`` (labels ``!= -100`` over the whole step, summed over
+processes) lets the function normalise by tokens instead, as transformers does; under DDP the loss is
+then multiplied by the number of processes, since DDP averages gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from optsched.trainer import checkpoint as ckpt
+from optsched.trainer.callbacks import (
+    CallbackHandler,
+    DefaultFlowCallback,
+    JsonLinesLoggerCallback,
+    ProgressCallback,
+    strategy_name,
+)
+from optsched.trainer.data import (
+    EpochSampler,
+    ShardedIterable,
+    TrainingPlan,
+    build_dataloader,
+    count_label_items,
+    epoch_batches,
+    has_length,
+    iter_update_groups,
+    move_to_device,
+    plan_training,
+    split_model_inputs,
+)
+from optsched.trainer.distributed import (
+    all_reduce_sum,
+    init_distributed,
+    no_sync,
+    resolve_device,
+    unwrap_model,
+    wrap_model,
+)
+from optsched.trainer.nonfinite import NonFiniteGuard, check_finite_weights, grad_total_norm
+from optsched.trainer.resume import prepare_resume, restore_scheduler, save_plan
+from optsched.trainer.signals import PreemptionHandler
+from optsched.trainer.state import TrainerControl, TrainerState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UPDATE_MODES", "TrainOutput", "Trainer", "optimizer_update_mode", "set_seed", "steps_on_metric"]
+
+
+class TrainOutput(NamedTuple):
+    """What ``train()`` returns (transformers' fields)."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy (when installed), torch and CUDA."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional
+        pass
+    torch.manual_seed(seed)
+
+
+def steps_on_metric(scheduler: Any) -> bool:
+    """True for a scheduler stepped with an evaluation metric (:func:`optsched.schedules.is_metric_scheduler`)."""
+    from optsched.schedules import is_metric_scheduler
+
+    return scheduler is not None and is_metric_scheduler(scheduler)
+
+
+def _has_mode_switch(optimizer: Any) -> bool:
+    """Schedule-free optimizers expose ``train()`` / ``eval()``; plain torch optimizers do not."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+def _updates_in_fused_backward(optimizer: Any) -> bool:
+    """LOMO / AdaLomo: ``fused_backward(loss, lr)`` applies the update; ``grad_norm(loss)`` prepares clipping."""
+    return callable(getattr(optimizer, "fused_backward", None)) and callable(getattr(optimizer, "grad_norm", None))
+
+
+def _updates_layerwise(optimizer: Any) -> bool:
+    """Each parameter stepped from its gradient hook: optsched's ``LayerWiseOptimizer``, or an optimizer that
+    holds its per-parameter optimizers in ``optimizer_dict`` (transformers' ``LayerWiseDummyOptimizer``)."""
+    from optsched.optim.lowrank import LayerWiseOptimizer  # torch only; imports no optional package
+
+    return isinstance(optimizer, LayerWiseOptimizer) or isinstance(getattr(optimizer, "optimizer_dict", None), dict)
+
+
+#: How an optimizer applies its update, first match wins; none matching: ``"step"`` (backward, clip,
+#: ``optimizer.step()``). Detected from what the optimizer exposes, never from another package's class names.
+UPDATE_MODES: dict[str, Callable[[Any], bool]] = {
+    "fused_backward": _updates_in_fused_backward,
+    "layerwise": _updates_layerwise,
+}
+
+
+def optimizer_update_mode(optimizer: Any) -> str:
+    """``"fused_backward"`` (LOMO), ``"layerwise"`` (GaLore / APOLLO layer-wise) or ``"step"`` (the rest).
+
+    The first two update the weights inside ``loss.backward()``; see the module docstring for what the
+    Trainer does differently for them.
+
+    Example:
+        >>> optimizer_update_mode(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+        'step'
+    """
+    for mode, matches in UPDATE_MODES.items():
+        if matches(optimizer):
+            return mode
+    return "step"
+
+
+def _extract_loss(outputs: Any) -> torch.Tensor | None:
+    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+        loss = outputs.get("loss") if hasattr(outputs, "get") else None
+        if loss is not None:
+            return loss
+    loss = getattr(outputs, "loss", None)
+    if loss is not None:
+        return loss
+    if isinstance(outputs, torch.Tensor) and outputs.ndim == 0:
+        return outputs
+    return None
+
+
+def _batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the first dimension of its first tensor (1 when none is found)."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return int(v.shape[0])
+    return 1
+
+
+class Trainer:
+    """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
+
+    The optimizer is created in the constructor (``trainer.optimizer.param_groups`` can be inspected
+    right away); the scheduler by :meth:`create_scheduler` or when :meth:`train` starts, once the number
+    of steps is known. A subclass may override :meth:`create_optimizer` with no argument (the seed's
+    ``def create_optimizer(self)``): the Trainer always calls ``self.create_optimizer()`` without
+    arguments and then reads ``self.optimizer``.
+
+    Args:
+        model: the ``torch.nn.Module`` to train; its forward returns the loss (``.loss`` or ``["loss"]``)
+            unless ``compute_loss_func`` is given.
+        args: optsched's or transformers' ``TrainingArguments`` (``None``: defaults, output in
+            ``trainer_output``).
+        train_dataset / eval_dataset: map-style datasets (shuffled by ``data_seed``) or iterable ones
+            (read in order; need ``max_steps``).
+        data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
+        optimizers: ``(optimizer, lr_scheduler)``; either may be None to have it created.
+        optimizer_cls_and_kwargs: ``(cls, kwargs)`` for :func:`optsched.optim.create_optimizer`; not
+            together with ``optimizers[0]``.
+        compute_loss_func: ``f(outputs, labels, num_items_in_batch) -> loss`` (see the module docstring).
+        callbacks: :class:`~optsched.trainer.callbacks.TrainerCallback` instances or classes, added after
+            the default flow, JSON-lines log and progress bar callbacks.
+
+    Raises:
+        TypeError: a model that is not an ``nn.Module``, malformed ``optimizers``, a non-callable
+            ``compute_loss_func``.
+        ValueError: ``optimizers`` and ``optimizer_cls_and_kwargs`` together; a model with no trainable
+            parameter; fp16 without CUDA; bf16 on a CUDA device without bf16.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        callbacks: list[Any] | None = None,
+    ) -> None:
+        from optsched.arguments import as_training_arguments
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}.")
+        if not (isinstance(optimizers, (tuple, list)) and len(optimizers) == 2):
+            raise TypeError(
+                f"optimizers must be a pair (optimizer, lr_scheduler), either may be None; got {optimizers!r}."
+            )
+        if optimizers[0] is not None and optimizer_cls_and_kwargs is not None:
+            raise ValueError(
+                "optimizers=(optimizer, ...) and optimizer_cls_and_kwargs were both given; accepted: one of "
+                "them (an optimizer instance, or the class and kwargs to build one)."
+            )
+        if compute_loss_func is not None and not callable(compute_loss_func):
+            raise TypeError(f"compute_loss_func must be callable, got {type(compute_loss_func).__name__}.")
+        if data_collator is not None and not callable(data_collator):
+            raise TypeError(f"data_collator must be callable, got {type(data_collator).__name__}.")
+
+        self.args = as_training_arguments(args)
+        self.dist = init_distributed(use_cpu=self.args.use_cpu)
+        self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
+        self._check_precision()
+        set_seed(self.args.seed)
+
+        self.model = model.to(self.device)
+        self.model_wrapped: nn.Module = self.model
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.data_collator = data_collator
+        self.compute_loss_func = compute_loss_func
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.optimizer, self.lr_scheduler = optimizers
+        self._created_lr_scheduler = False
+        self.scaler = self._make_grad_scaler()
+        self._current_accumulation = 1
+        # set per train() (see _prepare_step_state); training_step() also works outside train()
+        self._update_mode = "step"
+        self._clip_params: list[nn.Parameter] | None = None
+        self._grad_extras: list[nn.Parameter] = []
+        self._metric_scheduler = False
+        self._inner_grad_norm: torch.Tensor | None = None
+        self._logged_no_clip = False
+        self.preempted_by: str | None = None  # the signal that stopped the last train() (optsched.trainer.signals)
+
+        self.state = TrainerState(
+            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main_process
+        )
+        self.control = TrainerControl()
+        default_callbacks: list[Any] = [DefaultFlowCallback(), JsonLinesLoggerCallback()]
+        if not self.args.disable_tqdm:
+            default_callbacks.append(ProgressCallback())
+        self.callback_handler = CallbackHandler(default_callbacks + list(callbacks or []), self.model)
+
+        # "Each creates appropriate optimizer when Trainer initializes" (the seed): build it now.
+        self._ensure_optimizer()
+        self._update_mode = optimizer_update_mode(self.optimizer)
+        self._check_update_mode()  # fail at construction, not after the first epoch's data is loaded
+        self.callback_handler.optimizer = self.optimizer
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # ---- optimizer and scheduler (transformers' names; logic lives in optsched.optim / .schedules) ----
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Set up ``self.optimizer`` with :func:`optsched.optim.create_optimizer` unless it is already set.
+
+        Honours ``optimizer_cls_and_kwargs`` and a subclass's override of
+        :meth:`get_optimizer_cls_and_kwargs`. Returns ``self.optimizer``.
+        """
+        if self.optimizer is None:
+            from optsched.optim import create_optimizer
+
+            opt_model = self.model if model is None else model
+            self._check_trainable(opt_model)
+            cls_and_kwargs = self.optimizer_cls_and_kwargs
+            if cls_and_kwargs is None and type(self).get_optimizer_cls_and_kwargs is not Trainer.get_optimizer_cls_and_kwargs:
+                cls_and_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = create_optimizer(
+                opt_model, self.args, cls_and_kwargs, num_training_steps=self._planned_steps()
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """Set up ``self.lr_scheduler`` with :func:`optsched.schedules.create_scheduler` unless already set.
+
+        Args:
+            num_training_steps: total optimizer steps the schedule spans.
+            optimizer: the optimizer to schedule (default ``self.optimizer``).
+
+        Raises:
+            ValueError: no optimizer given and ``self.optimizer`` is None.
+        """
+        if self.lr_scheduler is None:
+            from optsched.schedules import create_scheduler
+
+            optimizer = self.optimizer if optimizer is None else optimizer
+            if optimizer is None:
+                raise ValueError(
+                    "create_scheduler() needs an optimizer: call create_optimizer() first or pass optimizer=."
+                )
+            self.lr_scheduler = create_scheduler(optimizer, self.args, num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """``create_optimizer()`` then ``create_scheduler(num_training_steps)`` (each honours overrides)."""
+        self._ensure_optimizer()
+        self.create_scheduler(num_training_steps=num_training_steps)
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
+        """The optimizer class and kwargs ``args`` ask for (:func:`optsched.optim.get_optimizer_cls_and_kwargs`)."""
+        from optsched.optim import get_optimizer_cls_and_kwargs
+
+        return get_optimizer_cls_and_kwargs(args, model)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Names of the parameters weight decay applies to (:func:`optsched.params.get_decay_parameter_names`)."""
+        from optsched.params import get_decay_parameter_names
+
+        return get_decay_parameter_names(model)
+
+    def _ensure_optimizer(self) -> None:
+        """Call ``self.create_optimizer()`` (no argument: a subclass's override may take none) if needed."""
+        if self.optimizer is not None:
+            return
+        returned = self.create_optimizer()
+        if self.optimizer is None and returned is not None:
+            self.optimizer = returned  # an override that returns the optimizer without assigning it
+        if self.optimizer is None:
+            raise ValueError(
+                f"{type(self).__name__}.create_optimizer() left self.optimizer as None; an override must set "
+                "self.optimizer to a torch.optim.Optimizer."
+            )
+        for attr in ("step", "zero_grad", "state_dict", "load_state_dict", "param_groups"):
+            if not hasattr(self.optimizer, attr):
+                raise TypeError(
+                    f"self.optimizer is a {type(self.optimizer).__name__} without {attr!r}; accepted: a "
+                    "torch.optim.Optimizer."
+                )
+
+    def _check_trainable(self, model: nn.Module) -> None:
+        params = list(model.parameters())
+        if not any(p.requires_grad for p in params):
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no trainable parameter: all {len(params)} parameters "
+                "have requires_grad=False, so there is nothing to optimize. Unfreeze some parameters."
+            )
+
+    def _planned_steps(self) -> int | None:
+        """The run's total steps when the training set has a length (used by schedule-free warmup ratios)."""
+        if self.train_dataset is None or not has_length(self.train_dataset):
+            return None if self.args.max_steps <= 0 else self.args.max_steps
+        try:
+            return self._plan(len(self._new_train_loader())).max_steps
+        except ValueError:
+            return None
+
+    # ---- data ---------------------------------------------------------------------------------------
+
+    def _data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def _new_train_loader(self) -> DataLoader:
+        args, ds = self.args, self.train_dataset
+        sampler = None
+        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+            sampler = EpochSampler(
+                len(ds),
+                seed=self._data_seed(),
+                shuffle=True,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                drop_last=args.dataloader_drop_last and self.dist.enabled,
+            )
+        elif self.dist.enabled:
+            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
+        return build_dataloader(
+            ds,
+            batch_size=args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            sampler=sampler,
+            num_workers=args.dataloader_num_workers,
+            drop_last=args.dataloader_drop_last,
+            seed=self._data_seed(),
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The training DataLoader: seeded per-epoch order, split over processes under DDP.
+
+        Raises:
+            ValueError: no ``train_dataset``.
+        """
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training needs a train_dataset; pass train_dataset= to the Trainer.")
+        return self._new_train_loader()
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        """The evaluation DataLoader: dataset order, split over processes under DDP.
+
+        Raises:
+            ValueError: no eval dataset given here or to the Trainer.
+        """
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("Trainer: evaluation needs an eval_dataset; pass eval_dataset= to the Trainer or evaluate().")
+        sampler = None
+        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+            sampler = EpochSampler(
+                len(ds), seed=0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size
+            )
+        elif self.dist.enabled:
+            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
+        return build_dataloader(
+            ds,
+            batch_size=getattr(self.args, "per_device_eval_batch_size", self.args.per_device_train_batch_size),
+            collate_fn=self.data_collator,
+            sampler=sampler,
+            num_workers=self.args.dataloader_num_workers,
+            drop_last=False,
+            seed=0,
+        )
+
+    def _plan(self, batches_per_epoch: int | None) -> TrainingPlan:
+        return plan_training(
+            batches_per_epoch,
+            max_steps=self.args.max_steps,
+            num_train_epochs=self.args.num_train_epochs,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+        )
+
+    # ---- precision and device -------------------------------------------------------------------------
+
+    def _check_precision(self) -> None:
+        if self.args.fp16 and self.device.type != "cuda":
+            raise ValueError(
+                f"fp16=True needs a CUDA device, but the Trainer runs on {self.device.type!r}; accepted: "
+                "bf16=True (supported on CPU) or fp16=False."
+            )
+        if self.args.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("bf16=True but this CUDA device has no bfloat16 support; accepted: fp16=True or bf16=False.")
+
+    def _make_grad_scaler(self) -> Any:
+        return torch.amp.GradScaler("cuda") if self.args.fp16 else None
+
+    def autocast_smart_context_manager(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in bf16 / fp16 when asked for, else a no-op."""
+        if self.args.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.args.fp16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # ---- one step -----------------------------------------------------------------------------------
+
+    def compute_loss(
+        self, model: nn.Module, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The loss of one batch: the model's ``.loss`` / ``["loss"]``, or ``compute_loss_func``'s.
+
+        Raises:
+            ValueError: the model returned no loss and no ``compute_loss_func`` was given.
+        """
+        use_func = self.compute_loss_func is not None
+        args, kwargs, labels = split_model_inputs(inputs, take_labels=use_func)
+        outputs = model(*args, **kwargs)
+        if use_func:
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        else:
+            loss = _extract_loss(outputs)
+            if loss is None:
+                keys = list(inputs) if isinstance(inputs, dict) else f"a {type(inputs).__name__}"
+                raise ValueError(
+                    f"the model ({type(unwrap_model(model)).__name__}) returned no loss (output type "
+                    f"{type(outputs).__name__}) for a batch with keys {keys}. Accepted: a model that returns "
+                    "a loss (`.loss` or `['loss']`, e.g. when the batch has 'labels'), or "
+                    "Trainer(compute_loss_func=f) with f(outputs, labels, num_items_in_batch) -> loss."
+                )
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"the loss must be a scalar tensor, got {type(loss).__name__}"
+                f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}."
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """Forward and backward one micro-batch; return its detached, accumulation-scaled loss.
+
+        ``train()`` puts the model in training mode once (and again after each evaluation); here it is
+        only re-enabled when something left the model in eval mode (``model.train()`` walks every module,
+        too costly for every step). The backward is the optimizer's (:func:`optimizer_update_mode`).
+        """
+        if not model.training:
+            model.train()
+        inputs = move_to_device(inputs, self.device)
+        with self.autocast_smart_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if loss.ndim:
+            loss = loss.reshape(())
+        if self.compute_loss_func is None:
+            if self._current_accumulation != 1:  # x / 1 == x: skipping the op changes no bit
+                loss = loss / self._current_accumulation
+        elif num_items_in_batch is not None and self.dist.enabled:
+            loss = loss * self.dist.world_size  # DDP averages gradients; the function normalised by the global count
+        _BACKWARDS[self._update_mode](self, loss)
+        return loss.detach()
+
+    def _backward_step(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` (through the fp16 ``GradScaler`` when there is one); the step comes later."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _backward_fused(self, loss: torch.Tensor) -> None:
+        """LOMO: ``[grad_norm(loss)]`` then ``fused_backward(loss, lr)``, which applies the update.
+
+        The update cannot be undone, so the non-finite checks come before it: a NaN / inf loss skips the
+        backward, and so does a non-finite gradient norm from the clipping pass (the step is then counted
+        as skipped by :class:`~optsched.trainer.nonfinite.NonFiniteGuard` in :meth:`_clip_and_step`).
+        """
+        self._inner_grad_norm = None
+        if not math.isfinite(float(loss.detach())):
+            return
+        optimizer = self.optimizer
+        clip = getattr(optimizer, "clip_grad_norm", None)
+        if clip is not None and clip > 0:
+            optimizer.grad_norm(loss)  # backward #1 (graph kept): per-parameter norms and the clip coefficient
+            norms = getattr(optimizer, "grad_norms", None)
+            if isinstance(norms, torch.Tensor) and norms.numel():
+                self._inner_grad_norm = torch.linalg.vector_norm(norms.float(), 2.0)
+                if not math.isfinite(float(self._inner_grad_norm)):
+                    return
+        optimizer.fused_backward(loss, self._get_learning_rate())
+
+    def _backward_layerwise(self, loss: torch.Tensor) -> None:
+        """Layer-wise: each parameter is stepped from its gradient hook during ``loss.backward()``.
+
+        A NaN / inf loss skips the backward (nothing is applied); gradients are released by the hooks,
+        so they can be neither clipped nor checked afterwards.
+        """
+        if math.isfinite(float(loss.detach())):
+            loss.backward()
+
+    def _num_items(self, group: list[Any]) -> Any:
+        if self.compute_loss_func is None:
+            return None
+        n = count_label_items(group)
+        if n is None:
+            return None
+        total = all_reduce_sum(torch.tensor(n, device=self.device), self.dist)
+        return int(total)
+
+    def _clip_and_step(self, step_loss: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+        """Unscale (fp16), clip to ``max_grad_norm``, step the optimizer unless the step is non-finite.
+
+        Returns:
+            ``(pre-clip gradient norm or None, whether the optimizer stepped)``. Under fp16 the
+            ``GradScaler`` decides (it skips a step with inf / NaN gradients and lowers the scale);
+            otherwise :class:`~optsched.trainer.nonfinite.NonFiniteGuard` does, on the step's loss
+            (summed over processes) and gradient norm.
+
+        Raises:
+            NonFiniteError: more than ``max_consecutive_nonfinite`` non-finite steps in a row.
+        """
+        if self._update_mode != "step":
+            return self._after_update_in_backward(step_loss)
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = self._clip_params
+        if params is None:  # outside train(): every parameter (clip_grad_norm_ skips those without a grad)
+            params = list(self.model.parameters())
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        if self.scaler is None and step_loss is not None and hasattr(self, "_nonfinite"):
+            norm = grad_norm if grad_norm is not None else grad_total_norm(params)
+            loss = all_reduce_sum(step_loss.detach().clone(), self.dist) if self.dist.enabled else step_loss
+            if self._nonfinite.should_skip(float(loss), float(norm), self.state.global_step + 1):
+                return grad_norm, False
+        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        stepped = True
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # a lowered scale means the step was skipped
+        else:
+            self.optimizer.step()
+        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
+        return grad_norm, stepped
+
+    def _after_update_in_backward(self, step_loss: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """The end of a step whose update happened inside backward (LOMO, layer-wise).
+
+        Nothing to clip or step: LOMO clipped inside its own passes (its gradient norm is returned), the
+        layer-wise hooks released every gradient. The non-finite guard still decides whether the step
+        counts (a skipped step does not advance the scheduler); the callbacks run as for any step.
+        """
+        grad_norm = self._inner_grad_norm
+        if step_loss is not None and hasattr(self, "_nonfinite"):
+            norm = float(grad_norm) if grad_norm is not None else None
+            if self._nonfinite.should_skip(float(step_loss), norm, self.state.global_step + 1):
+                return grad_norm, False
+        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        if self._update_mode == "layerwise":
+            self.optimizer.step()  # a no-op by contract; keeps torch's scheduler-after-step check and step hooks
+        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
+        return grad_norm, True
+
+    def _step_scheduler(self) -> None:
+        """``lr_scheduler.step()``; for LOMO (no ``step()`` to call) without torch's "scheduler before
+        optimizer.step()" warning, which would be wrong: the update happened in ``fused_backward``."""
+        if self._update_mode != "fused_backward":
+            self.lr_scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.lr_scheduler.step()
+
+    def _zero_grad(self) -> None:
+        """Release the gradients: the optimizer's, and those of trainable parameters it does not hold.
+
+        ``optimizer.zero_grad`` touches only its own parameters (``model.zero_grad`` walks every module);
+        a trainable parameter outside the optimizer (a user's optimizer over part of the model) would
+        otherwise accumulate a stale gradient into the next clipping norm.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self._grad_extras:
+            p.grad = None
+
+    def _check_update_mode(self) -> None:
+        """Refuse what an optimizer that updates inside backward cannot do (see the module docstring).
+
+        Raises:
+            ValueError: ``gradient_accumulation_steps > 1``, ``fp16=True`` or several processes together
+                with a LOMO or layer-wise optimizer.
+        """
+        mode = self._update_mode
+        if mode == "step":
+            return
+        what = (
+            f"{type(self.optimizer).__name__} updates the weights inside backward ("
+            + ("optimizer.fused_backward" if mode == "fused_backward" else "per-parameter gradient hooks")
+            + ")"
+        )
+        ga = self.args.gradient_accumulation_steps
+        if ga != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={ga!r} is not supported: {what}, so gradients cannot be "
+                "accumulated over micro-batches; accepted: 1 (raise per_device_train_batch_size instead)."
+            )
+        if self.args.fp16:
+            raise ValueError(
+                f"fp16=True is not supported: {what}, before the GradScaler could unscale the gradients; "
+                "accepted: bf16=True or fp16=False."
+            )
+        if self.dist.enabled:
+            raise ValueError(
+                f"{self.dist.world_size} processes are not supported: {what}, before DDP averages the "
+                "gradients; accepted: a single process."
+            )
+
+    def _prepare_step_state(self) -> None:
+        """Per-``train()`` caches, so that a step does no work proportional to the number of modules."""
+        self._update_mode = optimizer_update_mode(self.optimizer)
+        self._check_update_mode()
+        self._metric_scheduler = steps_on_metric(self.lr_scheduler)
+        self._clip_params = list(self.model.parameters())
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        self._grad_extras = [p for p in self._clip_params if p.requires_grad and id(p) not in held]
+        self._inner_grad_norm = None
+        if self._update_mode == "layerwise" and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            if not self._logged_no_clip:
+                logger.info(
+                    "max_grad_norm=%s is not applied: %s steps each parameter from its gradient hook, so no "
+                    "gradient is left to clip after backward (set max_grad_norm=0 to silence this).",
+                    self.args.max_grad_norm, type(self.optimizer).__name__,
+                )
+                self._logged_no_clip = True
+        if self._update_mode == "fused_backward":
+            self._bridge_lomo_clipping()
+
+    def _bridge_lomo_clipping(self) -> None:
+        """Apply ``max_grad_norm`` through LOMO's own clipping (its ``clip_grad_norm``) when it has none.
+
+        transformers leaves LOMO unclipped whatever ``max_grad_norm`` says (it clips the already released
+        gradients, a no-op). Here ``max_grad_norm > 0`` sets the optimizer's ``clip_grad_norm`` unless it
+        was given one, which costs LOMO's second backward pass per step (``grad_norm`` then
+        ``fused_backward``); ``max_grad_norm=0`` keeps one pass.
+        """
+        max_norm = self.args.max_grad_norm
+        if not hasattr(self.optimizer, "clip_grad_norm") or getattr(self.optimizer, "clip_grad_norm") is not None:
+            return
+        if max_norm and max_norm > 0:
+            self.optimizer.clip_grad_norm = float(max_norm)
+            if not self._logged_no_clip:
+                logger.info(
+                    "max_grad_norm=%s is applied by %s's own clipping: two backward passes per step "
+                    "(grad_norm, then fused_backward); max_grad_norm=0 for one.",
+                    max_norm, type(self.optimizer).__name__,
+                )
+                self._logged_no_clip = True
+
+    def _get_learning_rate(self) -> float:
+        if self._metric_scheduler or not hasattr(self.lr_scheduler, "get_last_lr"):
+            lr = self.optimizer.param_groups[0]["lr"]
+        else:
+            lr = self.lr_scheduler.get_last_lr()[0]
+        return float(lr.item() if torch.is_tensor(lr) else lr)
+
+    @contextlib.contextmanager
+    def _optimizer_eval_mode(self) -> Iterator[None]:
+        """Switch a schedule-free optimizer to ``eval()`` (averaged weights) and back to its prior mode."""
+        if not _has_mode_switch(self.optimizer):
+            yield
+            return
+        was_training = self.optimizer.param_groups[0].get("train_mode", True)
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.optimizer.train()
+
+    # ---- training ----------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, **kwargs: Any) -> TrainOutput:
+        """Train for ``max_steps`` optimizer steps (or ``num_train_epochs``), optionally resuming.
+
+        Args:
+            resume_from_checkpoint: a checkpoint directory, or True for the newest complete checkpoint in
+                ``output_dir``. Model, optimizer, scheduler, RNG states and the data position are
+                restored; already consumed batches are skipped. If the arguments now describe another
+                schedule, the lr follows the new one from the resumed step (see
+                :mod:`optsched.trainer.resume`).
+
+        A signal in ``args.save_signals`` (when ``save_on_signal``) ends the call early, after the current
+        step, with a checkpoint at that step; ``self.preempted_by`` then names the signal.
+
+        Returns:
+            ``TrainOutput(global_step, training_loss, metrics)``.
+
+        Raises:
+            NonFiniteError: more than ``max_consecutive_nonfinite`` non-finite steps in a row, or NaN / inf
+                weights about to be saved.
+            CheckpointError: a damaged or untrusted file in the checkpoint to resume from (names it).
+            ValueError: no train dataset; no checkpoint found; param groups that no longer match the
+                checkpoint's; a dataset without length and no ``max_steps``.
+        """
+        unknown = set(kwargs) - {"trial", "ignore_keys_for_eval"}
+        if unknown:
+            raise TypeError(f"train() got unexpected keyword arguments {sorted(unknown)}; accepted: resume_from_checkpoint.")
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        args = self.args
+        loader = self.get_train_dataloader()
+        plan = self._plan(len(loader) if has_length(loader) else None)
+
+        if checkpoint is not None:
+            ckpt.load_model_weights(self.model, checkpoint)
+        if self._created_lr_scheduler:  # a later train() call gets a schedule for its own length
+            self.lr_scheduler, self._created_lr_scheduler = None, False
+        self._ensure_optimizer()
+        self.create_scheduler(num_training_steps=plan.max_steps)
+        if self.lr_scheduler is None:
+            raise ValueError(f"{type(self).__name__}.create_scheduler() left self.lr_scheduler as None.")
+        if steps_on_metric(self.lr_scheduler) and strategy_name(args.eval_strategy) == "no":
+            raise ValueError(
+                f"lr_scheduler_type={args.lr_scheduler_type!r} steps on an evaluation metric, but "
+                "eval_strategy='no'; accepted: eval_strategy='steps' or 'epoch' with an eval_dataset."
+            )
+
+        self.state = self._initial_state(plan, checkpoint)
+        if checkpoint is not None:
+            self._load_optimizer_and_scheduler(checkpoint)
+        model = wrap_model(self.model, self.dist, self.device)
+        self.model_wrapped = model
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = loader
+        self._nonfinite = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 5))
+        self._prepare_step_state()
+        self.preempted_by = None
+        # handlers only around the loop (main thread only), the previous ones restored after it
+        preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
+        with preemption:
+            self._preemption = preemption
+            return self._train_loop(model, loader, plan, checkpoint)
+
+    def _resolve_checkpoint(self, resume_from_checkpoint: Any) -> Path | None:
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            found = ckpt.get_last_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but no complete checkpoint (checkpoint-N with "
+                    f"{ckpt.TRAINER_STATE_NAME} and {ckpt.WEIGHTS_NAME}) is in output_dir={self.args.output_dir!r}."
+                )
+            return found
+        if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            raise TypeError(
+                f"resume_from_checkpoint must be a path, True or None, got {type(resume_from_checkpoint).__name__}."
+            )
+        path = Path(resume_from_checkpoint)
+        missing = [f for f in (ckpt.TRAINER_STATE_NAME, ckpt.WEIGHTS_NAME) if not (path / f).is_file()]
+        if not path.is_dir() or missing:
+            raise ValueError(
+                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint "
+                f"({'no such directory' if not path.is_dir() else 'missing ' + ', '.join(missing)}); accepted: "
+                "a checkpoint-N directory written by the Trainer, or True for the newest one in output_dir."
+            )
+        return path
+
+    def _initial_state(self, plan: TrainingPlan, checkpoint: Path | None) -> TrainerState:
+        if checkpoint is not None:
+            state = ckpt.load_trainer_state(checkpoint)  # a damaged file raises CheckpointError naming it
+            if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
+                state.best_model_checkpoint = None
+        else:
+            state = TrainerState()
+        state.compute_steps(self.args, plan.max_steps)
+        state.max_steps = plan.max_steps
+        state.num_train_epochs = plan.num_train_epochs
+        state.train_batch_size = self.args.per_device_train_batch_size
+        state.is_local_process_zero = self.dist.local_rank == 0
+        state.is_world_process_zero = self.dist.is_main_process
+        return state
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Path) -> None:
+        # the checkpoint's plan vs the new one, before the optimizer state overwrites the new settings
+        resume = prepare_resume(self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy)
+        opt_file, sched_file = checkpoint / ckpt.OPTIMIZER_NAME, checkpoint / ckpt.SCHEDULER_NAME
+        if opt_file.is_file():
+            saved = ckpt.safe_torch_load(opt_file, expect_keys=("state", "param_groups"))
+            ckpt.check_param_groups_match(self.optimizer.param_groups, saved["param_groups"], str(opt_file))
+            self.optimizer.load_state_dict(saved)
+        else:
+            logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
+        saved_sched = ckpt.safe_torch_load(sched_file) if sched_file.is_file() else None
+        restore_scheduler(self.lr_scheduler, self.optimizer, saved_sched, self.state.global_step, resume)
+        scaler_file = checkpoint / ckpt.SCALER_NAME
+        if self.scaler is not None and scaler_file.is_file():
+            self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file))
+
+    def _epoch_groups(self, loader: DataLoader, epoch: int, skip_updates: int) -> Iterator[list[Any]]:
+        ga = self.args.gradient_accumulation_steps
+        batches = epoch_batches(loader, epoch, self._data_seed(), skip_updates * ga if has_length(loader) else 0)
+        groups = iter_update_groups(batches, ga)
+        if not has_length(loader):
+            for _ in range(skip_updates):
+                next(groups, None)
+        return groups
+
+    def _start_position(self, loader: DataLoader, plan: TrainingPlan) -> tuple[int, int, Iterator[list[Any]] | None]:
+        """``(epoch, updates done in it, positioned group iterator or None)`` for ``state.global_step``."""
+        step = self.state.global_step
+        if has_length(loader):
+            epoch, done = divmod(step, plan.updates_per_epoch)
+            return epoch, done, None
+        # an iterable dataset: replay the passes (an exhausted pass starts the next epoch)
+        epoch, remaining = 0, step
+        while True:
+            groups = self._epoch_groups(loader, epoch, 0)
+            consumed = 0
+            while consumed < remaining and next(groups, None) is not None:
+                consumed += 1
+            if consumed == remaining:
+                return epoch, consumed, groups
+            if consumed == 0:
+                return epoch, 0, groups  # empty dataset: the loop reports it
+            remaining -= consumed
+            epoch += 1
+
+    def _train_loop(self, model: nn.Module, loader: DataLoader, plan: TrainingPlan, checkpoint: Path | None) -> TrainOutput:
+        args, state = self.args, self.state
+        ga = args.gradient_accumulation_steps
+        batches_per_epoch = plan.batches_per_epoch or plan.max_steps * ga
+        self._tr_loss = torch.zeros((), device=self.device)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = state.global_step
+        initial_step = state.global_step
+        start_time = time.time()
+        self._grad_norm: torch.Tensor | None = None
+        self._last_lr: float | None = None
+        if _has_mode_switch(self.optimizer):
+            self.optimizer.train()
+        model.train()  # once here and after each evaluation, not in every training_step
+        model.zero_grad(set_to_none=True)
+
+        self.control = self.callback_handler.on_train_begin(args, state, self.control)
+        start_epoch, skip_updates, positioned = self._start_position(loader, plan)
+        if checkpoint is not None:
+            logger.info("Resuming at global step %d: epoch %d, skipping %d updates of it.", state.global_step, start_epoch, skip_updates)
+        rng_pending = checkpoint is not None
+        if state.global_step >= plan.max_steps:
+            logger.warning("Nothing to train: global_step=%d >= max_steps=%d.", state.global_step, plan.max_steps)
+            start_epoch = plan.num_train_epochs
+
+        for epoch in range(start_epoch, plan.num_train_epochs):
+            first = epoch == start_epoch
+            if first and positioned is not None:
+                groups = positioned
+            else:
+                groups = self._epoch_groups(loader, epoch, skip_updates if first else 0)
+            batches_done = skip_updates * ga if first else 0
+            self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
+            stepped = False
+            for group in groups:
+                if rng_pending:  # restore after the data is positioned, right before the first forward
+                    ckpt.load_rng_state(checkpoint, self.dist)
+                    rng_pending = False
+                stepped = True
+                self.control = self.callback_handler.on_step_begin(args, state, self.control)
+                self._run_group(model, group)
+                batches_done += len(group)
+                state.global_step += 1
+                state.epoch = epoch + batches_done / batches_per_epoch
+                self.control = self.callback_handler.on_step_end(args, state, self.control)
+                self._maybe_log_save_evaluate(model)
+                self._maybe_save_on_signal()
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            if not stepped:
+                logger.warning(
+                    "The training data gave no batch in epoch %d; stopping at step %d (an IterableDataset "
+                    "shorter than max_steps needs?).", epoch, state.global_step,
+                )
+                self.control.should_training_stop = True
+            self.control = self.callback_handler.on_epoch_end(args, state, self.control)
+            self._maybe_log_save_evaluate(model)
+            if self.control.should_training_stop:
+                break
+
+        self._total_loss_scalar += self._reduced_loss()
+        steps_done = state.global_step - initial_step
+        runtime = time.time() - start_time
+        train_loss = self._total_loss_scalar / max(steps_done, 1)
+        metrics = {
+            "train_runtime": round(runtime, 4),
+            "train_steps_per_second": round(steps_done / runtime, 3) if runtime > 0 else 0.0,
+            "total_flos": float(state.total_flos),
+            "train_loss": train_loss,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_train_end(args, state, self.control)
+        return TrainOutput(state.global_step, train_loss, metrics)
+
+    def _run_group(self, model: nn.Module, group: list[Any]) -> None:
+        """Forward/backward every micro-batch of one optimizer step, then clip, step and schedule.
+
+        A step whose loss or gradient norm is NaN / inf is skipped, optimizer and scheduler both (see
+        :mod:`optsched.trainer.nonfinite`); its loss is left out of the logged average.
+        """
+        self._current_accumulation = len(group)
+        num_items = self._num_items(group)
+        step_loss: torch.Tensor | None = None  # stays on the device: read back at logging time only
+        last_index = len(group) - 1
+        for i, batch in enumerate(group):
+            last = i == last_index
+            with no_sync(model, skip_sync=not last):
+                loss = self.training_step(model, batch, num_items)
+            step_loss = loss if step_loss is None else step_loss + loss
+            if not last:
+                self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
+        self._grad_norm, stepped = self._clip_and_step(step_loss)
+        self._last_lr = self._get_learning_rate()  # the lr this step used
+        if stepped:
+            self._tr_loss += step_loss
+            if not self._metric_scheduler:
+                self._step_scheduler()
+        else:  # transformers' logging_nan_inf_filter: count the skipped step at the running mean
+            self._tr_loss += self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+        self._zero_grad()
+
+    def _maybe_save_on_signal(self) -> None:
+        """After a step: if a preemption signal arrived (on any process), save at this step and stop."""
+        handler = getattr(self, "_preemption", None)
+        if handler is None or not handler.enabled:
+            return
+        requested = handler.requested
+        if self.dist.enabled:  # every process must agree, or the checkpoint's barriers would hang
+            flag = torch.tensor(1.0 if requested else 0.0, device=self.device)
+            requested = bool(all_reduce_sum(flag, self.dist).item() > 0)
+        if not requested:
+            return
+        self.preempted_by = handler.signal_name or "a signal on another process"
+        step = self.state.global_step
+        saved = Path(self.args.output_dir) / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{step}"
+        if getattr(self, "_last_saved_step", None) != step or not ckpt.is_complete_checkpoint(saved):
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        logger.warning(
+            "Stopped by %s at step %d; checkpoint saved in %s. Resume with train(resume_from_checkpoint=True).",
+            self.preempted_by, step, saved,
+        )
+        self.control.should_training_stop = True
+
+    def _reduced_loss(self) -> float:
+        """The accumulated training loss averaged over processes; resets the accumulator."""
+        value = all_reduce_sum(self._tr_loss, self.dist).item() / self.dist.world_size
+        self._tr_loss.zero_()
+        return value
+
+    def _maybe_log_save_evaluate(self, model: nn.Module) -> None:
+        state = self.state
+        if self.control.should_log and state.global_step > self._globalstep_last_logged:
+            loss = self._reduced_loss()
+            logs: dict[str, float] = {"loss": loss / (state.global_step - self._globalstep_last_logged)}
+            if self._grad_norm is not None:
+                logs["grad_norm"] = float(self._grad_norm)
+            logs["learning_rate"] = self._last_lr if self._last_lr is not None else self._get_learning_rate()
+            skipped = getattr(getattr(self, "_nonfinite", None), "skipped_total", 0)
+            if skipped:
+                logs["nonfinite_skipped"] = skipped  # steps skipped so far in this train() call
+            self._total_loss_scalar += loss
+            self._globalstep_last_logged = state.global_step
+            self.log(logs)
+        if self.control.should_evaluate:
+            metrics = self.evaluate()
+            model.train()  # an overridden evaluate() may leave eval mode; training_step no longer resets it
+            self._step_metric_scheduler(metrics)
+            is_best = self._update_best_metric(metrics)
+            if strategy_name(self.args.save_strategy) == "best":
+                self.control.should_save = is_best
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, state, self.control)
+
+    def _metric_name(self) -> str:
+        name = self.args.metric_for_best_model or "loss"
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    def _step_metric_scheduler(self, metrics: dict[str, float]) -> None:
+        if not self._metric_scheduler:
+            return
+        key = self._metric_name()
+        if key not in metrics:
+            raise ValueError(
+                f"metric_for_best_model={self.args.metric_for_best_model!r} names {key!r}, which the evaluation "
+                f"did not return; accepted: one of {sorted(metrics)}."
+            )
+        self.lr_scheduler.step(metrics[key])
+
+    def _update_best_metric(self, metrics: dict[str, float]) -> bool:
+        if self.args.metric_for_best_model is None:
+            return False
+        key = self._metric_name()
+        if key not in metrics:
+            raise ValueError(
+                f"metric_for_best_model={self.args.metric_for_best_model!r} names {key!r}, which the evaluation "
+                f"did not return; accepted: one of {sorted(metrics)}."
+            )
+        value, best = metrics[key], self.state.best_metric
+        greater = bool(self.args.greater_is_better)
+        if best is None or (value > best if greater else value < best):
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+            return True
+        return False
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Append ``logs`` (+ ``epoch``, ``step``) to ``state.log_history`` and run the ``on_log`` callbacks."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Average loss over the eval dataset (sample-weighted, over all processes), logged and returned.
+
+        Returns:
+            ``{"<prefix>_loss", "<prefix>_runtime", "<prefix>_samples_per_second",
+            "<prefix>_steps_per_second"}``.
+        """
+        loader = self.get_eval_dataloader(eval_dataset)
+        self.callback_handler.eval_dataloader = loader
+        model = self.model
+        start = time.time()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps = 0
+        was_training = model.training
+        with self._optimizer_eval_mode(), torch.no_grad():
+            model.eval()
+            try:
+                for batch in loader:
+                    batch = move_to_device(batch, self.device)
+                    n = _batch_size(batch)
+                    num_items = count_label_items([batch]) if self.compute_loss_func is not None else None
+                    with self.autocast_smart_context_manager():
+                        loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                    total += loss.detach().double().reshape(()) * n
+                    count += n
+                    steps += 1
+                    self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+            finally:
+                model.train(was_training)
+        total, count = all_reduce_sum(total, self.dist), all_reduce_sum(count, self.dist)
+        runtime = time.time() - start
+        metrics = {
+            f"{metric_key_prefix}_loss": float(total / count) if count > 0 else float("nan"),
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
+            f"{metric_key_prefix}_samples_per_second": round(float(count) / runtime, 3) if runtime > 0 else 0.0,
+            f"{metric_key_prefix}_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    # ---- saving --------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
+        """Write ``model.safetensors`` (and ``config.json`` for a transformers model) on process 0.
+
+        Schedule-free optimizers are switched to ``eval()`` so the averaged weights are saved.
+        """
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.dist.is_main_process:
+            with self._optimizer_eval_mode():
+                check_finite_weights(self.model, f"{out / ckpt.WEIGHTS_NAME}")
+                ckpt.save_model_weights(self.model, out)
+
+    def _save_checkpoint(self) -> Path:
+        args, state = self.args, self.state
+        run_dir = Path(args.output_dir)
+        final = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        main = self.dist.is_main_process
+        if state.best_global_step is not None:
+            best = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
+            if best == final or best.is_dir():
+                state.best_model_checkpoint = str(best)
+        with self._optimizer_eval_mode():
+            # never publish NaN / inf weights: raise before anything is written (every process checks)
+            check_finite_weights(self.model, f"checkpoint {final}")
+        with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist) as tmp:
+            if main:
+                ckpt.save_model_weights(self.model, tmp)
+                save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
+            if not args.save_only_model:
+                if main:
+                    torch.save(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_NAME)
+                    torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
+                    if self.scaler is not None:
+                        torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
+                ckpt.save_rng_state(tmp, self.dist)
+            if main:
+                state.stateful_callbacks["TrainerControl"] = self.control.state()
+                state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
+                (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
+        if main:
+            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+        self._last_saved_step = state.global_step
+        return final
+
+    def _args_json(self) -> str:
+        to_json = getattr(self.args, "to_json_string", None)
+        if callable(to_json):
+            return to_json()
+        return json.dumps(vars(self.args), indent=2, default=str)
+
+    # ---- callbacks and process info (transformers' names) ----------------------------------------------
+
+    def explain(self) -> Any:
+        """:func:`optsched.explain` of this Trainer's optimizer, scheduler and model.
+
+        The optimizer exists from construction; the scheduler once :meth:`create_scheduler` ran or
+        training started (before that the report shows the groups and memory without a curve).
+        """
+        from optsched.plan import explain
+
+        return explain(self.optimizer, self.lr_scheduler, self.model)
+
+    def add_callback(self, callback: Any) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    def is_local_process_zero(self) -> bool:
+        return self.dist.local_rank == 0
+
+    def is_world_process_zero(self) -> bool:
+        return self.dist.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.dist.world_size
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={type(self.model).__name__}, optimizer="
+            f"{type(self.optimizer).__name__ if self.optimizer is not None else None}, lr_scheduler="
+            f"{type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else None}, device={self.device})"
+        )
+
+
+#: The backward of one micro-batch per update mode (:data:`UPDATE_MODES`); ``"step"`` for all others.
+_BACKWARDS: dict[str, Callable[[Trainer, torch.Tensor], None]] = {
+    "step": Trainer._backward_step,
+    "fused_backward": Trainer._backward_fused,
+    "layerwise": Trainer._backward_layerwise,
+}

@@ -1,0 +1,56 @@
+"""Run by test_trainer_ddp.py under ``torchrun --nproc_per_node=2`` (gloo on CPU); not a test module.
+
+Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR
+Rank 0 writes OUTPUT_DIR/ddp_result.json (loss per step and final weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_helpers import TinyRegressor, make_regression_data  # noqa: E402
+
+from optsched import Trainer, TrainingArguments  # noqa: E402
+
+DDP_STEPS = 6
+
+
+def run(output_dir: str, batch_size: int) -> Trainer:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=DDP_STEPS, learning_rate=1e-2,
+        logging_steps=1, save_strategy="steps", save_steps=DDP_STEPS, disable_tqdm=True, use_cpu=True,
+        report_to="none",
+    )
+    trainer = Trainer(model, args, train_dataset=make_regression_data(32))
+    trainer.train()
+    return trainer
+
+
+def result(trainer: Trainer) -> dict:
+    return {
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "lrs": [h["learning_rate"] for h in trainer.state.log_history if "loss" in h],
+        "weights": {n: p.detach().flatten().tolist() for n, p in trainer.model.named_parameters()},
+        "world_size": trainer.num_processes,
+        "files": sorted(os.listdir(os.path.join(trainer.args.output_dir, f"checkpoint-{DDP_STEPS}"))),
+    }
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    trainer = run(out, batch_size=4)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(out, "ddp_result.json"), "w") as f:
+            json.dump(result(trainer), f)
+    # Every rank waits for rank 0's file before tearing down: a gloo peer that leaves while the
+    # other still holds the connection can abort it ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

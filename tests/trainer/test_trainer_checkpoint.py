@@ -1,0 +1,163 @@
+"""Checkpoint layout, atomic saves, rotation, tied weights, RNG and param-group checks."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from optsched import Trainer
+from optsched.trainer import checkpoint as ckpt
+from optsched.trainer.distributed import DistributedContext
+
+LAYOUT = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+          "training_args.json"}
+
+
+def test_hf_layout_and_rotation(model_factory, regression_data, make_args):
+    t = Trainer(model_factory(), make_args(max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2),
+                train_dataset=regression_data(16))
+    t.train()
+    out = t.args.output_dir
+    assert sorted(p.name for p in ckpt.list_checkpoints(out)) == ["checkpoint-6", "checkpoint-8"]
+    assert LAYOUT <= set(os.listdir(f"{out}/checkpoint-8"))
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    from optsched.trainer.state import TrainerState
+
+    state = TrainerState.load_from_json(f"{out}/checkpoint-8/trainer_state.json")
+    assert state.global_step == 8 and state.max_steps == 8 and state.log_history
+
+
+def test_trainer_state_json_is_readable_by_transformers(model_factory, regression_data, make_args):
+    from transformers import TrainerState as HFState
+
+    t = Trainer(model_factory(), make_args(max_steps=2, save_strategy="steps", save_steps=2),
+                train_dataset=regression_data(8))
+    t.train()
+    hf = HFState.load_from_json(f"{t.args.output_dir}/checkpoint-2/trainer_state.json")
+    assert hf.global_step == 2 and hf.log_history == t.state.log_history[: len(hf.log_history)]
+
+
+def test_save_only_model(model_factory, regression_data, make_args):
+    t = Trainer(model_factory(), make_args(max_steps=2, save_strategy="steps", save_steps=2, save_only_model=True),
+                train_dataset=regression_data(8))
+    t.train()
+    files = set(os.listdir(f"{t.args.output_dir}/checkpoint-2"))
+    # no optimizer / scheduler / RNG state; the plan file (lr_resume_policy) is small and stays
+    assert {"model.safetensors", "trainer_state.json", "training_args.json", "optsched_plan.json"} <= files
+    assert not files & {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path):
+    final = tmp_path / "checkpoint-5"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with ckpt.staged_checkpoint(final) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("disk full")
+    assert not final.exists() and os.listdir(tmp_path) == []
+
+
+def test_interrupted_trainer_save_keeps_previous_checkpoints(model_factory, regression_data, make_args, monkeypatch):
+    t = Trainer(model_factory(), make_args(max_steps=4, save_strategy="steps", save_steps=2),
+                train_dataset=regression_data(8))
+    calls = {"n": 0}
+    real = ckpt.save_rng_state
+
+    def failing(directory, ctx):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("killed mid-save")
+        return real(directory, ctx)
+
+    monkeypatch.setattr(ckpt, "save_rng_state", failing)
+    with pytest.raises(OSError, match="killed mid-save"):
+        t.train()
+    out = t.args.output_dir
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "log_history.jsonl"]
+    assert ckpt.get_last_checkpoint(out).name == "checkpoint-2"
+
+
+def test_staged_checkpoint_replaces_existing(tmp_path):
+    final = tmp_path / "checkpoint-1"
+    for content in (b"old", b"new"):
+        with ckpt.staged_checkpoint(final) as tmp:
+            (tmp / "f").write_bytes(content)
+    assert (final / "f").read_bytes() == b"new" and os.listdir(tmp_path) == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize(
+    "limit, best, kept",
+    [
+        (None, None, [1, 2, 3, 4]),
+        (2, None, [3, 4]),
+        (1, None, [4]),
+        (2, 1, [1, 4]),
+        (1, 2, [2, 4]),  # transformers keeps 2 when the best is not the newest
+    ],
+)
+def test_rotation_table(tmp_path, limit, best, kept):
+    for step in (1, 2, 3, 4):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for f in ("trainer_state.json", "model.safetensors"):
+            (d / f).write_text("{}")
+    best_path = str(tmp_path / f"checkpoint-{best}") if best else None
+    ckpt.rotate_checkpoints(tmp_path, limit, best_path)
+    assert [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(tmp_path)] == kept
+
+
+def test_checkpoints_sorted_by_step_not_name(tmp_path):
+    for step in (10, 9, 100):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for f in ("trainer_state.json", "model.safetensors"):
+            (d / f).write_text("{}")
+    (tmp_path / "checkpoint-200").mkdir()  # incomplete
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10", "checkpoint-100"]
+
+
+def test_tied_weights_round_trip(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    a, b = Tied(), Tied()
+    ckpt.save_model_weights(a, tmp_path)
+    ckpt.load_model_weights(b, tmp_path)
+    assert torch.equal(a.emb.weight, b.emb.weight) and b.head.weight is b.emb.weight
+    with pytest.raises(ValueError, match="do not match the model"):
+        ckpt.load_model_weights(nn.Linear(2, 2), tmp_path)
+
+
+def test_rng_state_round_trip(tmp_path):
+    ctx = DistributedContext()
+    ckpt.save_rng_state(tmp_path, ctx)
+    expected = (random.random(), torch.rand(3))
+    ckpt.load_rng_state(tmp_path, ctx)
+    assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+    assert not ckpt.load_rng_state(tmp_path, DistributedContext(rank=1, world_size=2))  # rng_state_1.pth absent
+
+
+def test_param_group_mismatch_messages():
+    p = [nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    now = [{"name": "decay", "param_names": ["a", "c"], "params": [p[0], p[2]]},
+           {"name": "no_decay", "param_names": ["b"], "params": [p[1]]}]
+    saved = [{"name": "decay", "param_names": ["a", "x"], "params": [0, 1]},
+             {"name": "no_decay", "param_names": ["b"], "params": [2]}]
+    with pytest.raises(ValueError) as err:
+        ckpt.check_param_groups_match(now, saved, "ck/optimizer.pt")
+    msg = str(err.value)
+    assert "ck/optimizer.pt" in msg and "group 0 ('decay')" in msg and "['x']" in msg and "['c']" in msg
+    assert "group 1" not in msg  # the unchanged group is not reported
+    with pytest.raises(ValueError, match=r"the checkpoint has 1 groups \['decay'\], the optimizer has 2"):
+        ckpt.check_param_groups_match(now, saved[:1], "ck")
+    # unnamed groups (a user's optimizer) are compared by size
+    with pytest.raises(ValueError, match="group 0 has 2 parameters now but 3 in the checkpoint"):
+        ckpt.check_param_groups_match([{"params": p[:2]}], [{"params": [0, 1, 2]}], "ck")
+    ckpt.check_param_groups_match(now, [dict(g) for g in now], "ck")  # identical: no error

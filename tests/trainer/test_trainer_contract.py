@@ -1,0 +1,179 @@
+"""The Trainer's contract: constructor, HF method names, overrides, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optsched import Trainer, TrainerCallback, TrainerState, TrainingArguments
+
+
+def test_optimizer_exists_right_after_construction(model_factory, regression_data, make_args):
+    model = model_factory()
+    t = Trainer(model=model, args=make_args(weight_decay=0.01), train_dataset=regression_data(8))
+    assert isinstance(t.optimizer, torch.optim.AdamW)
+    assert t.lr_scheduler is None  # created with the step count
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+    assert set(groups["no_decay"]["param_names"]) == {"inp.bias", "norm.weight", "norm.bias", "out.bias"}
+    assert isinstance(t.state, TrainerState) and t.state.global_step == 0
+
+
+def test_seed_manual_example_create_optimizer_then_scheduler(model_factory, regression_data, make_args):
+    t = Trainer(model=model_factory(), args=make_args(lr_scheduler_type="cosine", warmup_steps=5),
+                train_dataset=regression_data(8))
+    opt = t.optimizer
+    assert t.create_optimizer() is opt  # already set: returned as is
+    sched = t.create_scheduler(num_training_steps=50)
+    assert t.lr_scheduler is sched and t.create_scheduler(num_training_steps=99) is sched
+    assert sched.state_dict()["spec"]["num_training_steps"] == 50
+    assert t.optimizer.param_groups[0]["lr"] == 0.0  # warmup starts at 0
+
+
+def test_subclass_create_optimizer_without_argument_is_honoured(model_factory, regression_data, make_args):
+    """The seed's CustomTrainer: ``def create_optimizer(self)`` sets self.optimizer and returns None."""
+    calls = []
+
+    class CustomTrainer(Trainer):
+        def create_optimizer(self):
+            calls.append(1)
+            model = self.model
+            self.optimizer = torch.optim.AdamW(
+                [{"params": [p for n, p in model.named_parameters() if n.startswith("inp")], "lr": 1e-4},
+                 {"params": [p for n, p in model.named_parameters() if not n.startswith("inp")]}],
+                lr=self.args.learning_rate,
+            )
+
+    t = CustomTrainer(model=model_factory(), args=make_args(max_steps=2), train_dataset=regression_data(8))
+    assert calls == [1] and len(t.optimizer.param_groups) == 2
+    t.train()
+    assert calls == [1] and t.state.global_step == 2
+    assert t.optimizer.param_groups[0]["initial_lr"] == 1e-4
+
+
+def test_override_that_sets_nothing_is_a_clear_error(model_factory, make_args):
+    class Broken(Trainer):
+        def create_optimizer(self):
+            pass
+
+    with pytest.raises(ValueError, match=r"Broken.create_optimizer\(\) left self.optimizer as None"):
+        Broken(model_factory(), make_args())
+
+
+def test_get_optimizer_cls_and_kwargs_override_is_used(model_factory, make_args):
+    class SGDTrainer(Trainer):
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            return torch.optim.SGD, {"lr": args.learning_rate, "momentum": 0.5}
+
+    t = SGDTrainer(model_factory(), make_args())
+    assert isinstance(t.optimizer, torch.optim.SGD) and t.optimizer.defaults["momentum"] == 0.5
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(make_args(optim="sgd"))
+    assert cls is torch.optim.SGD and kwargs["lr"] == 1e-2
+
+
+def test_optimizer_cls_and_kwargs(model_factory, make_args):
+    t = Trainer(model_factory(), make_args(), optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.3}))
+    assert isinstance(t.optimizer, torch.optim.SGD) and t.optimizer.param_groups[0]["lr"] == 0.3
+
+
+def test_optimizers_tuple_is_used_and_conflicts_are_errors(model_factory, make_args):
+    model = model_factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    t = Trainer(model, make_args(), optimizers=(opt, sched))
+    assert t.optimizer is opt and t.lr_scheduler is sched
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs were both given"):
+        Trainer(model, make_args(), optimizers=(opt, None), optimizer_cls_and_kwargs=(torch.optim.SGD, {}))
+    with pytest.raises(TypeError, match="optimizers must be a pair"):
+        Trainer(model, make_args(), optimizers=opt)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(model="bert"), TypeError, "model must be a torch.nn.Module"),
+        (dict(compute_loss_func=3), TypeError, "compute_loss_func must be callable"),
+        (dict(data_collator="x"), TypeError, "data_collator must be callable"),
+    ],
+)
+def test_constructor_type_errors(model_factory, make_args, kwargs, exc, match):
+    base = dict(model=model_factory(), args=make_args())
+    with pytest.raises(exc, match=match):
+        Trainer(**{**base, **kwargs})
+
+
+def test_no_trainable_parameters_is_a_clear_error(model_factory, make_args):
+    model = model_factory().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter: all 6 parameters have requires_grad=False"):
+        Trainer(model, make_args())
+
+
+def test_fp16_on_cpu_is_a_clear_error(model_factory, make_args):
+    with pytest.raises(ValueError, match="fp16=True needs a CUDA device"):
+        Trainer(model_factory(), make_args(fp16=True))
+
+
+def test_train_without_dataset_and_evaluate_without_dataset(model_factory, make_args):
+    t = Trainer(model_factory(), make_args())
+    with pytest.raises(ValueError, match="training needs a train_dataset"):
+        t.train()
+    with pytest.raises(ValueError, match="evaluation needs an eval_dataset"):
+        t.evaluate()
+
+
+def test_model_without_loss_is_a_clear_error(make_args):
+    class NoLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    data = [{"x": torch.randn(2)} for _ in range(4)]
+    t = Trainer(NoLoss(), make_args(max_steps=1), train_dataset=data)
+    with pytest.raises(ValueError, match=r"returned no loss .*compute_loss_func"):
+        t.train()
+
+
+def test_args_none_gives_defaults_and_transformers_args_are_accepted(model_factory, tmp_path):
+    t = Trainer(model_factory())
+    assert t.args.output_dir == "trainer_output" and t.args.learning_rate == 5e-5
+    from transformers import TrainingArguments as HFArgs
+
+    hf = HFArgs(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.1, report_to="none")
+    t = Trainer(model_factory(), hf)
+    assert isinstance(t.args, TrainingArguments) and t.optimizer.defaults["lr"] == 3e-4
+
+
+def test_decay_parameter_names_and_callbacks_api(model_factory, make_args):
+    t = Trainer(model_factory(), make_args())
+    assert set(t.get_decay_parameter_names(t.model)) == {"inp.weight", "out.weight"}
+
+    class CB(TrainerCallback):
+        pass
+
+    t.add_callback(CB)
+    assert isinstance(t.pop_callback(CB), CB)
+    with pytest.raises(TypeError, match="has none of the hooks"):
+        t.add_callback(object())
+
+
+def test_param_groups_match_transformers_trainer_on_bert(tmp_path):
+    """Same decay / no-decay split as transformers' Trainer.create_optimizer on a tiny BERT."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments as HFArgs
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                        vocab_size=99, num_labels=2)
+    model = BertForSequenceClassification(config)
+    hf_args = HFArgs(output_dir=str(tmp_path / "hf"), weight_decay=0.01, report_to="none", use_cpu=True)
+    hf = HFTrainer(model=model, args=hf_args)
+    hf.create_optimizer()
+    ours = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "ours"), weight_decay=0.01))
+    ids = lambda opt: [({id(p) for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups]  # noqa: E731
+    assert ids(ours.optimizer) == ids(hf.optimizer)
+    assert type(ours.optimizer) is type(hf.optimizer)

@@ -1,0 +1,125 @@
+"""Resume: bitwise-identical continuation, a changed plan, param groups that no longer match."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from optsched import Trainer
+from optsched.trainer.checkpoint import get_last_checkpoint
+
+
+def _lr_history(trainer, start: int) -> list[tuple[int, float]]:
+    return [(h["step"], h["learning_rate"]) for h in trainer.state.log_history if "loss" in h and h["step"] > start]
+
+
+def _assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for name, value in sa["state"][k].items():
+            assert torch.equal(value, sb["state"][k][name]), (k, name)
+
+
+# 36 samples / batch 4 = 9 batches, GA 2 -> 5 updates per epoch (the last one a partial group of 1 batch);
+# 20 steps = 4 epochs. Checkpoint 7 lies mid-epoch (2 updates into epoch 1), checkpoint 10 on an epoch end.
+@pytest.mark.parametrize("resume_step", [7, 10])
+def test_straight_vs_resumed_is_bitwise_identical(model_factory, regression_data, make_args, resume_step):
+    data = regression_data(36)
+    args = dict(max_steps=20, gradient_accumulation_steps=2, save_strategy="steps", save_steps=resume_step,
+                warmup_steps=3, lr_scheduler_type="cosine", weight_decay=0.01)
+    straight = Trainer(model_factory(dropout=0.2), make_args(**args), train_dataset=data)
+    straight.train()
+
+    resumed = Trainer(model_factory(dropout=0.2, seed=123), make_args(**args), train_dataset=data)
+    ckpt_dir = f"{resumed.args.output_dir}/checkpoint-{resume_step}"
+    resumed.train(resume_from_checkpoint=ckpt_dir)
+
+    assert resumed.state.global_step == 20
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    _assert_same_optimizer_state(straight.optimizer, resumed.optimizer)
+    assert _lr_history(resumed, resume_step) == _lr_history(straight, resume_step)
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h and h["step"] > resume_step]  # noqa: E731
+    assert losses(resumed) == losses(straight)
+    assert resumed.lr_scheduler.state_dict()["last_epoch"] == straight.lr_scheduler.state_dict()["last_epoch"] == 20
+
+
+def test_resume_true_picks_newest_complete_checkpoint(model_factory, regression_data, make_args):
+    data = regression_data(16)
+    args = make_args(max_steps=6, save_strategy="steps", save_steps=2)
+    Trainer(model_factory(), args, train_dataset=data).train()
+    out = args.output_dir
+    # a newer but incomplete checkpoint (no trainer_state.json) and a leftover temporary one are ignored
+    import os
+
+    os.makedirs(f"{out}/checkpoint-8")
+    os.makedirs(f"{out}/.tmp-checkpoint-10")
+    assert get_last_checkpoint(out).name == "checkpoint-6"
+    t = Trainer(model_factory(), make_args(max_steps=8, save_strategy="no"), train_dataset=data)
+    t.train(resume_from_checkpoint=True)
+    assert t.state.global_step == 8
+    assert [h["step"] for h in t.state.log_history if "loss" in h][-2:] == [7, 8]
+
+
+def test_resume_true_without_checkpoint_is_a_clear_error(model_factory, regression_data, make_args):
+    t = Trainer(model_factory(), make_args(max_steps=2), train_dataset=regression_data(8))
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        t.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        t.train(resume_from_checkpoint=t.args.output_dir + "/checkpoint-99")
+
+
+def test_changed_schedule_follows_new_plan_without_a_stale_step(model_factory, regression_data, make_args, caplog):
+    """The seed's last example: 3 epochs, then resume with num_train_epochs=5."""
+    data = regression_data(16)  # 4 updates per epoch
+    first = Trainer(model_factory(), make_args(num_train_epochs=3, save_strategy="epoch", warmup_steps=2),
+                    train_dataset=data)
+    first.train()
+    old_lr = first.optimizer.param_groups[0]["lr"]  # linear decay reached 0 at step 12
+    assert old_lr == 0.0
+
+    second = Trainer(model_factory(), make_args(num_train_epochs=5, warmup_steps=2), train_dataset=data)
+    with caplog.at_level(logging.WARNING, logger="optsched.trainer.resume"):
+        second.train(resume_from_checkpoint=f"{first.args.output_dir}/checkpoint-12")
+    expected_first_lr = second.lr_scheduler.lr_at(12)[0]
+    assert expected_first_lr > 0
+    step13 = [h for h in second.state.log_history if h.get("step") == 13 and "loss" in h][0]
+    assert step13["learning_rate"] == pytest.approx(expected_first_lr)  # not the stale 0.0
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "changed learning-rate schedule" in messages
+    assert "num_training_steps: 12 -> 20" in messages
+    assert f"lr [0, 0] -> [{expected_first_lr:.6g}, {expected_first_lr:.6g}]" in messages
+    assert second.state.global_step == 20
+
+
+def test_frozen_parameter_since_checkpoint_names_group_and_parameter(model_factory, regression_data, make_args):
+    data = regression_data(8)
+    Trainer(model_factory(), make_args(max_steps=2, save_strategy="steps", save_steps=2), train_dataset=data).train()
+    model = model_factory()
+    model.inp.bias.requires_grad_(False)
+    t = Trainer(model, make_args(max_steps=4), train_dataset=data)
+    with pytest.raises(ValueError) as err:
+        t.train(resume_from_checkpoint=f"{t.args.output_dir}/checkpoint-2")
+    msg = str(err.value)
+    assert "'no_decay'" in msg and "inp.bias" in msg and "frozen or removed" in msg
+
+
+def test_iterable_dataset_resume_is_exact(model_factory, regression_data, make_args):
+    items = regression_data(10)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(items)
+
+    # 10 items / batch 4 -> 3 batches per pass (last one of 2); GA 2 -> 2 updates per pass
+    args = dict(max_steps=7, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3)
+    straight = Trainer(model_factory(), make_args(**args), train_dataset=Stream())
+    straight.train()
+    resumed = Trainer(model_factory(seed=5), make_args(**args), train_dataset=Stream())
+    resumed.train(resume_from_checkpoint=f"{resumed.args.output_dir}/checkpoint-3")
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)

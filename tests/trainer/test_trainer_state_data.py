@@ -1,0 +1,149 @@
+"""TrainerState / callbacks flow, step arithmetic (parity with transformers), sampler and batch helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optsched.trainer.data import (
+    EpochSampler,
+    count_label_items,
+    iter_update_groups,
+    move_to_device,
+    plan_training,
+    split_model_inputs,
+)
+from optsched.trainer.state import TrainerControl, TrainerState
+
+
+def test_state_json_round_trip_and_unknown_keys(tmp_path, caplog):
+    s = TrainerState(global_step=3, epoch=1.5, log_history=[{"loss": 1.0, "step": 3}], best_metric=0.5)
+    s.save_to_json(tmp_path / "s.json")
+    assert TrainerState.load_from_json(tmp_path / "s.json") == s
+    from transformers import TrainerState as HFState
+
+    hf = HFState(global_step=4, max_steps=9, log_history=[{"loss": 2.0, "step": 4}])
+    hf.save_to_json(str(tmp_path / "hf.json"))
+    ours = TrainerState.load_from_json(tmp_path / "hf.json")
+    assert (ours.global_step, ours.max_steps, ours.log_history) == (4, 9, hf.log_history)
+    (tmp_path / "new.json").write_text('{"global_step": 1, "new_field": 2}')
+    assert TrainerState.load_from_json(tmp_path / "new.json").global_step == 1
+    assert "new_field" in caplog.text
+
+
+def test_compute_steps_ratio():
+    from optsched import TrainingArguments
+
+    s = TrainerState()
+    s.compute_steps(TrainingArguments(logging_steps=0.1, save_steps=7, eval_strategy="steps", eval_steps=0.25), 50)
+    assert (s.logging_steps, s.save_steps, s.eval_steps) == (5, 7, 13)
+
+
+def test_control_state_is_transformers_shape():
+    c = TrainerControl(should_save=True)
+    assert c.state() == {"args": {"should_training_stop": False, "should_epoch_stop": False, "should_save": True,
+                                  "should_evaluate": False, "should_log": False}, "attributes": {}}
+
+
+def _hf_plan(batches, max_steps, epochs, ga):
+    """transformers' set_initial_training_values arithmetic, restated from trainer.py for the table."""
+    updates = max(batches // ga + int(batches % ga > 0), 1)
+    total = max_steps if max_steps > 0 else math.ceil(epochs * updates)
+    num_epochs = (total // updates + int(total % updates > 0)) if max_steps > 0 else math.ceil(epochs)
+    return total, num_epochs, updates
+
+
+@pytest.mark.parametrize(
+    "batches, max_steps, epochs, ga, expected_max_steps",
+    [(10, -1, 3, 1, 30), (10, -1, 3, 4, 9), (9, -1, 2.5, 2, 13), (1, -1, 1, 8, 1), (10, 7, 3, 1, 7), (10, 25, 1, 3, 25)],
+)
+def test_plan_matches_transformers(batches, max_steps, epochs, ga, expected_max_steps):
+    plan = plan_training(batches, max_steps=max_steps, num_train_epochs=epochs, gradient_accumulation_steps=ga)
+    assert (plan.max_steps, plan.num_train_epochs, plan.updates_per_epoch) == _hf_plan(batches, max_steps, epochs, ga)
+    assert plan.max_steps == expected_max_steps
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.integers(1, 200), ga=st.integers(1, 16), epochs=st.floats(0.1, 5))
+def test_plan_property_matches_transformers(batches, ga, epochs):
+    plan = plan_training(batches, max_steps=-1, num_train_epochs=epochs, gradient_accumulation_steps=ga)
+    assert (plan.max_steps, plan.num_train_epochs, plan.updates_per_epoch) == _hf_plan(batches, -1, epochs, ga)
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="max_steps=-1 must be a positive integer"):
+        plan_training(None, max_steps=-1, num_train_epochs=3, gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="0 batches per epoch"):
+        plan_training(0, max_steps=-1, num_train_epochs=3, gradient_accumulation_steps=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), world=st.integers(1, 4), seed=st.integers(0, 2**31), epoch=st.integers(0, 5),
+       drop_last=st.booleans())
+def test_sampler_shards_cover_the_epoch_permutation(n, world, seed, epoch, drop_last):
+    shards = []
+    for rank in range(world):
+        s = EpochSampler(n, seed=seed, rank=rank, world_size=world, drop_last=drop_last)
+        s.set_epoch(epoch)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s)
+    single = EpochSampler(n, seed=seed)
+    single.set_epoch(epoch)
+    order = list(single)
+    per_rank = len(shards[0])
+    interleaved = [shards[r][i] for i in range(per_rank) for r in range(world)]
+    assert interleaved == (order * world)[: per_rank * world]  # DistributedSampler's split of the same order
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), skip=st.integers(0, 40))
+def test_sampler_skip_is_a_suffix_for_one_iteration(n, skip):
+    s = EpochSampler(n, seed=3)
+    full = list(s)
+    s.set_skip(skip)
+    assert list(s) == full[skip:]
+    assert list(s) == full
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 50), ga=st.integers(1, 8))
+def test_update_groups_sizes(n, ga):
+    groups = list(iter_update_groups(iter(range(n)), ga))
+    assert [x for g in groups for x in g] == list(range(n))
+    assert all(len(g) == ga for g in groups[:-1]) and (not groups or 1 <= len(groups[-1]) <= ga)
+    assert len(groups) == math.ceil(n / ga)
+
+
+def test_split_inputs_and_label_count():
+    x, y = torch.ones(2, 3), torch.tensor([1, -100])
+    assert split_model_inputs({"x": x, "labels": y}, take_labels=False)[1].keys() == {"x", "labels"}
+    args, kwargs, labels = split_model_inputs({"x": x, "labels": y}, take_labels=True)
+    assert args == () and list(kwargs) == ["x"] and labels is y
+    args, kwargs, labels = split_model_inputs((x, y), take_labels=True)
+    assert args == (x,) and labels is y
+    assert split_model_inputs([x, y], take_labels=False)[0] == (x, y)
+    with pytest.raises(ValueError, match="cannot feed compute_loss_func"):
+        split_model_inputs((x,), take_labels=True)
+    assert count_label_items([{"labels": y}, (x, torch.tensor([3, 4, 5]))]) == 4
+    assert count_label_items([x]) is None
+    moved = move_to_device({"a": [x, (y,)], "b": 1}, torch.device("cpu"))
+    assert moved["b"] == 1 and torch.equal(moved["a"][1][0], y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), world=st.integers(1, 4), seed=st.integers(0, 2**31), epoch=st.integers(0, 5),
+       drop_last=st.booleans(), shuffle=st.booleans())
+def test_sampler_matches_torch_distributed_sampler(n, world, seed, epoch, drop_last, shuffle):
+    from torch.utils.data.distributed import DistributedSampler
+
+    for rank in range(world):
+        ours = EpochSampler(n, seed=seed, shuffle=shuffle, rank=rank, world_size=world, drop_last=drop_last)
+        ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+        ours.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        assert list(ours) == list(ref)

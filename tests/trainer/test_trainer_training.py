@@ -1,0 +1,239 @@
+"""The training loop: a tiny BERT learns; accumulation, logging, evaluation, schedules, precision, data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from optsched import Trainer, TrainerCallback
+
+
+def test_tiny_bert_trains_and_loss_falls(tmp_path, make_args):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                        vocab_size=99, num_labels=2)
+    model = BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 99, (32, 8), generator=g)
+    labels = (ids[:, 0] > 50).long()  # learnable from the first token
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": labels[i]}
+            for i in range(32)]
+    t = Trainer(model=model, args=make_args(num_train_epochs=6, per_device_train_batch_size=8, learning_rate=3e-3,
+                                            warmup_ratio=0.1, weight_decay=0.01), train_dataset=data,
+                eval_dataset=data)
+    before = t.evaluate()["eval_loss"]
+    out = t.train()
+    after = t.evaluate()["eval_loss"]
+    assert out.global_step == 24 and t.state.epoch == pytest.approx(6.0)
+    losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert after < before * 0.8
+
+
+def _grads_after_one_step(model_factory, data, ga, bs, tmp_args):
+    """Capture the gradient the optimizer sees in step 1 (SGD lr=0 keeps the weights)."""
+    seen = []
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                seen.append({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    t = Trainer(model_factory(), tmp_args(max_steps=1, gradient_accumulation_steps=ga,
+                                          per_device_train_batch_size=bs, max_grad_norm=0.0),
+                train_dataset=data, callbacks=[Capture()])
+    t.train()
+    return seen[0]
+
+
+def test_accumulation_equals_large_batch(model_factory, regression_data, make_args):
+    data = regression_data(16)
+    a = _grads_after_one_step(model_factory, data, ga=4, bs=2, tmp_args=make_args)
+    b = _grads_after_one_step(model_factory, data, ga=1, bs=8, tmp_args=make_args)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n])
+
+
+def test_final_partial_accumulation_is_scaled_by_its_own_size(model_factory, regression_data, make_args):
+    """10 samples, batch 2, GA 3: updates of 3 and 2 batches; the second is the mean over its 2 batches."""
+    data = regression_data(10)
+    grads = []
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    model = model_factory()
+    reference = model_factory()
+    t = Trainer(model, make_args(num_train_epochs=1, gradient_accumulation_steps=3, per_device_train_batch_size=2,
+                                 max_grad_norm=0.0, optim="sgd", learning_rate=0.0), train_dataset=data,
+                callbacks=[Capture()])
+    order = t.get_train_dataloader().sampler.indices()
+    t.train()
+    assert t.state.global_step == 2 and len(grads) == 2
+    batch = torch.utils.data.default_collate([data[i] for i in order[6:10]])  # the last 2 batches = 4 samples
+    reference.zero_grad()
+    reference(**batch)["loss"].backward()
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(grads[1][n], p.grad)
+
+
+def test_logging_history_jsonl_and_grad_norm(model_factory, regression_data, make_args):
+    t = Trainer(model_factory(), make_args(max_steps=6, logging_steps=2), train_dataset=regression_data(16))
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4, 6]
+    assert set(logs[0]) == {"loss", "grad_norm", "learning_rate", "epoch", "step"}
+    assert logs[0]["epoch"] == pytest.approx(0.5)
+    # the logged lr is the one the step used: linear decay from 1e-2 over 6 steps, step 2 used lr(1)
+    assert logs[0]["learning_rate"] == pytest.approx(1e-2 * 5 / 6)
+    lines = (t.args.output_dir + "/log_history.jsonl")
+    records = [json.loads(line) for line in open(lines)]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert "train_loss" in records[-1]
+
+
+def test_progress_bar_shows_loss_and_lr(model_factory, regression_data, make_args, capsys):
+    t = Trainer(model_factory(), make_args(max_steps=3, disable_tqdm=False), train_dataset=regression_data(8))
+    t.train()
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=" in err and "lr=" in err
+
+
+def test_eval_strategy_steps_and_plateau_scheduler_steps_on_eval_loss(model_factory, regression_data, make_args):
+    data = regression_data(16)
+    t = Trainer(model_factory(), make_args(max_steps=8, eval_strategy="steps", eval_steps=2, learning_rate=1e-2,
+                                           lr_scheduler_type="reduce_lr_on_plateau",
+                                           lr_scheduler_kwargs={"patience": 0, "factor": 0.5}),
+                train_dataset=data, eval_dataset=data[:8])
+    steps = []
+    original = t.create_scheduler
+
+    def spy(num_training_steps, optimizer=None):
+        sched = original(num_training_steps, optimizer)
+        real_step = sched.step
+        sched.step = lambda *a, **k: (steps.append(a), real_step(*a, **k))[1]
+        return sched
+
+    t.create_scheduler = spy
+    t.train()
+    evals = [h for h in t.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6, 8]
+    assert len(steps) == 4 and all(len(a) == 1 for a in steps)  # one metric step per evaluation, none per step
+    assert [a[0] for a in steps] == [h["eval_loss"] for h in evals]
+
+
+def test_plateau_without_evaluation_is_a_clear_error(model_factory, regression_data, make_args):
+    t = Trainer(model_factory(), make_args(max_steps=2, lr_scheduler_type="reduce_lr_on_plateau"),
+                train_dataset=regression_data(8))
+    with pytest.raises(ValueError, match="steps on an evaluation metric, but eval_strategy='no'"):
+        t.train()
+
+
+def test_schedule_free_optimizer_is_switched_around_eval_and_save(model_factory, regression_data, make_args):
+    pytest.importorskip("schedulefree")
+    modes = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            modes.append(("step", optimizer.param_groups[0]["train_mode"]))
+
+        def on_prediction_step(self, args, state, control, optimizer=None, **kwargs):
+            modes.append(("eval", optimizer.param_groups[0]["train_mode"]))
+
+    data = regression_data(8)
+    t = Trainer(model_factory(), make_args(max_steps=2, optim="schedule_free_adamw", lr_scheduler_type="constant",
+                                           eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                                           save_steps=1), train_dataset=data, eval_dataset=data, callbacks=[Watch()])
+    t.train()
+    assert ("eval", False) in modes and ("step", True) in modes
+    assert t.optimizer.param_groups[0]["train_mode"] is True
+    saved = torch.load(t.args.output_dir + "/checkpoint-2/optimizer.pt", weights_only=True)
+    assert saved["param_groups"][0]["train_mode"] is False  # saved in eval mode (averaged weights)
+
+
+def test_bf16_autocast_on_cpu(model_factory, regression_data, make_args):
+    dtypes = []
+    model = model_factory()
+    model.inp.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    t = Trainer(model, make_args(max_steps=1, bf16=True), train_dataset=regression_data(8))
+    t.train()
+    assert dtypes == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_callback_hooks_order(model_factory, regression_data, make_args):
+    events = []
+
+    class Recorder(TrainerCallback):
+        pass
+
+    for name in ("on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end", "on_pre_optimizer_step",
+                 "on_optimizer_step", "on_step_end", "on_log", "on_epoch_end", "on_train_end", "on_save"):
+        setattr(Recorder, name, lambda self, *a, _n=name, **k: events.append(_n))
+    t = Trainer(model_factory(), make_args(max_steps=1, gradient_accumulation_steps=2, save_strategy="steps",
+                                           save_steps=1), train_dataset=regression_data(8), callbacks=[Recorder()])
+    t.train()
+    assert events == ["on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
+                      "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_save",
+                      "on_epoch_end", "on_log", "on_train_end"]
+
+
+def test_callback_can_stop_training(model_factory, regression_data, make_args):
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+            return control
+
+    t = Trainer(model_factory(), make_args(max_steps=10), train_dataset=regression_data(8), callbacks=[StopAt3])
+    assert t.train().global_step == 3
+
+
+def test_iterable_dataset_needs_max_steps(model_factory, regression_data, make_args):
+    items = regression_data(8)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(items)
+
+    with pytest.raises(ValueError, match="max_steps=-1 must be a positive integer when the training dataset has no length"):
+        Trainer(model_factory(), make_args(), train_dataset=Stream()).train()
+    t = Trainer(model_factory(), make_args(max_steps=5), train_dataset=Stream())
+    assert t.train().global_step == 5  # 2 batches per pass: passes repeat until max_steps
+
+
+def test_tuple_batches_and_compute_loss_func(make_args):
+    seen = {}
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x).squeeze(-1)
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        seen.setdefault("n", []).append(num_items_in_batch)
+        return ((outputs - labels) ** 2).sum() / num_items_in_batch
+
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3), torch.randn(12))
+    t = Trainer(Plain(), make_args(max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=3),
+                train_dataset=data, compute_loss_func=loss_fn)
+    t.train()
+    assert seen["n"] == [6, 6, 6, 6]  # per micro-batch call, the whole step's label count
+
+
+@pytest.mark.parametrize("data_seed, same", [(None, True), (7, False)])
+def test_data_order_is_seeded(model_factory, regression_data, make_args, data_seed, same):
+    a = Trainer(model_factory(), make_args(), train_dataset=regression_data(16)).get_train_dataloader()
+    b = Trainer(model_factory(), make_args(data_seed=data_seed), train_dataset=regression_data(16)).get_train_dataloader()
+    first = [int(i) for i in a.sampler.indices()]
+    assert sorted(first) == list(range(16)) and first != list(range(16))
+    assert (first == [int(i) for i in b.sampler.indices()]) is same
