@@ -15,14 +15,20 @@ from collections.abc import Sequence
 
 # subcommand name -> module; order is the order shown by --help
 COMMANDS: dict[str, str] = {
+    "demo": "optsched.commands.demo",
+    "plan": "optsched.commands.plan",
     "schedule": "optsched.commands.schedule",
 }
 
 EXIT_USAGE = 2
 
 
-def build_parser():
-    """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
+def build_parser(only: str | None = None):
+    """The top-level parser with one subparser per entry of :data:`COMMANDS` (or just ``only``).
+
+    Building a single subcommand's parser keeps ``optsched schedule ...`` from importing the demo's
+    or the planner's modules (torch among them) just to parse its own flags.
+    """
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(
@@ -32,6 +38,8 @@ def build_parser():
     )
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module = importlib.import_module(module_name)
         subcommands.add_subcommand(name, module.build_parser(), help=module.HELP)
     return parser
@@ -44,7 +52,7 @@ def _one_line(message: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else None)
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
