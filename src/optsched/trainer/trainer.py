@@ -11,7 +11,9 @@ optimizer or schedule logic of its own. What it adds is the loop:
   tqdm bar; evaluation by ``eval_strategy``; metric-driven schedules stepped on the eval metric;
   schedule-free optimizers switched to ``eval()`` around evaluation and checkpointing;
 * checkpoints in transformers' layout, written atomically (:mod:`optsched.trainer.checkpoint`), and an
-  exact resume: model, optimizer, scheduler, RNG states and data position;
+  exact resume: model, optimizer, scheduler, RNG states and data position; plain objects in the optimizer
+  state (GaLore / APOLLO projectors) are stored as class path + attributes, so ``optimizer.pt`` still
+  loads with ``weights_only=True``, and are rebuilt only from the live optimizer's own packages;
 * DDP under ``torchrun`` (:mod:`optsched.trainer.distributed`).
 * reliability (docs/reliability.md): a step with a NaN / inf loss or gradient norm is skipped, optimizer
   and scheduler both, and ``max_consecutive_nonfinite`` skips in a row stop training
@@ -49,6 +51,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -131,8 +134,8 @@ def _has_mode_switch(optimizer: Any) -> bool:
 
 
 def _updates_in_fused_backward(optimizer: Any) -> bool:
-    """LOMO / AdaLomo: ``fused_backward(loss, lr)`` applies the update; ``grad_norm(loss)`` prepares clipping."""
-    return callable(getattr(optimizer, "fused_backward", None)) and callable(getattr(optimizer, "grad_norm", None))
+    """LOMO / AdaLomo: ``fused_backward(loss, lr)`` updates; ``grad_norm(loss)`` prepares clipping."""
+    return all(callable(getattr(optimizer, name, None)) for name in ("fused_backward", "grad_norm"))
 
 
 def _updates_layerwise(optimizer: Any) -> bool:
@@ -140,7 +143,8 @@ def _updates_layerwise(optimizer: Any) -> bool:
     holds its per-parameter optimizers in ``optimizer_dict`` (transformers' ``LayerWiseDummyOptimizer``)."""
     from optsched.optim.lowrank import LayerWiseOptimizer  # torch only; imports no optional package
 
-    return isinstance(optimizer, LayerWiseOptimizer) or isinstance(getattr(optimizer, "optimizer_dict", None), dict)
+    per_parameter = getattr(optimizer, "optimizer_dict", None)
+    return isinstance(optimizer, LayerWiseOptimizer) or isinstance(per_parameter, dict)
 
 
 #: How an optimizer applies its update, first match wins; none matching: ``"step"`` (backward, clip,
@@ -165,6 +169,94 @@ def optimizer_update_mode(optimizer: Any) -> str:
         if matches(optimizer):
             return mode
     return "step"
+
+
+#: Marks an object of the optimizer state stored as its class path and attributes (see _encode_objects).
+_OBJECT_KEY = "__optsched_object__"
+_UNTRUSTED_PACKAGES = frozenset({"builtins", "torch"})  # torch's optimizers keep tensors and numbers only
+
+
+def _encode_objects(value: Any) -> Any:
+    """The optimizer state with each plain-attribute object as ``{_OBJECT_KEY: "module:qualname", "attributes"}``.
+
+    GaLore / APOLLO keep a projector object per parameter in their state; pickled as is, ``torch.load``
+    with ``weights_only=True`` refuses it on resume. Tensors, numbers, strings and containers are kept;
+    an object without ``__dict__`` (or of a torch / builtin class) is left to torch's pickler.
+    """
+    if value is None or isinstance(value, (torch.Tensor, str, bytes, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {k: _encode_objects(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode_objects(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_encode_objects(v) for v in value)
+    cls = type(value)
+    if not _is_plain_object(value) or cls.__module__.split(".")[0] in _UNTRUSTED_PACKAGES:
+        return value
+    attributes = vars(value)
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    return {_OBJECT_KEY: path, "attributes": _encode_objects(dict(attributes))}
+
+
+def _is_plain_object(value: Any) -> bool:
+    """An object pickle would rebuild as ``cls.__new__(cls)`` + its ``__dict__``: no custom reduce or state
+    protocol, no ``__slots__`` (so ``vars`` is its whole state)."""
+    cls = type(value)
+    return (
+        isinstance(getattr(value, "__dict__", None), dict)
+        and not hasattr(cls, "__slots__")
+        and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and getattr(cls, "__getstate__", object.__getstate__) is object.__getstate__
+        and not hasattr(cls, "__setstate__")
+        and cls.__new__ is object.__new__
+    )
+
+
+def _trusted_packages(optimizer: Any) -> frozenset[str]:
+    """Top-level packages of the optimizer's class and of its per-parameter optimizers' classes."""
+    classes = [type(optimizer), getattr(optimizer, "optimizer_cls", None)]
+    per_parameter = getattr(optimizer, "optimizer_dict", None) or {}
+    inner = getattr(optimizer, "optimizers", None) or list(per_parameter.values())
+    classes += [type(o) for o in inner if isinstance(o, torch.optim.Optimizer)]
+    packages = {c.__module__.split(".")[0] for c in classes if isinstance(c, type)}
+    return frozenset(packages - _UNTRUSTED_PACKAGES)
+
+
+def _decode_objects(value: Any, trusted: frozenset[str], where: str) -> Any:
+    """Rebuild what :func:`_encode_objects` tagged, without running any constructor or import.
+
+    An object is rebuilt only when its class lives in a module already imported from one of the
+    ``trusted`` packages (those of the live optimizer): ``cls.__new__(cls)`` then its attributes.
+
+    Raises:
+        CheckpointError: a tagged object of another package, or whose class cannot be found.
+    """
+    if isinstance(value, dict):
+        if _OBJECT_KEY not in value:
+            return {k: _decode_objects(v, trusted, where) for k, v in value.items()}
+        path = str(value[_OBJECT_KEY])
+        module_name, _, qualname = path.partition(":")
+        cls: Any = sys.modules.get(module_name) if module_name.split(".")[0] in trusted else None
+        for part in qualname.split(".") if cls is not None else ():
+            cls = getattr(cls, part, None)
+        attributes = value.get("attributes")
+        plain = isinstance(cls, type) and cls.__new__ is object.__new__ and not hasattr(cls, "__slots__")
+        if not plain or not isinstance(attributes, dict):
+            raise ckpt.CheckpointError(
+                f"{where} holds an object of {path!r}, which is not a class of the optimizer's own packages "
+                f"({', '.join(sorted(trusted)) or 'none'}) already imported; it was not rebuilt (a checkpoint "
+                "of another optimizer, or an untrusted file)."
+            )
+        obj = cls.__new__(cls)
+        obj.__dict__.update(_decode_objects(attributes, trusted, where))
+        return obj
+    if isinstance(value, list):
+        return [_decode_objects(v, trusted, where) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_decode_objects(v, trusted, where) for v in value)
+    return value
 
 
 def _extract_loss(outputs: Any) -> torch.Tensor | None:
@@ -558,7 +650,7 @@ class Trainer:
         optimizer = self.optimizer
         clip = getattr(optimizer, "clip_grad_norm", None)
         if clip is not None and clip > 0:
-            optimizer.grad_norm(loss)  # backward #1 (graph kept): per-parameter norms and the clip coefficient
+            optimizer.grad_norm(loss)  # backward #1 (graph kept): per-parameter norms, clip coefficient
             norms = getattr(optimizer, "grad_norms", None)
             if isinstance(norms, torch.Tensor) and norms.numel():
                 self._inner_grad_norm = torch.linalg.vector_norm(norms.float(), 2.0)
@@ -637,7 +729,7 @@ class Trainer:
                 return grad_norm, False
         self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
         if self._update_mode == "layerwise":
-            self.optimizer.step()  # a no-op by contract; keeps torch's scheduler-after-step check and step hooks
+            self.optimizer.step()  # a no-op by contract; satisfies torch's scheduler order check, step hooks
         self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
         return grad_norm, True
 
@@ -723,7 +815,7 @@ class Trainer:
         ``fused_backward``); ``max_grad_norm=0`` keeps one pass.
         """
         max_norm = self.args.max_grad_norm
-        if not hasattr(self.optimizer, "clip_grad_norm") or getattr(self.optimizer, "clip_grad_norm") is not None:
+        if getattr(self.optimizer, "clip_grad_norm", 0) is not None:  # absent, or the user's own setting
             return
         if max_norm and max_norm > 0:
             self.optimizer.clip_grad_norm = float(max_norm)
@@ -866,6 +958,7 @@ class Trainer:
         opt_file, sched_file = checkpoint / ckpt.OPTIMIZER_NAME, checkpoint / ckpt.SCHEDULER_NAME
         if opt_file.is_file():
             saved = ckpt.safe_torch_load(opt_file, expect_keys=("state", "param_groups"))
+            saved = _decode_objects(saved, _trusted_packages(self.optimizer), str(opt_file))
             ckpt.check_param_groups_match(self.optimizer.param_groups, saved["param_groups"], str(opt_file))
             self.optimizer.load_state_dict(saved)
         else:
@@ -1174,7 +1267,8 @@ class Trainer:
                 save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
             if not args.save_only_model:
                 if main:
-                    torch.save(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_NAME)
+                    # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
+                    torch.save(_encode_objects(self.optimizer.state_dict()), tmp / ckpt.OPTIMIZER_NAME)
                     torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
                     if self.scaler is not None:
                         torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
