@@ -1,0 +1,203 @@
+"""Question 4: how long do saving and loading a training checkpoint take, and how large is it?
+
+The model is question 2's 50M-parameter fp32 model (``benchmarks.optimizer_step.build_model``) with
+one AdamW step taken, so the optimizer holds its full state (``exp_avg``, ``exp_avg_sq``: 2 x 200 MB).
+Both trainers use their default optimizer (torch's fused AdamW) and a linear schedule over 100 steps.
+
+* **save**: optsched ``Trainer._save_checkpoint()`` vs transformers ``Trainer._save_checkpoint(model,
+  None)``: weights (``model.safetensors``), ``optimizer.pt``, ``scheduler.pt``, RNG state,
+  ``trainer_state.json`` (optsched also writes ``training_args.json``; transformers ``training_args.bin``
+  is written by ``save_model`` only at the end of training).
+* **load**: optsched ``checkpoint.load_model_weights`` + ``TrainerState.load_from_json`` +
+  ``Trainer._load_optimizer_and_scheduler`` + ``load_rng_state`` (what ``train(resume_from_checkpoint=)``
+  runs) vs transformers ``_load_from_checkpoint`` + ``TrainerState.load_from_json`` +
+  ``_load_optimizer_and_scheduler`` + ``_load_rng_state``.
+* **bytes**: the sum of the checkpoint directory's file sizes.
+
+Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
+goes first, with ``os.sync()`` untimed before each save so that neither pays
+for the other's writeback), then loads both. Medians over rounds. Writes go to the page cache (no
+fsync on either side) and loads read a file just written, so these are the costs of the code paths
+(serialisation, copies), not of the disk.
+
+Run: ``python -m benchmarks.checkpoint_io [--quick] [--rounds 6] [--params 50e6]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks._machine import Row, quiet
+from benchmarks._timing import time_once
+from benchmarks.optimizer_step import build_model
+
+__all__ = ["directory_bytes", "main", "run"]
+
+STEPS = 100
+_Side = tuple[Callable[[], Path], Callable[[Path], None], Callable[[int], None]]  # save, load, set step
+
+
+def directory_bytes(path: str | os.PathLike) -> int:
+    """Total size in bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _optsched_side(num_params: float, out: Path) -> _Side:
+    from optsched import Trainer, TrainingArguments
+    from optsched.trainer import checkpoint as ckpt
+    from optsched.trainer.state import TrainerState
+
+    args = TrainingArguments(output_dir=str(out), disable_tqdm=True, use_cpu=True, report_to="none")
+    trainer = Trainer(model=build_model(num_params), args=args)
+    trainer.create_scheduler(num_training_steps=STEPS)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.state.global_step = 1
+    trainer.state.max_steps = STEPS
+
+    def save() -> Path:
+        return trainer._save_checkpoint()
+
+    def set_step(step: int) -> None:
+        trainer.state.global_step = step
+
+    def load(path: Path) -> None:
+        ckpt.load_model_weights(trainer.model, path)
+        trainer.state = TrainerState.load_from_json(path / ckpt.TRAINER_STATE_NAME)
+        trainer._load_optimizer_and_scheduler(path)
+        ckpt.load_rng_state(path, trainer.dist)
+
+    return save, load, set_step
+
+
+def _transformers_side(num_params: float, out: Path) -> _Side:
+    import transformers
+    from transformers.trainer_callback import TrainerState
+
+    transformers.logging.set_verbosity_error()
+    args = transformers.TrainingArguments(output_dir=str(out), disable_tqdm=True, use_cpu=True, report_to="none",
+                                          save_strategy="steps")
+    dataset = [{"x": torch.zeros(1)}]  # the Trainer wants one; nothing is trained
+    trainer = transformers.Trainer(model=build_model(num_params), args=args, train_dataset=dataset)
+    trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.state.global_step = 1
+    trainer.state.max_steps = STEPS
+
+    def save() -> Path:
+        trainer._save_checkpoint(trainer.model, trial=None)
+        return out / f"checkpoint-{trainer.state.global_step}"
+
+    def set_step(step: int) -> None:
+        trainer.state.global_step = step
+
+    def load(path: Path) -> None:
+        trainer._load_from_checkpoint(str(path))
+        trainer.state = TrainerState.load_from_json(str(path / "trainer_state.json"))
+        trainer._load_optimizer_and_scheduler(str(path))
+        trainer._load_rng_state(str(path))
+
+    return save, load, set_step
+
+
+def _check_same_state(ours: Path, theirs: Path) -> None:
+    """Both checkpoints must hold the same optimizer state tensors (else the comparison is unfair)."""
+    a = torch.load(ours / "optimizer.pt", weights_only=True)["state"]
+    b = torch.load(theirs / "optimizer.pt", weights_only=True)["state"]
+    if len(a) != len(b) or sorted(a[0]) != sorted(b[0]):
+        raise RuntimeError(f"optimizer states differ: optsched {len(a)} x {sorted(a[0])}, "
+                           f"transformers {len(b)} x {sorted(b[0])}")
+
+
+def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None) -> list[Row]:
+    """Question 4; returns the report rows (save seconds, load seconds, bytes on disk).
+
+    Args:
+        quick: a 200k-parameter model and 2 rounds (smoke test).
+        num_params: model size (default 50M).
+        rounds: timed rounds (default 5).
+    """
+    num_params = num_params or (2e5 if quick else 50e6)
+    rounds = rounds or (2 if quick else 6)  # even: each side goes first equally often
+    root = Path(tempfile.mkdtemp(prefix="optsched-bench-ckpt-"))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            sides = {
+                "optsched": _optsched_side(num_params, root / "optsched"),
+                "transformers": _transformers_side(num_params, root / "transformers"),
+            }
+        save_t: dict[str, list[float]] = {k: [] for k in sides}
+        load_t: dict[str, list[float]] = {k: [] for k in sides}
+        paths: dict[str, Path] = {}
+        order = list(sides)
+        for r in range(rounds + 1):  # round 0 is the warm-up
+            for name in order:
+                # A new checkpoint-N each round, nothing deleted until the end: on this disk the first
+                # write after deleting a large directory waits for the filesystem (seconds), which would
+                # be charged to whichever side happened to go first.
+                sides[name][2](r + 1)
+                os.sync()  # start each save with no dirty pages: the other side's writeback is not timed
+                box: list[Path] = []
+                seconds = time_once(lambda: box.append(sides[name][0]()))
+                paths[name] = box[0]
+                if r:
+                    save_t[name].append(seconds)
+            for name in order:
+                seconds = time_once(lambda: sides[name][1](paths[name]))
+                if r:
+                    load_t[name].append(seconds)
+            order.reverse()  # who goes first alternates: neither always gets the warmer cache
+        _check_same_state(paths["optsched"], paths["transformers"])
+        size = {name: directory_bytes(paths[name]) for name in sides}
+        files = {name: sorted(f.name for f in paths[name].iterdir()) for name in sides}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    n = sum(p.numel() for p in build_model(num_params).parameters()) if quick else None
+    label = f"{(n or num_params) / 1e6:.1f}M" if quick else f"{num_params / 1e6:.0f}M"
+    rows = []
+    for what, times in (("save", save_t), ("load", load_t)):
+        ours, ref = statistics.median(times["optsched"]), statistics.median(times["transformers"])
+        print(f"checkpoint {what} {label}: ours {ours:.4g} s, reference {ref:.4g} s, ratio {ref / ours:.3g}", flush=True)
+        rows.append(Row(4, f"checkpoint {what} {label} + AdamW state", "s", ours, ref, "transformers Trainer",
+                        None, ref / ours, "no slower (ratio >= 1)", ref / ours >= 1.0,
+                        f"median of {rounds}; rounds: ours " + " ".join(f"{t:.3f}" for t in times["optsched"])
+                        + ", reference " + " ".join(f"{t:.3f}" for t in times["transformers"])))
+    ours_mb, ref_mb = size["optsched"] / 1e6, size["transformers"] / 1e6
+    print(f"checkpoint bytes {label}: ours {ours_mb:.4g} MB, reference {ref_mb:.4g} MB, ratio {ref_mb / ours_mb:.3g}",
+          flush=True)
+    rows.append(Row(4, f"checkpoint size {label} + AdamW state", "MB", ours_mb, ref_mb, "transformers Trainer", None,
+                    ref_mb / ours_mb, "no larger (ratio >= 1)", size["optsched"] <= size["transformers"],
+                    f"optsched - transformers = {size['optsched'] - size['transformers']:+d} bytes; optsched files: "
+                    f"{', '.join(files['optsched'])}; transformers: {', '.join(files['transformers'])}"))
+    return rows
+
+
+def run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None) -> list[Row]:
+    """Question 4 (see :func:`_run`), with log records and warnings silenced while it runs."""
+    with quiet():
+        return _run(quick, num_params=num_params, rounds=rounds)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument("--params", type=float, default=None, help="model parameters (default 50e6)")
+    parser.add_argument("--rounds", type=int, default=None)
+    opts = parser.parse_args(argv)
+    return run(opts.quick, num_params=opts.params, rounds=opts.rounds)
+
+
+if __name__ == "__main__":
+    main()
