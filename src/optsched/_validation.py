@@ -132,8 +132,11 @@ def check_step_count(field: str, value: Any, *, low: int = 0, allow_none: bool =
 
 
 def integral_to_int(value: Any) -> Any:
-    """``24.0 -> 24``; any other value (``24.5``, ``None``, an int, a string) is returned unchanged."""
+    """``24.0 -> 24`` and ``numpy.int64(24) -> 24``; anything else (``24.5``, ``None``, ``True``, a
+    string) is returned unchanged, for the caller's own check to judge."""
     if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     return value
 

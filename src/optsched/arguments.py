@@ -46,6 +46,7 @@ from optsched._validation import (
     check_int,
     check_number,
     did_you_mean,
+    integral_to_int,
     parse_json_mapping,
 )
 
@@ -151,20 +152,13 @@ def _max_steps(name: str, value: Any) -> int:
     return steps
 
 
-def _integral_float_to_int(value: Any) -> Any:
-    """``10.0`` -> ``10``: transformers' argument parser turns ``--warmup_steps 10`` into a float."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return int(value) if isinstance(value, numbers.Integral) else value
-
-
 def _warmup_steps(name: str, value: Any) -> int | float:
     """An int >= 0 (steps) or a float in (0, 1) (a fraction of the total steps, transformers 5).
 
     Unlike transformers, a float >= 1 with a fractional part (``2.5``) is refused instead of truncated.
     """
     check_number(name, value, low=0)
-    value = _integral_float_to_int(value)
+    value = integral_to_int(value)
     if isinstance(value, float) and value > 1:
         raise ValueError(
             f"{name}={value!r} is neither a step count nor a ratio; accepted: an integer >= 0 (steps) "
@@ -184,7 +178,7 @@ def _steps_or_ratio(allow_none: bool) -> Check:
         if value is None and allow_none:
             return None
         check_number(name, value, low=0)
-        value = _integral_float_to_int(value)
+        value = integral_to_int(value)
         if isinstance(value, float) and value > 1:
             raise ValueError(
                 f"{name}={value!r} is neither a step count nor a ratio; accepted: an integer >= 1 "

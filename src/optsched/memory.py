@@ -591,23 +591,12 @@ def resolve_hyperparameters(name: str, optim_args: Any = None, args: Any = None)
     """
     from optsched.arguments import as_training_arguments
     from optsched.optim import parse_optim_args
-    from optsched.optim.spec import COMMON_ARGS, OMIT, get_optimizer_spec
+    from optsched.optim.spec import get_optimizer_spec
 
     args = as_training_arguments(args)
     spec = get_optimizer_spec(name)
     user = parse_optim_args(spec.name, args.optim_args if optim_args is None else optim_args)
-    hyper: dict[str, Any] = {}
-    for key in spec.common:
-        value = COMMON_ARGS[key](args)
-        if value is not OMIT:
-            hyper[key] = value
-    hyper.update(spec.fixed)
-    for arg in spec.optim_args:
-        if arg.name in user:
-            hyper[arg.target] = user[arg.name]
-        elif arg.default is not OMIT:
-            hyper[arg.target] = arg.default
-    return hyper
+    return spec.resolve_kwargs(args, user)
 
 
 def _estimate(

@@ -29,7 +29,7 @@ from torch import nn
 from optsched._validation import check_int, did_you_mean
 from optsched.optim.bnb import keep_embeddings_32bit
 from optsched.optim.optim_args import parse_optim_args
-from optsched.optim.spec import COMMON_ARGS, OMIT, OptimizerSpec, _explicit, get_optimizer_spec
+from optsched.optim.spec import OptimizerSpec, _explicit, get_optimizer_spec
 
 __all__ = [
     "BuildContext",
@@ -166,17 +166,7 @@ def get_optimizer_cls_and_kwargs(
     user = parse_optim_args(name, getattr(args, "optim_args", None))  # before the import: cheap errors first
     cls = spec.load_class()
 
-    kwargs: dict[str, Any] = {}
-    for key in spec.common:
-        value = COMMON_ARGS[key](args)
-        if value is not OMIT:
-            kwargs[key] = value
-    kwargs.update(spec.fixed)
-    for arg in spec.optim_args:
-        if arg.name in user:
-            kwargs[arg.target] = user[arg.name]
-        elif arg.default is not OMIT:
-            kwargs[arg.target] = arg.default
+    kwargs = spec.resolve_kwargs(args, user)
 
     if spec.builder is not None:
         ctx = BuildContext(spec, cls, args, model, kwargs, user, num_training_steps)

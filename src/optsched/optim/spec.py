@@ -180,6 +180,28 @@ class OptimizerSpec:
         changes["fixed"] = dict(changes.get("fixed", self.fixed))  # the proxy is rebuilt in __post_init__
         return dataclasses.replace(self, **changes)
 
+    def resolve_kwargs(self, args: Any, user: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments this name passes to its class, before any builder hook.
+
+        In order, later ones winning: the common arguments read from ``args`` (``lr``, ``betas``,
+        ``eps``, ... per :data:`COMMON_ARGS`; an ``OMIT`` value is left out), the spec's ``fixed``
+        kwargs, then each declared ``optim_args`` key, from ``user`` (already parsed by
+        ``parse_optim_args``) or its default. One place for this, shared by the factory and the
+        memory estimate, so the estimate always describes the optimizer ``create_optimizer`` builds.
+        """
+        kwargs: dict[str, Any] = {}
+        for key in self.common:
+            value = COMMON_ARGS[key](args)
+            if value is not OMIT:
+                kwargs[key] = value
+        kwargs.update(self.fixed)
+        for arg in self.optim_args:
+            if arg.name in user:
+                kwargs[arg.target] = user[arg.name]
+            elif arg.default is not OMIT:
+                kwargs[arg.target] = arg.default
+        return kwargs
+
     def load_class(self) -> Any:
         """Import and return ``cls``.
 
