@@ -3,7 +3,8 @@
 transformers' ``Adafactor.step`` loops over parameters in Python and, per matrix, makes about 21
 passes over matrix-sized memory, mostly over four freshly allocated temporaries;
 ``optsched.optim.Adafactor`` reads the gradient twice and the parameter once or twice, writes the
-parameter once, keeps its one temporary in a cache-resident workspace, and updates the vectors with
+parameter once, keeps its one temporary in a cache-resident workspace (``g**2``, reduced by a row sum
+and two GEMVs, then the outer product of the row and column factors), and updates the vectors with
 ``torch._foreach_*``. The work is memory-bound, so the ratio follows the memory traffic.
 
 The model is 12 blocks of three matrices (1024x1024, 1024x1536, 1536x1024) with their biases and
@@ -11,10 +12,18 @@ two LayerNorm-like vectors: 50.4M parameters, 96 tensors. Gradients are fixed ra
 both optimizers (neither modifies them). Steps alternate ours / reference (``benchmarks._timing``),
 median over rounds.
 
+Roofline: the bytes a step must move, divided by the memory bandwidth measured in the same run (the
+faster median of a copy and an ``a += b`` kernel on 256 MiB tensors, ``benchmarks._machine``, timed
+right after each configuration's steps). Per parameter in a matrix: ``g`` read twice (its statistics
+are needed before any element is updated), ``p`` read and written: 16 bytes; per vector element:
+``p``, ``g``, ``v`` read, ``p``, ``v`` written: 20 bytes; ``scale_parameter`` adds a read of ``p``
+(its RMS, +4) and ``beta1`` the first moment (read and written, +8).
+
 Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--torch] [--threads N]``
 
 Prints ``adafactor step[ (<config>)]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
-faster) for each config: ``default`` (relative_step, scale_parameter: transformers' defaults) and
+faster) for each config, then ``  roofline: L ms (B MB at W GB/s), ours at F of it``. Configs:
+``default`` (relative_step, scale_parameter: transformers' defaults) and
 ``trainer`` (``relative_step=False, scale_parameter=False, lr=1e-3``: what transformers' Trainer
 builds for ``optim="adafactor"``); ``beta1+wd`` (on request) adds a first moment and weight decay.
 ``--torch`` also times ``torch.optim.Adafactor`` (different
@@ -28,6 +37,7 @@ import statistics
 
 import torch
 
+from benchmarks._machine import bandwidth_kernels
 from benchmarks._timing import compare, time_once
 from optsched.optim.adafactor import Adafactor
 
@@ -47,6 +57,28 @@ def model_shapes(blocks: int = 12, hidden: int = 1024, inner: int = 1536) -> lis
         shapes += [(hidden, hidden), (inner, hidden), (hidden, inner)]
         shapes += [(hidden,), (inner,), (hidden,), (hidden,), (hidden,)]
     return shapes
+
+
+def step_bytes(shapes: list[tuple[int, ...]], kwargs: dict) -> int:
+    """Bytes one step must read + write at least (the roofline's numerator; see the module docstring)."""
+    extra = 4 * bool(kwargs.get("scale_parameter", True)) + 8 * (kwargs.get("beta1") is not None)
+    total = 0
+    for shape in shapes:
+        numel = 1
+        for size in shape:
+            numel *= size
+        total += numel * ((16 if len(shape) >= 2 else 20) + extra)
+    return total
+
+
+def measure_bandwidth(rounds: int) -> float:
+    """Bytes/s: the faster median of the copy and ``a += b`` kernels over ``rounds`` alternating rounds."""
+    kernels = bandwidth_kernels()
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(rounds):
+        for name, (fn, _) in kernels.items():
+            times[name].append(time_once(fn))
+    return max(kernels[name][1] / statistics.median(t) for name, t in times.items())
 
 
 def make_params(shapes: list[tuple[int, ...]], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
@@ -87,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         del ours, reference
+        need = step_bytes(shapes, kwargs)
+        bandwidth = measure_bandwidth(max(3, args.rounds // 2))
+        limit = need / bandwidth
+        print(f"  roofline: {limit * 1e3:.1f} ms ({need / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s), "
+              f"ours at {limit / result.ours:.2f} of it", flush=True)
         if args.torch:
             lr = kwargs.get("lr") or 1e-2
             torch_opt = torch.optim.Adafactor(make_params(shapes, grads), lr=lr)

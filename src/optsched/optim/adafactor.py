@@ -32,13 +32,25 @@ Two implementations live here:
   written as the formulas above; the tests hold the fast path to it and to transformers.
 * :class:`Adafactor`, the fast path. transformers' loop makes about 21 passes over a matrix-sized
   memory per step, most of them over four freshly allocated temporaries. This one reads the gradient
-  twice, reads the parameter once (twice with ``scale_parameter``, for its RMS) and writes it once;
-  everything else happens in one matrix-sized workspace, reused from matrix to matrix so that it
-  stays in cache, and freed after the step. The row factor, learning rate and clipping are folded
-  into one per-row vector (so the update is never rescaled in place), the RMS of the update comes
-  from its row norms, and vectors go through ``torch._foreach_*`` kernels, a whole group at once.
-  fp32 parameters are updated in place; fp16/bf16 ones through an fp32 copy with fp32 state, as
+  twice from memory, reads the parameter once (twice with ``scale_parameter``, for its RMS) and
+  writes it once; the rest happens in one matrix-sized workspace, reused from matrix to matrix so
+  that it stays in cache, and freed after the step. Per matrix: ``S = g**2`` into the workspace; row
+  sums of ``S``, column sums as a GEMV (``ones @ S``); the update's RMS as a second GEMV,
+  ``||u||**2 = sum_i r_i**2 (S @ (1 / col))_i`` (no scaled copy of ``g``, no norm over it); then the
+  workspace becomes the outer product of the per-row factor (row factor, learning rate and clipping
+  folded into one vector) and the column factor, and ``p.addcmul_(g, outer, value=-1)`` applies the
+  update in one pass. Vectors go through ``torch._foreach_*`` kernels, a whole group at once. fp32
+  parameters are updated in place; fp16/bf16 ones through an fp32 copy with fp32 state, as
   transformers does.
+
+Speed (``python -m benchmarks.adafactor_step --threads 1``: 50.4M fp32 parameters, one CPU thread):
+the passes above are what an eager implementation cannot avoid (the clipping factor needs every
+row before any element is updated, so ``g`` is read twice); the two memory-bound kernels
+(``g * g`` and the ``addcmul_``) run at the machine's streaming rate, and the cache-resident passes
+(two GEMVs, a row sum, the outer product) cost about 30% of the step. With ``beta1`` the update is
+materialised in the workspace and the first moment takes one ``lerp_`` pass instead of two.
+``torch.compile`` of the same steps was measured slower on CPU (its kernels read ``g`` three times),
+so it is not used.
 """
 
 from __future__ import annotations
@@ -250,8 +262,32 @@ def adafactor_reference_update(
 # ---------------------------------------------------------------------------------------------------
 
 
-# Flat buffers by (device, dtype) for the one full-size temporary of a matrix update.
-_Workspace = dict[tuple[torch.device, torch.dtype], Tensor]
+class _Workspace:
+    """Scratch tensors of one step, by (device, dtype), reused from matrix to matrix, then dropped.
+
+    ``buffer``: the one full-size temporary of a matrix update (sized for the largest matrix, so it
+    is allocated once and stays in cache); ``ones``: the vector that turns column sums into a GEMV.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def buffer(self, like: Tensor, numel: int) -> Tensor:
+        """A flat tensor of at least ``numel`` elements (contents undefined)."""
+        key = (like.device, like.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer
+
+    def ones(self, like: Tensor, numel: int) -> Tensor:
+        """A flat tensor of at least ``numel`` ones."""
+        key = (like.device, like.dtype)
+        ones = self._ones.get(key)
+        if ones is None or ones.numel() < numel:
+            ones = self._ones[key] = torch.ones(numel, dtype=like.dtype, device=like.device)
+        return ones
 
 
 @dataclass
@@ -432,7 +468,7 @@ class Adafactor(Optimizer):
         # One flat buffer per (device, dtype), reused by every matrix of the step for its one full-size
         # temporary: it stays in cache from one matrix to the next and is freed after the step, so
         # the peak extra memory is the largest matrix (transformers' is four times that).
-        workspace: _Workspace = {}
+        workspace = _Workspace()
         for group in self.param_groups:
             slots = self._prepare(group)
             devices = {slot.p32.device for slot in slots}
@@ -487,14 +523,6 @@ class Adafactor(Optimizer):
             slot.state["RMS"] = value
         return rms.clamp(min=group["eps"][1]).mul_(rel_t)
 
-    @staticmethod
-    def _buffer(workspace: _Workspace, like: Tensor, numel: int) -> Tensor:
-        key = (like.device, like.dtype)
-        buffer = workspace.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buffer
-
     def _update(self, group: dict[str, Any], slots: list[_Slot], workspace: _Workspace) -> None:
         if not slots:
             return
@@ -503,47 +531,69 @@ class Adafactor(Optimizer):
         vectors = [(i, s) for i, s in enumerate(slots) if s.g32.dim() < 2]
         if matrices:
             largest = max(s.g32.numel() for _, s in matrices)
+            rows = max(s.g32.shape[-2] for _, s in matrices)
             for i, slot in matrices:
-                self._update_factored(group, slot, lrs[i], self._buffer(workspace, slot.g32, largest))
+                work = workspace.buffer(slot.g32, largest)
+                ones = workspace.ones(slot.g32, rows)
+                self._update_factored(group, slot, lrs[i], work, ones)
         if vectors:
             self._update_unfactored(group, [s for _, s in vectors], lrs[[i for i, _ in vectors]])
 
     @staticmethod
-    def _update_factored(group: dict[str, Any], slot: _Slot, lr: Tensor, buffer: Tensor) -> None:
+    def _update_factored(
+        group: dict[str, Any], slot: _Slot, lr: Tensor, buffer: Tensor, ones: Tensor
+    ) -> None:
+        """One matrix (or stack of matrices): two passes over ``g``, one over ``p``, the rest in cache.
+
+        With ``S = g**2`` (in the workspace), ``r`` the row factor and ``c = rsqrt(col)``:
+
+        * statistics: ``S.sum(-1)`` and ``ones @ S`` (a GEMV: torch's strided ``sum(dim=-2)`` is about
+          three times slower on CPU);
+        * update RMS: ``||u||**2 = sum_i r_i**2 * (S @ (1 / col))_i``, a second GEMV over ``S`` instead
+          of materialising ``g * c`` and taking its norm;
+        * the update: the workspace is overwritten with the outer product ``coef_i * c_j`` (``coef``
+          = ``lr_t * r / clip``) and ``p`` gets one ``addcmul_(g, outer)``: g, p and the workspace read
+          once, p written once. With ``beta1`` the workspace becomes the update ``u = outer * g`` and
+          ``exp_avg.lerp_(u, 1 - beta1)`` is the one pass over the first moment.
+        """
         g, p, state = slot.g32, slot.p32, slot.state
         n_rows, n_cols = max(g.shape[-2], 1), max(g.shape[-1], 1)  # max: an empty tensor divides by 1
         eps1 = group["eps"][0]
-        rho = 1.0 - slot.beta2t
+        beta2t = slot.beta2t
+        rho = 1.0 - beta2t
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         work = buffer[: g.numel()].view(g.shape)
+
         # mean(g**2 + eps1) over a dim == sum of squares / size + eps1, so eps1 is added to the small
-        # statistics, not to a full-size tensor. (linalg.vector_norm over dim -2 would avoid the g**2
-        # buffer, but it takes a slow strided path on CPU: 100x slower than a sum.)
+        # statistics, not to a full-size tensor.
         squared = torch.mul(g, g, out=work)
-        row.mul_(slot.beta2t).add_(squared.sum(dim=-1), alpha=rho / n_cols).add_(rho * eps1)
-        col.mul_(slot.beta2t).add_(squared.sum(dim=-2), alpha=rho / n_rows).add_(rho * eps1)
+        row_sums = squared.sum(dim=-1)
+        col_sums = torch.matmul(ones[: g.shape[-2]], squared)
+        row.mul_(beta2t).add_(row_sums, alpha=rho / n_cols).add_(rho * eps1)
+        col.mul_(beta2t).add_(col_sums, alpha=rho / n_rows).add_(rho * eps1)
 
         row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()
-        # The one full-size temporary, in the workspace: g scaled by the column factor.
-        scaled = torch.mul(g, col.rsqrt().unsqueeze(-2), out=work)
-        # RMS(update) = ||row_factor * rownorm(scaled)|| / sqrt(numel): no pass over a rescaled update.
-        row_norms = torch.linalg.vector_norm(scaled, dim=-1).mul_(row_factor)
-        clip = (torch.linalg.vector_norm(row_norms) * (_inv_sqrt_numel(g) / group["clip_threshold"])).clamp_(
-            min=1.0
-        )
-        # Everything per row folded into one vector: lr_t * row_factor / clip.
+        # sum_j g_ij**2 / col_j: the squared row norms of g * rsqrt(col), straight from S.
+        row_sq_norms = torch.matmul(squared, col.reciprocal().unsqueeze(-1)).squeeze(-1)
+        update_sq_norm = row_factor.square().mul_(row_sq_norms).sum()
+        clip = (update_sq_norm.sqrt_() * (_inv_sqrt_numel(g) / group["clip_threshold"])).clamp_(min=1.0)
+        # Everything per row folded into one vector (lr_t * row_factor / clip); its outer product with
+        # the column factor replaces S in the workspace.
         coef = row_factor.mul_(lr / clip).unsqueeze(-1)
+        scale = torch.mul(coef, col.rsqrt().unsqueeze(-2), out=work)
 
         if group["weight_decay"] != 0:
             # transformers' exact expression: p + (-wd * lr_t) * p rounds like it, unlike p * (1 - wd*lr_t).
             p.add_(p, alpha=-group["weight_decay"] * lr)
         beta1 = group["beta1"]
         if beta1 is not None:
+            # The update itself in the workspace, so that the first moment takes one pass:
+            # lerp(m, u, 1 - beta1) = beta1 * m + (1 - beta1) * u (transformers: mul_ then add_, two).
             exp_avg = state["exp_avg"]
-            exp_avg.mul_(beta1).addcmul_(scaled, coef, value=1.0 - beta1)
+            exp_avg.lerp_(scale.mul_(g), 1.0 - beta1)
             p.sub_(exp_avg)
         else:
-            p.addcmul_(scaled, coef, value=-1.0)
+            p.addcmul_(g, scale, value=-1.0)
 
     @staticmethod
     def _update_unfactored(group: dict[str, Any], slots: list[_Slot], lrs: Tensor) -> None:
