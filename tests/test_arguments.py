@@ -50,6 +50,7 @@ def test_defaults_match_transformers_5():
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,
         "lr_resume_policy": "replan",
         "decay_policy": "hf", "param_rules": None, "layerwise_lr_decay": None, "layer_id_fn": None,
+        "checkpoint_verification": "full",
     }
     assert a.to_dict() == expected
     assert a.explicit_fields == frozenset()
@@ -280,6 +281,8 @@ BAD = [
     ({"disable_tqdm": 1}, TypeError, ["disable_tqdm", "1"]),
     ({"learning_rat": 1e-3}, TypeError, ["learning_rat", "Did you mean 'learning_rate'"]),
     ({"warmup_step": 10}, TypeError, ["warmup_step", "'warmup_steps'"]),
+    ({"checkpoint_verification": "sha256"}, ValueError, ["checkpoint_verification", "'sha256'", "full", "size"]),
+    ({"lr_resume_policy": "contnue"}, ValueError, ["lr_resume_policy", "Did you mean 'continue'"]),
 ]
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import zlib
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def _flip_middle(path: Path) -> None:  # one byte flipped in the middle (tensor 
 
 
 DAMAGE = {"truncated": _truncate, "garbled-header": _garble_start, "flipped-byte": _flip_middle}
-EXPECT = {"truncated": r"truncated|damaged", "garbled-header": r"damaged", "flipped-byte": r"SHA-256|damaged"}
+EXPECT = {"truncated": r"truncated|damaged", "garbled-header": r"damaged", "flipped-byte": r"CRC-32|damaged"}
 
 
 def _resume(out: Path) -> None:
@@ -93,11 +94,13 @@ def test_a_damaged_file_is_named_and_nothing_is_touched(trained, tmp_path, name,
 
 
 def test_checksums_cover_every_file(trained):
-    recorded = json.loads((trained / "checkpoint-4" / ckpt.CHECKSUMS_NAME).read_text())["files"]
+    data = json.loads((trained / "checkpoint-4" / ckpt.CHECKSUMS_NAME).read_text())
+    recorded = data["files"]
     on_disk = {p.name for p in (trained / "checkpoint-4").iterdir()} - {ckpt.CHECKSUMS_NAME}
-    assert set(recorded) == on_disk
+    assert data["algorithm"] == "crc32" and set(recorded) == on_disk
     for name, entry in recorded.items():
-        assert hashlib.sha256((trained / "checkpoint-4" / name).read_bytes()).hexdigest() == entry["sha256"]
+        body = (trained / "checkpoint-4" / name).read_bytes()
+        assert entry == {"size": len(body), "crc32": f"{zlib.crc32(body):08x}"}, name
 
 
 def test_a_damaged_checksum_file_is_named(trained, tmp_path):

@@ -346,10 +346,10 @@ class Projector:
 def test_objects_in_optimizer_state_round_trip_through_weights_only_load(tmp_path):
     state = {"state": {0: {"step": 3, "projector": Projector(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     path = tmp_path / "optimizer.pt"
-    torch.save(trainer_module._encode_objects(state), path)
+    torch.save(ckpt.encode_objects(state), path)
     loaded = ckpt.safe_torch_load(path, expect_keys=("state", "param_groups"))  # weights_only=True
     trusted = frozenset({Projector.__module__.split(".")[0]})
-    back = trainer_module._decode_objects(loaded, trusted, str(path))
+    back = ckpt.decode_objects(loaded, trusted, str(path))
     projector = back["state"][0]["projector"]
     assert type(projector) is Projector and projector.rank == 2
     assert torch.equal(projector.ortho_matrix, state["state"][0]["projector"].ortho_matrix)
@@ -358,10 +358,10 @@ def test_objects_in_optimizer_state_round_trip_through_weights_only_load(tmp_pat
 
 @pytest.mark.parametrize("path", ["os:system", "posixpath:join", f"{__name__}:NoSuchClass", "never_imported_pkg.mod:C"])
 def test_objects_outside_the_optimizers_packages_are_refused(path):
-    record = {"state": {0: {trainer_module._OBJECT_KEY: path, "attributes": {}}}}
+    record = {"state": {0: {ckpt.OBJECT_KEY: path, "attributes": {}}}}
     trusted = frozenset({__name__.split(".")[0], "never_imported_pkg"})
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.pt holds an object of"):
-        trainer_module._decode_objects(record, trusted, "ckpt/optimizer.pt")
+        ckpt.decode_objects(record, trusted, "ckpt/optimizer.pt")
 
 
 # ---- the plan file is verified before it is read --------------------------------------------------

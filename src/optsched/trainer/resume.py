@@ -40,7 +40,7 @@ import torch
 from optsched._validation import check_choice, check_int, check_number
 from optsched.arguments import LR_RESUME_POLICIES
 from optsched.schedules.core import Constant, Decay, Join, Ramp, Scale, Shift, Warmup, join
-from optsched.trainer.checkpoint import CheckpointError, verify_file
+from optsched.trainer.checkpoint import DEFAULT_VERIFY, CheckpointError, verify_file
 
 logger = logging.getLogger(__name__)
 
@@ -146,22 +146,23 @@ def save_plan(directory: str | os.PathLike, optimizer: torch.optim.Optimizer, sc
     return path
 
 
-def load_plan(directory: str | os.PathLike) -> dict[str, Any] | None:
+def load_plan(directory: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> dict[str, Any] | None:
     """The plan saved in a checkpoint, or ``None`` when it has none (a checkpoint of an older version).
 
     The file is checked against the checkpoint's ``checksums.json`` first
-    (:func:`optsched.trainer.checkpoint.verify_file`), like every other checkpoint file, so a truncated
-    or bit-flipped plan is reported as damaged instead of being compared as if it were the run's plan.
+    (:func:`optsched.trainer.checkpoint.verify_file` at level ``verify``), like every other checkpoint
+    file, so a truncated or bit-flipped plan is reported as damaged instead of being compared as if it
+    were the run's plan.
 
     Raises:
-        CheckpointError: the file's size or SHA-256 differs from ``checksums.json``, or it is not UTF-8
+        CheckpointError: the file's size or checksum differs from ``checksums.json``, or it is not UTF-8
             JSON (a ``ValueError`` subclass; the message names the file).
         ValueError: the file is JSON but not a plan this version reads (unknown format).
     """
     path = Path(directory) / PLAN_NAME
     if not path.is_file():
         return None
-    verify_file(path)
+    verify_file(path, verify)
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -467,9 +468,15 @@ def _strict_error(diffs: Sequence[Any], source: str) -> ValueError:
 
 
 def prepare_resume(
-    optimizer: torch.optim.Optimizer, scheduler: Any, checkpoint: str | os.PathLike, policy: str = "replan"
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    checkpoint: str | os.PathLike,
+    policy: str = "replan",
+    verify: str = DEFAULT_VERIFY,
 ) -> ResumeContext:
     """Read the checkpoint's plan and compare it with the new one, *before* ``optimizer.load_state_dict``.
+
+    ``verify`` is how much the plan file is checked against ``checksums.json`` (see :func:`load_plan`).
 
     Raises:
         ValueError: an unknown ``policy`` (with "did you mean"); ``policy="strict"`` and any difference
@@ -477,7 +484,7 @@ def prepare_resume(
     """
     policy = check_choice("lr_resume_policy", policy, LR_RESUME_POLICIES, what="lr resume policy")
     new_plan = resolve_plan(optimizer, scheduler)
-    saved_plan = load_plan(checkpoint)
+    saved_plan = load_plan(checkpoint, verify)
     diffs = compare_plans(saved_plan, new_plan) if saved_plan is not None else []
     if policy == "strict" and diffs:
         raise _strict_error(diffs, str(Path(checkpoint) / PLAN_NAME))

@@ -10,10 +10,10 @@ optimizer or schedule logic of its own. What it adds is the loop:
 * logging every ``logging_steps`` into ``state.log_history``, ``<output_dir>/log_history.jsonl`` and a
   tqdm bar; evaluation by ``eval_strategy``; metric-driven schedules stepped on the eval metric;
   schedule-free optimizers switched to ``eval()`` around evaluation and checkpointing;
-* checkpoints in transformers' layout, written atomically (:mod:`optsched.trainer.checkpoint`), and an
-  exact resume: model, optimizer, scheduler, RNG states and data position; plain objects in the optimizer
-  state (GaLore / APOLLO projectors) are stored as class path + attributes, so ``optimizer.pt`` still
-  loads with ``weights_only=True``, and are rebuilt only from the live optimizer's own packages;
+* checkpoints in transformers' layout, written atomically with a CRC-32 of every file
+  (:mod:`optsched.trainer.checkpoint`, which also stores GaLore / APOLLO projector objects as data), and
+  an exact resume: model, optimizer, scheduler, RNG states and data position; how much a resume checks
+  the files is ``args.checkpoint_verification`` (``"full"`` by default, or ``"size"``);
 * DDP under ``torchrun`` (:mod:`optsched.trainer.distributed`).
 * reliability (docs/reliability.md): a step with a NaN / inf loss or gradient norm is skipped, optimizer
   and scheduler both, and ``max_consecutive_nonfinite`` skips in a row stop training
@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -62,6 +61,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from optsched._validation import check_choice
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.callbacks import (
     CallbackHandler,
@@ -169,94 +169,6 @@ def optimizer_update_mode(optimizer: Any) -> str:
         if matches(optimizer):
             return mode
     return "step"
-
-
-#: Marks an object of the optimizer state stored as its class path and attributes (see _encode_objects).
-_OBJECT_KEY = "__optsched_object__"
-_UNTRUSTED_PACKAGES = frozenset({"builtins", "torch"})  # torch's optimizers keep tensors and numbers only
-
-
-def _encode_objects(value: Any) -> Any:
-    """The optimizer state with each plain-attribute object as ``{_OBJECT_KEY: "module:qualname", "attributes"}``.
-
-    GaLore / APOLLO keep a projector object per parameter in their state; pickled as is, ``torch.load``
-    with ``weights_only=True`` refuses it on resume. Tensors, numbers, strings and containers are kept;
-    an object without ``__dict__`` (or of a torch / builtin class) is left to torch's pickler.
-    """
-    if value is None or isinstance(value, (torch.Tensor, str, bytes, int, float, bool)):
-        return value
-    if isinstance(value, dict):
-        return {k: _encode_objects(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_encode_objects(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_encode_objects(v) for v in value)
-    cls = type(value)
-    if not _is_plain_object(value) or cls.__module__.split(".")[0] in _UNTRUSTED_PACKAGES:
-        return value
-    attributes = vars(value)
-    path = f"{cls.__module__}:{cls.__qualname__}"
-    return {_OBJECT_KEY: path, "attributes": _encode_objects(dict(attributes))}
-
-
-def _is_plain_object(value: Any) -> bool:
-    """An object pickle would rebuild as ``cls.__new__(cls)`` + its ``__dict__``: no custom reduce or state
-    protocol, no ``__slots__`` (so ``vars`` is its whole state)."""
-    cls = type(value)
-    return (
-        isinstance(getattr(value, "__dict__", None), dict)
-        and not hasattr(cls, "__slots__")
-        and cls.__reduce_ex__ is object.__reduce_ex__
-        and cls.__reduce__ is object.__reduce__
-        and getattr(cls, "__getstate__", object.__getstate__) is object.__getstate__
-        and not hasattr(cls, "__setstate__")
-        and cls.__new__ is object.__new__
-    )
-
-
-def _trusted_packages(optimizer: Any) -> frozenset[str]:
-    """Top-level packages of the optimizer's class and of its per-parameter optimizers' classes."""
-    classes = [type(optimizer), getattr(optimizer, "optimizer_cls", None)]
-    per_parameter = getattr(optimizer, "optimizer_dict", None) or {}
-    inner = getattr(optimizer, "optimizers", None) or list(per_parameter.values())
-    classes += [type(o) for o in inner if isinstance(o, torch.optim.Optimizer)]
-    packages = {c.__module__.split(".")[0] for c in classes if isinstance(c, type)}
-    return frozenset(packages - _UNTRUSTED_PACKAGES)
-
-
-def _decode_objects(value: Any, trusted: frozenset[str], where: str) -> Any:
-    """Rebuild what :func:`_encode_objects` tagged, without running any constructor or import.
-
-    An object is rebuilt only when its class lives in a module already imported from one of the
-    ``trusted`` packages (those of the live optimizer): ``cls.__new__(cls)`` then its attributes.
-
-    Raises:
-        CheckpointError: a tagged object of another package, or whose class cannot be found.
-    """
-    if isinstance(value, dict):
-        if _OBJECT_KEY not in value:
-            return {k: _decode_objects(v, trusted, where) for k, v in value.items()}
-        path = str(value[_OBJECT_KEY])
-        module_name, _, qualname = path.partition(":")
-        cls: Any = sys.modules.get(module_name) if module_name.split(".")[0] in trusted else None
-        for part in qualname.split(".") if cls is not None else ():
-            cls = getattr(cls, part, None)
-        attributes = value.get("attributes")
-        plain = isinstance(cls, type) and cls.__new__ is object.__new__ and not hasattr(cls, "__slots__")
-        if not plain or not isinstance(attributes, dict):
-            raise ckpt.CheckpointError(
-                f"{where} holds an object of {path!r}, which is not a class of the optimizer's own packages "
-                f"({', '.join(sorted(trusted)) or 'none'}) already imported; it was not rebuilt (a checkpoint "
-                "of another optimizer, or an untrusted file)."
-            )
-        obj = cls.__new__(cls)
-        obj.__dict__.update(_decode_objects(attributes, trusted, where))
-        return obj
-    if isinstance(value, list):
-        return [_decode_objects(v, trusted, where) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_decode_objects(v, trusted, where) for v in value)
-    return value
 
 
 def _extract_loss(outputs: Any) -> torch.Tensor | None:
@@ -882,7 +794,7 @@ class Trainer:
         plan = self._plan(len(loader) if has_length(loader) else None)
 
         if checkpoint is not None:
-            ckpt.load_model_weights(self.model, checkpoint)
+            ckpt.load_model_weights(self.model, checkpoint, verify=self._checkpoint_verify())
         if self._created_lr_scheduler:  # a later train() call gets a schedule for its own length
             self.lr_scheduler, self._created_lr_scheduler = None, False
         self._ensure_optimizer()
@@ -939,7 +851,8 @@ class Trainer:
 
     def _initial_state(self, plan: TrainingPlan, checkpoint: Path | None) -> TrainerState:
         if checkpoint is not None:
-            state = ckpt.load_trainer_state(checkpoint)  # a damaged file raises CheckpointError naming it
+            # a damaged file raises CheckpointError naming it
+            state = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify())
             if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
                 state.best_model_checkpoint = None
         else:
@@ -952,22 +865,28 @@ class Trainer:
         state.is_world_process_zero = self.dist.is_main_process
         return state
 
+    def _checkpoint_verify(self) -> str:
+        """How much a resume checks the checkpoint's files against ``checksums.json``
+        (:data:`optsched.trainer.checkpoint.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
+        level = getattr(self.args, "checkpoint_verification", ckpt.DEFAULT_VERIFY)
+        return check_choice("checkpoint_verification", level, ckpt.VERIFY_LEVELS, what="verification level")
+
     def _load_optimizer_and_scheduler(self, checkpoint: Path) -> None:
+        verify = self._checkpoint_verify()
         # the checkpoint's plan vs the new one, before the optimizer state overwrites the new settings
-        resume = prepare_resume(self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy)
-        opt_file, sched_file = checkpoint / ckpt.OPTIMIZER_NAME, checkpoint / ckpt.SCHEDULER_NAME
-        if opt_file.is_file():
-            saved = ckpt.safe_torch_load(opt_file, expect_keys=("state", "param_groups"))
-            saved = _decode_objects(saved, _trusted_packages(self.optimizer), str(opt_file))
-            ckpt.check_param_groups_match(self.optimizer.param_groups, saved["param_groups"], str(opt_file))
-            self.optimizer.load_state_dict(saved)
+        resume = prepare_resume(
+            self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify
+        )
+        sched_file = checkpoint / ckpt.SCHEDULER_NAME
+        if (checkpoint / ckpt.OPTIMIZER_NAME).is_file():
+            ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify)
         else:
             logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
-        saved_sched = ckpt.safe_torch_load(sched_file) if sched_file.is_file() else None
+        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if sched_file.is_file() else None
         restore_scheduler(self.lr_scheduler, self.optimizer, saved_sched, self.state.global_step, resume)
         scaler_file = checkpoint / ckpt.SCALER_NAME
         if self.scaler is not None and scaler_file.is_file():
-            self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file))
+            self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file, verify=verify))
 
     def _epoch_groups(self, loader: DataLoader, epoch: int, skip_updates: int) -> Iterator[list[Any]]:
         ga = self.args.gradient_accumulation_steps
@@ -1034,7 +953,7 @@ class Trainer:
             stepped = False
             for group in groups:
                 if rng_pending:  # restore after the data is positioned, right before the first forward
-                    ckpt.load_rng_state(checkpoint, self.dist)
+                    ckpt.load_rng_state(checkpoint, self.dist, verify=self._checkpoint_verify())
                     rng_pending = False
                 stepped = True
                 self.control = self.callback_handler.on_step_begin(args, state, self.control)
@@ -1268,7 +1187,7 @@ class Trainer:
             if not args.save_only_model:
                 if main:
                     # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
-                    torch.save(_encode_objects(self.optimizer.state_dict()), tmp / ckpt.OPTIMIZER_NAME)
+                    ckpt.save_optimizer_state(self.optimizer, tmp)
                     torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
                     if self.scaler is not None:
                         torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
