@@ -8,7 +8,7 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
   None)``: weights (``model.safetensors``), ``optimizer.pt``, ``scheduler.pt``, RNG state,
   ``trainer_state.json`` (optsched also writes ``training_args.json``; transformers ``training_args.bin``
   is written by ``save_model`` only at the end of training).
-* **load**: optsched ``checkpoint.load_model_weights`` + ``TrainerState.load_from_json`` +
+* **load**: optsched ``checkpoint.load_model_weights`` + ``checkpoint.load_trainer_state`` +
   ``Trainer._load_optimizer_and_scheduler`` + ``load_rng_state`` (what ``train(resume_from_checkpoint=)``
   runs) vs transformers ``_load_from_checkpoint`` + ``TrainerState.load_from_json`` +
   ``_load_optimizer_and_scheduler`` + ``_load_rng_state``.
@@ -52,12 +52,12 @@ def directory_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _optsched_side(num_params: float, out: Path) -> _Side:
+def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
     from optsched import Trainer, TrainingArguments
     from optsched.trainer import checkpoint as ckpt
-    from optsched.trainer.state import TrainerState
 
-    args = TrainingArguments(output_dir=str(out), disable_tqdm=True, use_cpu=True, report_to="none")
+    args = TrainingArguments(output_dir=str(out), disable_tqdm=True, use_cpu=True, report_to="none",
+                             checkpoint_verification=verify)
     trainer = Trainer(model=build_model(num_params), args=args)
     trainer.create_scheduler(num_training_steps=STEPS)
     trainer.optimizer.step()
@@ -72,10 +72,10 @@ def _optsched_side(num_params: float, out: Path) -> _Side:
         trainer.state.global_step = step
 
     def load(path: Path) -> None:
-        ckpt.load_model_weights(trainer.model, path)
-        trainer.state = TrainerState.load_from_json(path / ckpt.TRAINER_STATE_NAME)
-        trainer._load_optimizer_and_scheduler(path)
-        ckpt.load_rng_state(path, trainer.dist)
+        ckpt.load_model_weights(trainer.model, path, verify=verify)
+        trainer.state = ckpt.load_trainer_state(path, verify=verify)
+        trainer._load_optimizer_and_scheduler(path)  # reads args.checkpoint_verification
+        ckpt.load_rng_state(path, trainer.dist, verify=verify)
 
     return save, load, set_step
 
@@ -135,6 +135,7 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
         with contextlib.redirect_stdout(io.StringIO()):
             sides = {
                 "optsched": _optsched_side(num_params, root / "optsched"),
+                "optsched-size": _optsched_side(num_params, root / "optsched-size", verify="size"),
                 "transformers": _transformers_side(num_params, root / "transformers"),
             }
         save_t: dict[str, list[float]] = {k: [] for k in sides}
@@ -167,12 +168,16 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
     n = sum(p.numel() for p in build_model(num_params).parameters()) if quick else None
     label = f"{(n or num_params) / 1e6:.1f}M" if quick else f"{num_params / 1e6:.0f}M"
     rows = []
-    for what, times in (("save", save_t), ("load", load_t)):
-        ours, ref = statistics.median(times["optsched"]), statistics.median(times["transformers"])
-        print(f"checkpoint {what} {label}: ours {ours:.4g} s, reference {ref:.4g} s, ratio {ref / ours:.3g}", flush=True)
-        rows.append(Row(4, f"checkpoint {what} {label} + AdamW state", "s", ours, ref, "transformers Trainer",
+    # (what, timings, optsched side, how it is described): the default verification, then "size"
+    measured = [("save", save_t, "optsched", ""), ("load", load_t, "optsched", ""),
+                ("load", load_t, "optsched-size", " (checkpoint_verification='size')")]
+    for what, times, side, note in measured:
+        ours, ref = statistics.median(times[side]), statistics.median(times["transformers"])
+        print(f"checkpoint {what}{note} {label}: ours {ours:.4g} s, reference {ref:.4g} s, ratio {ref / ours:.3g}",
+              flush=True)
+        rows.append(Row(4, f"checkpoint {what}{note} {label} + AdamW state", "s", ours, ref, "transformers Trainer",
                         None, ref / ours, "no slower (ratio >= 1)", ref / ours >= 1.0,
-                        f"median of {rounds}; rounds: ours " + " ".join(f"{t:.3f}" for t in times["optsched"])
+                        f"median of {rounds}; rounds: ours " + " ".join(f"{t:.3f}" for t in times[side])
                         + ", reference " + " ".join(f"{t:.3f}" for t in times["transformers"])))
     ours_mb, ref_mb = size["optsched"] / 1e6, size["transformers"] / 1e6
     print(f"checkpoint bytes {label}: ours {ours_mb:.4g} MB, reference {ref_mb:.4g} MB, ratio {ref_mb / ours_mb:.3g}",

@@ -257,7 +257,8 @@ def test_optimizer_step_quick():
 def test_checkpoint_io_quick():
     rows = checkpoint_io.run(quick=True)
     _check_rows(rows, 4)
-    assert [r.unit for r in rows] == ["s", "s", "MB"]
+    assert [r.unit for r in rows] == ["s", "s", "s", "MB"]  # save, load, load (verification 'size'), bytes
+    assert "checkpoint_verification='size'" in rows[2].name
 
 
 def test_growth_quick_writes_the_plot(tmp_path):

@@ -61,7 +61,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from optsched._validation import check_choice
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.callbacks import (
     CallbackHandler,
@@ -868,8 +867,7 @@ class Trainer:
     def _checkpoint_verify(self) -> str:
         """How much a resume checks the checkpoint's files against ``checksums.json``
         (:data:`optsched.trainer.checkpoint.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
-        level = getattr(self.args, "checkpoint_verification", ckpt.DEFAULT_VERIFY)
-        return check_choice("checkpoint_verification", level, ckpt.VERIFY_LEVELS, what="verification level")
+        return self.args.checkpoint_verification  # validated by TrainingArguments
 
     def _load_optimizer_and_scheduler(self, checkpoint: Path) -> None:
         verify = self._checkpoint_verify()
