@@ -5,7 +5,6 @@ Both compare the final weights of an interrupted-then-resumed run with an uninte
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
