@@ -154,19 +154,25 @@ def _max_steps(name: str, value: Any) -> int:
     return steps
 
 
-def _warmup_steps(name: str, value: Any) -> int | float:
-    """An int >= 0 (steps) or a float in (0, 1) (a fraction of the total steps, transformers 5).
+def _count_or_ratio(name: str, value: Any, counts: str) -> int | float:
+    """A step count (``counts`` says which integers) or a float in (0, 1), a fraction of the total.
 
-    Unlike transformers, a float >= 1 with a fractional part (``2.5``) is refused instead of truncated.
+    A float with an integral value is the count (``10.0`` -> 10: transformers' parser makes floats);
+    unlike transformers, a float > 1 with a fractional part (``2.5``) is refused instead of truncated.
     """
     check_number(name, value, low=0)
     value = integral_to_int(value)
     if isinstance(value, float) and value > 1:
         raise ValueError(
-            f"{name}={value!r} is neither a step count nor a ratio; accepted: an integer >= 0 (steps) "
+            f"{name}={value!r} is neither a step count nor a ratio; accepted: {counts} "
             "or a float in (0, 1) (a fraction of the training steps)."
         )
     return value
+
+
+def _warmup_steps(name: str, value: Any) -> int | float:
+    """An int >= 0 (steps) or a float in (0, 1) (a fraction of the total steps, transformers 5)."""
+    return _count_or_ratio(name, value, "an integer >= 0 (steps)")
 
 
 def _steps_or_ratio(allow_none: bool) -> Check:
@@ -179,14 +185,7 @@ def _steps_or_ratio(allow_none: bool) -> Check:
     def check(name: str, value: Any) -> int | float | None:
         if value is None and allow_none:
             return None
-        check_number(name, value, low=0)
-        value = integral_to_int(value)
-        if isinstance(value, float) and value > 1:
-            raise ValueError(
-                f"{name}={value!r} is neither a step count nor a ratio; accepted: an integer >= 1 "
-                "or a float in (0, 1) (a fraction of the training steps)."
-            )
-        return value
+        return _count_or_ratio(name, value, "an integer >= 1")
 
     return check
 
