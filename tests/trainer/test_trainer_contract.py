@@ -73,6 +73,21 @@ def test_get_optimizer_cls_and_kwargs_override_is_used(model_factory, make_args)
     assert cls is torch.optim.SGD and kwargs["lr"] == 1e-2
 
 
+def test_get_decay_parameter_names_override_decides_the_groups(model_factory, make_args):
+    class OnlyInputWeightDecays(Trainer):
+        def get_decay_parameter_names(self, model):
+            return [n for n, _ in model.named_parameters() if n.endswith("inp.weight")]
+
+    args = make_args(weight_decay=0.1)
+    t = OnlyInputWeightDecays(model_factory(), args)
+    decay, no_decay = t.optimizer.param_groups
+    assert decay["param_names"] == ["inp.weight"] and decay["weight_decay"] == 0.1
+    assert "out.weight" in no_decay["param_names"] and no_decay["weight_decay"] == 0.0
+    assert t.args is args and args.decay_policy == "hf"  # the user's arguments are left as they were
+    # without the override: HF's rule (every weight of a non-norm layer decays)
+    assert "out.weight" in Trainer(model_factory(), make_args(weight_decay=0.1)).optimizer.param_groups[0]["param_names"]
+
+
 def test_optimizer_cls_and_kwargs(model_factory, make_args):
     t = Trainer(model_factory(), make_args(), optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.3}))
     assert isinstance(t.optimizer, torch.optim.SGD) and t.optimizer.param_groups[0]["lr"] == 0.3

@@ -45,6 +45,8 @@ then multiplied by the number of processes, since DDP averages gradients.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 import logging
@@ -300,8 +302,9 @@ class Trainer:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Set up ``self.optimizer`` with :func:`optsched.optim.create_optimizer` unless it is already set.
 
-        Honours ``optimizer_cls_and_kwargs`` and a subclass's override of
-        :meth:`get_optimizer_cls_and_kwargs`. Returns ``self.optimizer``.
+        Honours ``optimizer_cls_and_kwargs`` and a subclass's overrides of
+        :meth:`get_optimizer_cls_and_kwargs` and :meth:`get_decay_parameter_names`, as transformers
+        does. Returns ``self.optimizer``.
         """
         if self.optimizer is None:
             from optsched.optim import create_optimizer
@@ -311,9 +314,13 @@ class Trainer:
             cls_and_kwargs = self.optimizer_cls_and_kwargs
             if cls_and_kwargs is None and type(self).get_optimizer_cls_and_kwargs is not Trainer.get_optimizer_cls_and_kwargs:
                 cls_and_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = create_optimizer(
-                opt_model, self.args, cls_and_kwargs, num_training_steps=self._planned_steps()
-            )
+            args = self.args
+            if type(self).get_decay_parameter_names is not Trainer.get_decay_parameter_names:
+                # HF's create_optimizer groups by self.get_decay_parameter_names: honour a subclass's
+                # override by turning its names into the decay policy the group builder applies.
+                decay_names = frozenset(self.get_decay_parameter_names(opt_model))
+                args = dataclasses.replace(args, decay_policy=lambda info: info.name in decay_names)
+            self.optimizer = create_optimizer(opt_model, args, cls_and_kwargs, num_training_steps=self._planned_steps())
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
