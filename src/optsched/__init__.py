@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Constant": "optsched.schedules",
     "Warmup": "optsched.schedules",
     "Decay": "optsched.schedules",
+    "continue_schedule": "optsched.schedules",
     # parameter groups
     "get_decay_parameter_names": "optsched.params",
     "build_param_groups": "optsched.params",
@@ -122,7 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         parse_param_rules,
     )
     from optsched.plan import ExplainReport, explain
-    from optsched.schedules import Constant, Decay, Warmup
+    from optsched.schedules import Constant, Decay, Warmup, continue_schedule
     from optsched.optim.muon import MuonWithAdamW, build_muon, split_muon_groups
     from optsched.schedules import (
         ScheduleLR,

@@ -180,7 +180,12 @@ def test_fast_path_matches_reference(
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"):
             assert (key in opt.state[p]) == (key in state), key
             if key in state:
-                torch.testing.assert_close(opt.state[p][key], state[key], rtol=1e-4, atol=1e-30)
+                # exp_avg averages updates, which are normalised (lr-sized, ~3e-2 here whatever
+                # grad_scale is): where successive updates cancel, an element near 0 differs by float32
+                # rounding of lr-sized terms (1.9e-9 seen), so it gets an absolute floor far below lr.
+                # The second moments scale with grad**2 and keep a purely relative check.
+                atol = 1e-7 if key == "exp_avg" else 1e-30
+                torch.testing.assert_close(opt.state[p][key], state[key], rtol=1e-4, atol=atol)
 
 
 def test_fast_path_in_float64_matches_reference():

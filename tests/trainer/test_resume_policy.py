@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from optsched import Trainer, TrainingArguments
-from optsched.schedules import build_schedule, get_scheduler
+from optsched.schedules import get_scheduler
 from optsched.trainer.resume import (
     PLAN_NAME,
     ResumeContext,
     compare_plans,
-    continue_schedule,
     load_plan,
     prepare_resume,
     resolve_plan,
@@ -179,72 +176,6 @@ def test_unknown_policy_suggests_the_closest():
         TrainingArguments(lr_resume_policy="contine")
     with pytest.raises(TypeError, match="lr_resume_policy must be a string"):
         TrainingArguments(lr_resume_policy=1)
-
-
-# ---- the continued schedule, as a pure function ----------------------------------------------------
-
-
-def _planned(name: str, warmup: int, total: int, **kwargs):
-    return build_schedule(name, warmup, total, kwargs, reference_lr=1.0)
-
-
-# (name, kwargs, W, T, s0, m0, expected g(s) for s = s0, s0 + 1, ...)
-CONTINUE_TABLE = [
-    ("linear", {}, 2, 10, 4, 0.5, [0.5 * (10 - s) / 6 for s in range(4, 11)] + [0.0]),
-    ("cosine", {}, 0, 10, 5, 0.8, [0.8 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 5)) for s in range(5, 10)] + [0.0]),
-    ("polynomial", {"lr_end": 0.1, "power": 2.0}, 0, 8, 4, 0.6,
-     [0.1 + 0.5 * (1 - (s - 4) / 4) ** 2 for s in range(4, 9)] + [0.1]),
-    # warmup not finished: a line from m0 to the peak 1 at W, then the plan (linear 5 -> 20)
-    ("linear", {}, 5, 20, 2, 2 / 3, [2 / 3, 7 / 9, 8 / 9, 1.0, 14 / 15]),
-    # WSD: stable phase until 6, decay 6 -> 10 to min_lr_ratio 0.1 (linear decay_type)
-    ("warmup_stable_decay", {"num_decay_steps": 4, "decay_type": "linear", "min_lr_ratio": 0.1}, 2, 10, 3, 0.9,
-     [0.9, 0.9, 0.9, 0.9, 0.1 + 0.8 * 0.75, 0.1 + 0.8 * 0.5, 0.1 + 0.8 * 0.25, 0.1, 0.1]),
-    ("constant", {}, 0, 10, 3, 0.25, [0.25] * 5),
-    ("constant_with_warmup", {}, 4, 10, 6, 0.3, [0.3] * 5),
-    ("cosine_with_min_lr", {"min_lr_rate": 0.2}, 0, 4, 2, 0.5, [0.5, 0.2 + 0.3 * 0.5, 0.2, 0.2]),
-]
-
-
-@pytest.mark.parametrize(("name", "kwargs", "warmup", "total", "s0", "m0", "expected"), CONTINUE_TABLE)
-def test_continue_schedule_reference_values(name, kwargs, warmup, total, s0, m0, expected):
-    planned = _planned(name, warmup, total, **kwargs)
-    g = continue_schedule(planned, s0, m0)
-    assert g(s0) == m0  # exactly continuous
-    for s in range(s0):
-        assert g(s) == planned(s)
-    got = [g(s0 + i) for i in range(len(expected))]
-    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
-
-
-def test_continue_inverse_sqrt_scales_the_plan():
-    planned = _planned("inverse_sqrt", 2, 100)
-    g = continue_schedule(planned, 10, 0.3)
-    for s in (10, 20, 50):
-        assert g(s) == pytest.approx(0.3 * planned(s) / planned(10), rel=1e-12)
-
-
-DECAYING = [("linear", {}), ("cosine", {}), ("polynomial", {"lr_end": 0.05, "power": 1.5}),
-            ("cosine_with_min_lr", {"min_lr_rate": 0.1}), ("cosine_with_restarts", {"num_cycles": 1})]
-
-
-@settings(max_examples=60, deadline=None)
-@given(idx=st.integers(0, len(DECAYING) - 1), warmup=st.integers(0, 20), extra=st.integers(1, 60),
-       frac=st.floats(0, 0.999), m0=st.floats(0, 2))
-def test_continue_schedule_properties(idx, warmup, extra, frac, m0):
-    name, kwargs = DECAYING[idx]
-    total = warmup + extra
-    s0 = int(frac * total)
-    planned = _planned(name, warmup, total, **kwargs)
-    g = continue_schedule(planned, s0, m0)
-    floor = planned(total)
-    assert g(s0) == m0
-    assert g(total) == pytest.approx(floor, abs=1e-12) and g(total + 7) == pytest.approx(floor, abs=1e-12)
-    start = max(s0, warmup)
-    values = [g(s) for s in range(start, total + 1)]
-    lo, hi = min(floor, g(start)), max(floor, g(start), 1.0 if s0 < warmup else 0.0)
-    assert all(lo - 1e-12 <= v <= hi + 1e-12 for v in values)
-    if s0 >= warmup and m0 >= floor:  # a decay from m0 never rises
-        assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
 
 
 # ---- plans and their comparison ------------------------------------------------------------------

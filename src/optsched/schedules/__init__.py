@@ -4,12 +4,14 @@
 * :mod:`.catalog` -- every HF ``lr_scheduler_type`` built from them.
 * :mod:`.registry` -- names, aliases, kwargs validation, ``register_schedule``.
 * :mod:`.scheduler` -- ``ScheduleLR``, ``get_scheduler``, ``create_scheduler``.
+* :mod:`.continuation` -- ``continue_schedule``: a plan re-planned from a given multiplier (resume).
 * :mod:`.plateau`, :mod:`.greedy` -- the metric-driven ones (imported when used).
 * :mod:`.render` -- terminal chart and PNG of a curve.
 """
 
 from __future__ import annotations
 
+from optsched.schedules.continuation import Continuation, Lerp, continue_schedule
 from optsched.schedules.core import (
     Constant,
     Decay,
@@ -43,9 +45,11 @@ from optsched.schedules.scheduler import (
 
 __all__ = [
     "Constant",
+    "Continuation",
     "Decay",
     "InverseSqrt",
     "Join",
+    "Lerp",
     "Ramp",
     "Scale",
     "Schedule",
@@ -55,6 +59,7 @@ __all__ = [
     "Shift",
     "Warmup",
     "build_schedule",
+    "continue_schedule",
     "create_scheduler",
     "get_schedule_info",
     "get_scheduler",

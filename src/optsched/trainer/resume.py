@@ -12,7 +12,7 @@ the schedule's spec (``{name, num_warmup_steps, num_training_steps, kwargs}``, s
 * ``"replan"`` (default): the new plan applies from the resumed step ``s0``: each group's lr becomes
   ``new_plan.lr_at(s0)`` before the first step; a warning states the lr before and after.
 * ``"continue"``: the lr stays continuous and the rest of the new plan is re-planned from it
-  (:func:`continue_schedule`); a warning states the lr and what was re-planned.
+  (:func:`optsched.schedules.continue_schedule`); a warning states the lr and what was re-planned.
 * ``"strict"``: any difference is a ``ValueError`` listing every one of them.
 
 Under ``replan`` and ``continue`` the group settings of the new arguments (weight decay, betas, ...)
@@ -24,22 +24,21 @@ then jumps).
 
 from __future__ import annotations
 
-import bisect
 import copy
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from optsched._validation import check_choice, check_int, check_number
+from optsched._validation import check_choice
 from optsched.arguments import LR_RESUME_POLICIES
-from optsched.schedules.core import Constant, Decay, Join, Ramp, Scale, Shift, Warmup, join
+from optsched.schedules.continuation import Continuation, Lerp, continue_schedule  # re-exported: old home
 from optsched.trainer.checkpoint import DEFAULT_VERIFY, CheckpointError, verify_file
 
 logger = logging.getLogger(__name__)
@@ -287,131 +286,6 @@ def plan_differences(new_state: dict[str, Any], saved_state: dict[str, Any]) -> 
     if new_base is not None and old_base is not None and list(new_base) != list(old_base):
         diffs.append(f"base_lrs: {list(old_base)!r} -> {list(new_base)!r}")
     return diffs
-
-
-# ---- the continued schedule ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Lerp:
-    """``f(s) = end + (start - end) * schedule(s)`` for a ``schedule`` falling from 1 to 0.
-
-    ``f = start`` exactly where ``schedule`` is 1 and ``end`` exactly where it is 0, so a join at
-    either end is continuous to the bit. ``start`` may be above or below ``end`` (a decay or a rise).
-    """
-
-    schedule: Callable[[int], float]
-    start: float
-    end: float
-
-    def __call__(self, step: int) -> float:
-        v = float(self.schedule(step))
-        if v == 1.0:
-            return float(self.start)
-        if v == 0.0:
-            return float(self.end)
-        return self.end + (self.start - self.end) * v
-
-
-@dataclass(frozen=True)
-class Continuation:
-    """A plan continued from multiplier ``multiplier`` at step ``from_step`` (see :func:`continue_schedule`).
-
-    ``planned`` is the new plan's function; ``curve`` the continued one (``planned`` before
-    ``from_step``: those steps belong to the checkpoint's run, its log has the lrs they used).
-    """
-
-    planned: Callable[[int], float]
-    from_step: int
-    multiplier: float
-    curve: Callable[[int], float] = field(repr=False, compare=False)
-
-    def __call__(self, step: int) -> float:
-        return float(self.curve(step))
-
-    def record(self) -> dict[str, Any]:
-        """What the plan file stores to rebuild it: ``{"from_step", "multiplier"}``."""
-        return {"from_step": self.from_step, "multiplier": self.multiplier}
-
-
-def _pieces(schedule: Callable[[int], float]) -> tuple[tuple[Callable[[int], float], ...], tuple[int, ...]]:
-    if isinstance(schedule, Continuation):
-        schedule = schedule.planned
-    if isinstance(schedule, Join):
-        return schedule.schedules, schedule.boundaries
-    return (schedule,), ()
-
-
-def _find_decay(pieces: Sequence[Any], starts: Sequence[int], s0: int) -> tuple[Decay, int] | None:
-    """The plan's decay block and the step where its progress is 0: the first one not over at ``s0``."""
-    found = []
-    for piece, start in zip(pieces, starts):
-        by = 0
-        if isinstance(piece, Shift):
-            piece, by = piece.schedule, piece.by
-        if isinstance(piece, Decay):
-            found.append((piece, start - by))
-    for decay, begin in found:
-        if begin + decay.num_steps > s0:
-            return decay, begin
-    return found[-1] if found else None
-
-
-def continue_schedule(planned: Callable[[int], float], from_step: int, multiplier: float) -> Continuation:
-    """Re-plan the rest of ``planned`` so it starts at ``multiplier`` at step ``from_step``.
-
-    With ``s0 = from_step``, ``m0 = multiplier`` and ``g`` the result (``g(s0) = m0`` exactly;
-    ``g(s) = planned(s)`` for ``s < s0``):
-
-    * warmup not finished (``planned`` is a join whose first piece is a ``Warmup`` / ``Ramp`` ending at
-      ``W > s0``): a straight line from ``m0`` at ``s0`` to the peak 1 at ``W``, then ``planned(s)``
-      (its stable phase and decay as planned). A cosine or 1-sqrt warmup is re-planned as a line.
-    * a decay block ``Decay(n, shape, end=r)`` whose progress is 0 at step ``b`` and that is not over
-      at ``s0`` (``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial``, the ``*_min_lr`` and
-      ``warmup_stable_decay`` schedules): ``g(s) = r + (m0 - r) * shape(p)``, the plan's own shape
-      rescaled to start at ``m0``, where ``p`` runs from 0 at ``max(s0, b)`` to 1 at the plan's end
-      ``b + n``; before ``b`` (a stable phase not reached yet) ``g`` holds ``m0``. So ``g`` reaches the
-      plan's floor ``r`` (0 for linear and cosine, ``lr_end / lr`` for polynomial, ``min_lr_rate``, WSD's
-      ``min_lr_ratio``) at the plan's last step and holds it after. ``m0`` below ``r`` rises to ``r``.
-    * no decay left (``constant``, ``constant_with_warmup`` after its warmup, a decay already over):
-      ``g`` holds ``m0``.
-    * any other piece without an end (``inverse_sqrt``): ``g(s) = m0 * planned(s) / planned(s0)``.
-
-    Raises:
-        ValueError: ``planned(s0) == 0`` for a piece that can only be scaled.
-    """
-    s0 = check_int("from_step", from_step, low=0)
-    m0 = float(check_number("multiplier", multiplier, low=0.0))
-    pieces, bounds = _pieces(planned)
-    planned = planned.planned if isinstance(planned, Continuation) else planned
-    starts = (0, *bounds)
-    warm_end = bounds[0] if bounds and isinstance(pieces[0], (Warmup, Ramp)) else 0
-    if s0 < warm_end:
-        ramp = Lerp(Decay(warm_end - s0, "linear"), m0, 1.0)
-        rest: list[Callable[[int], float]] = [ramp, Shift(planned, warm_end)]
-        cuts = [s0, warm_end]
-    else:
-        found = _find_decay(pieces, starts, s0)
-        current = pieces[bisect.bisect_right(bounds, s0)]
-        if found is not None and found[1] + found[0].num_steps > s0:
-            decay, begin = found
-            end_step = begin + decay.num_steps
-            first = max(s0, begin)
-            tail = Lerp(Decay(end_step - first, decay.shape, 0.0, decay.params), m0, decay.end)
-            rest, cuts = ([Constant(m0), tail], [s0, begin]) if begin > s0 else ([tail], [s0])
-        elif found is not None or isinstance(current, Constant):
-            rest, cuts = [Constant(m0)], [s0]
-        else:
-            at = float(planned(s0))
-            if at <= 0.0:
-                raise ValueError(
-                    f"lr_resume_policy='continue' cannot re-plan {type(current).__name__} from step {s0}: "
-                    "the plan's multiplier there is 0, so it cannot be scaled to the current lr; "
-                    "accepted: lr_resume_policy='replan'."
-                )
-            rest, cuts = [Shift(Scale(planned, m0 / at), s0)], [s0]
-    curve = join([planned, *rest], cuts)
-    return Continuation(planned, s0, m0, curve)
 
 
 # ---- the resume ------------------------------------------------------------------------------------
