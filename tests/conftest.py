@@ -37,8 +37,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
     import torch
 
     torch.manual_seed(0)
     yield
+    # A test that changes the thread count (the benchmarks' --threads, the demo) leaves the next
+    # one the single thread it expects.
+    torch.set_num_threads(1)

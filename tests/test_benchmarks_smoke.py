@@ -38,13 +38,6 @@ def _frozen_heap():
     gc.unfreeze()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- formulas ---------------------------------------------------------------------------------------
 
