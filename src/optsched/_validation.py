@@ -23,6 +23,7 @@ __all__ = [
     "check_number",
     "check_step_count",
     "integral_to_int",
+    "loads_json",
     "closest",
     "did_you_mean",
     "missing_package",
@@ -150,6 +151,17 @@ def check_bool(field: str, value: Any, allow_none: bool = False) -> bool | None:
     return value
 
 
+def loads_json(field: str, text: str, accepted: str) -> Any:
+    """``json.loads(text)``; invalid JSON is a ``ValueError`` naming the field, the value, where the
+    parser stopped and ``accepted`` (what the field takes, with an example)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{field}={text!r} is not valid JSON ({exc.msg} at column {exc.colno}); accepted: {accepted}."
+        ) from None
+
+
 def parse_json_mapping(field: str, value: Any) -> dict[str, Any]:
     """Accept ``None``, a mapping, or a JSON object string; return a new ``dict``.
 
@@ -165,13 +177,7 @@ def parse_json_mapping(field: str, value: Any) -> dict[str, Any]:
         text = value.strip()
         if not text:
             return {}
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{field}={value!r} is not valid JSON ({exc.msg} at column {exc.colno}); "
-                'accepted: a dict or a JSON object string such as \'{"power": 2.0}\'.'
-            ) from None
+        parsed = loads_json(field, value, 'a dict or a JSON object string such as \'{"power": 2.0}\'')
         if not isinstance(parsed, dict):
             raise ValueError(
                 f"{field}={value!r} is JSON but not an object; accepted: a dict or a JSON object string."

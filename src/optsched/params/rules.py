@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from optsched._validation import check_bool, check_number, closest, did_you_mean
+from optsched._validation import check_bool, check_number, closest, did_you_mean, loads_json
 
 __all__ = [
     "RESERVED_GROUP_KEYS",
@@ -260,13 +260,9 @@ def parse_param_rules(rules: Any, field_name: str = "param_rules") -> tuple[Para
         text = rules.strip()
         if not text:
             return ()
-        try:
-            rules = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{field_name}={rules!r} is not valid JSON ({exc.msg} at column {exc.colno}); accepted: a "
-                'list of rules such as \'[{"params": "*.bias", "weight_decay": 0.0}]\'.'
-            ) from None
+        rules = loads_json(
+            field_name, rules, 'a list of rules such as \'[{"params": "*.bias", "weight_decay": 0.0}]\''
+        )
     if isinstance(rules, Mapping) or not isinstance(rules, (list, tuple)):
         raise TypeError(
             f"{field_name} must be a list of rule dicts (or a JSON list), got {type(rules).__name__} "
