@@ -8,7 +8,8 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
   None)``: weights (``model.safetensors``), ``optimizer.pt``, ``scheduler.pt``, RNG state,
   ``trainer_state.json`` (optsched also writes ``training_args.json``; transformers ``training_args.bin``
   is written by ``save_model`` only at the end of training).
-* **load**: optsched ``checkpoint.load_model_weights`` + ``checkpoint.load_trainer_state`` +
+* **load**: optsched ``checkpoint.load_weights_and_read_optimizer`` (a worker thread checks and copies
+  the weights and checks the optimizer file while ``torch.load`` parses it) + ``load_trainer_state`` +
   ``Trainer._load_optimizer_and_scheduler`` + ``load_rng_state`` (what ``train(resume_from_checkpoint=)``
   runs) vs transformers ``_load_from_checkpoint`` + ``TrainerState.load_from_json`` +
   ``_load_optimizer_and_scheduler`` + ``_load_rng_state``.
@@ -16,9 +17,12 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
 
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
 goes first, with ``os.sync()`` untimed before each save so that neither pays
-for the other's writeback), then loads both. Medians over rounds. Writes go to the page cache (no
-fsync on either side) and loads read a file just written, so these are the costs of the code paths
-(serialisation, copies), not of the disk.
+for the other's writeback), then loads both. Medians over rounds. Writes go to the page cache of the temp dir's disk (no fsync
+on either side) and loads read a file just written: where real checkpoints live. A 600 MB save there
+runs either at page-cache speed (~0.3 s) or throttled by the kernel's writeback (~1.5 s), whichever
+side it falls on: the save figure is only good to tens of percent. ``--dir /dev/shm`` measures in RAM
+(tmpfs) instead: no writeback, so save times are steady, but every read of a tmpfs page is ~5x slower
+than of a disk file's page cache (~7 vs ~33 GB/s here), which weighs on optsched's CRC pass.
 
 Run: ``python -m benchmarks.checkpoint_io [--quick] [--rounds 6] [--params 50e6]``
 """
@@ -71,10 +75,10 @@ def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
     def set_step(step: int) -> None:
         trainer.state.global_step = step
 
-    def load(path: Path) -> None:
-        ckpt.load_model_weights(trainer.model, path, verify=verify)
+    def load(path: Path) -> None:  # what train(resume_from_checkpoint=path) runs, in its order
+        saved_optimizer = ckpt.load_weights_and_read_optimizer(trainer.model, path, verify)  # two threads
         trainer.state = ckpt.load_trainer_state(path, verify=verify)
-        trainer._load_optimizer_and_scheduler(path)  # reads args.checkpoint_verification
+        trainer._load_optimizer_and_scheduler(path, saved_optimizer)  # reads args.checkpoint_verification
         ckpt.load_rng_state(path, trainer.dist, verify=verify)
 
     return save, load, set_step
@@ -120,17 +124,20 @@ def _check_same_state(ours: Path, theirs: Path) -> None:
                            f"transformers {len(b)} x {sorted(b[0])}")
 
 
-def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None) -> list[Row]:
+def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None,
+         directory: str | None = None) -> list[Row]:
     """Question 4; returns the report rows (save seconds, load seconds, bytes on disk).
 
     Args:
         quick: a 200k-parameter model and 2 rounds (smoke test).
         num_params: model size (default 50M).
-        rounds: timed rounds (default 5).
+        rounds: timed rounds (default 6).
+        directory: where the checkpoints go (default: the temp dir).
     """
     num_params = num_params or (2e5 if quick else 50e6)
     rounds = rounds or (2 if quick else 6)  # even: each side goes first equally often
-    root = Path(tempfile.mkdtemp(prefix="optsched-bench-ckpt-"))
+    ram = directory is not None and Path(directory).resolve().is_relative_to("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="optsched-bench-ckpt-", dir=directory))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             sides = {
@@ -151,6 +158,8 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
                 os.sync()  # start each save with no dirty pages: the other side's writeback is not timed
                 box: list[Path] = []
                 seconds = time_once(lambda: box.append(sides[name][0]()))
+                if ram and name in paths and paths[name] != box[0]:
+                    shutil.rmtree(paths[name])  # RAM: keep one checkpoint per side (deleting costs nothing here)
                 paths[name] = box[0]
                 if r:
                     save_t[name].append(seconds)
@@ -189,10 +198,11 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
     return rows
 
 
-def run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None) -> list[Row]:
+def run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None,
+        directory: str | None = None) -> list[Row]:
     """Question 4 (see :func:`_run`), with log records and warnings silenced while it runs."""
     with quiet():
-        return _run(quick, num_params=num_params, rounds=rounds)
+        return _run(quick, num_params=num_params, rounds=rounds, directory=directory)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -200,8 +210,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
     parser.add_argument("--params", type=float, default=None, help="model parameters (default 50e6)")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--dir", default=None, help="where the checkpoints go (default: the temp dir; /dev/shm: in RAM)")
     opts = parser.parse_args(argv)
-    return run(opts.quick, num_params=opts.params, rounds=opts.rounds)
+    return run(opts.quick, num_params=opts.params, rounds=opts.rounds, directory=opts.dir)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,7 @@ def test_checkpoint_io_quick():
     _check_rows(rows, 4)
     assert [r.unit for r in rows] == ["s", "s", "s", "MB"]  # save, load, load (verification 'size'), bytes
     assert "checkpoint_verification='size'" in rows[2].name
+    assert rows[3].met, rows[3].note  # bytes, unlike times, are exact: no larger than transformers' checkpoint
 
 
 def test_growth_quick_writes_the_plot(tmp_path):

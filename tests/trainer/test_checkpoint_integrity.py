@@ -118,7 +118,7 @@ def _big_torch_file(directory: Path, name: str = "optimizer.pt") -> Path:
     path = directory / name
     state = {"state": {0: {"exp_avg": torch.arange(300_000, dtype=torch.float32)}}, "param_groups": [{"lr": 0.1}]}
     torch.save(state, path)
-    assert path.stat().st_size >= ckpt.ZIP_CHECK_MIN_BYTES
+    assert path.stat().st_size >= ckpt.OVERLAP_MIN_BYTES  # large enough to be checked on the worker thread
     return path
 
 
@@ -127,12 +127,24 @@ def _tensor_byte_offset(path: Path) -> int:
     return path.stat().st_size // 2
 
 
-def test_a_large_torch_file_is_checked_through_its_zip_crcs(tmp_path):
+def test_a_large_torch_file_gets_a_whole_file_crc(tmp_path):
+    """One GIL-free CRC call per file: what a load can run beside torch.load (see write_checksums)."""
     path = _big_torch_file(tmp_path)
     ckpt.write_checksums(tmp_path)
     entry = json.loads((tmp_path / ckpt.CHECKSUMS_NAME).read_text())["files"][path.name]
+    assert entry == {"size": path.stat().st_size, "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
+    data = bytearray(path.read_bytes())
+    data[_tensor_byte_offset(path)] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt is damaged: its CRC-32 is"):
+        ckpt.safe_torch_load(path)
+
+
+def test_a_zip_crc32_entry_of_optsched_0_1_0_is_checked_through_the_records(tmp_path):
+    """checksums.json of optsched 0.1.0 asked for the records' own CRC-32s; such checkpoints still load."""
+    path = _big_torch_file(tmp_path)
+    _write_zip_crc32_entry(path)
     records = ckpt.zip_records(path)
-    assert entry == {"size": path.stat().st_size, "zip_crc32": len(records)}
     assert any(r.file_size == 300_000 * 4 for r in records)  # the tensor's bytes are one record
     ckpt.verify_file(path)
     data = bytearray(path.read_bytes())
@@ -156,9 +168,15 @@ def test_a_torch_file_without_checksums_json_is_still_checked(tmp_path):
         ckpt.safe_torch_load(path)
 
 
+def _write_zip_crc32_entry(path: Path) -> None:
+    """checksums.json as optsched 0.1.0 wrote it for a large torch file: check the records' own CRC-32s."""
+    entry = {"size": path.stat().st_size, "zip_crc32": len(ckpt.zip_records(path))}
+    (path.parent / ckpt.CHECKSUMS_NAME).write_text(json.dumps({"algorithm": "crc32", "files": {path.name: entry}}))
+
+
 def test_a_torch_file_whose_zip_directory_is_destroyed_is_named(tmp_path):
     path = _big_torch_file(tmp_path)
-    ckpt.write_checksums(tmp_path)
+    _write_zip_crc32_entry(path)
     data = bytearray(path.read_bytes())
     data[-22:] = b"\x00" * 22  # the end-of-central-directory record
     path.write_bytes(bytes(data))

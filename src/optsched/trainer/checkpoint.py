@@ -3,7 +3,8 @@
 ``output_dir/checkpoint-{global_step}/`` holds::
 
     model.safetensors      weights (tied tensors stored once; safetensors refuses shared storage)
-    optimizer.pt           optimizer.state_dict()       (param groups carry ``name`` / ``param_names``)
+    optimizer.pt           optimizer.state_dict()       (param groups carry ``name`` / ``param_names``;
+                                                         small tensors share one record)
     scheduler.pt           lr_scheduler.state_dict()
     scaler.pt              GradScaler state (fp16 only)
     rng_state.pth          python / numpy / torch CPU / CUDA RNG states (rng_state_{rank}.pth under DDP)
@@ -21,11 +22,14 @@ size or checksum that differs from ``checksums.json``) raises :class:`Checkpoint
 and what is wrong; loading never writes anything.
 
 Cost (50M parameters + AdamW state, 605 MB; ``benchmarks/checkpoint_io.py``): the checksums are one
-CRC-32 pass over the page cache through a memory map (no copy), ~0.13 s on save and, with
-``verify="full"`` (the default, :data:`VERIFY_LEVELS`), ~0.13 s on load; ``verify="size"`` skips the
-load pass and then reads exactly what transformers reads. Plain objects in an optimizer state (GaLore /
-APOLLO projectors) are stored as class path + attributes (:func:`encode_objects`), so ``optimizer.pt``
-still loads with ``weights_only=True``.
+CRC-32 pass over the page cache through a memory map (no copy; zlib-ng, ~25 ms), run on a worker
+thread while the next file is written (:func:`checksum_in_background`); a resume with
+``verify="full"`` (the default, :data:`VERIFY_LEVELS`) checks and copies the weights on a worker thread
+while ``torch.load`` reads the optimizer file (:func:`load_weights_and_read_optimizer`), which makes it
+as fast as transformers' unchecked one. Small optimizer-state tensors share one zip record
+(:func:`pack_small_tensors`): the checkpoint is smaller than transformers'. Plain objects in an
+optimizer state (GaLore / APOLLO projectors) are stored as class path + attributes
+(:func:`encode_objects`), so ``optimizer.pt`` still loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ import re
 import shutil
 import struct
 import sys
+import threading
 import zipfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +67,11 @@ __all__ = [
     "CHECKSUMS_NAME",
     "CHECKSUM_ALGORITHM",
     "CHECKSUM_ALGORITHMS",
-    "ChecksumAlgorithm",
-    "CheckpointError",
     "DEFAULT_VERIFY",
     "OBJECT_KEY",
     "OPTIMIZER_NAME",
+    "OVERLAP_MIN_BYTES",
+    "PACK_MAX_BYTES",
     "PREFIX_CHECKPOINT_DIR",
     "RNG_STATE_NAME",
     "SCALER_NAME",
@@ -73,7 +80,12 @@ __all__ = [
     "TRAINING_ARGS_NAME",
     "VERIFY_LEVELS",
     "WEIGHTS_NAME",
+    "CheckpointError",
+    "ChecksumAlgorithm",
+    "apply_model_weights",
     "check_param_groups_match",
+    "checksum_in_background",
+    "crc32",
     "decode_objects",
     "encode_objects",
     "file_checksum",
@@ -84,6 +96,10 @@ __all__ = [
     "load_optimizer_state",
     "load_rng_state",
     "load_trainer_state",
+    "load_weights_and_read_optimizer",
+    "pack_small_tensors",
+    "read_model_weights",
+    "read_optimizer_state",
     "rotate_checkpoints",
     "safe_torch_load",
     "save_model_weights",
@@ -91,6 +107,8 @@ __all__ = [
     "save_rng_state",
     "staged_checkpoint",
     "trusted_packages",
+    "unpack_small_tensors",
+    "verified_while_parsing",
     "verify_file",
     "write_checksums",
     "zip_records",
@@ -115,6 +133,24 @@ class CheckpointError(ValueError):
 
 
 # ---- integrity ------------------------------------------------------------------------------------
+
+
+def _load_crc32() -> Callable[..., int]:
+    """zlib-ng's CRC-32 when it is installed, else the standard library's: the same function and values.
+
+    zlib-ng folds with carry-less multiplication (~35 GB/s on this machine's page cache) where CPython's
+    zlib 1.2 runs a table loop (~6 GB/s): on a 600 MB checkpoint, ~17 ms instead of ~100 ms. Both
+    release the GIL on large buffers, which :func:`verified_while_parsing` relies on.
+    """
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # a platform without a zlib-ng wheel (see pyproject.toml): slower, same result
+        return zlib.crc32
+    return zlib_ng.crc32
+
+
+#: ``crc32(data, value=0) -> int``, the zip / gzip CRC-32 (IEEE 802.3 polynomial).
+crc32 = _load_crc32()
 
 
 @dataclass(frozen=True)
@@ -142,28 +178,25 @@ def _sha256_update(data: Any, running: Any) -> Any:
 
 
 #: Checksums a checkpoint can carry. ``crc32`` is what :func:`write_checksums` writes: it detects every
-#: burst error up to 32 bits and any truncation (sizes are checked too) at ~5 GB/s, 4x SHA-256 here;
+#: burst error up to 32 bits and any truncation (sizes are checked too) at ~35 GB/s (zlib-ng), 30x SHA-256;
 #: refusing a *crafted* file is ``weights_only``'s job, not the checksum's. ``sha256`` is read for
 #: checkpoints written by optsched before the switch.
 CHECKSUM_ALGORITHMS: dict[str, ChecksumAlgorithm] = {
-    "crc32": ChecksumAlgorithm("crc32", "CRC-32", zlib.crc32, lambda: 0, lambda v: f"{v:08x}"),
+    "crc32": ChecksumAlgorithm("crc32", "CRC-32", crc32, lambda: 0, lambda v: f"{v:08x}"),
     "sha256": ChecksumAlgorithm("sha256", "SHA-256", _sha256_update, hashlib.sha256, lambda h: h.hexdigest()),
 }
 CHECKSUM_ALGORITHM = "crc32"
 
 #: How much a load checks a file before parsing it (``verify=`` of the loaders; the Trainer reads
 #: ``args.checkpoint_verification``): ``"full"``: size and CRC-32 of every byte (a flipped bit anywhere
-#: is caught; one pass over the page cache, ~0.13 s per 600 MB); ``"size"``: sizes only (a truncated or
-#: extended file is caught, a same-size corruption only where torch / safetensors / JSON cannot parse
-#: it; no extra pass: the load then costs what transformers' does).
+#: is caught; one pass over the page cache, ~25 ms per 600 MB, beside the parser on a worker thread);
+#: ``"size"``: sizes only (a truncated or extended file is caught, a same-size corruption only where
+#: torch / safetensors / JSON cannot parse it; no pass at all).
 VERIFY_LEVELS = ("full", "size")
 DEFAULT_VERIFY = "full"
 
 _ZIP_MAGIC = b"PK\x03\x04"  # a zip local file header: how every torch.save file starts
 _ZIP_LOCAL_HEADER_SIZE = 30  # fixed part of a local file header, before its name and extra field
-#: From this size on, a torch file is checked through its records' own CRC-32s (no pass on save); a
-#: smaller one gets a CRC-32 of all its bytes, zip headers and alignment padding included.
-ZIP_CHECK_MIN_BYTES = 1 << 20
 
 
 @contextmanager
@@ -241,18 +274,44 @@ def _bad_zip_records(path: Path, records: Sequence[zipfile.ZipInfo]) -> list[str
             name_size, extra_size = struct.unpack_from("<HH", header, 26)
             first = start + _ZIP_LOCAL_HEADER_SIZE + name_size + extra_size
             with data[first : first + record.compress_size] as body:
-                if len(body) != record.compress_size or zlib.crc32(body) != record.CRC:
+                if len(body) != record.compress_size or crc32(body) != record.CRC:
                     bad.append(record.filename)
     return bad
 
 
 def _checksum_entry(path: Path, algorithm: str) -> dict[str, Any]:
-    """``{"size", "zip_crc32": <records>}`` for a large torch file with CRCs, else ``{"size", algorithm: digest}``."""
-    size = path.stat().st_size
-    records = zip_records(path) if algorithm == "crc32" and size >= ZIP_CHECK_MIN_BYTES else None
-    if records is not None:
-        return {"size": size, "zip_crc32": len(records)}
-    return {"size": size, algorithm: file_checksum(path, algorithm)}
+    """``{"size": bytes, algorithm: digest of the whole file}``, from :func:`checksum_in_background` when
+    it computed this very file (same path, size and modification time), else computed now."""
+    stat = path.stat()
+    with _EARLY_LOCK:
+        early = _EARLY.pop((str(path.resolve()), stat.st_size, stat.st_mtime_ns, algorithm), None)
+    return {"size": stat.st_size, algorithm: early.result() if early is not None else file_checksum(path, algorithm)}
+
+
+_EARLY_LOCK = threading.Lock()
+_EARLY: OrderedDict[tuple[str, int, int, str], Future[str]] = OrderedDict()
+_EARLY_MAX = 64  # entries nobody asked for (a save that failed later) are dropped, oldest first
+_CHECKSUM_WORKER: ThreadPoolExecutor | None = None
+
+
+def checksum_in_background(path: str | os.PathLike, algorithm: str = CHECKSUM_ALGORITHM) -> None:
+    """Start the checksum of a file that is complete, on a worker thread, for :func:`write_checksums`.
+
+    The Trainer calls this for ``optimizer.pt`` and ``model.safetensors`` as soon as each is written,
+    so their CRC passes (~25 ms per 600 MB) run while the next file is being written instead of after
+    the last one. The result is used only for the same path, size and modification time; the file
+    must not change in between (a changed file gets a new modification time and is checksummed again).
+    """
+    global _CHECKSUM_WORKER
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, algorithm)
+    with _EARLY_LOCK:
+        if _CHECKSUM_WORKER is None:
+            _CHECKSUM_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optsched-checksum")
+        _EARLY[key] = _CHECKSUM_WORKER.submit(file_checksum, path, algorithm)
+        while len(_EARLY) > _EARLY_MAX:
+            _EARLY.popitem(last=False)
 
 
 def write_checksums(directory: str | os.PathLike, algorithm: str = CHECKSUM_ALGORITHM) -> Path:
@@ -260,12 +319,12 @@ def write_checksums(directory: str | os.PathLike, algorithm: str = CHECKSUM_ALGO
 
     Covers every regular file in ``directory`` (not in sub-directories), so a later load can tell a
     truncated or bit-flipped file from a good one before parsing it. An entry is ``{"size": bytes,
-    "crc32": "<8 hex digits>"}`` (the whole file's CRC-32, computed over the page cache, where the file
-    was just written) or, for a ``torch.save`` file of :data:`ZIP_CHECK_MIN_BYTES` or more,
-    ``{"size": bytes, "zip_crc32": <record count>}``: its records' own CRC-32s (:func:`zip_records`),
-    which torch computed while writing, so the 400 MB of an AdamW state cost no extra pass; they cover
-    every byte ``torch.load`` reads (not the zip's alignment padding). Cost: ~0.04 s per 200 MB of
-    safetensors weights.
+    "crc32": "<8 hex digits>"}``: the whole file's CRC-32, computed over the page cache, where the file
+    was just written (~20 ms per 600 MB with zlib-ng). A whole-file CRC is one call that releases the
+    GIL, so a load checks it beside the parser (:func:`verified_while_parsing`); checking a torch file
+    through its records' own CRC-32s instead (what checksums.json files of optsched 0.1.0 ask for with
+    ``"zip_crc32": <record count>``, still read) costs no pass on save, but one call per record, which
+    contends with ``torch.load``'s Python unpickler for the GIL and ran 3x slower beside it.
     """
     directory = Path(directory)
     files = {
@@ -367,6 +426,73 @@ def verify_file(path: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:
             f"{path} is damaged: its {label} is {_short(digest)}, but {_short(expected)} was written "
             f"(same size, different bytes; see {CHECKSUMS_NAME})."
         )
+
+
+#: From this size on, ``verify="full"`` runs its CRC pass on a worker thread while the file is parsed.
+OVERLAP_MIN_BYTES = 1 << 20
+
+
+@contextmanager
+def _running_beside(task: Callable[[], None]) -> Iterator[None]:
+    """Run ``task`` on a worker thread while the body of the ``with`` runs; on exit wait for it.
+
+    The task's exception is raised on exit, and in place of the body's own one when both fail (the
+    task checks the files the body parses: a damaged file is the cause of the body's error).
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            task()
+        except BaseException as exc:  # handed to the calling thread, raised there
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="optsched-checkpoint", daemon=True)
+    worker.start()
+    try:
+        yield
+    except BaseException:
+        worker.join()
+        if failure:
+            raise failure[0] from None
+        raise
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+@contextmanager
+def verified_while_parsing(paths: str | os.PathLike | Sequence[str | os.PathLike], verify: str) -> Iterator[None]:
+    """Check files (:func:`verify_file`) while the body of the ``with`` parses them.
+
+    The size checks run first, inline. With ``verify="full"`` the CRC passes over the files of
+    :data:`OVERLAP_MIN_BYTES` or more then run on a worker thread, in order: the CRC releases the GIL,
+    so it overlaps torch / safetensors reading the same page-cached bytes on another core instead of
+    adding a pass. The body must only parse into new objects (nothing it does may be kept if the check
+    fails): it runs before the verdict. A damaged file raises :class:`CheckpointError` on exit even
+    when the body parsed it, and in place of the body's own error (the damage is its cause). Loaders
+    called inside may be given ``verify="size"``: the full check is this one's.
+
+    Example::
+
+        with verified_while_parsing(optimizer_file, "full"):
+            state = safe_torch_load(optimizer_file, verify="size")   # parse only
+        optimizer.load_state_dict(state)                             # applied once the file passed
+    """
+    verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
+    files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    background = []
+    for path in files:
+        if verify == "full" and path.stat().st_size >= OVERLAP_MIN_BYTES:
+            verify_file(path, "size")  # a truncated file is refused before anything reads it
+            background.append(path)
+        else:
+            verify_file(path, verify)
+    if not background:
+        yield
+        return
+    with _running_beside(lambda: [verify_file(path, "full") for path in background]):
+        yield
 
 
 # ---- finding and rotating checkpoints -------------------------------------------------------------
@@ -475,28 +601,108 @@ def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:
     """Load ``model.safetensors`` into ``model`` in place (strict: every tensor must match).
 
-    The file is checked first (:func:`verify_file` at level ``verify``); safetensors then maps it and
-    copies each tensor into its parameter once.
+    :func:`read_model_weights` (checked at level ``verify``, names and shapes compared), then
+    :func:`apply_model_weights`: on any error the model is left as it was. These are the reads and
+    copies of ``safetensors.torch.load_model`` (transformers' path too).
 
     Raises:
         FileNotFoundError: no ``model.safetensors`` in ``directory``.
         CheckpointError: the file is damaged (checksum, or not a readable safetensors file).
-        ValueError: the file's tensors do not match the model (names missing or unexpected).
+        ValueError: the file's tensors do not match the model (names missing or unexpected, shapes).
+    """
+    apply_model_weights(model, read_model_weights(model, directory, verify))
+
+
+def read_model_weights(
+    model: torch.nn.Module, directory: str | os.PathLike, verify: str = DEFAULT_VERIFY
+) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` of ``directory`` as a state dict for ``model``, checked but not applied.
+
+    safetensors maps the file (its tensors are read when copied) while :func:`verify_file` checks it
+    at level ``verify`` (:func:`verified_while_parsing`); then every name and shape is compared with
+    ``model.state_dict()``. A tied tensor (saved once) may be missing under its other names.
+
+    Raises:
+        FileNotFoundError: no ``model.safetensors`` in ``directory``.
+        CheckpointError: the file is damaged (checksum, or not a readable safetensors file).
+        ValueError: the file's tensors do not match the model (names missing or unexpected, shapes).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a checkpoint needs {WEIGHTS_NAME}.")
-    verify_file(path, verify)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        load_model(model, str(path), strict=True, device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({exc}).") from None
-    except RuntimeError as exc:
-        raise ValueError(f"the weights in {path} do not match the model: {exc}") from None
+    with verified_while_parsing(path, verify):
+        try:
+            saved = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({exc}).") from None
+    _check_weights_match(model.state_dict(), saved, path)
+    return saved
+
+
+def apply_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (from :func:`read_model_weights`) into ``model``'s tensors, in place."""
+    model.load_state_dict(weights, strict=False)  # the names left out are tied to loaded ones (checked)
+
+
+def load_weights_and_read_optimizer(
+    model: torch.nn.Module, checkpoint: str | os.PathLike, verify: str = DEFAULT_VERIFY
+) -> dict[str, Any] | None:
+    """Load ``model.safetensors`` into ``model`` and read ``optimizer.pt`` (not applied), on two threads.
+
+    What a resume reads, in the least time: a worker thread checks the weights (level ``verify``),
+    copies them into the model (:func:`load_model_weights`: only once they passed) and then runs the
+    optimizer file's CRC pass, while this thread parses the optimizer file (``torch.load``, the
+    longest part). The copy and the checks thus cost no time of their own beside it; memory bandwidth
+    is the limit. Without an ``optimizer.pt`` (``save_only_model``) it is :func:`load_model_weights`.
+
+    Returns:
+        :func:`read_optimizer_state`'s dict for :func:`load_optimizer_state` (``saved=``), or ``None``
+        without an ``optimizer.pt``.
+
+    Raises:
+        FileNotFoundError: no ``model.safetensors``.
+        CheckpointError: a damaged file (a damaged optimizer file after the weights were loaded leaves
+            the model with the checkpoint's weights, which passed their check).
+        ValueError: the weights do not match the model.
+    """
+    verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
+    optimizer_file = Path(checkpoint) / OPTIMIZER_NAME
+    if not optimizer_file.is_file():
+        load_model_weights(model, checkpoint, verify)
+        return None
+    verify_file(optimizer_file, "size")  # a truncated file is refused before anything reads it
+
+    def weights_then_check() -> None:
+        load_model_weights(model, checkpoint, verify)
+        if verify == "full":
+            verify_file(optimizer_file, "full")
+
+    with _running_beside(weights_then_check):
+        return read_optimizer_state(checkpoint, verify="size")  # its full check: the worker's
+
+
+def _check_weights_match(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise ``ValueError`` unless ``saved`` fills every tensor of the model's ``current`` state dict with
+    the same shape; a name may be missing when its tensor shares storage with a saved one (tied)."""
+    loaded_storages = {current[k].untyped_storage().data_ptr() for k in saved if k in current}
+    missing = [
+        k for k, t in current.items() if k not in saved and t.untyped_storage().data_ptr() not in loaded_storages
+    ]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [
+        f"{k}: {tuple(saved[k].shape)} in the file, {tuple(current[k].shape)} in the model"
+        for k in saved
+        if k in current and saved[k].shape != current[k].shape
+    ]
+    problems = [f"missing in the file: {missing}"] if missing else []
+    problems += [f"not in the model: {unexpected}"] if unexpected else []
+    problems += [f"shape mismatch: {'; '.join(shapes)}"] if shapes else []
+    if problems:
+        raise ValueError(f"the weights in {path} do not match the model ({'; '.join(problems)}).")
 
 
 # ---- optimizer / scheduler files -----------------------------------------------------------------
@@ -518,20 +724,20 @@ def safe_torch_load(path: str | os.PathLike, expect_keys: Sequence[str] = (), ve
             or content without ``expect_keys``; each naming ``path``.
     """
     path = Path(path)
-    verify_file(path, verify)
-    try:
-        obj = _torch_load_weights_only(path)
-    except pickle.UnpicklingError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise CheckpointError(
-            f"{path} refused: its pickle asks for something other than tensors and plain containers, which "
-            f"could run code, so it was not loaded (torch.load weights_only=True: {first})."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise CheckpointError(
-            f"{path} is damaged: cannot be read as a torch file ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]})."
-        ) from None
+    with verified_while_parsing(path, verify):  # the CRC pass runs beside torch.load
+        try:
+            obj = _torch_load_weights_only(path)
+        except pickle.UnpicklingError as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise CheckpointError(
+                f"{path} refused: its pickle asks for something other than tensors and plain containers, which "
+                f"could run code, so it was not loaded (torch.load weights_only=True: {first})."
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{path} is damaged: cannot be read as a torch file ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:300]})."
+            ) from None
     if expect_keys:
         missing = [k for k in expect_keys if not isinstance(obj, dict) or k not in obj]
         if missing:
@@ -647,29 +853,112 @@ def decode_objects(value: Any, trusted: frozenset[str], where: str) -> Any:
     return value
 
 
+#: Optimizer-state tensors of at most this many bytes (AdamW's 0-d ``step``) are saved as views of one
+#: tensor per dtype and device (:func:`pack_small_tensors`).
+PACK_MAX_BYTES = 64
+
+
+def pack_small_tensors(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an optimizer ``state_dict`` whose small state tensors are views of one packed tensor.
+
+    ``torch.save`` writes every storage as a zip record of its own, with ~130 bytes of local and central
+    headers and padding to 64 bytes: a 4-byte ``step`` costs ~190 bytes on disk and one record read on
+    load. Viewing each tensor of at most :data:`PACK_MAX_BYTES` bytes into one tensor per (dtype,
+    device) stores them all in one record (AdamW on a 120-tensor model: 119 records and ~22 KB fewer)
+    with the same values. ``torch.load`` gives views back; :func:`unpack_small_tensors` turns them into
+    tensors of their own (transformers' loader takes the views as they are, which torch's optimizers
+    handle: each view is its own element). The live optimizer state is not touched.
+
+    Only ``state[param_id][key]`` tensors are packed; any other layout is returned as it is.
+    """
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(state, dict):
+        return state_dict
+    small: dict[tuple[torch.dtype, torch.device], list[tuple[Any, str, torch.Tensor]]] = {}
+    for pid, entry in state.items():
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            if (
+                type(value) is torch.Tensor  # not a subclass (DTensor, quantized 8-bit states)
+                and value.layout == torch.strided
+                and not value.requires_grad
+                and value.nbytes <= PACK_MAX_BYTES
+            ):
+                small.setdefault((value.dtype, value.device), []).append((pid, key, value))
+    packed_state = dict(state)
+    for members in small.values():
+        if len(members) < 2:
+            continue
+        flat = torch.cat([value.detach().reshape(-1) for _, _, value in members])
+        offset = 0
+        for pid, key, value in members:
+            if packed_state[pid] is state[pid]:
+                packed_state[pid] = dict(state[pid])
+            packed_state[pid][key] = flat[offset : offset + value.numel()].view(value.shape)
+            offset += value.numel()
+    return {**state_dict, "state": packed_state}
+
+
+def unpack_small_tensors(state_dict: Any) -> Any:
+    """Give each small state tensor that :func:`pack_small_tensors` stored as a view its own storage, in place.
+
+    Returns ``state_dict``. After this the loaded state is laid out as the optimizer made it: no two
+    entries share memory, and resizing or replacing one never touches another.
+    """
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    for entry in state.values() if isinstance(state, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.nbytes <= PACK_MAX_BYTES
+                and value.untyped_storage().nbytes() > value.nbytes
+            ):
+                entry[key] = value.clone()
+    return state_dict
+
+
 def save_optimizer_state(optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> Path:
-    """Write ``optimizer.pt``: ``optimizer.state_dict()`` with its plain objects encoded (:func:`encode_objects`)."""
+    """Write ``optimizer.pt``: ``optimizer.state_dict()`` with its plain objects encoded (:func:`encode_objects`)
+    and its small tensors packed into one record per dtype (:func:`pack_small_tensors`)."""
     path = Path(directory) / OPTIMIZER_NAME
-    torch.save(encode_objects(optimizer.state_dict()), path)
+    torch.save(pack_small_tensors(encode_objects(optimizer.state_dict())), path)
     return path
 
 
+def read_optimizer_state(checkpoint: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> dict[str, Any]:
+    """``checkpoint/optimizer.pt`` as saved (:func:`safe_torch_load`), for :func:`load_optimizer_state`.
+
+    Raises:
+        CheckpointError: a damaged or untrusted file, or not a dict with ``state`` and ``param_groups``.
+    """
+    return safe_torch_load(Path(checkpoint) / OPTIMIZER_NAME, expect_keys=("state", "param_groups"), verify=verify)
+
+
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, checkpoint: str | os.PathLike, verify: str = DEFAULT_VERIFY
+    optimizer: torch.optim.Optimizer,
+    checkpoint: str | os.PathLike,
+    verify: str = DEFAULT_VERIFY,
+    saved: dict[str, Any] | None = None,
 ) -> None:
     """Load ``checkpoint/optimizer.pt`` into ``optimizer`` after checking that its groups still fit.
 
-    Read with :func:`safe_torch_load` (``weights_only=True``), objects rebuilt from the optimizer's own
-    packages only (:func:`decode_objects`), groups compared with :func:`check_param_groups_match`
-    before ``optimizer.load_state_dict``: on any error the optimizer is left as it was.
+    Read with :func:`read_optimizer_state` (``weights_only=True``) unless ``saved`` is what it returned
+    already, objects rebuilt from the optimizer's own packages only (:func:`decode_objects`), small
+    tensors unpacked (:func:`unpack_small_tensors`), groups compared with
+    :func:`check_param_groups_match` before ``optimizer.load_state_dict``: on any error the optimizer
+    is left as it was.
 
     Raises:
         CheckpointError: a damaged or untrusted file, or an object of another package (names the file).
         ValueError: the parameter groups no longer match the model.
     """
     path = Path(checkpoint) / OPTIMIZER_NAME
-    saved = safe_torch_load(path, expect_keys=("state", "param_groups"), verify=verify)
-    saved = decode_objects(saved, trusted_packages(optimizer), str(path))
+    if saved is None:
+        saved = read_optimizer_state(checkpoint, verify)
+    saved = unpack_small_tensors(decode_objects(saved, trusted_packages(optimizer), str(path)))
     check_param_groups_match(optimizer.param_groups, saved["param_groups"], str(path))
     optimizer.load_state_dict(saved)
 

@@ -799,8 +799,9 @@ class Trainer:
         loader = self.get_train_dataloader()
         plan = self._plan(len(loader) if has_length(loader) else None)
 
-        if checkpoint is not None:
-            ckpt.load_model_weights(self.model, checkpoint, verify=self._checkpoint_verify())
+        saved_optimizer = None
+        if checkpoint is not None:  # weights loaded, optimizer.pt read (applied below), on two threads
+            saved_optimizer = ckpt.load_weights_and_read_optimizer(self.model, checkpoint, self._checkpoint_verify())
         if self._created_lr_scheduler:  # a later train() call gets a schedule for its own length
             self.lr_scheduler, self._created_lr_scheduler = None, False
         self._ensure_optimizer()
@@ -815,7 +816,7 @@ class Trainer:
 
         self.state = self._initial_state(plan, checkpoint)
         if checkpoint is not None:
-            self._load_optimizer_and_scheduler(checkpoint)
+            self._load_optimizer_and_scheduler(checkpoint, saved_optimizer)
         model = wrap_model(self.model, self.dist, self.device)
         self.model_wrapped = model
         for attr in ("model", "optimizer", "lr_scheduler"):
@@ -876,7 +877,9 @@ class Trainer:
         (:data:`optsched.trainer.checkpoint.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
         return self.args.checkpoint_verification  # validated by TrainingArguments
 
-    def _load_optimizer_and_scheduler(self, checkpoint: Path) -> None:
+    def _load_optimizer_and_scheduler(self, checkpoint: Path, saved_optimizer: dict[str, Any] | None = None) -> None:
+        """Restore optimizer, scheduler and scaler; ``saved_optimizer``: ``optimizer.pt`` already read
+        (:func:`~optsched.trainer.checkpoint.load_weights_and_read_optimizer`), else it is read here."""
         verify = self._checkpoint_verify()
         # the checkpoint's plan vs the new one, before the optimizer state overwrites the new settings
         resume = prepare_resume(
@@ -884,7 +887,7 @@ class Trainer:
         )
         sched_file = checkpoint / ckpt.SCHEDULER_NAME
         if (checkpoint / ckpt.OPTIMIZER_NAME).is_file():
-            ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify)
+            ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify, saved=saved_optimizer)
         else:
             logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
         saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if sched_file.is_file() else None
@@ -1186,13 +1189,16 @@ class Trainer:
             # never publish NaN / inf weights: raise before anything is written (every process checks)
             check_finite_weights(self.model, f"checkpoint {final}")
         with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist) as tmp:
+            # optimizer.pt first, then the weights: the CRC of each large file runs on a worker thread
+            # while the next one is written (ckpt.checksum_in_background), not after the last
+            if main and not args.save_only_model:
+                # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
+                ckpt.checksum_in_background(ckpt.save_optimizer_state(self.optimizer, tmp))
             if main:
-                ckpt.save_model_weights(self.model, tmp)
+                ckpt.checksum_in_background(ckpt.save_model_weights(self.model, tmp))
                 save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
             if not args.save_only_model:
                 if main:
-                    # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
-                    ckpt.save_optimizer_state(self.optimizer, tmp)
                     torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
                     if self.scaler is not None:
                         torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
