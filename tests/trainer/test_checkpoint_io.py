@@ -175,7 +175,7 @@ def test_a_truncated_file_is_refused_before_the_body_runs(tmp_path):
     os.truncate(path, path.stat().st_size - 10)
     ran = []
     with pytest.raises(CheckpointError, match="truncated"):
-        with ckpt.verified_while_parsing([path], "full"):
+        with ckpt.verified_while_parsing(path, "full"):
             ran.append(True)
     assert not ran
 

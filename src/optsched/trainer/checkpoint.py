@@ -282,10 +282,16 @@ def _bad_zip_records(path: Path, records: Sequence[zipfile.ZipInfo]) -> list[str
 def _checksum_entry(path: Path, algorithm: str) -> dict[str, Any]:
     """``{"size": bytes, algorithm: digest of the whole file}``, from :func:`checksum_in_background` when
     it computed this very file (same path, size and modification time), else computed now."""
-    stat = path.stat()
+    key = _early_key(path, algorithm)
     with _EARLY_LOCK:
-        early = _EARLY.pop((str(path.resolve()), stat.st_size, stat.st_mtime_ns, algorithm), None)
-    return {"size": stat.st_size, algorithm: early.result() if early is not None else file_checksum(path, algorithm)}
+        early = _EARLY.pop(key, None)
+    return {"size": key[1], algorithm: early.result() if early is not None else file_checksum(path, algorithm)}
+
+
+def _early_key(path: Path, algorithm: str) -> tuple[str, int, int, str]:
+    """What identifies a file's bytes for :func:`checksum_in_background`: path, size, mtime, algorithm."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, algorithm
 
 
 _EARLY_LOCK = threading.Lock()
@@ -304,8 +310,7 @@ def checksum_in_background(path: str | os.PathLike, algorithm: str = CHECKSUM_AL
     """
     global _CHECKSUM_WORKER
     path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, algorithm)
+    key = _early_key(path, algorithm)
     with _EARLY_LOCK:
         if _CHECKSUM_WORKER is None:
             _CHECKSUM_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optsched-checksum")
@@ -462,13 +467,12 @@ def _running_beside(task: Callable[[], None]) -> Iterator[None]:
 
 
 @contextmanager
-def verified_while_parsing(paths: str | os.PathLike | Sequence[str | os.PathLike], verify: str) -> Iterator[None]:
-    """Check files (:func:`verify_file`) while the body of the ``with`` parses them.
+def verified_while_parsing(path: str | os.PathLike, verify: str) -> Iterator[None]:
+    """Check a file (:func:`verify_file`) while the body of the ``with`` parses it.
 
-    The size checks run first, inline. With ``verify="full"`` the CRC passes over the files of
-    :data:`OVERLAP_MIN_BYTES` or more then run on a worker thread, in order: the CRC releases the GIL,
-    so it overlaps torch / safetensors reading the same page-cached bytes on another core instead of
-    adding a pass. The body must only parse into new objects (nothing it does may be kept if the check
+    The size check runs first, inline. With ``verify="full"`` the CRC pass over a file of
+    :data:`OVERLAP_MIN_BYTES` or more then runs on a worker thread: the CRC releases the GIL, so it
+    overlaps torch reading the same page-cached bytes on another core instead of adding a pass. The body must only parse into new objects (nothing it does may be kept if the check
     fails): it runs before the verdict. A damaged file raises :class:`CheckpointError` on exit even
     when the body parsed it, and in place of the body's own error (the damage is its cause). Loaders
     called inside may be given ``verify="size"``: the full check is this one's.
@@ -480,18 +484,13 @@ def verified_while_parsing(paths: str | os.PathLike | Sequence[str | os.PathLike
         optimizer.load_state_dict(state)                             # applied once the file passed
     """
     verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
-    files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    background = []
-    for path in files:
-        if verify == "full" and path.stat().st_size >= OVERLAP_MIN_BYTES:
-            verify_file(path, "size")  # a truncated file is refused before anything reads it
-            background.append(path)
-        else:
-            verify_file(path, verify)
-    if not background:
+    path = Path(path)
+    if verify != "full" or path.stat().st_size < OVERLAP_MIN_BYTES:
+        verify_file(path, verify)
         yield
         return
-    with _running_beside(lambda: [verify_file(path, "full") for path in background]):
+    verify_file(path, "size")  # a truncated file is refused before anything reads it
+    with _running_beside(lambda: verify_file(path, "full")):
         yield
 
 
@@ -618,9 +617,9 @@ def read_model_weights(
 ) -> dict[str, torch.Tensor]:
     """``model.safetensors`` of ``directory`` as a state dict for ``model``, checked but not applied.
 
-    safetensors maps the file (its tensors are read when copied) while :func:`verify_file` checks it
-    at level ``verify`` (:func:`verified_while_parsing`); then every name and shape is compared with
-    ``model.state_dict()``. A tied tensor (saved once) may be missing under its other names.
+    The file is checked first (:func:`verify_file` at level ``verify``; safetensors only maps it, so
+    there is no parse to run the check beside), then mapped, then every name and shape is compared
+    with ``model.state_dict()``. A tied tensor (saved once) may be missing under its other names.
 
     Raises:
         FileNotFoundError: no ``model.safetensors`` in ``directory``.
@@ -634,11 +633,11 @@ def read_model_weights(
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a checkpoint needs {WEIGHTS_NAME}.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with verified_while_parsing(path, verify):
-        try:
-            saved = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({exc}).") from None
+    verify_file(path, verify)
+    try:
+        saved = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({exc}).") from None
     _check_weights_match(model.state_dict(), saved, path)
     return saved
 
@@ -875,17 +874,13 @@ def pack_small_tensors(state_dict: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict):
         return state_dict
     small: dict[tuple[torch.dtype, torch.device], list[tuple[Any, str, torch.Tensor]]] = {}
-    for pid, entry in state.items():
-        if not isinstance(entry, dict):
-            continue
-        for key, value in entry.items():
-            if (
-                type(value) is torch.Tensor  # not a subclass (DTensor, quantized 8-bit states)
-                and value.layout == torch.strided
-                and not value.requires_grad
-                and value.nbytes <= PACK_MAX_BYTES
-            ):
-                small.setdefault((value.dtype, value.device), []).append((pid, key, value))
+    for pid, key, value in _small_state_tensors(state):
+        if (
+            type(value) is torch.Tensor  # not a subclass (DTensor, quantized 8-bit states)
+            and value.layout == torch.strided
+            and not value.requires_grad
+        ):
+            small.setdefault((value.dtype, value.device), []).append((pid, key, value))
     packed_state = dict(state)
     for members in small.values():
         if len(members) < 2:
@@ -907,17 +902,21 @@ def unpack_small_tensors(state_dict: Any) -> Any:
     entries share memory, and resizing or replacing one never touches another.
     """
     state = state_dict.get("state") if isinstance(state_dict, dict) else None
-    for entry in state.values() if isinstance(state, dict) else ():
-        if not isinstance(entry, dict):
-            continue
-        for key, value in entry.items():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.nbytes <= PACK_MAX_BYTES
-                and value.untyped_storage().nbytes() > value.nbytes
-            ):
-                entry[key] = value.clone()
+    for pid, key, value in _small_state_tensors(state) if isinstance(state, dict) else ():
+        if value.untyped_storage().nbytes() > value.nbytes:
+            state[pid][key] = value.clone()
     return state_dict
+
+
+def _small_state_tensors(state: dict[Any, Any]) -> list[tuple[Any, str, torch.Tensor]]:
+    """``(param_id, key, tensor)`` for each tensor of at most :data:`PACK_MAX_BYTES` in ``state[param_id][key]``."""
+    return [
+        (pid, key, value)
+        for pid, entry in state.items()
+        if isinstance(entry, dict)
+        for key, value in entry.items()
+        if isinstance(value, torch.Tensor) and value.nbytes <= PACK_MAX_BYTES
+    ]
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> Path:
