@@ -16,13 +16,14 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
 * **bytes**: the sum of the checkpoint directory's file sizes.
 
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
-goes first, with ``os.sync()`` untimed before each save so that neither pays
-for the other's writeback), then loads both. Medians over rounds. Writes go to the page cache of the temp dir's disk (no fsync
-on either side) and loads read a file just written: where real checkpoints live. A 600 MB save there
-runs either at page-cache speed (~0.3 s) or throttled by the kernel's writeback (~1.5 s), whichever
-side it falls on: the save figure is only good to tens of percent. ``--dir /dev/shm`` measures in RAM
-(tmpfs) instead: no writeback, so save times are steady, but every read of a tmpfs page is ~5x slower
-than of a disk file's page cache (~7 vs ~33 GB/s here), which weighs on optsched's CRC pass.
+goes first, with ``os.sync()`` untimed before each save so that neither pays for the other's
+writeback), then loads both. Medians over rounds. Writes go to the page cache of the temp dir's disk
+(no fsync on either side) and loads read a file just written: where real checkpoints live. A 600 MB
+save there runs either at page-cache speed (~0.3 s) or throttled by the kernel's writeback (~1.5 s),
+whichever side it falls on: the save figure is only good to tens of percent. ``--dir /dev/shm``
+measures in RAM (tmpfs) instead: no writeback, so save times are steadier, but a tmpfs page is read
+more slowly (~12 GB/s by ``read``, ~7 GB/s mapped, against ~33 GB/s mapped from a disk's page cache),
+which weighs on optsched's CRC pass on load.
 
 Run: ``python -m benchmarks.checkpoint_io [--quick] [--rounds 6] [--params 50e6]``
 """

@@ -282,3 +282,26 @@ def test_tied_weights_saved_once_load_under_every_name(tmp_path):
     fresh[1].weight = fresh[0].weight
     ckpt.load_model_weights(fresh, tmp_path)
     assert torch.equal(fresh[1].weight, model[0].weight) and fresh[1].weight is fresh[0].weight
+
+
+# ---- how a file's bytes are read for its checksum -----------------------------------------------------
+
+
+def test_a_ram_file_system_is_recognised():
+    if not Path("/proc/self/mountinfo").is_file() or not Path("/dev/shm").is_dir():
+        pytest.skip("needs Linux with /dev/shm")
+    if ckpt._filesystem_type("/dev/shm") is None:
+        pytest.skip("/dev/shm is not listed in this container's mountinfo")
+    assert ckpt._filesystem_type("/dev/shm") in ckpt._READ_FILESYSTEMS
+
+
+@pytest.mark.parametrize("size", [0, 1, ckpt._READ_PIECE - 1, ckpt._READ_PIECE, 2 * ckpt._READ_PIECE + 5])
+def test_read_and_mapped_checksums_agree(tmp_path, monkeypatch, size):
+    path = tmp_path / "x.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    mapped = ckpt.file_checksum(path)
+    monkeypatch.setattr(ckpt, "_READ_FILESYSTEMS", frozenset({ckpt._filesystem_type(path)}))
+    read = ckpt.file_checksum(path)
+    assert mapped == read == f"{zlib.crc32(data):08x}"
+    assert ckpt.file_checksum(path, "sha256") == __import__("hashlib").sha256(data).hexdigest()

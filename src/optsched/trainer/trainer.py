@@ -1189,14 +1189,14 @@ class Trainer:
             # never publish NaN / inf weights: raise before anything is written (every process checks)
             check_finite_weights(self.model, f"checkpoint {final}")
         with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist) as tmp:
-            # optimizer.pt first, then the weights: the CRC of each large file runs on a worker thread
-            # while the next one is written (ckpt.checksum_in_background), not after the last
-            if main and not args.save_only_model:
-                # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
-                ckpt.checksum_in_background(ckpt.save_optimizer_state(self.optimizer, tmp))
+            # the weights' CRC runs on a worker thread while optimizer.pt is written (its own CRC is
+            # computed as torch writes it): neither is a pass of its own in write_checksums
             if main:
                 ckpt.checksum_in_background(ckpt.save_model_weights(self.model, tmp))
                 save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
+            if main and not args.save_only_model:
+                # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
+                ckpt.save_optimizer_state(self.optimizer, tmp)
             if not args.save_only_model:
                 if main:
                     torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)

@@ -1,0 +1,207 @@
+"""torch.save with its record CRC-32s filled in by zlib-ng while it writes (optsched.trainer.crc)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optsched.trainer import checkpoint as ckpt
+from optsched.trainer import crc
+
+SERIALIZATION_ID = ".data/serialization_id"  # torch derives it from the CRCs it computed: differs
+
+
+def _record_crcs(data: bytes) -> dict[str, int]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return {r.filename.split("/", 1)[1]: r.CRC for r in archive.infolist()}
+
+
+def _torch_own(obj) -> bytes:
+    """What torch.save writes into a file object with its own CRCs (the same record names as ours)."""
+    buffer = io.BytesIO()
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)
+    try:
+        torch.save(obj, buffer)
+    finally:
+        torch.serialization.set_crc32_options(before)
+    return buffer.getvalue()
+
+
+def _check_file(path: Path, obj, value: int, reference: bytes | None = None) -> None:
+    data = path.read_bytes()
+    assert value == zlib.crc32(data)  # the returned CRC is the file's, patched fields included
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None  # every record matches its CRC-32
+    ours, theirs = _record_crcs(data), _record_crcs(reference or _torch_own(obj))
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if k != SERIALIZATION_ID} == {
+        k: v for k, v in theirs.items() if k != SERIALIZATION_ID
+    }
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "state": {
+            0: {"exp_avg": torch.randn(64, 32, generator=g), "step": torch.tensor(3.0)},
+            1: {"exp_avg": torch.randn(7, generator=g).to(torch.bfloat16), "empty": torch.zeros(0)},
+        },
+        "param_groups": [{"lr": 1e-3, "params": [0, 1], "name": "decay"}],
+    }
+
+
+def test_records_carry_the_crcs_torch_would_write_and_the_file_crc_is_returned(tmp_path):
+    obj = _state()
+    path = tmp_path / "optimizer.pt"
+    value = crc.torch_save_with_crc(obj, path)
+    _check_file(path, obj, value)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["state"][0]["exp_avg"], obj["state"][0]["exp_avg"])
+    assert loaded["param_groups"] == obj["param_groups"]
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.bool]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 40), max_size=3), min_size=0, max_size=6),
+    dtypes=st.lists(st.sampled_from(_DTYPES), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_any_tensors_give_a_valid_zip_and_the_files_crc(tmp_path_factory, shapes, dtypes, seed):
+    g = torch.Generator().manual_seed(seed)
+    obj = {f"t{i}": (torch.rand(shape, generator=g) * 100).to(dtypes[i]) for i, shape in enumerate(shapes)}
+    path = tmp_path_factory.mktemp("crc") / "x.pt"
+    value = crc.torch_save_with_crc(obj, path)
+    _check_file(path, obj, value)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded.keys() == obj.keys() and all(torch.equal(loaded[k], obj[k]) for k in obj)
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_torchs_own_setting_is_restored(tmp_path, before):
+    torch.serialization.set_crc32_options(before)
+    try:
+        crc.torch_save_with_crc(_state(), tmp_path / "a.pt")
+        assert torch.serialization.get_crc32_options() is before
+        with pytest.raises(Exception):  # noqa: B017  # whatever pickle raises for a lambda
+            crc.torch_save_with_crc({"f": lambda: 0}, tmp_path / "b.pt")
+        assert torch.serialization.get_crc32_options() is before
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
+def test_a_failed_save_leaves_no_file(tmp_path):
+    with pytest.raises(Exception):  # noqa: B017
+        crc.torch_save_with_crc({"f": lambda: 0}, tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+
+
+def test_without_crc32_combine_the_file_is_read_once_more_and_agrees(tmp_path, monkeypatch):
+    monkeypatch.setattr(crc, "crc32_combine", None)
+    obj = _state(1)
+    value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
+    _check_file(tmp_path / "x.pt", obj, value)
+
+
+def test_a_torch_that_computes_its_own_crcs_gets_the_same_file(tmp_path, monkeypatch):
+    obj = _state(2)
+    reference = _torch_own(obj)
+    monkeypatch.delattr(torch.serialization, "set_crc32_options")  # torch < 2.5: no setting
+    value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
+    _check_file(tmp_path / "x.pt", obj, value, reference)
+
+
+def test_a_record_written_in_several_pieces_is_combined(tmp_path, monkeypatch, caplog):
+    original = crc._RecordingWriter.write
+
+    def in_halves(self, data):
+        view = memoryview(data).cast("B")
+        half = view.nbytes // 2
+        return original(self, view[:half]) + original(self, view[half:])
+
+    monkeypatch.setattr(crc._RecordingWriter, "write", in_halves)
+    obj = _state(3)
+    with caplog.at_level("DEBUG", logger=crc.__name__):
+        value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
+    _check_file(tmp_path / "x.pt", obj, value)
+    if crc.crc32_combine is not None:
+        assert "reading it back" not in caplog.text
+
+
+def test_writes_that_do_not_line_up_with_records_are_read_back(tmp_path, monkeypatch, caplog):
+    """A writer that merges small writes (as a buffered one would): a record's bytes then start inside a
+    write, and are read back from the file."""
+    original_write, original_flush = crc._RecordingWriter.write, crc._RecordingWriter.flush
+    pending = bytearray()
+
+    def coalescing(self, data):
+        view = memoryview(data).cast("B")
+        pending.extend(view)
+        if len(pending) >= 64:
+            chunk = bytes(pending)
+            pending.clear()
+            original_write(self, chunk)
+        return view.nbytes
+
+    def flush(self):
+        if pending:
+            chunk = bytes(pending)
+            pending.clear()
+            original_write(self, chunk)
+        original_flush(self)
+
+    monkeypatch.setattr(crc._RecordingWriter, "write", coalescing)
+    monkeypatch.setattr(crc._RecordingWriter, "flush", flush)
+    obj = _state(4)
+    with caplog.at_level("DEBUG", logger=crc.__name__):
+        value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
+    assert "reading it back" in caplog.text
+    _check_file(tmp_path / "x.pt", obj, value)
+
+
+def test_concurrent_saves_all_get_valid_files(tmp_path):
+    objs = [_state(i) for i in range(4)]
+    values: dict[int, int] = {}
+
+    def save(i: int) -> None:
+        values[i] = crc.torch_save_with_crc(objs[i], tmp_path / f"{i}.pt")
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        _check_file(tmp_path / f"{i}.pt", objs[i], values[i])
+
+
+def test_crc32_combine_is_zlib_ngs_when_installed():
+    zlib_ng = pytest.importorskip("zlib_ng.zlib_ng")
+    assert crc.crc32_combine is zlib_ng.crc32_combine
+    a, b = b"optimizer", b"state" * 100
+    assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_the_trainers_optimizer_file_is_listed_with_its_crc(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = ckpt.save_optimizer_state(optimizer, tmp_path)
+    ckpt.write_checksums(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    entry = ckpt._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
+    assert entry == {"size": path.stat().st_size, "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
+    ckpt.verify_file(path, "full")
