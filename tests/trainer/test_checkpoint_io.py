@@ -16,6 +16,7 @@ from torch import nn
 
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.checkpoint import CheckpointError
+from optsched.trainer.crc import torch_save_with_crc
 
 # ---- CRC-32 -----------------------------------------------------------------------------------------
 
@@ -191,6 +192,63 @@ def test_an_unknown_level_names_the_accepted_ones(tmp_path):
     with pytest.raises(ValueError, match=r"verify='ful'.*Did you mean 'full'.*Accepted: full, size"):
         with ckpt.verified_while_parsing(_big_file(tmp_path), "ful"):
             pass
+
+
+# ---- the CRC computed from the bytes torch.load reads ------------------------------------------------
+
+
+def _our_big_file(directory: Path) -> tuple[Path, dict]:
+    """An optimizer file as optsched writes it (a whole-file CRC-32 in checksums.json)."""
+    obj = {"state": {0: {"exp_avg": torch.arange(400_000, dtype=torch.float32)}}, "param_groups": []}
+    path = directory / "optimizer.pt"
+    torch_save_with_crc(obj, path)
+    ckpt.write_checksums(directory)
+    return path, obj
+
+
+def test_a_full_load_checks_every_byte_with_no_pass_of_its_own(tmp_path, monkeypatch):
+    path, obj = _our_big_file(tmp_path)
+    passes = []
+    monkeypatch.setattr(ckpt, "file_checksum", lambda *a, **k: passes.append(a) or "")
+    loaded = ckpt.safe_torch_load(path, expect_keys=("state",), verify="full")
+    assert torch.equal(loaded["state"][0]["exp_avg"], obj["state"][0]["exp_avg"])
+    assert passes == []  # the CRC came from the bytes torch.load read
+
+
+@pytest.mark.parametrize("where", ["tensor", "not read by torch"])
+def test_damage_torch_reads_or_skips_is_caught_by_the_load(tmp_path, where):
+    path, _ = _our_big_file(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith("/data/0"))
+    # inside the tensor's bytes (torch.load parses it without complaint), or in the record's data
+    # descriptor, 4 bytes after its data (torch never reads descriptors)
+    offset = path.stat().st_size // 2 if where == "tensor" else None
+    if offset is None:
+        header = path.read_bytes()[record.header_offset : record.header_offset + 30]
+        name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+        offset = record.header_offset + 30 + name_len + extra_len + record.compress_size + 5
+    _flip(path, offset)
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt is damaged: its CRC-32 is"):
+        ckpt.safe_torch_load(path, verify="full")
+    ckpt.safe_torch_load(path, verify="size")  # what "size" lets through
+
+
+def test_damage_that_breaks_the_parser_is_reported_as_damage(tmp_path):
+    path, _ = _our_big_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"data.pkl") + 100  # inside the pickle: torch.load raises
+    data[start : start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC-32 is"):
+        ckpt.safe_torch_load(path, verify="full")
+
+
+def test_a_truncated_file_is_refused_before_torch_reads_it(tmp_path, monkeypatch):
+    path, _ = _our_big_file(tmp_path)
+    os.truncate(path, path.stat().st_size - 10)
+    monkeypatch.setattr(ckpt, "_torch_load_weights_only", lambda source: pytest.fail("parsed a truncated file"))
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.safe_torch_load(path, verify="full")
 
 
 # ---- weights on a worker thread, optimizer file parsed beside -----------------------------------------

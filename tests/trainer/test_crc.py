@@ -205,3 +205,56 @@ def test_the_trainers_optimizer_file_is_listed_with_its_crc(tmp_path):
     entry = ckpt._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
     assert entry == {"size": path.stat().st_size, "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
     ckpt.verify_file(path, "full")
+
+
+# ---- read_with_crc ----------------------------------------------------------------------------------
+
+
+def _file(tmp_path: Path, size: int = 600_000) -> tuple[Path, bytes]:
+    data = bytes(range(256)) * (size // 256) + b"tail"
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [],  # nothing read: every byte comes from the gap filling
+        [(0, None)],  # all of it at once
+        [(100, 70_000), (200_000, 65_536), (400_000, None)],  # large reads with gaps between
+        [(300_000, 100_000), (0, 100_000)],  # out of order
+        [(0, 100_000), (50_000, 100_000)],  # overlapping: the file is read once more
+        [(10, 5), (20, 30_000)],  # small reads only
+    ],
+)
+@pytest.mark.parametrize("combine", [True, False])
+def test_read_with_crc_gives_the_files_crc_whatever_was_read(tmp_path, monkeypatch, reads, combine):
+    if not combine:
+        monkeypatch.setattr(crc, "crc32_combine", None)
+    elif crc.crc32_combine is None:
+        pytest.skip("needs zlib-ng")
+    path, data = _file(tmp_path)
+
+    def parse(f):
+        got = []
+        for start, size in reads:
+            f.seek(start)
+            if size is not None and size % 2:
+                got.append(f.read(size))
+            else:
+                buffer = bytearray(len(data) - start if size is None else size)
+                got.append(bytes(memoryview(buffer)[: f.readinto(buffer)]))
+        return got
+
+    got, value = crc.read_with_crc(path, parse)
+    assert value == zlib.crc32(data)
+    assert [g for g in got] == [data[s : None if n is None else s + n] for s, n in reads]
+
+
+def test_read_with_crc_lets_torch_load_read_a_file(tmp_path):
+    obj = _state(5)
+    value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
+    loaded, read_value = crc.read_with_crc(tmp_path / "x.pt", lambda f: torch.load(f, weights_only=True))
+    assert read_value == value
+    assert torch.equal(loaded["state"][0]["exp_avg"], obj["state"][0]["exp_avg"])

@@ -27,8 +27,9 @@ with zlib-ng as the bytes are written (faster than torch's own) and the whole fi
 ``checksums.json`` in the same pass; the weights' CRC runs on a worker thread meanwhile
 (:func:`checksum_in_background`): a save is faster than transformers' unchecked one. A resume with
 ``verify="full"`` (the default, :data:`VERIFY_LEVELS`) checks and copies the weights on a worker thread
-while ``torch.load`` reads the optimizer file (:func:`load_weights_and_read_optimizer`), which makes it
-as fast as transformers' unchecked one from a disk's page cache. Small optimizer-state tensors share one zip record
+while ``torch.load`` reads the optimizer file (:func:`load_weights_and_read_optimizer`), whose CRC is
+computed from the bytes as they are read (:func:`~optsched.trainer.crc.read_with_crc`): it is as fast
+as transformers' unchecked one. Small optimizer-state tensors share one zip record
 (:func:`pack_small_tensors`): the checkpoint is smaller than transformers'. Plain objects in an
 optimizer state (GaLore / APOLLO projectors) are stored as class path + attributes
 (:func:`encode_objects`), so ``optimizer.pt`` still loads with ``weights_only=True``.
@@ -60,7 +61,7 @@ from typing import Any
 import torch
 
 from optsched._validation import check_choice
-from optsched.trainer.crc import crc32, torch_save_with_crc
+from optsched.trainer.crc import crc32, read_with_crc, torch_save_with_crc
 from optsched.trainer.distributed import DistributedContext, barrier
 
 logger = logging.getLogger(__name__)
@@ -453,7 +454,11 @@ def verify_file(path: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:
     if "zip_crc32" in entry:
         _check_zip_crcs(path, entry["zip_crc32"])
         return
-    digest, expected = file_checksum(path, algorithm), str(entry.get(algorithm))
+    _check_digest(path, algorithm, file_checksum(path, algorithm), str(entry.get(algorithm)))
+
+
+def _check_digest(path: Path, algorithm: str, digest: str, expected: str) -> None:
+    """Raise :class:`CheckpointError` when a file's digest is not the one ``checksums.json`` lists."""
     if digest != expected:
         label = CHECKSUM_ALGORITHMS[algorithm].label
         raise CheckpointError(
@@ -681,11 +686,12 @@ def load_weights_and_read_optimizer(
 ) -> dict[str, Any] | None:
     """Load ``model.safetensors`` into ``model`` and read ``optimizer.pt`` (not applied), on two threads.
 
-    What a resume reads, in the least time: a worker thread checks the weights (level ``verify``),
-    copies them into the model (:func:`load_model_weights`: only once they passed) and then runs the
-    optimizer file's CRC pass, while this thread parses the optimizer file (``torch.load``, the
-    longest part). The copy and the checks thus cost no time of their own beside it; memory bandwidth
-    is the limit. Without an ``optimizer.pt`` (``save_only_model``) it is :func:`load_model_weights`.
+    What a resume reads, in the least time: a worker thread checks the weights (level ``verify``) and
+    copies them into the model (:func:`load_model_weights`: only once they passed), while this thread
+    parses the optimizer file (:func:`read_optimizer_state`, the longest part, whose CRC is computed
+    from the bytes as ``torch.load`` reads them). The weights' check and copy thus cost no time of
+    their own; memory bandwidth is the limit. Without an ``optimizer.pt`` (``save_only_model``) it is
+    :func:`load_model_weights`.
 
     Returns:
         :func:`read_optimizer_state`'s dict for :func:`load_optimizer_state` (``saved=``), or ``None``
@@ -698,19 +704,11 @@ def load_weights_and_read_optimizer(
         ValueError: the weights do not match the model.
     """
     verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
-    optimizer_file = Path(checkpoint) / OPTIMIZER_NAME
-    if not optimizer_file.is_file():
+    if not (Path(checkpoint) / OPTIMIZER_NAME).is_file():
         load_model_weights(model, checkpoint, verify)
         return None
-    verify_file(optimizer_file, "size")  # a truncated file is refused before anything reads it
-
-    def weights_then_check() -> None:
-        load_model_weights(model, checkpoint, verify)
-        if verify == "full":
-            verify_file(optimizer_file, "full")
-
-    with _running_beside(weights_then_check):
-        return read_optimizer_state(checkpoint, verify="size")  # its full check: the worker's
+    with _running_beside(lambda: load_model_weights(model, checkpoint, verify)):
+        return read_optimizer_state(checkpoint, verify)
 
 
 def _check_weights_match(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: Path) -> None:
@@ -742,30 +740,35 @@ def safe_torch_load(path: str | os.PathLike, expect_keys: Sequence[str] = (), ve
     ``weights_only`` unpickles tensors and plain containers only: a pickle that asks for any other
     callable (``os.system``, a class's ``__reduce__``) is refused before it runs.
 
+    With ``verify="full"`` and a whole-file CRC-32 in ``checksums.json`` (what optsched writes), the
+    CRC is computed from the bytes as ``torch.load`` reads them (:func:`~optsched.trainer.crc.
+    read_with_crc`): every byte is checked with no pass of its own over the file, and nothing parsed
+    is returned before the check passed. Other entries are checked beside the parser
+    (:func:`verified_while_parsing`). A damaged file is reported in place of the parser's error.
+
     Args:
         path: the file.
         expect_keys: keys the loaded object must have (it must then be a dict).
-        verify: how much to check against ``checksums.json`` first (:data:`VERIFY_LEVELS`).
+        verify: how much to check against ``checksums.json`` (:data:`VERIFY_LEVELS`).
 
     Raises:
         CheckpointError: checksum mismatch, a truncated / corrupted file, a pickle that would run code,
             or content without ``expect_keys``; each naming ``path``.
     """
+    verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
     path = Path(path)
-    with verified_while_parsing(path, verify):  # the CRC pass runs beside torch.load
+    expected = _recorded_crc32(path) if verify == "full" else None
+    if expected is None:
+        with verified_while_parsing(path, verify):  # the CRC pass runs beside torch.load
+            obj = _parse_torch_file(path, path)
+    else:
+        verify_file(path, "size")  # a truncated file is refused before anything reads it
         try:
-            obj = _torch_load_weights_only(path)
-        except pickle.UnpicklingError as exc:
-            first = " ".join(str(exc).split())[:300]
-            raise CheckpointError(
-                f"{path} refused: its pickle asks for something other than tensors and plain containers, which "
-                f"could run code, so it was not loaded (torch.load weights_only=True: {first})."
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise CheckpointError(
-                f"{path} is damaged: cannot be read as a torch file ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:300]})."
-            ) from None
+            obj, digest = read_with_crc(path, lambda f: _parse_torch_file(f, path))
+        except CheckpointError:
+            verify_file(path, "full")  # damaged bytes are the cause of the parser's error: say so
+            raise
+        _check_digest(path, "crc32", f"{digest:08x}", expected)
     if expect_keys:
         missing = [k for k in expect_keys if not isinstance(obj, dict) or k not in obj]
         if missing:
@@ -776,7 +779,37 @@ def safe_torch_load(path: str | os.PathLike, expect_keys: Sequence[str] = (), ve
     return obj
 
 
-def _torch_load_weights_only(path: Path) -> Any:
+def _recorded_crc32(path: Path) -> str | None:
+    """The whole-file CRC-32 that ``checksums.json`` lists for ``path``, or None (no entry, another
+    algorithm, a legacy per-record entry)."""
+    recorded = _recorded_checksums(path.parent)
+    if recorded is None or recorded[0] != "crc32":
+        return None
+    entry = recorded[1].get(path.name)
+    if not isinstance(entry, dict) or "zip_crc32" in entry or not isinstance(entry.get("crc32"), str):
+        return None
+    return entry["crc32"]
+
+
+def _parse_torch_file(source: Any, path: Path) -> Any:
+    """:func:`_torch_load_weights_only` of ``source`` (a path or an open file), its errors as
+    :class:`CheckpointError` naming ``path``."""
+    try:
+        return _torch_load_weights_only(source)
+    except pickle.UnpicklingError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"{path} refused: its pickle asks for something other than tensors and plain containers, which "
+            f"could run code, so it was not loaded (torch.load weights_only=True: {first})."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged: cannot be read as a torch file ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]})."
+        ) from None
+
+
+def _torch_load_weights_only(source: Any) -> Any:
     allow: list[Any] = []
     try:
         import numpy as np
@@ -787,7 +820,7 @@ def _torch_load_weights_only(path: Path) -> Any:
     except ImportError:  # numpy is optional: without it there is no numpy state to load either
         pass
     with torch.serialization.safe_globals(allow):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
 # ---- optimizer state: objects stored as data -------------------------------------------------------
