@@ -17,8 +17,9 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
 
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
 goes first, with ``os.sync()`` untimed before each save so that neither pays for the other's
-writeback), then loads both. Medians over rounds. Writes go to the page cache of the temp dir's disk
-(no fsync on either side) and loads read a file just written: where real checkpoints live. A 600 MB
+writeback and the deletion of its previous checkpoint), then loads both. Medians over rounds. Writes
+go to the page cache of the temp dir's disk (no fsync on either side) and loads read a file just
+written: where real checkpoints live. A 600 MB
 save there runs either at page-cache speed (~0.3 s) or throttled by the kernel's writeback (~1.5 s),
 whichever side it falls on: the save figure is only good to tens of percent. ``--dir /dev/shm``
 measures in RAM (tmpfs) instead: no writeback, so save times are steadier, but a tmpfs page is read
@@ -152,15 +153,15 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
         order = list(sides)
         for r in range(rounds + 1):  # round 0 is the warm-up
             for name in order:
-                # A new checkpoint-N each round, nothing deleted until the end: on this disk the first
-                # write after deleting a large directory waits for the filesystem (seconds), which would
-                # be charged to whichever side happened to go first.
+                # A new checkpoint-N each round; the side's previous one is deleted first, and the
+                # deletion finished by os.sync() before the clock starts (12 GB of old checkpoints
+                # would push the new ones out of the page cache and loads would read the disk).
                 sides[name][2](r + 1)
-                os.sync()  # start each save with no dirty pages: the other side's writeback is not timed
+                if name in paths:  # one checkpoint per side: older ones would crowd the page cache out
+                    shutil.rmtree(paths[name])
+                os.sync()  # start each save with no dirty pages and the deletion done: neither is timed
                 box: list[Path] = []
                 seconds = time_once(lambda: box.append(sides[name][0]()))
-                if ram and name in paths and paths[name] != box[0]:
-                    shutil.rmtree(paths[name])  # RAM: keep one checkpoint per side (deleting costs nothing here)
                 paths[name] = box[0]
                 if r:
                     save_t[name].append(seconds)
@@ -177,6 +178,7 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
 
     n = sum(p.numel() for p in build_model(num_params).parameters()) if quick else None
     label = f"{(n or num_params) / 1e6:.1f}M" if quick else f"{num_params / 1e6:.0f}M"
+    label += " in RAM" if ram else ""
     rows = []
     # (what, timings, optsched side, how it is described): the default verification, then "size"
     measured = [("save", save_t, "optsched", ""), ("load", load_t, "optsched", ""),

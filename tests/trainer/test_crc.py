@@ -207,7 +207,7 @@ def test_the_trainers_optimizer_file_is_listed_with_its_crc(tmp_path):
     ckpt.verify_file(path, "full")
 
 
-# ---- read_with_crc ----------------------------------------------------------------------------------
+# ---- SharedFileCrc: the CRC of a file as it is parsed --------------------------------------------------
 
 
 def _file(tmp_path: Path, size: int = 600_000) -> tuple[Path, bytes]:
@@ -224,19 +224,19 @@ def _file(tmp_path: Path, size: int = 600_000) -> tuple[Path, bytes]:
         [(0, None)],  # all of it at once
         [(100, 70_000), (200_000, 65_536), (400_000, None)],  # large reads with gaps between
         [(300_000, 100_000), (0, 100_000)],  # out of order
-        [(0, 100_000), (50_000, 100_000)],  # overlapping: the file is read once more
+        [(0, 100_000), (50_000, 100_000)],  # overlapping
         [(10, 5), (20, 30_000)],  # small reads only
     ],
 )
 @pytest.mark.parametrize("combine", [True, False])
-def test_read_with_crc_gives_the_files_crc_whatever_was_read(tmp_path, monkeypatch, reads, combine):
+def test_any_reads_of_any_file_give_its_crc(tmp_path, monkeypatch, reads, combine):
     if not combine:
         monkeypatch.setattr(crc, "crc32_combine", None)
     elif crc.crc32_combine is None:
         pytest.skip("needs zlib-ng")
     path, data = _file(tmp_path)
-
-    def parse(f):
+    with crc.SharedFileCrc(path) as shared:
+        f = shared.reader()
         got = []
         for start, size in reads:
             f.seek(start)
@@ -245,16 +245,67 @@ def test_read_with_crc_gives_the_files_crc_whatever_was_read(tmp_path, monkeypat
             else:
                 buffer = bytearray(len(data) - start if size is None else size)
                 got.append(bytes(memoryview(buffer)[: f.readinto(buffer)]))
-        return got
-
-    got, value = crc.read_with_crc(path, parse)
-    assert value == zlib.crc32(data)
-    assert [g for g in got] == [data[s : None if n is None else s + n] for s, n in reads]
+        shared.help()
+        assert shared.value() == zlib.crc32(data)
+    assert got == [data[s : None if n is None else s + n] for s, n in reads]
 
 
-def test_read_with_crc_lets_torch_load_read_a_file(tmp_path):
-    obj = _state(5)
-    value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
-    loaded, read_value = crc.read_with_crc(tmp_path / "x.pt", lambda f: torch.load(f, weights_only=True))
-    assert read_value == value
-    assert torch.equal(loaded["state"][0]["exp_avg"], obj["state"][0]["exp_avg"])
+def _torch_file(tmp_path: Path) -> tuple[Path, dict]:
+    obj = {f"t{i}": torch.randn(300 + i, 50) for i in range(8)}
+    path = tmp_path / "x.pt"
+    crc.torch_save_with_crc(obj, path)
+    return path, obj
+
+
+@pytest.mark.parametrize("when", ["before", "after", "beside"])
+def test_records_are_shared_between_the_parser_and_the_helper(tmp_path, when):
+    if crc.crc32_combine is None:
+        pytest.skip("needs zlib-ng")
+    path, obj = _torch_file(tmp_path)
+    with crc.SharedFileCrc(path) as shared:
+        helper = threading.Thread(target=shared.help)
+        if when == "before":
+            shared.help()
+        elif when == "beside":
+            helper.start()
+        loaded = torch.load(shared.reader(), weights_only=True)
+        if when == "after":
+            shared.help()
+        elif when == "beside":
+            helper.join()
+        value = shared.value()
+        claims = list(shared._claims.values())
+    assert value == zlib.crc32(path.read_bytes())
+    assert all(torch.equal(loaded[k], obj[k]) for k in obj)
+    assert len(claims) == len(shared._regions) >= len(obj)  # every record taken exactly once
+    if when == "before":
+        assert set(claims) == {crc._HELPER}
+    if when == "after":  # torch read every record in one piece and checksummed it as it arrived
+        assert set(claims) == {crc._READER}
+
+
+def test_a_record_read_in_pieces_is_left_to_the_helper(tmp_path):
+    if crc.crc32_combine is None:
+        pytest.skip("needs zlib-ng")
+    path, _ = _torch_file(tmp_path)
+    with crc.SharedFileCrc(path) as shared:
+        start, length = max(shared._regions.items(), key=lambda kv: kv[1])
+        f = shared.reader()
+        f.seek(start)
+        f.read(length // 2)
+        f.read(length - length // 2)
+        assert start not in shared._claims
+        shared.help()
+        assert shared._claims[start] == crc._HELPER
+        assert shared.value() == zlib.crc32(path.read_bytes())
+
+
+def test_a_file_that_is_no_zip_archive_is_read_whole(tmp_path):
+    path, data = _file(tmp_path)
+    truncated_zip = tmp_path / "t.pt"
+    torch.save({"a": torch.ones(10)}, truncated_zip)
+    truncated_zip.write_bytes(truncated_zip.read_bytes()[:-30])
+    for p in (path, truncated_zip):
+        with crc.SharedFileCrc(p) as shared:
+            assert shared._regions == {}
+            assert shared.value() == zlib.crc32(p.read_bytes())

@@ -5,8 +5,9 @@ table-driven loop (~7 GB/s here): on a 400 MB ``optimizer.pt`` that is ~60 ms of
 (``benchmarks/checkpoint_io.py``). :func:`torch_save_with_crc` turns torch's own computation off
 (``torch.serialization.set_crc32_options``) and fills the same CRC-32s in from zlib-ng, computed on
 the bytes while torch writes them, and returns the whole file's CRC-32 for ``checksums.json`` at no
-extra pass over the file. :func:`read_with_crc` is the reverse: the CRC of a file computed from the
-bytes ``torch.load`` reads (plus the few it skips), so checking a file costs no pass of its own.
+extra pass over the file. :class:`SharedFileCrc` is the reverse: the CRC of a file computed from the
+bytes ``torch.load`` reads, with a helper thread taking the records it has not reached yet, so
+checking a file costs its parser almost no time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["crc32", "crc32_combine", "read_with_crc", "torch_save_with_crc"]
+__all__ = ["SharedFileCrc", "crc32", "crc32_combine", "torch_save_with_crc"]
 
 
 def _load_crc32() -> tuple[Callable[..., int], Callable[[int, int, int], int] | None]:
@@ -147,14 +148,16 @@ def torch_save_with_crc(obj: Any, path: str | os.PathLike) -> int:
 
 
 def _file_crc(fd: int, start: int, length: int, value: int = 0) -> int:
-    """CRC-32 of ``length`` bytes of an open file from ``start`` (read in 16 MiB pieces)."""
+    """CRC-32 of ``length`` bytes of an open file from ``start``, read into one reused 1 MiB buffer
+    (cache-sized: the CRC reads what the copy just wrote; no fresh allocation per piece)."""
     end = start + length
+    buffer = memoryview(bytearray(min(length, 1 << 20)))
     while start < end:
-        piece = os.pread(fd, min(end - start, 1 << 24), start)
-        if not piece:
+        n = os.preadv(fd, [buffer[: min(end - start, len(buffer))]], start)
+        if not n:
             raise OSError(f"short read at byte {start} while checksumming")
-        value = crc32(piece, value)
-        start += len(piece)
+        value = crc32(buffer[:n], value)
+        start += n
     return value
 
 
@@ -224,16 +227,107 @@ def _whole_file_crc(fd: int, writer: _RecordingWriter, patches: dict[int, int], 
     return value
 
 
-class _RecordingReader:
-    """What ``torch.load`` reads from: reads the file and keeps the offset, length and CRC-32 of every
-    large read (torch reads each record's bytes straight into the tensor's memory with ``readinto``,
-    so the CRC runs on bytes just read, still in cache)."""
+_READER, _HELPER = "reader", "helper"
 
-    MIN_BYTES = 1 << 16  # smaller reads (headers, the zip directory) are read again by the gap filling
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self.regions: list[tuple[int, int, int]] = []  # (offset, length, crc32)
+class SharedFileCrc:
+    """The CRC-32 of a file being parsed, shared out between the parsing thread and a helper thread.
+
+    The file's zip records (a ``torch.save`` file) are the units of work. The parser reads through
+    :meth:`reader`: a record it reads in one piece is checksummed right after the read, while its
+    bytes are in cache. :meth:`help`, on another thread, checksums the records nobody has taken yet,
+    from the last one back, reading them from the page cache. Each record is taken once (the
+    first thread to claim it). :meth:`value` then combines the records' CRCs with those of the bytes
+    in between (headers, the zip directory), read at the end: a check of every byte that costs the
+    parser almost no time of its own. Any other file (not a zip archive) is checked by one pass in
+    :meth:`value`, as is every file without ``crc32_combine`` (no zlib-ng).
+
+    Use as a context manager (it holds the file open)::
+
+        with SharedFileCrc(path) as shared:
+            obj = torch.load(shared.reader(), weights_only=True)   # another thread may call shared.help()
+        digest = shared.value()                                    # after the helper has returned
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = open(path, "rb")
+        self._fd = self._file.fileno()
+        self.size = os.fstat(self._fd).st_size
+        self._regions = _record_regions(self._file, self.size) if crc32_combine is not None else {}
+        self._claims: dict[int, str] = {}  # record start -> who took it (dict.setdefault: atomic)
+        self._crcs: dict[int, int] = {}  # record start -> CRC-32 of its bytes
+
+    def __enter__(self) -> SharedFileCrc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def reader(self) -> _ClaimingReader:
+        """The file, for the parser (``read`` / ``readinto`` / ``seek`` / ``tell``), from byte 0."""
+        self._file.seek(0)
+        return _ClaimingReader(self)
+
+    def help(self) -> None:
+        """Checksum the records not yet taken, from the last one back (for a thread beside the parser)."""
+        for start in sorted(self._regions, reverse=True):
+            if self._claims.setdefault(start, _HELPER) is _HELPER:
+                self._crcs[start] = _file_crc(self._fd, start, self._regions[start])
+
+    def _read(self, start: int, view: memoryview) -> None:
+        """The parser read ``view`` at ``start``: checksum it now if it is a whole record nobody took."""
+        if self._regions.get(start) == view.nbytes and self._claims.setdefault(start, _READER) is _READER:
+            self._crcs[start] = crc32(view)
+
+    def value(self) -> int:
+        """The CRC-32 of the whole file (call once the parser and the helper are done)."""
+        if crc32_combine is None:
+            return _file_crc(self._fd, 0, self.size)
+        value, at = 0, 0
+        for start in sorted(self._crcs):
+            length = self._regions[start]
+            if start > at:
+                value = crc32_combine(value, _file_crc(self._fd, at, start - at), start - at)
+            value, at = crc32_combine(value, self._crcs[start], length), start + length
+        if at < self.size:
+            value = crc32_combine(value, _file_crc(self._fd, at, self.size - at), self.size - at)
+        return value
+
+
+def _record_regions(f: BinaryIO, size: int) -> dict[int, int]:
+    """``{start: length}`` of the data of each stored record of a zip file (disjoint, inside the file);
+    ``{}`` for anything else (the whole file is then read by :meth:`SharedFileCrc.value`)."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            records = archive.infolist()
+        regions: dict[int, int] = {}
+        for record in records:
+            header = os.pread(f.fileno(), _LOCAL_HEADER.size, record.header_offset)
+            if len(header) < _LOCAL_HEADER.size or record.compress_type != zipfile.ZIP_STORED:
+                return {}
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+            if signature != _LOCAL_SIGNATURE:
+                return {}
+            if record.compress_size:
+                regions[record.header_offset + _LOCAL_HEADER.size + name_len + extra_len] = record.compress_size
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return {}
+    ordered = sorted(regions.items())
+    if any(a + n > b for (a, n), (b, _) in zip(ordered, ordered[1:])) or (ordered and sum(ordered[-1]) > size):
+        return {}  # a damaged directory: no shortcuts, one pass
+    return regions
+
+
+class _ClaimingReader:
+    """What the parser reads from: the file, with each large read handed to :meth:`SharedFileCrc._read`.
+
+    torch reads each record's bytes straight into the tensor's memory with ``readinto``; the CRC then
+    runs on bytes just read, still in cache, before torch goes on.
+    """
+
+    def __init__(self, shared: SharedFileCrc) -> None:
+        self._shared = shared
+        self._raw = shared._file
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         return self._raw.seek(offset, whence)
@@ -250,46 +344,13 @@ class _RecordingReader:
     def read(self, size: int = -1) -> bytes:
         start = self._raw.tell()
         data = self._raw.read(size)
-        self._note(start, data)
+        with memoryview(data) as view:
+            self._shared._read(start, view)
         return data
 
     def readinto(self, buffer: Any) -> int:
         start = self._raw.tell()
-        n = self._raw.readinto(buffer)
-        if n:
-            with memoryview(buffer) as view, view.cast("B")[:n] as got:
-                self._note(start, got)
-        return n or 0
-
-    def _note(self, start: int, data: Any) -> None:
-        n = len(data) if isinstance(data, bytes) else data.nbytes
-        if n >= self.MIN_BYTES:
-            self.regions.append((start, n, crc32(data)))
-
-
-def read_with_crc(path: str | os.PathLike, parse: Callable[[BinaryIO], Any]) -> tuple[Any, int]:
-    """``parse(file)`` on ``path`` opened for reading, and the CRC-32 of the whole file.
-
-    The CRC is combined (zlib-ng's ``crc32_combine``) from the CRCs of the large reads ``parse`` made,
-    computed as the bytes arrived, and of the bytes it did not read (headers, gaps), read afterwards:
-    a check of every byte without a second pass over the data. Where reads overlap, or without
-    ``crc32_combine``, the file is read once more instead. The CRC is of the bytes as ``parse`` saw
-    them, so a match also means nothing was parsed from damaged bytes.
-    """
-    with open(path, "rb") as f:
-        reader = _RecordingReader(f)
-        obj = parse(reader)  # type: ignore[arg-type]
-        size = os.fstat(f.fileno()).st_size
-        regions = sorted(reader.regions)
-        if crc32_combine is None or any(a[0] + a[1] > b[0] for a, b in zip(regions, regions[1:])):
-            return obj, _file_crc(f.fileno(), 0, size)
-        value, at = 0, 0
-        for start, length, piece in regions:
-            if start + length > size:
-                return obj, _file_crc(f.fileno(), 0, size)  # the file changed under the reader
-            if start > at:
-                value = crc32_combine(value, _file_crc(f.fileno(), at, start - at), start - at)
-            value, at = crc32_combine(value, piece, length), start + length
-        if at < size:
-            value = crc32_combine(value, _file_crc(f.fileno(), at, size - at), size - at)
-        return obj, value
+        n = self._raw.readinto(buffer) or 0
+        with memoryview(buffer) as view, view.cast("B") as flat, flat[:n] as got:
+            self._shared._read(start, got)
+        return n
