@@ -215,6 +215,20 @@ def test_optimizer_update_mode_table(make, expected):
 # ---- LOMO -----------------------------------------------------------------------------------------
 
 
+def test_a_subclass_override_of_the_backward_is_the_one_called(tmp_path):
+    class LoggingBackward(Trainer):
+        calls = 0
+
+        def _backward_step(self, loss):
+            type(self).calls += 1
+            super()._backward_step(loss)
+
+    trainer = LoggingBackward(model=TinyRegressor(), args=_args(tmp_path, max_steps=3, gradient_accumulation_steps=2),
+                              train_dataset=make_regression_data(64))
+    trainer.train()
+    assert LoggingBackward.calls == 6  # 3 optimizer steps x 2 micro-batches
+
+
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
 def test_lomo_trains_through_fused_backward(tmp_path, max_grad_norm, monkeypatch, caplog):
     pytest.importorskip("lomo_optim")

@@ -21,13 +21,13 @@ optimizer or schedule logic of its own. What it adds is the loop:
   checkpoint at the current step and end ``train()`` cleanly (:mod:`optsched.trainer.signals`,
   ``trainer.preempted_by``); damaged or untrusted checkpoint files raise ``CheckpointError``.
 
-Optimizers that update inside ``backward`` (see :func:`optimizer_update_mode`): LOMO / AdaLomo
-(``fused_backward``) replace ``loss.backward()`` + ``optimizer.step()`` by ``optimizer.fused_backward(loss,
-lr)``, preceded by ``optimizer.grad_norm(loss)`` (a second backward pass) when clipping; layer-wise
-optimizers (GaLore / APOLLO ``*_layerwise``) step each parameter from its gradient hook, so there is no
-gradient left to clip after ``backward``. Both need ``gradient_accumulation_steps=1``, no fp16 and one
-process. A NaN / inf loss skips their backward entirely (nothing is applied); a non-finite gradient is
-caught before the update for LOMO with clipping only.
+The class is composed of mixins, one job each: :class:`~optsched.trainer.update.UpdateMixin` (backward,
+clipping, ``optimizer.step()``, including optimizers that update inside ``backward``, see
+:func:`optimizer_update_mode`), :class:`~optsched.trainer.checkpointing.CheckpointMixin` (save and
+resume), :class:`~optsched.trainer.evaluation.EvaluationMixin` (``evaluate`` and the best metric) and
+:class:`~optsched.trainer.dataloaders.DataLoaderMixin` (the DataLoaders and the position in the data).
+This module keeps the constructor, the optimizer / scheduler factories, precision, one training step,
+the loop, logging and callbacks.
 
 Per-step cost: the loop does no work proportional to the number of modules. ``model.train()`` runs
 once per ``train()`` and after each evaluation (a step re-enables it only if the model was left in eval
@@ -45,16 +45,12 @@ then multiplied by the number of processes, since DDP averages gradients.
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
-import json
+import dataclasses
 import logging
-import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -71,19 +67,9 @@ from optsched.trainer.callbacks import (
     ProgressCallback,
     strategy_name,
 )
-from optsched.trainer.data import (
-    EpochSampler,
-    ShardedIterable,
-    TrainingPlan,
-    build_dataloader,
-    count_label_items,
-    epoch_batches,
-    has_length,
-    iter_update_groups,
-    move_to_device,
-    plan_training,
-    split_model_inputs,
-)
+from optsched.trainer.checkpointing import CheckpointMixin
+from optsched.trainer.data import TrainingPlan, has_length, move_to_device, split_model_inputs
+from optsched.trainer.dataloaders import DataLoaderMixin
 from optsched.trainer.distributed import (
     all_reduce_sum,
     init_distributed,
@@ -92,10 +78,17 @@ from optsched.trainer.distributed import (
     unwrap_model,
     wrap_model,
 )
-from optsched.trainer.nonfinite import NonFiniteGuard, check_finite_weights, grad_total_norm
-from optsched.trainer.resume import prepare_resume, restore_scheduler, save_plan
+from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
+from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
+from optsched.trainer.update import (
+    _BACKWARDS,
+    UPDATE_MODES,
+    UpdateMixin,
+    _has_mode_switch,
+    optimizer_update_mode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,55 +115,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def steps_on_metric(scheduler: Any) -> bool:
-    """True for a scheduler stepped with an evaluation metric (:func:`optsched.schedules.is_metric_scheduler`)."""
-    from optsched.schedules import is_metric_scheduler
-
-    return scheduler is not None and is_metric_scheduler(scheduler)
-
-
-def _has_mode_switch(optimizer: Any) -> bool:
-    """Schedule-free optimizers expose ``train()`` / ``eval()``; plain torch optimizers do not."""
-    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
-
-
-def _updates_in_fused_backward(optimizer: Any) -> bool:
-    """LOMO / AdaLomo: ``fused_backward(loss, lr)`` updates; ``grad_norm(loss)`` prepares clipping."""
-    return all(callable(getattr(optimizer, name, None)) for name in ("fused_backward", "grad_norm"))
-
-
-def _updates_layerwise(optimizer: Any) -> bool:
-    """Each parameter stepped from its gradient hook: optsched's ``LayerWiseOptimizer``, or an optimizer that
-    holds its per-parameter optimizers in ``optimizer_dict`` (transformers' ``LayerWiseDummyOptimizer``)."""
-    from optsched.optim.lowrank import LayerWiseOptimizer  # torch only; imports no optional package
-
-    per_parameter = getattr(optimizer, "optimizer_dict", None)
-    return isinstance(optimizer, LayerWiseOptimizer) or isinstance(per_parameter, dict)
-
-
-#: How an optimizer applies its update, first match wins; none matching: ``"step"`` (backward, clip,
-#: ``optimizer.step()``). Detected from what the optimizer exposes, never from another package's class names.
-UPDATE_MODES: dict[str, Callable[[Any], bool]] = {
-    "fused_backward": _updates_in_fused_backward,
-    "layerwise": _updates_layerwise,
-}
-
-
-def optimizer_update_mode(optimizer: Any) -> str:
-    """``"fused_backward"`` (LOMO), ``"layerwise"`` (GaLore / APOLLO layer-wise) or ``"step"`` (the rest).
-
-    The first two update the weights inside ``loss.backward()``; see the module docstring for what the
-    Trainer does differently for them.
-
-    Example:
-        >>> optimizer_update_mode(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
-        'step'
-    """
-    for mode, matches in UPDATE_MODES.items():
-        if matches(optimizer):
-            return mode
-    return "step"
-
 
 def _extract_loss(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
@@ -185,16 +129,8 @@ def _extract_loss(outputs: Any) -> torch.Tensor | None:
     return None
 
 
-def _batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the first dimension of its first tensor (1 when none is found)."""
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return int(v.shape[0])
-    return 1
 
-
-class Trainer:
+class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
     """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
 
     The optimizer is created in the constructor (``trainer.optimizer.param_groups`` can be inspected
@@ -399,79 +335,6 @@ class Trainer:
         except ValueError:
             return None
 
-    # ---- data ---------------------------------------------------------------------------------------
-
-    def _data_seed(self) -> int:
-        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
-
-    def _new_train_loader(self) -> DataLoader:
-        args, ds = self.args, self.train_dataset
-        sampler = None
-        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
-            sampler = EpochSampler(
-                len(ds),
-                seed=self._data_seed(),
-                shuffle=True,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                drop_last=args.dataloader_drop_last and self.dist.enabled,
-            )
-        elif self.dist.enabled:
-            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
-        return build_dataloader(
-            ds,
-            batch_size=args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
-            sampler=sampler,
-            num_workers=args.dataloader_num_workers,
-            drop_last=args.dataloader_drop_last,
-            seed=self._data_seed(),
-        )
-
-    def get_train_dataloader(self) -> DataLoader:
-        """The training DataLoader: seeded per-epoch order, split over processes under DDP.
-
-        Raises:
-            ValueError: no ``train_dataset``.
-        """
-        if self.train_dataset is None:
-            raise ValueError("Trainer: training needs a train_dataset; pass train_dataset= to the Trainer.")
-        return self._new_train_loader()
-
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
-        """The evaluation DataLoader: dataset order, split over processes under DDP.
-
-        Raises:
-            ValueError: no eval dataset given here or to the Trainer.
-        """
-        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if ds is None:
-            raise ValueError("Trainer: evaluation needs an eval_dataset; pass eval_dataset= to the Trainer or evaluate().")
-        sampler = None
-        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
-            sampler = EpochSampler(
-                len(ds), seed=0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size
-            )
-        elif self.dist.enabled:
-            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
-        return build_dataloader(
-            ds,
-            batch_size=getattr(self.args, "per_device_eval_batch_size", self.args.per_device_train_batch_size),
-            collate_fn=self.data_collator,
-            sampler=sampler,
-            num_workers=self.args.dataloader_num_workers,
-            drop_last=False,
-            seed=0,
-        )
-
-    def _plan(self, batches_per_epoch: int | None) -> TrainingPlan:
-        return plan_training(
-            batches_per_epoch,
-            max_steps=self.args.max_steps,
-            num_train_epochs=self.args.num_train_epochs,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-        )
-
     # ---- precision and device -------------------------------------------------------------------------
 
     def _check_precision(self) -> None:
@@ -545,205 +408,8 @@ class Trainer:
                 loss = loss / self._current_accumulation
         elif num_items_in_batch is not None and self.dist.enabled:
             loss = loss * self.dist.world_size  # DDP averages gradients; the function normalised by the global count
-        _BACKWARDS[self._update_mode](self, loss)
+        getattr(self, _BACKWARDS[self._update_mode])(loss)
         return loss.detach()
-
-    def _backward_step(self, loss: torch.Tensor) -> None:
-        """``loss.backward()`` (through the fp16 ``GradScaler`` when there is one); the step comes later."""
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def _backward_fused(self, loss: torch.Tensor) -> None:
-        """LOMO: ``[grad_norm(loss)]`` then ``fused_backward(loss, lr)``, which applies the update.
-
-        The update cannot be undone, so the non-finite checks come before it: a NaN / inf loss skips the
-        backward, and so does a non-finite gradient norm from the clipping pass (the step is then counted
-        as skipped by :class:`~optsched.trainer.nonfinite.NonFiniteGuard` in :meth:`_clip_and_step`).
-        """
-        self._inner_grad_norm = None
-        if not math.isfinite(float(loss.detach())):
-            return
-        optimizer = self.optimizer
-        clip = getattr(optimizer, "clip_grad_norm", None)
-        if clip is not None and clip > 0:
-            optimizer.grad_norm(loss)  # backward #1 (graph kept): per-parameter norms, clip coefficient
-            norms = getattr(optimizer, "grad_norms", None)
-            if isinstance(norms, torch.Tensor) and norms.numel():
-                self._inner_grad_norm = torch.linalg.vector_norm(norms.float(), 2.0)
-                if not math.isfinite(float(self._inner_grad_norm)):
-                    return
-        optimizer.fused_backward(loss, self._get_learning_rate())
-
-    def _backward_layerwise(self, loss: torch.Tensor) -> None:
-        """Layer-wise: each parameter is stepped from its gradient hook during ``loss.backward()``.
-
-        A NaN / inf loss skips the backward (nothing is applied); gradients are released by the hooks,
-        so they can be neither clipped nor checked afterwards.
-        """
-        if math.isfinite(float(loss.detach())):
-            loss.backward()
-
-    def _num_items(self, group: list[Any]) -> Any:
-        if self.compute_loss_func is None:
-            return None
-        n = count_label_items(group)
-        if n is None:
-            return None
-        total = all_reduce_sum(torch.tensor(n, device=self.device), self.dist)
-        return int(total)
-
-    def _clip_and_step(self, step_loss: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
-        """Unscale (fp16), clip to ``max_grad_norm``, step the optimizer unless the step is non-finite.
-
-        Returns:
-            ``(pre-clip gradient norm or None, whether the optimizer stepped)``. Under fp16 the
-            ``GradScaler`` decides (it skips a step with inf / NaN gradients and lowers the scale);
-            otherwise :class:`~optsched.trainer.nonfinite.NonFiniteGuard` does, on the step's loss
-            (summed over processes) and gradient norm.
-
-        Raises:
-            NonFiniteError: more than ``max_consecutive_nonfinite`` non-finite steps in a row.
-        """
-        if self._update_mode != "step":
-            return self._after_update_in_backward(step_loss)
-        grad_norm = None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = self._clip_params
-        if params is None:  # outside train(): every parameter (clip_grad_norm_ skips those without a grad)
-            params = list(self.model.parameters())
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
-        if self.scaler is None and step_loss is not None and hasattr(self, "_nonfinite"):
-            norm = grad_norm if grad_norm is not None else grad_total_norm(params)
-            loss = all_reduce_sum(step_loss.detach().clone(), self.dist) if self.dist.enabled else step_loss
-            if self._nonfinite.should_skip(float(loss), float(norm), self.state.global_step + 1):
-                return grad_norm, False
-        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
-        stepped = True
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale  # a lowered scale means the step was skipped
-        else:
-            self.optimizer.step()
-        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
-        return grad_norm, stepped
-
-    def _after_update_in_backward(self, step_loss: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
-        """The end of a step whose update happened inside backward (LOMO, layer-wise).
-
-        Nothing to clip or step: LOMO clipped inside its own passes (its gradient norm is returned), the
-        layer-wise hooks released every gradient. The non-finite guard still decides whether the step
-        counts (a skipped step does not advance the scheduler); the callbacks run as for any step.
-        """
-        grad_norm = self._inner_grad_norm
-        if step_loss is not None and hasattr(self, "_nonfinite"):
-            norm = float(grad_norm) if grad_norm is not None else None
-            if self._nonfinite.should_skip(float(step_loss), norm, self.state.global_step + 1):
-                return grad_norm, False
-        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
-        if self._update_mode == "layerwise":
-            self.optimizer.step()  # a no-op by contract; satisfies torch's scheduler order check, step hooks
-        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
-        return grad_norm, True
-
-    def _step_scheduler(self) -> None:
-        """``lr_scheduler.step()``; for LOMO (no ``step()`` to call) without torch's "scheduler before
-        optimizer.step()" warning, which would be wrong: the update happened in ``fused_backward``."""
-        if self._update_mode != "fused_backward":
-            self.lr_scheduler.step()
-            return
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            self.lr_scheduler.step()
-
-    def _zero_grad(self) -> None:
-        """Release the gradients: the optimizer's, and those of trainable parameters it does not hold.
-
-        ``optimizer.zero_grad`` touches only its own parameters (``model.zero_grad`` walks every module);
-        a trainable parameter outside the optimizer (a user's optimizer over part of the model) would
-        otherwise accumulate a stale gradient into the next clipping norm.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        for p in self._grad_extras:
-            p.grad = None
-
-    def _check_update_mode(self) -> None:
-        """Refuse what an optimizer that updates inside backward cannot do (see the module docstring).
-
-        Raises:
-            ValueError: ``gradient_accumulation_steps > 1``, ``fp16=True`` or several processes together
-                with a LOMO or layer-wise optimizer.
-        """
-        mode = self._update_mode
-        if mode == "step":
-            return
-        what = (
-            f"{type(self.optimizer).__name__} updates the weights inside backward ("
-            + ("optimizer.fused_backward" if mode == "fused_backward" else "per-parameter gradient hooks")
-            + ")"
-        )
-        ga = self.args.gradient_accumulation_steps
-        if ga != 1:
-            raise ValueError(
-                f"gradient_accumulation_steps={ga!r} is not supported: {what}, so gradients cannot be "
-                "accumulated over micro-batches; accepted: 1 (raise per_device_train_batch_size instead)."
-            )
-        if self.args.fp16:
-            raise ValueError(
-                f"fp16=True is not supported: {what}, before the GradScaler could unscale the gradients; "
-                "accepted: bf16=True or fp16=False."
-            )
-        if self.dist.enabled:
-            raise ValueError(
-                f"{self.dist.world_size} processes are not supported: {what}, before DDP averages the "
-                "gradients; accepted: a single process."
-            )
-
-    def _prepare_step_state(self) -> None:
-        """Per-``train()`` caches, so that a step does no work proportional to the number of modules."""
-        self._update_mode = optimizer_update_mode(self.optimizer)
-        self._check_update_mode()
-        self._metric_scheduler = steps_on_metric(self.lr_scheduler)
-        self._clip_params = list(self.model.parameters())
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        self._grad_extras = [p for p in self._clip_params if p.requires_grad and id(p) not in held]
-        self._inner_grad_norm = None
-        if self._update_mode == "layerwise" and self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            if not self._logged_no_clip:
-                logger.info(
-                    "max_grad_norm=%s is not applied: %s steps each parameter from its gradient hook, so no "
-                    "gradient is left to clip after backward (set max_grad_norm=0 to silence this).",
-                    self.args.max_grad_norm, type(self.optimizer).__name__,
-                )
-                self._logged_no_clip = True
-        if self._update_mode == "fused_backward":
-            self._bridge_lomo_clipping()
-
-    def _bridge_lomo_clipping(self) -> None:
-        """Apply ``max_grad_norm`` through LOMO's own clipping (its ``clip_grad_norm``) when it has none.
-
-        transformers leaves LOMO unclipped whatever ``max_grad_norm`` says (it clips the already released
-        gradients, a no-op). Here ``max_grad_norm > 0`` sets the optimizer's ``clip_grad_norm`` unless it
-        was given one, which costs LOMO's second backward pass per step (``grad_norm`` then
-        ``fused_backward``); ``max_grad_norm=0`` keeps one pass.
-        """
-        max_norm = self.args.max_grad_norm
-        if getattr(self.optimizer, "clip_grad_norm", 0) is not None:  # absent, or the user's own setting
-            return
-        if max_norm and max_norm > 0:
-            self.optimizer.clip_grad_norm = float(max_norm)
-            if not self._logged_no_clip:
-                logger.info(
-                    "max_grad_norm=%s is applied by %s's own clipping: two backward passes per step "
-                    "(grad_norm, then fused_backward); max_grad_norm=0 for one.",
-                    max_norm, type(self.optimizer).__name__,
-                )
-                self._logged_no_clip = True
 
     def _get_learning_rate(self) -> float:
         if self._metric_scheduler or not hasattr(self.lr_scheduler, "get_last_lr"):
@@ -830,100 +496,6 @@ class Trainer:
         with preemption:
             self._preemption = preemption
             return self._train_loop(model, loader, plan, checkpoint)
-
-    def _resolve_checkpoint(self, resume_from_checkpoint: Any) -> Path | None:
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        if resume_from_checkpoint is True:
-            found = ckpt.get_last_checkpoint(self.args.output_dir)
-            if found is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but no complete checkpoint (checkpoint-N with "
-                    f"{ckpt.TRAINER_STATE_NAME} and {ckpt.WEIGHTS_NAME}) is in output_dir={self.args.output_dir!r}."
-                )
-            return found
-        if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            raise TypeError(
-                f"resume_from_checkpoint must be a path, True or None, got {type(resume_from_checkpoint).__name__}."
-            )
-        path = Path(resume_from_checkpoint)
-        missing = [f for f in (ckpt.TRAINER_STATE_NAME, ckpt.WEIGHTS_NAME) if not (path / f).is_file()]
-        if not path.is_dir() or missing:
-            raise ValueError(
-                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint "
-                f"({'no such directory' if not path.is_dir() else 'missing ' + ', '.join(missing)}); accepted: "
-                "a checkpoint-N directory written by the Trainer, or True for the newest one in output_dir."
-            )
-        return path
-
-    def _initial_state(self, plan: TrainingPlan, checkpoint: Path | None) -> TrainerState:
-        if checkpoint is not None:
-            # a damaged file raises CheckpointError naming it
-            state = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify())
-            if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
-                state.best_model_checkpoint = None
-        else:
-            state = TrainerState()
-        state.compute_steps(self.args, plan.max_steps)
-        state.max_steps = plan.max_steps
-        state.num_train_epochs = plan.num_train_epochs
-        state.train_batch_size = self.args.per_device_train_batch_size
-        state.is_local_process_zero = self.dist.local_rank == 0
-        state.is_world_process_zero = self.dist.is_main_process
-        return state
-
-    def _checkpoint_verify(self) -> str:
-        """How much a resume checks the checkpoint's files against ``checksums.json``
-        (:data:`optsched.trainer.checkpoint.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
-        return self.args.checkpoint_verification  # validated by TrainingArguments
-
-    def _load_optimizer_and_scheduler(self, checkpoint: Path, saved_optimizer: dict[str, Any] | None = None) -> None:
-        """Restore optimizer, scheduler and scaler; ``saved_optimizer``: ``optimizer.pt`` already read
-        (:func:`~optsched.trainer.checkpoint.load_weights_and_read_optimizer`), else it is read here."""
-        verify = self._checkpoint_verify()
-        # the checkpoint's plan vs the new one, before the optimizer state overwrites the new settings
-        resume = prepare_resume(
-            self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify
-        )
-        sched_file = checkpoint / ckpt.SCHEDULER_NAME
-        if (checkpoint / ckpt.OPTIMIZER_NAME).is_file():
-            ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify, saved=saved_optimizer)
-        else:
-            logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
-        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if sched_file.is_file() else None
-        restore_scheduler(self.lr_scheduler, self.optimizer, saved_sched, self.state.global_step, resume)
-        scaler_file = checkpoint / ckpt.SCALER_NAME
-        if self.scaler is not None and scaler_file.is_file():
-            self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file, verify=verify))
-
-    def _epoch_groups(self, loader: DataLoader, epoch: int, skip_updates: int) -> Iterator[list[Any]]:
-        ga = self.args.gradient_accumulation_steps
-        batches = epoch_batches(loader, epoch, self._data_seed(), skip_updates * ga if has_length(loader) else 0)
-        groups = iter_update_groups(batches, ga)
-        if not has_length(loader):
-            for _ in range(skip_updates):
-                next(groups, None)
-        return groups
-
-    def _start_position(self, loader: DataLoader, plan: TrainingPlan) -> tuple[int, int, Iterator[list[Any]] | None]:
-        """``(epoch, updates done in it, positioned group iterator or None)`` for ``state.global_step``."""
-        step = self.state.global_step
-        if has_length(loader):
-            epoch, done = divmod(step, plan.updates_per_epoch)
-            return epoch, done, None
-        # an iterable dataset: replay the passes (an exhausted pass starts the next epoch)
-        epoch, remaining = 0, step
-        while True:
-            groups = self._epoch_groups(loader, epoch, 0)
-            consumed = 0
-            while consumed < remaining and next(groups, None) is not None:
-                consumed += 1
-            if consumed == remaining:
-                return epoch, consumed, groups
-            if consumed == 0:
-                return epoch, 0, groups  # empty dataset: the loop reports it
-            remaining -= consumed
-            epoch += 1
 
     def _train_loop(self, model: nn.Module, loader: DataLoader, plan: TrainingPlan, checkpoint: Path | None) -> TrainOutput:
         args, state = self.args, self.state
@@ -1026,29 +598,6 @@ class Trainer:
             self._tr_loss += self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
         self._zero_grad()
 
-    def _maybe_save_on_signal(self) -> None:
-        """After a step: if a preemption signal arrived (on any process), save at this step and stop."""
-        handler = getattr(self, "_preemption", None)
-        if handler is None or not handler.enabled:
-            return
-        requested = handler.requested
-        if self.dist.enabled:  # every process must agree, or the checkpoint's barriers would hang
-            flag = torch.tensor(1.0 if requested else 0.0, device=self.device)
-            requested = bool(all_reduce_sum(flag, self.dist).item() > 0)
-        if not requested:
-            return
-        self.preempted_by = handler.signal_name or "a signal on another process"
-        step = self.state.global_step
-        saved = Path(self.args.output_dir) / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{step}"
-        if getattr(self, "_last_saved_step", None) != step or not ckpt.is_complete_checkpoint(saved):
-            self._save_checkpoint()
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        logger.warning(
-            "Stopped by %s at step %d; checkpoint saved in %s. Resume with train(resume_from_checkpoint=True).",
-            self.preempted_by, step, saved,
-        )
-        self.control.should_training_stop = True
-
     def _reduced_loss(self) -> float:
         """The accumulated training loss averaged over processes; resets the accumulator."""
         value = all_reduce_sum(self._tr_loss, self.dist).item() / self.dist.world_size
@@ -1080,143 +629,12 @@ class Trainer:
             self._save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, state, self.control)
 
-    def _metric_name(self) -> str:
-        name = self.args.metric_for_best_model or "loss"
-        return name if name.startswith("eval_") else f"eval_{name}"
-
-    def _step_metric_scheduler(self, metrics: dict[str, float]) -> None:
-        if not self._metric_scheduler:
-            return
-        key = self._metric_name()
-        if key not in metrics:
-            raise ValueError(
-                f"metric_for_best_model={self.args.metric_for_best_model!r} names {key!r}, which the evaluation "
-                f"did not return; accepted: one of {sorted(metrics)}."
-            )
-        self.lr_scheduler.step(metrics[key])
-
-    def _update_best_metric(self, metrics: dict[str, float]) -> bool:
-        if self.args.metric_for_best_model is None:
-            return False
-        key = self._metric_name()
-        if key not in metrics:
-            raise ValueError(
-                f"metric_for_best_model={self.args.metric_for_best_model!r} names {key!r}, which the evaluation "
-                f"did not return; accepted: one of {sorted(metrics)}."
-            )
-        value, best = metrics[key], self.state.best_metric
-        greater = bool(self.args.greater_is_better)
-        if best is None or (value > best if greater else value < best):
-            self.state.best_metric = value
-            self.state.best_global_step = self.state.global_step
-            return True
-        return False
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Append ``logs`` (+ ``epoch``, ``step``) to ``state.log_history`` and run the ``on_log`` callbacks."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
-
-    # ---- evaluation ----------------------------------------------------------------------------------
-
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Average loss over the eval dataset (sample-weighted, over all processes), logged and returned.
-
-        Returns:
-            ``{"<prefix>_loss", "<prefix>_runtime", "<prefix>_samples_per_second",
-            "<prefix>_steps_per_second"}``.
-        """
-        loader = self.get_eval_dataloader(eval_dataset)
-        self.callback_handler.eval_dataloader = loader
-        model = self.model
-        start = time.time()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps = 0
-        was_training = model.training
-        with self._optimizer_eval_mode(), torch.no_grad():
-            model.eval()
-            try:
-                for batch in loader:
-                    batch = move_to_device(batch, self.device)
-                    n = _batch_size(batch)
-                    num_items = count_label_items([batch]) if self.compute_loss_func is not None else None
-                    with self.autocast_smart_context_manager():
-                        loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                    total += loss.detach().double().reshape(()) * n
-                    count += n
-                    steps += 1
-                    self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
-            finally:
-                model.train(was_training)
-        total, count = all_reduce_sum(total, self.dist), all_reduce_sum(count, self.dist)
-        runtime = time.time() - start
-        metrics = {
-            f"{metric_key_prefix}_loss": float(total / count) if count > 0 else float("nan"),
-            f"{metric_key_prefix}_runtime": round(runtime, 4),
-            f"{metric_key_prefix}_samples_per_second": round(float(count) / runtime, 3) if runtime > 0 else 0.0,
-            f"{metric_key_prefix}_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
-        }
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
-
-    # ---- saving --------------------------------------------------------------------------------------
-
-    def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
-        """Write ``model.safetensors`` (and ``config.json`` for a transformers model) on process 0.
-
-        Schedule-free optimizers are switched to ``eval()`` so the averaged weights are saved.
-        """
-        out = Path(output_dir if output_dir is not None else self.args.output_dir)
-        if self.dist.is_main_process:
-            with self._optimizer_eval_mode():
-                check_finite_weights(self.model, f"{out / ckpt.WEIGHTS_NAME}")
-                ckpt.save_model_weights(self.model, out)
-
-    def _save_checkpoint(self) -> Path:
-        args, state = self.args, self.state
-        run_dir = Path(args.output_dir)
-        final = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        main = self.dist.is_main_process
-        if state.best_global_step is not None:
-            best = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
-            if best == final or best.is_dir():
-                state.best_model_checkpoint = str(best)
-        with self._optimizer_eval_mode():
-            # never publish NaN / inf weights: raise before anything is written (every process checks)
-            check_finite_weights(self.model, f"checkpoint {final}")
-        with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist) as tmp:
-            # the weights' CRC runs on a worker thread while optimizer.pt is written (its own CRC is
-            # computed as torch writes it): neither is a pass of its own in write_checksums
-            if main:
-                ckpt.checksum_in_background(ckpt.save_model_weights(self.model, tmp))
-                save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
-            if main and not args.save_only_model:
-                # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
-                ckpt.save_optimizer_state(self.optimizer, tmp)
-            if not args.save_only_model:
-                if main:
-                    torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
-                    if self.scaler is not None:
-                        torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
-                ckpt.save_rng_state(tmp, self.dist)
-            if main:
-                state.stateful_callbacks["TrainerControl"] = self.control.state()
-                state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
-                (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
-        if main:
-            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
-        self._last_saved_step = state.global_step
-        return final
-
-    def _args_json(self) -> str:
-        to_json = getattr(self.args, "to_json_string", None)
-        if callable(to_json):
-            return to_json()
-        return json.dumps(vars(self.args), indent=2, default=str)
 
     # ---- callbacks and process info (transformers' names) ----------------------------------------------
 
@@ -1255,11 +673,3 @@ class Trainer:
             f"{type(self.optimizer).__name__ if self.optimizer is not None else None}, lr_scheduler="
             f"{type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else None}, device={self.device})"
         )
-
-
-#: The backward of one micro-batch per update mode (:data:`UPDATE_MODES`); ``"step"`` for all others.
-_BACKWARDS: dict[str, Callable[[Trainer, torch.Tensor], None]] = {
-    "step": Trainer._backward_step,
-    "fused_backward": Trainer._backward_fused,
-    "layerwise": Trainer._backward_layerwise,
-}

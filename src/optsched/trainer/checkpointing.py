@@ -1,0 +1,179 @@
+"""The Trainer's saving and resuming: checkpoints at a step, the model, and what a resume restores.
+
+:class:`CheckpointMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer`; the file
+formats, atomic writes and checksums are :mod:`optsched.trainer.checkpoint`'s, the resume plan
+:mod:`optsched.trainer.resume`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optsched.trainer import checkpoint as ckpt
+from optsched.trainer.data import TrainingPlan
+from optsched.trainer.distributed import all_reduce_sum
+from optsched.trainer.nonfinite import check_finite_weights
+from optsched.trainer.resume import prepare_resume, restore_scheduler, save_plan
+from optsched.trainer.state import TrainerState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointMixin"]
+
+
+class CheckpointMixin:
+    """``save_model()``, ``_save_checkpoint()`` (a signal's too) and the steps of a resume.
+
+    Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``optimizer``, ``lr_scheduler``,
+    ``scaler``, ``state``, ``control`` and ``callback_handler``, and ``_preemption`` when ``train()``
+    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step`` and ``preempted_by``.
+    """
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
+        """Write ``model.safetensors`` (and ``config.json`` for a transformers model) on process 0.
+
+        Schedule-free optimizers are switched to ``eval()`` so the averaged weights are saved.
+        """
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.dist.is_main_process:
+            with self._optimizer_eval_mode():
+                check_finite_weights(self.model, f"{out / ckpt.WEIGHTS_NAME}")
+                ckpt.save_model_weights(self.model, out)
+
+    def _save_checkpoint(self) -> Path:
+        args, state = self.args, self.state
+        run_dir = Path(args.output_dir)
+        final = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        main = self.dist.is_main_process
+        if state.best_global_step is not None:
+            best = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
+            if best == final or best.is_dir():
+                state.best_model_checkpoint = str(best)
+        with self._optimizer_eval_mode():
+            # never publish NaN / inf weights: raise before anything is written (every process checks)
+            check_finite_weights(self.model, f"checkpoint {final}")
+        with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist) as tmp:
+            # the weights' CRC runs on a worker thread while optimizer.pt is written (its own CRC is
+            # computed as torch writes it): neither is a pass of its own in write_checksums
+            if main:
+                ckpt.checksum_in_background(ckpt.save_model_weights(self.model, tmp))
+                save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
+            if main and not args.save_only_model:
+                # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
+                ckpt.save_optimizer_state(self.optimizer, tmp)
+            if not args.save_only_model:
+                if main:
+                    torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
+                    if self.scaler is not None:
+                        torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
+                ckpt.save_rng_state(tmp, self.dist)
+            if main:
+                state.stateful_callbacks["TrainerControl"] = self.control.state()
+                state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
+                (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
+        if main:
+            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+        self._last_saved_step = state.global_step
+        return final
+
+    def _args_json(self) -> str:
+        to_json = getattr(self.args, "to_json_string", None)
+        if callable(to_json):
+            return to_json()
+        return json.dumps(vars(self.args), indent=2, default=str)
+
+    def _maybe_save_on_signal(self) -> None:
+        """After a step: if a preemption signal arrived (on any process), save at this step and stop."""
+        handler = getattr(self, "_preemption", None)
+        if handler is None or not handler.enabled:
+            return
+        requested = handler.requested
+        if self.dist.enabled:  # every process must agree, or the checkpoint's barriers would hang
+            flag = torch.tensor(1.0 if requested else 0.0, device=self.device)
+            requested = bool(all_reduce_sum(flag, self.dist).item() > 0)
+        if not requested:
+            return
+        self.preempted_by = handler.signal_name or "a signal on another process"
+        step = self.state.global_step
+        saved = Path(self.args.output_dir) / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{step}"
+        if getattr(self, "_last_saved_step", None) != step or not ckpt.is_complete_checkpoint(saved):
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        logger.warning(
+            "Stopped by %s at step %d; checkpoint saved in %s. Resume with train(resume_from_checkpoint=True).",
+            self.preempted_by, step, saved,
+        )
+        self.control.should_training_stop = True
+
+    # ---- resuming ------------------------------------------------------------------------------------
+
+    def _resolve_checkpoint(self, resume_from_checkpoint: Any) -> Path | None:
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            found = ckpt.get_last_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but no complete checkpoint (checkpoint-N with "
+                    f"{ckpt.TRAINER_STATE_NAME} and {ckpt.WEIGHTS_NAME}) is in output_dir={self.args.output_dir!r}."
+                )
+            return found
+        if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            raise TypeError(
+                f"resume_from_checkpoint must be a path, True or None, got {type(resume_from_checkpoint).__name__}."
+            )
+        path = Path(resume_from_checkpoint)
+        missing = [f for f in (ckpt.TRAINER_STATE_NAME, ckpt.WEIGHTS_NAME) if not (path / f).is_file()]
+        if not path.is_dir() or missing:
+            raise ValueError(
+                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint "
+                f"({'no such directory' if not path.is_dir() else 'missing ' + ', '.join(missing)}); accepted: "
+                "a checkpoint-N directory written by the Trainer, or True for the newest one in output_dir."
+            )
+        return path
+
+    def _initial_state(self, plan: TrainingPlan, checkpoint: Path | None) -> TrainerState:
+        if checkpoint is not None:
+            # a damaged file raises CheckpointError naming it
+            state = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify())
+            if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
+                state.best_model_checkpoint = None
+        else:
+            state = TrainerState()
+        state.compute_steps(self.args, plan.max_steps)
+        state.max_steps = plan.max_steps
+        state.num_train_epochs = plan.num_train_epochs
+        state.train_batch_size = self.args.per_device_train_batch_size
+        state.is_local_process_zero = self.dist.local_rank == 0
+        state.is_world_process_zero = self.dist.is_main_process
+        return state
+
+    def _checkpoint_verify(self) -> str:
+        """How much a resume checks the checkpoint's files against ``checksums.json``
+        (:data:`optsched.trainer.checkpoint.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
+        return self.args.checkpoint_verification  # validated by TrainingArguments
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Path, saved_optimizer: dict[str, Any] | None = None) -> None:
+        """Restore optimizer, scheduler and scaler; ``saved_optimizer``: ``optimizer.pt`` already read
+        (:func:`~optsched.trainer.checkpoint.load_weights_and_read_optimizer`), else it is read here."""
+        verify = self._checkpoint_verify()
+        # the checkpoint's plan vs the new one, before the optimizer state overwrites the new settings
+        resume = prepare_resume(
+            self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify
+        )
+        sched_file = checkpoint / ckpt.SCHEDULER_NAME
+        if (checkpoint / ckpt.OPTIMIZER_NAME).is_file():
+            ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify, saved=saved_optimizer)
+        else:
+            logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
+        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if sched_file.is_file() else None
+        restore_scheduler(self.lr_scheduler, self.optimizer, saved_sched, self.state.global_step, resume)
+        scaler_file = checkpoint / ckpt.SCALER_NAME
+        if self.scaler is not None and scaler_file.is_file():
+            self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file, verify=verify))

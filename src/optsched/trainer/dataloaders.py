@@ -1,0 +1,137 @@
+"""The Trainer's data: its DataLoaders, the plan of steps, and where in the data a resume starts.
+
+:class:`DataLoaderMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer`
+(``get_train_dataloader`` / ``get_eval_dataloader`` keep transformers' names, so a subclass overrides
+them as it would there); the samplers and the step arithmetic are :mod:`optsched.trainer.data`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from optsched.trainer.data import (
+    EpochSampler,
+    ShardedIterable,
+    TrainingPlan,
+    build_dataloader,
+    epoch_batches,
+    has_length,
+    iter_update_groups,
+    plan_training,
+)
+
+__all__ = ["DataLoaderMixin"]
+
+
+class DataLoaderMixin:
+    """The train / eval DataLoaders, the :class:`~optsched.trainer.data.TrainingPlan`, the resume position.
+
+    Reads the Trainer's ``args``, ``dist``, ``train_dataset``, ``eval_dataset``, ``data_collator`` and
+    ``state``.
+    """
+
+    def _data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def _new_train_loader(self) -> DataLoader:
+        args, ds = self.args, self.train_dataset
+        sampler = None
+        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+            sampler = EpochSampler(
+                len(ds),
+                seed=self._data_seed(),
+                shuffle=True,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                drop_last=args.dataloader_drop_last and self.dist.enabled,
+            )
+        elif self.dist.enabled:
+            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
+        return build_dataloader(
+            ds,
+            batch_size=args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            sampler=sampler,
+            num_workers=args.dataloader_num_workers,
+            drop_last=args.dataloader_drop_last,
+            seed=self._data_seed(),
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The training DataLoader: seeded per-epoch order, split over processes under DDP.
+
+        Raises:
+            ValueError: no ``train_dataset``.
+        """
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training needs a train_dataset; pass train_dataset= to the Trainer.")
+        return self._new_train_loader()
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        """The evaluation DataLoader: dataset order, split over processes under DDP.
+
+        Raises:
+            ValueError: no eval dataset given here or to the Trainer.
+        """
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("Trainer: evaluation needs an eval_dataset; pass eval_dataset= to the Trainer or evaluate().")
+        sampler = None
+        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+            sampler = EpochSampler(
+                len(ds), seed=0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size
+            )
+        elif self.dist.enabled:
+            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
+        return build_dataloader(
+            ds,
+            batch_size=getattr(self.args, "per_device_eval_batch_size", self.args.per_device_train_batch_size),
+            collate_fn=self.data_collator,
+            sampler=sampler,
+            num_workers=self.args.dataloader_num_workers,
+            drop_last=False,
+            seed=0,
+        )
+
+    def _plan(self, batches_per_epoch: int | None) -> TrainingPlan:
+        return plan_training(
+            batches_per_epoch,
+            max_steps=self.args.max_steps,
+            num_train_epochs=self.args.num_train_epochs,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+        )
+
+    # ---- position in the data ------------------------------------------------------------------------
+
+    def _epoch_groups(self, loader: DataLoader, epoch: int, skip_updates: int) -> Iterator[list[Any]]:
+        ga = self.args.gradient_accumulation_steps
+        batches = epoch_batches(loader, epoch, self._data_seed(), skip_updates * ga if has_length(loader) else 0)
+        groups = iter_update_groups(batches, ga)
+        if not has_length(loader):
+            for _ in range(skip_updates):
+                next(groups, None)
+        return groups
+
+    def _start_position(self, loader: DataLoader, plan: TrainingPlan) -> tuple[int, int, Iterator[list[Any]] | None]:
+        """``(epoch, updates done in it, positioned group iterator or None)`` for ``state.global_step``."""
+        step = self.state.global_step
+        if has_length(loader):
+            epoch, done = divmod(step, plan.updates_per_epoch)
+            return epoch, done, None
+        # an iterable dataset: replay the passes (an exhausted pass starts the next epoch)
+        epoch, remaining = 0, step
+        while True:
+            groups = self._epoch_groups(loader, epoch, 0)
+            consumed = 0
+            while consumed < remaining and next(groups, None) is not None:
+                consumed += 1
+            if consumed == remaining:
+                return epoch, consumed, groups
+            if consumed == 0:
+                return epoch, 0, groups  # empty dataset: the loop reports it
+            remaining -= consumed
+            epoch += 1
