@@ -16,17 +16,17 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
 * **bytes**: the sum of the checkpoint directory's file sizes.
 
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
-goes first, with ``os.sync()`` untimed before each save so that neither pays for the other's
-writeback and the deletion of its previous checkpoint), then loads both. Medians over rounds. Writes
-go to the page cache of the temp dir's disk (no fsync on either side) and loads read a file just
-written: where real checkpoints live. A 600 MB
-save there runs either at page-cache speed (~0.3 s) or throttled by the kernel's writeback (~1.5 s),
-whichever side it falls on: the save figure is only good to tens of percent. ``--dir /dev/shm``
-measures in RAM (tmpfs) instead: no writeback, so save times are steadier, but a tmpfs page is read
-more slowly (~12 GB/s by ``read``, ~7 GB/s mapped, against ~33 GB/s mapped from a disk's page cache),
-which weighs on optsched's CRC pass on load.
+goes first; untimed before each save, the side's previous checkpoint is deleted and ``os.sync()``
+runs, so that neither pays for the other's writeback or a deletion), then loads both. Medians over
+rounds. Writes go to the page cache of the temp dir's disk (no fsync on either side); a save lands at
+page-cache speed (~0.2 s) unless the kernel's writeback throttles it (~1.5 s, either side at random).
+Loads read the file just written, read once more just before (untimed: this VM pages out page-cache
+regions it judges cold, so a load would otherwise read part of a fresh checkpoint from the disk now
+and then, on either side). ``--dir /dev/shm`` measures in RAM (tmpfs): no writeback and no page-out,
+so both figures are steady, but a tmpfs page is read more slowly (~12 GB/s by ``read``, ~7 GB/s
+mapped, against ~33 GB/s mapped from a disk's page cache).
 
-Run: ``python -m benchmarks.checkpoint_io [--quick] [--rounds 6] [--params 50e6]``
+Run: ``python -m benchmarks.checkpoint_io [--quick] [--rounds 10] [--params 50e6]``
 """
 
 from __future__ import annotations
@@ -56,6 +56,20 @@ _Side = tuple[Callable[[], Path], Callable[[Path], None], Callable[[int], None]]
 def directory_bytes(path: str | os.PathLike) -> int:
     """Total size in bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _into_page_cache(directory: Path) -> None:
+    """Read every file of ``directory`` once, so that a load finds all of it in the page cache.
+
+    This VM's kernel pages out page-cache regions it judges cold (a DAMON ``pageout`` scheme, coarse
+    and sampled): without this, a load now and then reads part of a checkpoint written a second
+    earlier from the disk, 0.3-1 s instead of 0.07 s, on either side at random.
+    """
+    buffer = bytearray(16 << 20)
+    for path in sorted(directory.iterdir()):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
@@ -133,11 +147,12 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
     Args:
         quick: a 200k-parameter model and 2 rounds (smoke test).
         num_params: model size (default 50M).
-        rounds: timed rounds (default 6).
+        rounds: timed rounds (default 10, after 2 untimed ones).
         directory: where the checkpoints go (default: the temp dir).
     """
     num_params = num_params or (2e5 if quick else 50e6)
-    rounds = rounds or (2 if quick else 6)  # even: each side goes first equally often
+    rounds = rounds or (2 if quick else 10)  # even: each side goes first equally often
+    warmup = 1 if quick else 2  # the first rounds fault the VM's memory in: slow on either side
     ram = directory is not None and Path(directory).resolve().is_relative_to("/dev/shm")
     root = Path(tempfile.mkdtemp(prefix="optsched-bench-ckpt-", dir=directory))
     try:
@@ -151,7 +166,7 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
         load_t: dict[str, list[float]] = {k: [] for k in sides}
         paths: dict[str, Path] = {}
         order = list(sides)
-        for r in range(rounds + 1):  # round 0 is the warm-up
+        for r in range(warmup + rounds):
             for name in order:
                 # A new checkpoint-N each round; the side's previous one is deleted first, and the
                 # deletion finished by os.sync() before the clock starts (12 GB of old checkpoints
@@ -163,11 +178,12 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
                 box: list[Path] = []
                 seconds = time_once(lambda: box.append(sides[name][0]()))
                 paths[name] = box[0]
-                if r:
+                if r >= warmup:
                     save_t[name].append(seconds)
             for name in order:
+                _into_page_cache(paths[name])  # untimed: both sides load from the page cache
                 seconds = time_once(lambda: sides[name][1](paths[name]))
-                if r:
+                if r >= warmup:
                     load_t[name].append(seconds)
             order.reverse()  # who goes first alternates: neither always gets the warmer cache
         _check_same_state(paths["optsched"], paths["transformers"])

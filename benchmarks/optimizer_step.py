@@ -35,7 +35,7 @@ measured matmul rate in bf16, the precision torch's Newton-Schulz runs in
 Contestants (ours, the references, the bandwidth kernels) each run once per round, in a fresh random
 order every round, in one process; medians over rounds. Prints ``name: ours X ms, reference Y ms, ratio Z`` (ratio = reference / ours, > 1: ours faster).
 
-Run: ``python -m benchmarks.optimizer_step [--quick] [--rounds 9] [--params 50e6]``
+Run: ``python -m benchmarks.optimizer_step [--quick] [--rounds 15] [--params 50e6]``
 """
 
 from __future__ import annotations
@@ -344,11 +344,11 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
     Args:
         quick: tiny sizes (200k parameters, 2 rounds, 8 MiB bandwidth kernels): for the smoke test.
         num_params: model size (default 50M, quick 200k).
-        rounds: timed rounds (default 9, quick 2).
+        rounds: timed rounds (default 15, quick 2).
         muon: also time Muon (about a minute per step at 50M on a 2-core CPU).
     """
     num_params = num_params or (2e5 if quick else 50e6)
-    rounds = rounds or (2 if quick else 9)
+    rounds = rounds or (2 if quick else 15)
     copy_bytes = 8 * MiB if quick else 256 * MiB
     model = build_model(num_params)
     n = sum(p.numel() for p in model.parameters())

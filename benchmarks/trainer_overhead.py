@@ -12,7 +12,7 @@ scheduler plus the loop), and the medians are reported:
 
 Goal: optsched >= 0.90 of the hand loop (transformers reaches about 0.55-0.60 here).
 
-Run:  python benchmarks/trainer_overhead.py [--steps 200] [--rounds 5] [--profile]
+Run:  python benchmarks/trainer_overhead.py [--steps 200] [--rounds 9] [--profile]
 ``--profile`` also prints where optsched's ``train()`` spends its time (cProfile, top functions).
 """
 
@@ -145,7 +145,7 @@ def transformers_trainer(dataset, steps: int, batch_size: int, logging_steps: in
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds of each")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="small batches expose per-step overhead (at 8, transformers runs at ~0.6 of the hand loop)")
     parser.add_argument("--logging-steps", type=int, default=50)
