@@ -9,7 +9,8 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
   ``trainer_state.json`` (optsched also writes ``training_args.json``; transformers ``training_args.bin``
   is written by ``save_model`` only at the end of training).
 * **load**: optsched ``checkpoint.load_weights_and_read_optimizer`` (a worker thread checks and copies
-  the weights and checks the optimizer file while ``torch.load`` parses it) + ``load_trainer_state`` +
+  the weights, then checksums optimizer records ``torch.load`` has not reached; ``torch.load``'s own
+  reads checksum the others) + ``load_trainer_state`` +
   ``Trainer._load_optimizer_and_scheduler`` + ``load_rng_state`` (what ``train(resume_from_checkpoint=)``
   runs) vs transformers ``_load_from_checkpoint`` + ``TrainerState.load_from_json`` +
   ``_load_optimizer_and_scheduler`` + ``_load_rng_state``.
@@ -18,7 +19,9 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
 goes first; untimed before each save, the side's previous checkpoint is deleted and ``os.sync()``
 runs, so that neither pays for the other's writeback or a deletion), then loads both. Medians over
-rounds. Writes go to the page cache of the temp dir's disk (no fsync on either side); a save lands at
+rounds. Writes go to the page cache of the temp dir's disk (transformers never fsyncs; optsched's save
+returns before its worker thread fsyncs the checkpoint, and the untimed ``os.sync()`` before the next
+save flushes both sides alike); a save lands at
 page-cache speed (~0.2 s) unless the kernel's writeback throttles it (~1.5 s, either side at random).
 Loads read the file just written, read once more just before (untimed: this VM pages out page-cache
 regions it judges cold, so a load would otherwise read part of a fresh checkpoint from the disk now

@@ -446,7 +446,8 @@ class TrainingArguments:
         500, "Save every N steps (an integer), or every fraction of the steps (a float in (0, 1)).",
         _steps_or_ratio(allow_none=False))
     save_total_limit: int | None = _field(
-        None, "Keep at most this many checkpoints (None: keep all).", _int(low=1, allow_none=True))
+        None, "Keep at most this many checkpoints (None: keep all). Older ones are deleted once the newest "
+        "is flushed to disk (on a worker thread), so one more may exist meanwhile.", _int(low=1, allow_none=True))
     save_only_model: bool = _field(
         False, "Save only the model weights (no optimizer, scheduler or RNG state: no exact resume).",
         _bool())

@@ -102,6 +102,7 @@ __all__ = [
     "load_rng_state",
     "load_trainer_state",
     "load_weights_and_read_optimizer",
+    "make_durable",
     "pack_small_tensors",
     "read_model_weights",
     "read_optimizer_state",
@@ -614,6 +615,40 @@ def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | No
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)
+
+
+def make_durable(directory: str | os.PathLike) -> None:
+    """Flush a checkpoint to the disk: ``fsync`` every file of ``directory``, the directory and its parent.
+
+    A rename publishes a checkpoint at once, but its bytes may sit in the page cache for tens of seconds;
+    after a power loss or a kernel crash such a checkpoint can come back with empty or partly written
+    files. Once this returns, it comes back whole. The Trainer calls it on a worker thread after each
+    save and deletes older checkpoints (``save_total_limit``) only once it has returned: the last
+    checkpoint that is surely on disk is never the one deleted. (``fsync`` of a directory is not
+    possible on every platform, e.g. Windows: skipped there.)
+
+    Raises:
+        OSError: a file could not be flushed (a full or failing disk).
+    """
+    directory = Path(directory)
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in (directory, directory.parent):
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:  # a platform that cannot open a directory
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # ... or not fsync one
+            pass
+        finally:
+            os.close(fd)
 
 
 # ---- model weights --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ class CheckpointMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``optimizer``, ``lr_scheduler``,
     ``scaler``, ``state``, ``control`` and ``callback_handler``, and ``_preemption`` when ``train()``
-    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step`` and ``preempted_by``.
+    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by`` and
+    ``_save_finisher`` (the thread that flushes the last checkpoint and rotates older ones).
     """
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
@@ -47,6 +49,9 @@ class CheckpointMixin:
                 ckpt.save_model_weights(self.model, out)
 
     def _save_checkpoint(self) -> Path:
+        # the previous save's flush and rotation end before this one publishes anything: a rotation that
+        # saw this checkpoint could otherwise count it, unflushed, among the ones to keep
+        self._finish_saves()
         args, state = self.args, self.state
         run_dir = Path(args.output_dir)
         final = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -78,9 +83,29 @@ class CheckpointMixin:
                 state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
                 (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
         if main:
-            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+            # flushed to disk on a worker thread, and only then are older checkpoints deleted: the
+            # training goes on meanwhile, and a crash never leaves the run without a whole checkpoint
+            self._finish_save_in_background(final, run_dir, args.save_total_limit, state.best_model_checkpoint)
         self._last_saved_step = state.global_step
         return final
+
+    def _finish_save_in_background(
+        self, final: Path, run_dir: Path, save_total_limit: int | None, best: str | None
+    ) -> None:
+        """Start :func:`_flush_then_rotate` for the checkpoint just written (the previous one's has ended)."""
+
+        def work() -> None:
+            _flush_then_rotate(final, run_dir, save_total_limit, best)
+
+        self._save_finisher = threading.Thread(target=work, name="optsched-checkpoint-flush", daemon=True)
+        self._save_finisher.start()
+
+    def _finish_saves(self) -> None:
+        """Wait until the last checkpoint is on disk and older ones are rotated (``train()`` ends with it)."""
+        finisher = getattr(self, "_save_finisher", None)
+        if finisher is not None:
+            finisher.join()
+            self._save_finisher = None
 
     def _args_json(self) -> str:
         to_json = getattr(self.args, "to_json_string", None)
@@ -177,3 +202,18 @@ class CheckpointMixin:
         scaler_file = checkpoint / ckpt.SCALER_NAME
         if self.scaler is not None and scaler_file.is_file():
             self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file, verify=verify))
+
+
+def _flush_then_rotate(final: Path, run_dir: Path, save_total_limit: int | None, best: str | None) -> None:
+    """:func:`~optsched.trainer.checkpoint.make_durable` on ``final``, then delete the checkpoints beyond
+    ``save_total_limit``; if the flush fails, nothing is deleted (the error is logged: the checkpoints
+    already on disk are the ones a resume will need)."""
+    try:
+        ckpt.make_durable(final)
+    except OSError as exc:
+        logger.error(
+            "%s could not be flushed to disk (%s); older checkpoints are kept (save_total_limit not applied).",
+            final, exc,
+        )
+        return
+    ckpt.rotate_checkpoints(run_dir, save_total_limit, best)

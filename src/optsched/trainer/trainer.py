@@ -495,7 +495,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
         with preemption:
             self._preemption = preemption
-            return self._train_loop(model, loader, plan, checkpoint)
+            try:
+                return self._train_loop(model, loader, plan, checkpoint)
+            finally:
+                self._finish_saves()  # the last checkpoint on disk, older ones rotated, before returning
 
     def _train_loop(self, model: nn.Module, loader: DataLoader, plan: TrainingPlan, checkpoint: Path | None) -> TrainOutput:
         args, state = self.args, self.state
