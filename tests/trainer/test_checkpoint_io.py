@@ -363,3 +363,12 @@ def test_read_and_mapped_checksums_agree(tmp_path, monkeypatch, size):
     read = ckpt.file_checksum(path)
     assert mapped == read == f"{zlib.crc32(data):08x}"
     assert ckpt.file_checksum(path, "sha256") == __import__("hashlib").sha256(data).hexdigest()
+
+
+def test_without_device_numbers_files_are_mapped(tmp_path, monkeypatch):
+    """Windows: no os.major, no /proc: the file system is unknown and checksums go through the map."""
+    monkeypatch.delattr(os, "major", raising=False)
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"abc" * 1000)
+    assert ckpt._filesystem_type(path) is None
+    assert ckpt.file_checksum(path) == f"{zlib.crc32(path.read_bytes()):08x}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import zipfile
 import zlib
@@ -309,3 +310,18 @@ def test_a_file_that_is_no_zip_archive_is_read_whole(tmp_path):
         with crc.SharedFileCrc(p) as shared:
             assert shared._regions == {}
             assert shared.value() == zlib.crc32(p.read_bytes())
+
+
+def test_no_positional_io_is_needed(tmp_path, monkeypatch):
+    """Windows has no os.pread / os.pwrite (and macOS no os.preadv): saving and checking must not need them."""
+    for name in ("pread", "preadv", "pwrite", "pwritev"):
+        monkeypatch.delattr(os, name, raising=False)
+    obj = _state(6)
+    value = crc.torch_save_with_crc(obj, tmp_path / "x.pt")
+    _check_file(tmp_path / "x.pt", obj, value)
+    with crc.SharedFileCrc(tmp_path / "x.pt") as shared:
+        helper = threading.Thread(target=shared.help)
+        helper.start()
+        torch.load(shared.reader(), weights_only=True)
+        helper.join()
+        assert shared.value() == value

@@ -221,6 +221,8 @@ _READ_PIECE = 4 << 20  # bytes per read: fits the L2/L3 cache, so the CRC reads 
 def _filesystem_type(path: str | os.PathLike) -> str | None:
     """The type of the file system holding ``path`` (``"tmpfs"``, ``"ext4"``, ...), from
     ``/proc/self/mountinfo`` by device number; ``None`` where that file does not exist (not Linux)."""
+    if not hasattr(os, "major"):  # Windows: no device numbers, no mountinfo
+        return None
     device = os.stat(path).st_dev
     if device not in _FILESYSTEM_TYPES:
         wanted, found = f"{os.major(device)}:{os.minor(device)}", None
@@ -631,9 +633,10 @@ def make_durable(directory: str | os.PathLike) -> None:
         OSError: a file could not be flushed (a full or failing disk).
     """
     directory = Path(directory)
+    mode = os.O_RDWR if os.name == "nt" else os.O_RDONLY  # Windows flushes only a handle that may write
     for path in sorted(directory.iterdir()):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, mode)
             try:
                 os.fsync(fd)
             finally:

@@ -138,27 +138,37 @@ def torch_save_with_crc(obj: Any, path: str | os.PathLike) -> int:
             f.flush()
             patches = _fill_record_crcs(f, writer)
             for offset, value in patches.items():
-                os.pwrite(f.fileno(), struct.pack("<I", value), offset)
+                f.seek(offset)
+                f.write(struct.pack("<I", value))
+            f.flush()
             if crc32_combine is None:
-                return _file_crc(f.fileno(), 0, writer.size)
-            return _whole_file_crc(f.fileno(), writer, patches, crc32_combine)
+                return _file_crc(f, 0, writer.size)
+            return _whole_file_crc(f, writer, patches, crc32_combine)
     except BaseException:
         path.unlink(missing_ok=True)  # a half-written file is nobody's data: torch.save would leave it
         raise
 
 
-def _file_crc(fd: int, start: int, length: int, value: int = 0) -> int:
+def _file_crc(f: BinaryIO, start: int, length: int, value: int = 0) -> int:
     """CRC-32 of ``length`` bytes of an open file from ``start``, read into one reused 1 MiB buffer
-    (cache-sized: the CRC reads what the copy just wrote; no fresh allocation per piece)."""
+    (cache-sized: the CRC reads what the copy just wrote; no fresh allocation per piece). Moves the
+    file's position: one thread per file object."""
     end = start + length
     buffer = memoryview(bytearray(min(length, 1 << 20)))
+    f.seek(start)
     while start < end:
-        n = os.preadv(fd, [buffer[: min(end - start, len(buffer))]], start)
+        n = f.readinto(buffer[: min(end - start, len(buffer))])
         if not n:
             raise OSError(f"short read at byte {start} while checksumming")
         value = crc32(buffer[:n], value)
         start += n
     return value
+
+
+def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
+    """``size`` bytes of an open file from ``offset`` (fewer at its end)."""
+    f.seek(offset)
+    return f.read(size)
 
 
 def _fill_record_crcs(f: BinaryIO, writer: _RecordingWriter) -> dict[int, int]:
@@ -168,28 +178,27 @@ def _fill_record_crcs(f: BinaryIO, writer: _RecordingWriter) -> dict[int, int]:
     A record's CRC is combined from the CRCs of the writes that tile its bytes (torch writes each
     record's data in one call), or read back from the file where writes do not line up with it.
     """
-    fd = f.fileno()
     f.seek(0)
     with zipfile.ZipFile(f) as archive:  # reads the central directory only
         records = archive.infolist()
         central_start = archive.start_dir  # type: ignore[attr-defined]  # where the first entry begins
     if records and all(r.CRC for r in records if r.file_size):
         return {}  # this torch computed them itself (no set_crc32_options)
-    central = os.pread(fd, writer.size - central_start, central_start)
+    central = _read_at(f, central_start, writer.size - central_start)
     patches: dict[int, int] = {}
     entry = 0
     for record in records:
         if record.compress_type != zipfile.ZIP_STORED:
             raise ValueError(f"torch.save wrote a compressed record {record.filename!r}; expected stored records")
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(os.pread(fd, _LOCAL_HEADER.size, record.header_offset))
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(_read_at(f, record.header_offset, _LOCAL_HEADER.size))
         sig_c, c_name, c_extra, c_comment = _CENTRAL_ENTRY.unpack_from(central, entry)
         if signature != _LOCAL_SIGNATURE or sig_c != _CENTRAL_SIGNATURE:
             raise ValueError(f"unexpected zip layout at record {record.filename!r} of a torch.save file")
         start = record.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        value = _record_crc(fd, writer, start, record.compress_size)
+        value = _record_crc(f, writer, start, record.compress_size)
         end = start + record.compress_size
         if record.flag_bits & _HAS_DESCRIPTOR:
-            if os.pread(fd, len(_DESCRIPTOR_SIGNATURE), end) != _DESCRIPTOR_SIGNATURE:
+            if _read_at(f, end, len(_DESCRIPTOR_SIGNATURE)) != _DESCRIPTOR_SIGNATURE:
                 raise ValueError(f"no data descriptor after record {record.filename!r} of a torch.save file")
             patches[end + _CRC_IN_DESCRIPTOR] = value
         else:
@@ -199,7 +208,7 @@ def _fill_record_crcs(f: BinaryIO, writer: _RecordingWriter) -> dict[int, int]:
     return patches
 
 
-def _record_crc(fd: int, writer: _RecordingWriter, start: int, length: int) -> int:
+def _record_crc(f: BinaryIO, writer: _RecordingWriter, start: int, length: int) -> int:
     """CRC-32 of the file's bytes ``[start, start + length)``, from the writes when they tile it exactly."""
     if length == 0:
         return 0
@@ -214,15 +223,15 @@ def _record_crc(fd: int, writer: _RecordingWriter, start: int, length: int) -> i
     elif i < len(writer.offsets) and writer.offsets[i] == start and writer.lengths[i] == length:
         return writer.crcs[i]
     logger.debug("torch.save record at byte %d was not written in whole pieces; reading it back", start)
-    return _file_crc(fd, start, length)
+    return _file_crc(f, start, length)
 
 
-def _whole_file_crc(fd: int, writer: _RecordingWriter, patches: dict[int, int], combine: Callable[..., int]) -> int:
+def _whole_file_crc(f: BinaryIO, writer: _RecordingWriter, patches: dict[int, int], combine: Callable[..., int]) -> int:
     """CRC-32 of the file after patching: the writes' CRCs combined in order, the patched writes re-read."""
     touched = {bisect.bisect_right(writer.offsets, at) - 1 for offset in patches for at in (offset, offset + 3)}
     value = 0
     for i, (offset, length) in enumerate(zip(writer.offsets, writer.lengths)):
-        piece = _file_crc(fd, offset, length) if i in touched else writer.crcs[i]
+        piece = _file_crc(f, offset, length) if i in touched else writer.crcs[i]
         value = combine(value, piece, length)
     return value
 
@@ -250,9 +259,9 @@ class SharedFileCrc:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
+        self._path = Path(path)
         self._file = open(path, "rb")
-        self._fd = self._file.fileno()
-        self.size = os.fstat(self._fd).st_size
+        self.size = os.fstat(self._file.fileno()).st_size
         self._regions = _record_regions(self._file, self.size) if crc32_combine is not None else {}
         self._claims: dict[int, str] = {}  # record start -> who took it (dict.setdefault: atomic)
         self._crcs: dict[int, int] = {}  # record start -> CRC-32 of its bytes
@@ -270,9 +279,10 @@ class SharedFileCrc:
 
     def help(self) -> None:
         """Checksum the records not yet taken, from the last one back (for a thread beside the parser)."""
-        for start in sorted(self._regions, reverse=True):
-            if self._claims.setdefault(start, _HELPER) is _HELPER:
-                self._crcs[start] = _file_crc(self._fd, start, self._regions[start])
+        with open(self._path, "rb") as own:  # its own position: the parser reads the shared one
+            for start in sorted(self._regions, reverse=True):
+                if self._claims.setdefault(start, _HELPER) is _HELPER:
+                    self._crcs[start] = _file_crc(own, start, self._regions[start])
 
     def _read(self, start: int, view: memoryview) -> None:
         """The parser read ``view`` at ``start``: checksum it now if it is a whole record nobody took."""
@@ -282,15 +292,15 @@ class SharedFileCrc:
     def value(self) -> int:
         """The CRC-32 of the whole file (call once the parser and the helper are done)."""
         if crc32_combine is None:
-            return _file_crc(self._fd, 0, self.size)
+            return _file_crc(self._file, 0, self.size)
         value, at = 0, 0
         for start in sorted(self._crcs):
             length = self._regions[start]
             if start > at:
-                value = crc32_combine(value, _file_crc(self._fd, at, start - at), start - at)
+                value = crc32_combine(value, _file_crc(self._file, at, start - at), start - at)
             value, at = crc32_combine(value, self._crcs[start], length), start + length
         if at < self.size:
-            value = crc32_combine(value, _file_crc(self._fd, at, self.size - at), self.size - at)
+            value = crc32_combine(value, _file_crc(self._file, at, self.size - at), self.size - at)
         return value
 
 
@@ -302,7 +312,7 @@ def _record_regions(f: BinaryIO, size: int) -> dict[int, int]:
             records = archive.infolist()
         regions: dict[int, int] = {}
         for record in records:
-            header = os.pread(f.fileno(), _LOCAL_HEADER.size, record.header_offset)
+            header = _read_at(f, record.header_offset, _LOCAL_HEADER.size)
             if len(header) < _LOCAL_HEADER.size or record.compress_type != zipfile.ZIP_STORED:
                 return {}
             signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
