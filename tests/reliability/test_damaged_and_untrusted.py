@@ -9,6 +9,7 @@ import hashlib
 import json
 import pathlib
 import re
+import shutil
 import zlib
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _copy(trained: Path, tmp_path: Path) -> Path:
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(trained, out)
     return out
@@ -208,3 +207,32 @@ def test_the_grep_would_catch_an_eval():
     assert not _CALL.search("model.eval()") and not _CALL.search("optimizer.eval()")
     sample = "x = eval(s)  # eval(y)\n" + chr(34) * 3 + "doc eval()" + chr(34) * 3 + "\nm.eval()\n"
     assert [code for _, code in _code_lines(sample)] == ["x = eval( s )", "m.eval( )"]
+
+
+def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(trained, tmp_path):
+    out = _copy(trained, tmp_path)
+    assert [p.name for p in ckpt.list_checkpoints(out)][-2:] == ["checkpoint-2", "checkpoint-4"]
+    _flip_middle(out / "checkpoint-4" / ckpt.OPTIMIZER_NAME)
+    with pytest.raises(CheckpointError) as info:
+        _resume(out)
+    message = str(info.value)
+    assert "optimizer.pt is damaged" in message
+    hint = f"resume_from_checkpoint={str(out / 'checkpoint-2')!r}"
+    assert "took the newest checkpoint, checkpoint-4" in message and hint in message, message
+    # the hint works: the checkpoint before resumes
+    Trainer(Tiny(), make_args(str(out), max_steps=6, save_strategy="no"),
+            train_dataset=make_data()).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+
+
+def test_an_explicit_or_only_checkpoint_gets_no_hint(trained, tmp_path):
+    out = _copy(trained, tmp_path)
+    _flip_middle(out / "checkpoint-4" / ckpt.OPTIMIZER_NAME)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(Tiny(), make_args(str(out), max_steps=6), train_dataset=make_data()).train(
+            resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert "took the newest" not in str(info.value)
+    for older in ckpt.list_checkpoints(out)[:-1]:
+        shutil.rmtree(older)
+    with pytest.raises(CheckpointError) as info:
+        _resume(out)
+    assert "optimizer.pt is damaged" in str(info.value) and "took the newest" not in str(info.value)

@@ -163,6 +163,20 @@ class CheckpointMixin:
             )
         return path
 
+    def _with_previous_checkpoint_hint(self, error: ckpt.CheckpointError, checkpoint: Path) -> ckpt.CheckpointError:
+        """``error`` (from the newest checkpoint, which ``resume_from_checkpoint=True`` took) with the way
+        to resume from the complete checkpoint before it, when there is one. Nothing is picked silently:
+        a damaged newest checkpoint may mean a damaged disk."""
+        found = ckpt.list_checkpoints(self.args.output_dir)  # oldest first
+        names = [p.name for p in found]
+        if checkpoint.name not in names or names.index(checkpoint.name) == 0:
+            return error
+        previous = found[names.index(checkpoint.name) - 1]
+        return ckpt.CheckpointError(
+            f"{error} resume_from_checkpoint=True took the newest checkpoint, {checkpoint.name}; to resume from "
+            f"the one before it, pass resume_from_checkpoint={str(previous)!r} (its files are checked as it loads)."
+        )
+
     def _initial_state(self, plan: TrainingPlan, checkpoint: Path | None) -> TrainerState:
         if checkpoint is not None:
             # a damaged file raises CheckpointError naming it

@@ -461,6 +461,15 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         if unknown:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(unknown)}; accepted: resume_from_checkpoint.")
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        try:
+            return self._train_from(checkpoint)
+        except ckpt.CheckpointError as exc:
+            if resume_from_checkpoint is True and checkpoint is not None:
+                raise self._with_previous_checkpoint_hint(exc, checkpoint) from None
+            raise
+
+    def _train_from(self, checkpoint: Path | None) -> TrainOutput:
+        """:meth:`train` once the checkpoint to resume from (or ``None``) is known."""
         args = self.args
         loader = self.get_train_dataloader()
         plan = self._plan(len(loader) if has_length(loader) else None)
