@@ -372,3 +372,35 @@ def test_without_device_numbers_files_are_mapped(tmp_path, monkeypatch):
     path.write_bytes(b"abc" * 1000)
     assert ckpt._filesystem_type(path) is None
     assert ckpt.file_checksum(path) == f"{zlib.crc32(path.read_bytes()):08x}"
+
+
+def test_gc_paused_restores_the_collector_whatever_happens():
+    import gc
+
+    assert gc.isenabled()
+    with ckpt.gc_paused():
+        assert not gc.isenabled()
+        with ckpt.gc_paused():  # nested: the outer one switches it back on
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), ckpt.gc_paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with ckpt.gc_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
+
+
+def test_saving_and_loading_a_state_leave_the_collector_on(tmp_path):
+    import gc
+
+    _, optimizer = _stepped(OPTIMIZERS["adamw_fused"])
+    ckpt.save_optimizer_state(optimizer, tmp_path)
+    ckpt.write_checksums(tmp_path)
+    ckpt.load_optimizer_state(optimizer, tmp_path)
+    assert gc.isenabled()

@@ -325,3 +325,25 @@ def test_no_positional_io_is_needed(tmp_path, monkeypatch):
         torch.load(shared.reader(), weights_only=True)
         helper.join()
         assert shared.value() == value
+
+
+@pytest.mark.parametrize(("width", "fast"), [(256, True), (4, False)])
+def test_large_states_are_written_with_the_crcs_small_ones_by_torch(tmp_path, monkeypatch, width, fast):
+    """Records of >= 64 KiB on average go through torch_save_with_crc; many small ones through torch.save
+    (Python write calls per record would cost more than torch's CRC pass saves)."""
+    used = []
+    real = ckpt.torch_save_with_crc
+    monkeypatch.setattr(ckpt, "torch_save_with_crc", lambda obj, path: used.append(path) or real(obj, path))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)])
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    path = ckpt.save_optimizer_state(optimizer, tmp_path)
+    assert bool(used) is fast
+    ckpt.write_checksums(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    entry = ckpt._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
+    assert entry == {"size": path.stat().st_size, "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
+    loaded = ckpt.read_optimizer_state(tmp_path)
+    assert torch.equal(loaded["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
