@@ -252,10 +252,15 @@ def test_any_reads_of_any_file_give_its_crc(tmp_path, monkeypatch, reads, combin
 
 
 def _torch_file(tmp_path: Path) -> tuple[Path, dict]:
-    obj = {f"t{i}": torch.randn(300 + i, 50) for i in range(8)}
+    obj = {f"t{i}": torch.randn(400 + i, 50) for i in range(8)}  # 80 KB records: large reads
     path = tmp_path / "x.pt"
     crc.torch_save_with_crc(obj, path)
     return path, obj
+
+
+def _regions(path: Path) -> dict[int, int]:
+    with open(path, "rb") as f:
+        return crc._record_regions(f, path.stat().st_size)
 
 
 @pytest.mark.parametrize("when", ["before", "after", "beside"])
@@ -263,6 +268,9 @@ def test_records_are_shared_between_the_parser_and_the_helper(tmp_path, when):
     if crc.crc32_combine is None:
         pytest.skip("needs zlib-ng")
     path, obj = _torch_file(tmp_path)
+    regions = _regions(path)
+    large = {start for start, n in regions.items() if n >= crc._ClaimingReader.MIN_BYTES}
+    assert len(large) == len(obj)
     with crc.SharedFileCrc(path) as shared:
         helper = threading.Thread(target=shared.help)
         if when == "before":
@@ -275,29 +283,40 @@ def test_records_are_shared_between_the_parser_and_the_helper(tmp_path, when):
         elif when == "beside":
             helper.join()
         value = shared.value()
-        claims = list(shared._claims.values())
+        claims = dict(shared._claims)
     assert value == zlib.crc32(path.read_bytes())
     assert all(torch.equal(loaded[k], obj[k]) for k in obj)
-    assert len(claims) == len(shared._regions) >= len(obj)  # every record taken exactly once
+    assert set(regions) <= set(claims)  # every record taken exactly once (a claim per offset)
     if when == "before":
-        assert set(claims) == {crc._HELPER}
-    if when == "after":  # torch read every record in one piece and checksummed it as it arrived
-        assert set(claims) == {crc._READER}
+        assert {claims[s] for s in regions} == {crc._HELPER}
+    if when == "after":  # torch read every large record in one piece and checksummed it as it arrived
+        assert {claims[s] for s in large} == {crc._READER}
+        assert {claims[s] for s in set(regions) - large} == {crc._HELPER}
 
 
-def test_a_record_read_in_pieces_is_left_to_the_helper(tmp_path):
+def test_a_record_read_in_pieces_is_read_again(tmp_path):
+    if crc.crc32_combine is None:
+        pytest.skip("needs zlib-ng")
+    path, _ = _torch_file(tmp_path)
+    start, length = max(_regions(path).items(), key=lambda kv: kv[1])
+    with crc.SharedFileCrc(path) as shared:
+        f = shared.reader()
+        f.seek(start)
+        first = crc._ClaimingReader.MIN_BYTES
+        f.read(first)  # a large read: claims the record's offset, with part of its length
+        f.read(length - first)
+        assert shared._claims[start] == crc._READER
+        shared.help()  # leaves it: claimed
+        assert shared.value() == zlib.crc32(path.read_bytes())  # value() reads it whole
+
+
+def test_without_the_helper_the_layout_is_read_at_the_end(tmp_path):
     if crc.crc32_combine is None:
         pytest.skip("needs zlib-ng")
     path, _ = _torch_file(tmp_path)
     with crc.SharedFileCrc(path) as shared:
-        start, length = max(shared._regions.items(), key=lambda kv: kv[1])
-        f = shared.reader()
-        f.seek(start)
-        f.read(length // 2)
-        f.read(length - length // 2)
-        assert start not in shared._claims
-        shared.help()
-        assert shared._claims[start] == crc._HELPER
+        torch.load(shared.reader(), weights_only=True)
+        assert shared._layout is None
         assert shared.value() == zlib.crc32(path.read_bytes())
 
 
@@ -306,9 +325,12 @@ def test_a_file_that_is_no_zip_archive_is_read_whole(tmp_path):
     truncated_zip = tmp_path / "t.pt"
     torch.save({"a": torch.ones(10)}, truncated_zip)
     truncated_zip.write_bytes(truncated_zip.read_bytes()[:-30])
-    for p in (path, truncated_zip):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for p in (path, truncated_zip, empty):
+        assert _regions(p) == {}
         with crc.SharedFileCrc(p) as shared:
-            assert shared._regions == {}
+            shared.help()
             assert shared.value() == zlib.crc32(p.read_bytes())
 
 

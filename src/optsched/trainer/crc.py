@@ -243,13 +243,14 @@ class SharedFileCrc:
     """The CRC-32 of a file being parsed, shared out between the parsing thread and a helper thread.
 
     The file's zip records (a ``torch.save`` file) are the units of work. The parser reads through
-    :meth:`reader`: a record it reads in one piece is checksummed right after the read, while its
-    bytes are in cache. :meth:`help`, on another thread, checksums the records nobody has taken yet,
-    from the last one back, reading them from the page cache. Each record is taken once (the
-    first thread to claim it). :meth:`value` then combines the records' CRCs with those of the bytes
-    in between (headers, the zip directory), read at the end: a check of every byte that costs the
-    parser almost no time of its own. Any other file (not a zip archive) is checked by one pass in
-    :meth:`value`, as is every file without ``crc32_combine`` (no zlib-ng).
+    :meth:`reader`: each large read is checksummed right after it, while its bytes are in cache, and
+    claimed by its offset. :meth:`help`, on another thread, reads the zip directory, checksums the
+    bytes between the records (headers), then the records nobody has claimed yet, from the last one
+    back, from the page cache. Each record is taken once (the first claim wins). :meth:`value` combines
+    it all: a check of every byte that costs the parser little more than the CRC of what it read. A
+    record the parser read in pieces, a helper that did not run, a file that is not a zip archive and
+    a machine without ``crc32_combine`` (no zlib-ng) are handled in :meth:`value` by reading what is
+    missing (the whole file, for the last two).
 
     Use as a context manager (it holds the file open)::
 
@@ -262,9 +263,10 @@ class SharedFileCrc:
         self._path = Path(path)
         self._file = open(path, "rb")
         self.size = os.fstat(self._file.fileno()).st_size
-        self._regions = _record_regions(self._file, self.size) if crc32_combine is not None else {}
-        self._claims: dict[int, str] = {}  # record start -> who took it (dict.setdefault: atomic)
-        self._crcs: dict[int, int] = {}  # record start -> CRC-32 of its bytes
+        self._claims: dict[int, str] = {}  # offset -> who took it (dict.setdefault: atomic under the GIL)
+        self._crcs: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC-32), the parser's reads
+        self._layout: tuple[dict[int, int], dict[int, tuple[int, int]]] | None = None  # regions, gaps
+        self._helped: dict[int, int] = {}  # record start -> CRC-32, the helper's
 
     def __enter__(self) -> SharedFileCrc:
         return self
@@ -278,30 +280,57 @@ class SharedFileCrc:
         return _ClaimingReader(self)
 
     def help(self) -> None:
-        """Checksum the records not yet taken, from the last one back (for a thread beside the parser)."""
-        with open(self._path, "rb") as own:  # its own position: the parser reads the shared one
-            for start in sorted(self._regions, reverse=True):
+        """Read the zip directory and checksum the gaps, then the records not yet claimed, last first
+        (for a thread beside the parser; its own file handle, so no position is shared)."""
+        if crc32_combine is None:
+            return
+        with open(self._path, "rb") as own:
+            regions, _ = self._layout = _layout(own, self.size)
+            for start in sorted(regions, reverse=True):
                 if self._claims.setdefault(start, _HELPER) is _HELPER:
-                    self._crcs[start] = _file_crc(own, start, self._regions[start])
+                    self._helped[start] = _file_crc(own, start, regions[start])
 
     def _read(self, start: int, view: memoryview) -> None:
-        """The parser read ``view`` at ``start``: checksum it now if it is a whole record nobody took."""
-        if self._regions.get(start) == view.nbytes and self._claims.setdefault(start, _READER) is _READER:
-            self._crcs[start] = crc32(view)
+        """The parser read ``view`` at ``start``: a large read is checksummed now and claimed."""
+        if view.nbytes >= _ClaimingReader.MIN_BYTES and self._claims.setdefault(start, _READER) is _READER:
+            self._crcs[start] = (view.nbytes, crc32(view))
 
     def value(self) -> int:
         """The CRC-32 of the whole file (call once the parser and the helper are done)."""
         if crc32_combine is None:
             return _file_crc(self._file, 0, self.size)
+        regions, gaps = self._layout if self._layout is not None else _layout(self._file, self.size)
+        pieces: list[tuple[int, int, int]] = list((start, n, c) for start, (n, c) in gaps.items())
+        for start, length in regions.items():
+            if start in self._helped:
+                pieces.append((start, length, self._helped[start]))
+            elif self._crcs.get(start, (None,))[0] == length:
+                pieces.append((start, length, self._crcs[start][1]))
+            else:  # read in pieces, or not read at all: read now
+                pieces.append((start, length, _file_crc(self._file, start, length)))
         value, at = 0, 0
-        for start in sorted(self._crcs):
-            length = self._regions[start]
-            if start > at:
-                value = crc32_combine(value, _file_crc(self._file, at, start - at), start - at)
-            value, at = crc32_combine(value, self._crcs[start], length), start + length
-        if at < self.size:
-            value = crc32_combine(value, _file_crc(self._file, at, self.size - at), self.size - at)
+        for start, length, piece in sorted(pieces):
+            if start != at:  # cannot happen (the layout tiles the file); if it did, one pass is right
+                logger.warning("CRC pieces of %s do not tile it (byte %d vs %d); reading it whole", self._path, at, start)
+                return _file_crc(self._file, 0, self.size)
+            value, at = crc32_combine(value, piece, length), start + length
         return value
+
+
+def _layout(f: BinaryIO, size: int) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """``({record start: length}, {gap start: (length, CRC-32)})``: the stored records of a zip file
+    and the bytes around them, which together tile the file; no records and one gap (the whole file)
+    for anything else."""
+    regions = _record_regions(f, size)
+    gaps: dict[int, tuple[int, int]] = {}
+    at = 0
+    for start in sorted(regions):
+        if start > at:
+            gaps[at] = (start - at, _file_crc(f, at, start - at))
+        at = start + regions[start]
+    if at < size or size == 0:
+        gaps[at] = (size - at, _file_crc(f, at, size - at))
+    return regions, gaps
 
 
 def _record_regions(f: BinaryIO, size: int) -> dict[int, int]:
@@ -334,6 +363,8 @@ class _ClaimingReader:
     torch reads each record's bytes straight into the tensor's memory with ``readinto``; the CRC then
     runs on bytes just read, still in cache, before torch goes on.
     """
+
+    MIN_BYTES = 1 << 16  # smaller reads (headers, the zip directory) are left to the gaps' CRCs
 
     def __init__(self, shared: SharedFileCrc) -> None:
         self._shared = shared
