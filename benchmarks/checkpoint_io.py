@@ -18,16 +18,16 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
 
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
 goes first; untimed before each save, the side's previous checkpoint is deleted and ``os.sync()``
-runs, so that neither pays for the other's writeback or a deletion), then loads both. Medians over
-rounds. Writes go to the page cache of the temp dir's disk (transformers never fsyncs; optsched's save
-returns before its worker thread fsyncs the checkpoint, and the untimed ``os.sync()`` before the next
-save flushes both sides alike); a save lands at
-page-cache speed (~0.2 s) unless the kernel's writeback throttles it (~1.5 s, either side at random).
-Loads read the file just written, read once more just before (untimed: this VM pages out page-cache
-regions it judges cold, so a load would otherwise read part of a fresh checkpoint from the disk now
-and then, on either side). ``--dir /dev/shm`` measures in RAM (tmpfs): no writeback and no page-out,
-so both figures are steady, but a tmpfs page is read more slowly (~12 GB/s by ``read``, ~7 GB/s
-mapped, against ~33 GB/s mapped from a disk's page cache).
+runs, so that neither pays for the other's writeback or a deletion), then loads both, after another
+untimed ``os.sync()`` and the end of optsched's flush thread (optsched's save returns before its
+worker thread fsyncs the checkpoint; transformers never fsyncs): no load runs beside a 600 MB write
+to the disk. Medians over rounds. Saves go to the page cache of the temp dir's disk and land at
+page-cache speed (~0.2 s) unless the kernel's writeback throttles them (~1.5 s, either side at
+random). Loads read the file just written, read once more just before (untimed: this VM pages out
+page-cache regions it judges cold, so a load would otherwise read part of a fresh checkpoint from the
+disk now and then, on either side). ``--dir /dev/shm`` measures in RAM (tmpfs): no writeback and no
+page-out, so both figures are steady, but a tmpfs page is read more slowly (~12 GB/s by ``read``,
+~7 GB/s mapped, against ~33 GB/s mapped from a disk's page cache).
 
 Run: ``python -m benchmarks.checkpoint_io [--quick] [--rounds 10] [--params 50e6]``
 """
@@ -53,7 +53,8 @@ from benchmarks.optimizer_step import build_model
 __all__ = ["directory_bytes", "main", "run"]
 
 STEPS = 100
-_Side = tuple[Callable[[], Path], Callable[[Path], None], Callable[[int], None]]  # save, load, set step
+# save, load, set the step, wait for the save's background work
+_Side = tuple[Callable[[], Path], Callable[[Path], None], Callable[[int], None], Callable[[], None]]
 
 
 def directory_bytes(path: str | os.PathLike) -> int:
@@ -100,7 +101,7 @@ def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
         trainer._load_optimizer_and_scheduler(path, saved_optimizer)  # reads args.checkpoint_verification
         ckpt.load_rng_state(path, trainer.dist, verify=verify)
 
-    return save, load, set_step
+    return save, load, set_step, trainer._finish_saves  # the flush to disk runs on a worker thread
 
 
 def _transformers_side(num_params: float, out: Path) -> _Side:
@@ -131,7 +132,7 @@ def _transformers_side(num_params: float, out: Path) -> _Side:
         trainer._load_optimizer_and_scheduler(str(path))
         trainer._load_rng_state(str(path))
 
-    return save, load, set_step
+    return save, load, set_step, lambda: None  # nothing in the background
 
 
 def _check_same_state(ours: Path, theirs: Path) -> None:
@@ -183,6 +184,11 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
                 paths[name] = box[0]
                 if r >= warmup:
                     save_t[name].append(seconds)
+            # Untimed: every save's writeback done (the kernel's for both sides, and optsched's flush
+            # thread) before any load, so that no load runs beside a 600 MB write to the disk.
+            os.sync()
+            for side in sides.values():
+                side[3]()
             for name in order:
                 _into_page_cache(paths[name])  # untimed: both sides load from the page cache
                 seconds = time_once(lambda: sides[name][1](paths[name]))
