@@ -29,8 +29,8 @@ with zlib-ng as the bytes are written (faster than torch's own) and the whole fi
 ``verify="full"`` (the default, :data:`VERIFY_LEVELS`) checks and copies the weights on a worker thread
 while ``torch.load`` reads the optimizer file (:func:`load_weights_and_read_optimizer`), whose CRC is
 computed from the bytes as they are read, the worker taking the records not read yet
-(:class:`~optsched.trainer.crc.SharedFileCrc`): the check costs memory bandwidth only (~15 ms per
-600 MB on the 2-core benchmark VM). Small optimizer-state tensors share one zip record
+(:class:`~optsched.trainer.crc.SharedFileCrc`): the check costs ~12 ms per 600 MB on the 2-core
+benchmark VM, the memory bandwidth of reading every byte. Small optimizer-state tensors share one zip record
 (:func:`pack_small_tensors`): the checkpoint is smaller than transformers'. Plain objects in an
 optimizer state (GaLore / APOLLO projectors) are stored as class path + attributes
 (:func:`encode_objects`), so ``optimizer.pt`` still loads with ``weights_only=True``.
@@ -48,15 +48,13 @@ import pickle
 import random
 import re
 import shutil
-import struct
 import sys
 import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +62,15 @@ from typing import Any
 import torch
 
 from optsched._validation import check_choice
-from optsched.trainer.crc import SharedFileCrc, crc32, torch_save_with_crc
+from optsched.trainer.crc import (
+    ZIP_LOCAL_HEADER_SIZE,
+    ZIP_LOCAL_SIGNATURE,
+    SharedFileCrc,
+    crc32,
+    file_pieces,
+    record_data_start,
+    torch_save_with_crc,
+)
 from optsched.trainer.distributed import DistributedContext, barrier
 
 logger = logging.getLogger(__name__)
@@ -186,8 +192,6 @@ CHECKSUM_ALGORITHM = "crc32"
 VERIFY_LEVELS = ("full", "size")
 DEFAULT_VERIFY = "full"
 
-_ZIP_MAGIC = b"PK\x03\x04"  # a zip local file header: how every torch.save file starts
-_ZIP_LOCAL_HEADER_SIZE = 30  # fixed part of a local file header, before its name and extra field
 
 
 @contextmanager
@@ -251,10 +255,9 @@ def file_checksum(path: str | os.PathLike, algorithm: str = CHECKSUM_ALGORITHM) 
     algo = CHECKSUM_ALGORITHMS[check_choice("algorithm", algorithm, CHECKSUM_ALGORITHMS, what="checksum algorithm")]
     running = algo.initial()
     if _filesystem_type(path) in _READ_FILESYSTEMS:
-        piece = memoryview(bytearray(_READ_PIECE))
         with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(piece):
-                running = algo.update(piece[:n], running)
+            for piece in file_pieces(f, 0, os.fstat(f.fileno()).st_size, _READ_PIECE):
+                running = algo.update(piece, running)
         return algo.finish(running)
     with _file_bytes(path) as data:
         return algo.finish(algo.update(data, running))  # zlib / hashlib release the GIL here
@@ -274,7 +277,7 @@ def zip_records(path: str | os.PathLike) -> list[zipfile.ZipInfo] | None:
     """
     try:
         with open(path, "rb") as f:
-            if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            if f.read(len(ZIP_LOCAL_SIGNATURE)) != ZIP_LOCAL_SIGNATURE:
                 return None
             f.seek(0)
             with zipfile.ZipFile(f) as archive:
@@ -293,13 +296,12 @@ def _bad_zip_records(path: Path, records: Sequence[zipfile.ZipInfo]) -> list[str
     bad = []
     with _file_bytes(path) as data:
         for record in records:
-            start = record.header_offset
-            header = bytes(data[start : start + _ZIP_LOCAL_HEADER_SIZE])
-            if len(header) < _ZIP_LOCAL_HEADER_SIZE or header[:4] != _ZIP_MAGIC:
+            offset = record.header_offset
+            try:
+                first = record_data_start(record, bytes(data[offset : offset + ZIP_LOCAL_HEADER_SIZE]))
+            except ValueError:  # no local header where the directory says (damaged, truncated)
                 bad.append(record.filename)
                 continue
-            name_size, extra_size = struct.unpack_from("<HH", header, 26)
-            first = start + _ZIP_LOCAL_HEADER_SIZE + name_size + extra_size
             with data[first : first + record.compress_size] as body:
                 if len(body) != record.compress_size or crc32(body) != record.CRC:
                     bad.append(record.filename)
@@ -332,17 +334,15 @@ def checksum_in_background(path: str | os.PathLike, algorithm: str = CHECKSUM_AL
 
     The Trainer calls this for ``model.safetensors`` as soon as it is written, so its CRC pass (~8 ms
     per 200 MB) runs while ``optimizer.pt`` is being written instead of after it. The result is used
-    only for the same path, size and modification time; the file must not change in between (a changed file gets a new modification time and is checksummed again).
+    only for the same path, size and modification time; the file must not change in between (a
+    changed file gets a new modification time and is checksummed again).
     """
     global _CHECKSUM_WORKER
     path = Path(path)
-    key = _early_key(path, algorithm)
     with _EARLY_LOCK:
         if _CHECKSUM_WORKER is None:
             _CHECKSUM_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optsched-checksum")
-        _EARLY[key] = _CHECKSUM_WORKER.submit(file_checksum, path, algorithm)
-        while len(_EARLY) > _EARLY_MAX:
-            _EARLY.popitem(last=False)
+    _put_early(path, algorithm, _CHECKSUM_WORKER.submit(file_checksum, path, algorithm))
 
 
 def _remember_checksum(path: Path, algorithm: str, digest: str) -> None:
@@ -350,8 +350,14 @@ def _remember_checksum(path: Path, algorithm: str, digest: str) -> None:
     :func:`checksum_in_background`: used only while the file keeps its size and modification time)."""
     done: Future[str] = Future()
     done.set_result(digest)
+    _put_early(path, algorithm, done)
+
+
+def _put_early(path: Path, algorithm: str, digest: Future[str]) -> None:
+    """File ``digest`` (done or under way) for :func:`_checksum_entry`, dropping the oldest beyond the cap."""
+    key = _early_key(path, algorithm)
     with _EARLY_LOCK:
-        _EARLY[_early_key(path, algorithm)] = done
+        _EARLY[key] = digest
         while len(_EARLY) > _EARLY_MAX:
             _EARLY.popitem(last=False)
 
@@ -363,8 +369,9 @@ def write_checksums(directory: str | os.PathLike, algorithm: str = CHECKSUM_ALGO
     truncated or bit-flipped file from a good one before parsing it. An entry is ``{"size": bytes,
     "crc32": "<8 hex digits>"}``: the whole file's CRC-32, computed while it was written
     (:func:`save_optimizer_state`), on a worker thread once it was (:func:`checksum_in_background`),
-    or else now over the page cache (~20 ms per 600 MB with zlib-ng). A whole-file CRC is one call that releases the
-    GIL, so a load checks it beside the parser (:func:`verified_while_parsing`); checking a torch file
+    or else now over the page cache (~20 ms per 600 MB with zlib-ng). A whole-file CRC can be
+    assembled from pieces checked by any thread (:class:`~optsched.trainer.crc.SharedFileCrc`, or one
+    GIL-free call beside the parser, :func:`verified_while_parsing`); checking a torch file
     through its records' own CRC-32s instead (what checksums.json files of optsched 0.1.0 ask for with
     ``"zip_crc32": <record count>``, still read) costs no pass on save, but one call per record, which
     contends with ``torch.load``'s Python unpickler for the GIL and ran 3x slower beside it.
@@ -838,7 +845,7 @@ def safe_torch_load(
 
 def _maybe_beside(task: Callable[[], None] | None) -> Any:
     """:func:`_running_beside` for a task, no thread at all without one."""
-    return _running_beside(task) if task is not None else contextlib.nullcontext()
+    return _running_beside(task) if task is not None else nullcontext()
 
 
 def _then(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
@@ -1052,15 +1059,18 @@ def unpack_small_tensors(state_dict: Any) -> Any:
     return state_dict
 
 
+def _state_tensors(state: dict[Any, Any]) -> Iterator[tuple[Any, str, torch.Tensor]]:
+    """``(param_id, key, tensor)`` for each tensor ``state[param_id][key]`` of an optimizer state."""
+    for pid, entry in state.items():
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    yield pid, key, value
+
+
 def _small_state_tensors(state: dict[Any, Any]) -> list[tuple[Any, str, torch.Tensor]]:
     """``(param_id, key, tensor)`` for each tensor of at most :data:`PACK_MAX_BYTES` in ``state[param_id][key]``."""
-    return [
-        (pid, key, value)
-        for pid, entry in state.items()
-        if isinstance(entry, dict)
-        for key, value in entry.items()
-        if isinstance(value, torch.Tensor) and value.nbytes <= PACK_MAX_BYTES
-    ]
+    return [item for item in _state_tensors(state) if item[2].nbytes <= PACK_MAX_BYTES]
 
 
 @contextmanager
@@ -1116,11 +1126,9 @@ def _state_tensor_sizes(state_dict: dict[str, Any]) -> tuple[int, int]:
     """Number and total bytes of the storages (``torch.save`` records) of an optimizer state's tensors."""
     storages: dict[tuple[str, int], int] = {}
     state = state_dict.get("state")
-    for entry in state.values() if isinstance(state, dict) else ():
-        for value in entry.values() if isinstance(entry, dict) else ():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
+    for _, _, value in _state_tensors(state) if isinstance(state, dict) else ():
+        storage = value.untyped_storage()
+        storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
     return len(storages), sum(storages.values())
 
 

@@ -93,11 +93,10 @@ class CheckpointMixin:
         self, final: Path, run_dir: Path, save_total_limit: int | None, best: str | None
     ) -> None:
         """Start :func:`_flush_then_rotate` for the checkpoint just written (the previous one's has ended)."""
-
-        def work() -> None:
-            _flush_then_rotate(final, run_dir, save_total_limit, best)
-
-        self._save_finisher = threading.Thread(target=work, name="optsched-checkpoint-flush", daemon=True)
+        self._save_finisher = threading.Thread(
+            target=_flush_then_rotate, args=(final, run_dir, save_total_limit, best),
+            name="optsched-checkpoint-flush", daemon=True,
+        )
         self._save_finisher.start()
 
     def _finish_saves(self) -> None:

@@ -19,7 +19,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +28,16 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SharedFileCrc", "crc32", "crc32_combine", "torch_save_with_crc"]
+__all__ = [
+    "ZIP_LOCAL_HEADER_SIZE",
+    "ZIP_LOCAL_SIGNATURE",
+    "SharedFileCrc",
+    "crc32",
+    "crc32_combine",
+    "file_pieces",
+    "record_data_start",
+    "torch_save_with_crc",
+]
 
 
 def _load_crc32() -> tuple[Callable[..., int], Callable[[int, int, int], int] | None]:
@@ -55,7 +64,10 @@ crc32: Callable[..., int] = _crc32
 crc32_combine: Callable[[int, int, int], int] | None = _combine
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length (30 bytes)
-_LOCAL_SIGNATURE = b"PK\x03\x04"
+#: How every local file header of a zip archive (and so every ``torch.save`` file) starts.
+ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
+#: Bytes of a local file header before its name and extra field.
+ZIP_LOCAL_HEADER_SIZE = _LOCAL_HEADER.size
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
 _CENTRAL_ENTRY = struct.Struct("<4s24xHHH12x")  # signature, ..., name, extra, comment lengths (46 bytes)
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
@@ -149,20 +161,48 @@ def torch_save_with_crc(obj: Any, path: str | os.PathLike) -> int:
         raise
 
 
-def _file_crc(f: BinaryIO, start: int, length: int, value: int = 0) -> int:
-    """CRC-32 of ``length`` bytes of an open file from ``start``, read into one reused 1 MiB buffer
-    (cache-sized: the CRC reads what the copy just wrote; no fresh allocation per piece). Moves the
-    file's position: one thread per file object."""
+def file_pieces(f: BinaryIO, start: int, length: int, piece: int = 1 << 20) -> Iterator[memoryview]:
+    """``length`` bytes of an open file from ``start``, read into one reused buffer of ``piece`` bytes
+    (cache-sized: a checksum reads what the copy just wrote; no fresh allocation per piece). Each view
+    is valid until the next one. Moves the file's position: one thread per file object.
+
+    Raises:
+        OSError: the file ends before ``start + length``.
+    """
     end = start + length
-    buffer = memoryview(bytearray(min(length, 1 << 20)))
+    buffer = memoryview(bytearray(min(length, piece)))
     f.seek(start)
     while start < end:
         n = f.readinto(buffer[: min(end - start, len(buffer))])
         if not n:
             raise OSError(f"short read at byte {start} while checksumming")
-        value = crc32(buffer[:n], value)
+        yield buffer[:n]
         start += n
+
+
+def _file_crc(f: BinaryIO, start: int, length: int, value: int = 0) -> int:
+    """CRC-32 of ``length`` bytes of an open file from ``start`` (:func:`file_pieces`)."""
+    for data in file_pieces(f, start, length):
+        value = crc32(data, value)
     return value
+
+
+def record_data_start(record: zipfile.ZipInfo, header: bytes) -> int:
+    """Where a stored zip record's bytes begin: after its local header, name and extra field.
+
+    Args:
+        record: the record, from the zip directory.
+        header: the :data:`ZIP_LOCAL_HEADER_SIZE` bytes of the file at ``record.header_offset``.
+
+    Raises:
+        ValueError: a compressed record, or no local header there (a damaged or truncated file).
+    """
+    if record.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"record {record.filename!r} is compressed; torch.save stores its records")
+    if len(header) < ZIP_LOCAL_HEADER_SIZE or header[: len(ZIP_LOCAL_SIGNATURE)] != ZIP_LOCAL_SIGNATURE:
+        raise ValueError(f"no local header for record {record.filename!r} at byte {record.header_offset}")
+    _, name_len, extra_len = _LOCAL_HEADER.unpack(header[:ZIP_LOCAL_HEADER_SIZE])
+    return record.header_offset + ZIP_LOCAL_HEADER_SIZE + name_len + extra_len
 
 
 def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
@@ -188,13 +228,10 @@ def _fill_record_crcs(f: BinaryIO, writer: _RecordingWriter) -> dict[int, int]:
     patches: dict[int, int] = {}
     entry = 0
     for record in records:
-        if record.compress_type != zipfile.ZIP_STORED:
-            raise ValueError(f"torch.save wrote a compressed record {record.filename!r}; expected stored records")
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(_read_at(f, record.header_offset, _LOCAL_HEADER.size))
+        start = record_data_start(record, _read_at(f, record.header_offset, ZIP_LOCAL_HEADER_SIZE))
         sig_c, c_name, c_extra, c_comment = _CENTRAL_ENTRY.unpack_from(central, entry)
-        if signature != _LOCAL_SIGNATURE or sig_c != _CENTRAL_SIGNATURE:
+        if sig_c != _CENTRAL_SIGNATURE:
             raise ValueError(f"unexpected zip layout at record {record.filename!r} of a torch.save file")
-        start = record.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         value = _record_crc(f, writer, start, record.compress_size)
         end = start + record.compress_size
         if record.flag_bits & _HAS_DESCRIPTOR:
@@ -341,14 +378,9 @@ def _record_regions(f: BinaryIO, size: int) -> dict[int, int]:
             records = archive.infolist()
         regions: dict[int, int] = {}
         for record in records:
-            header = _read_at(f, record.header_offset, _LOCAL_HEADER.size)
-            if len(header) < _LOCAL_HEADER.size or record.compress_type != zipfile.ZIP_STORED:
-                return {}
-            signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-            if signature != _LOCAL_SIGNATURE:
-                return {}
+            start = record_data_start(record, _read_at(f, record.header_offset, ZIP_LOCAL_HEADER_SIZE))
             if record.compress_size:
-                regions[record.header_offset + _LOCAL_HEADER.size + name_len + extra_len] = record.compress_size
+                regions[start] = record.compress_size
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
         return {}
     ordered = sorted(regions.items())
