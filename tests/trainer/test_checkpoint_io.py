@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from optsched.trainer import checkpoint as ckpt
+from optsched.trainer import integrity, torch_files
 from optsched.trainer.checkpoint import CheckpointError
 from optsched.trainer.crc import torch_save_with_crc
 
@@ -209,7 +210,7 @@ def _our_big_file(directory: Path) -> tuple[Path, dict]:
 def test_a_full_load_checks_every_byte_with_no_pass_of_its_own(tmp_path, monkeypatch):
     path, obj = _our_big_file(tmp_path)
     passes = []
-    monkeypatch.setattr(ckpt, "file_checksum", lambda *a, **k: passes.append(a) or "")
+    monkeypatch.setattr(integrity, "file_checksum", lambda *a, **k: passes.append(a) or "")
     loaded = ckpt.safe_torch_load(path, expect_keys=("state",), verify="full")
     assert torch.equal(loaded["state"][0]["exp_avg"], obj["state"][0]["exp_avg"])
     assert passes == []  # the CRC came from the bytes torch.load read
@@ -246,7 +247,7 @@ def test_damage_that_breaks_the_parser_is_reported_as_damage(tmp_path):
 def test_a_truncated_file_is_refused_before_torch_reads_it(tmp_path, monkeypatch):
     path, _ = _our_big_file(tmp_path)
     os.truncate(path, path.stat().st_size - 10)
-    monkeypatch.setattr(ckpt, "_torch_load_weights_only", lambda source: pytest.fail("parsed a truncated file"))
+    monkeypatch.setattr(torch_files, "_torch_load_weights_only", lambda source: pytest.fail("parsed a truncated file"))
     with pytest.raises(CheckpointError, match="truncated"):
         ckpt.safe_torch_load(path, verify="full")
 
@@ -348,18 +349,20 @@ def test_tied_weights_saved_once_load_under_every_name(tmp_path):
 def test_a_ram_file_system_is_recognised():
     if not Path("/proc/self/mountinfo").is_file() or not Path("/dev/shm").is_dir():
         pytest.skip("needs Linux with /dev/shm")
-    if ckpt._filesystem_type("/dev/shm") is None:
+    if integrity._filesystem_type("/dev/shm") is None:
         pytest.skip("/dev/shm is not listed in this container's mountinfo")
-    assert ckpt._filesystem_type("/dev/shm") in ckpt._READ_FILESYSTEMS
+    assert integrity._filesystem_type("/dev/shm") in integrity._READ_FILESYSTEMS
 
 
-@pytest.mark.parametrize("size", [0, 1, ckpt._READ_PIECE - 1, ckpt._READ_PIECE, 2 * ckpt._READ_PIECE + 5])
+@pytest.mark.parametrize(
+    "size", [0, 1, integrity._READ_PIECE - 1, integrity._READ_PIECE, 2 * integrity._READ_PIECE + 5]
+)
 def test_read_and_mapped_checksums_agree(tmp_path, monkeypatch, size):
     path = tmp_path / "x.bin"
     data = os.urandom(size)
     path.write_bytes(data)
     mapped = ckpt.file_checksum(path)
-    monkeypatch.setattr(ckpt, "_READ_FILESYSTEMS", frozenset({ckpt._filesystem_type(path)}))
+    monkeypatch.setattr(integrity, "_READ_FILESYSTEMS", frozenset({integrity._filesystem_type(path)}))
     read = ckpt.file_checksum(path)
     assert mapped == read == f"{zlib.crc32(data):08x}"
     assert ckpt.file_checksum(path, "sha256") == __import__("hashlib").sha256(data).hexdigest()
@@ -370,7 +373,7 @@ def test_without_device_numbers_files_are_mapped(tmp_path, monkeypatch):
     monkeypatch.delattr(os, "major", raising=False)
     path = tmp_path / "x.bin"
     path.write_bytes(b"abc" * 1000)
-    assert ckpt._filesystem_type(path) is None
+    assert integrity._filesystem_type(path) is None
     assert ckpt.file_checksum(path) == f"{zlib.crc32(path.read_bytes()):08x}"
 
 

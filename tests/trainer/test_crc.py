@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optsched.trainer import checkpoint as ckpt
-from optsched.trainer import crc
+from optsched.trainer import crc, integrity, optimizer_state
 
 SERIALIZATION_ID = ".data/serialization_id"  # torch derives it from the CRCs it computed: differs
 
@@ -203,7 +203,7 @@ def test_the_trainers_optimizer_file_is_listed_with_its_crc(tmp_path):
     ckpt.write_checksums(tmp_path)
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
-    entry = ckpt._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
+    entry = integrity._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
     assert entry == {"size": path.stat().st_size, "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
     ckpt.verify_file(path, "full")
 
@@ -354,8 +354,8 @@ def test_large_states_are_written_with_the_crcs_small_ones_by_torch(tmp_path, mo
     """Records of >= 64 KiB on average go through torch_save_with_crc; many small ones through torch.save
     (Python write calls per record would cost more than torch's CRC pass saves)."""
     used = []
-    real = ckpt.torch_save_with_crc
-    monkeypatch.setattr(ckpt, "torch_save_with_crc", lambda obj, path: used.append(path) or real(obj, path))
+    real = crc.torch_save_with_crc
+    monkeypatch.setattr(optimizer_state, "torch_save_with_crc", lambda obj, path: used.append(path) or real(obj, path))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)])
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, width)).sum().backward()
@@ -365,7 +365,7 @@ def test_large_states_are_written_with_the_crcs_small_ones_by_torch(tmp_path, mo
     ckpt.write_checksums(tmp_path)
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
-    entry = ckpt._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
+    entry = integrity._recorded_checksums(tmp_path)[1][ckpt.OPTIMIZER_NAME]
     assert entry == {"size": path.stat().st_size, "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
     loaded = ckpt.read_optimizer_state(tmp_path)
     assert torch.equal(loaded["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

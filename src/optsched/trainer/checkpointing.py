@@ -1,8 +1,9 @@
 """The Trainer's saving and resuming: checkpoints at a step, the model, and what a resume restores.
 
 :class:`CheckpointMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer`; the file
-formats, atomic writes and checksums are :mod:`optsched.trainer.checkpoint`'s, the resume plan
-:mod:`optsched.trainer.resume`'s.
+formats and atomic writes are :mod:`optsched.trainer.checkpoint`'s (which re-exports the checksums of
+:mod:`optsched.trainer.integrity` and the optimizer file of :mod:`optsched.trainer.optimizer_state`),
+the resume plan :mod:`optsched.trainer.resume`'s.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class CheckpointMixin:
 
     def _checkpoint_verify(self) -> str:
         """How much a resume checks the checkpoint's files against ``checksums.json``
-        (:data:`optsched.trainer.checkpoint.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
+        (:data:`optsched.trainer.integrity.VERIFY_LEVELS`; ``args.checkpoint_verification``, default "full")."""
         return self.args.checkpoint_verification  # validated by TrainingArguments
 
     def _load_optimizer_and_scheduler(self, checkpoint: Path, saved_optimizer: dict[str, Any] | None = None) -> None:

@@ -46,7 +46,7 @@ def _load_crc32() -> tuple[Callable[..., int], Callable[[int, int, int], int] | 
     zlib-ng folds with carry-less multiplication (~35 GB/s on this machine's page cache) where CPython's
     zlib 1.2 runs a table loop (~6 GB/s): on a 600 MB checkpoint, ~17 ms instead of ~100 ms. Both
     release the GIL on large buffers, which a check beside the parser relies on
-    (``checkpoint.verified_while_parsing``). The standard library has no ``crc32_combine``.
+    (``integrity.verified_while_parsing``). The standard library has no ``crc32_combine``.
     """
     try:
         from zlib_ng import zlib_ng

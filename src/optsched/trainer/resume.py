@@ -39,7 +39,7 @@ import torch
 from optsched._validation import check_choice
 from optsched.arguments import LR_RESUME_POLICIES
 from optsched.schedules.continuation import Continuation, Lerp, continue_schedule  # re-exported: old home
-from optsched.trainer.checkpoint import DEFAULT_VERIFY, CheckpointError, verify_file
+from optsched.trainer.integrity import DEFAULT_VERIFY, CheckpointError, verify_file
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def load_plan(directory: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> dic
     """The plan saved in a checkpoint, or ``None`` when it has none (a checkpoint of an older version).
 
     The file is checked against the checkpoint's ``checksums.json`` first
-    (:func:`optsched.trainer.checkpoint.verify_file` at level ``verify``), like every other checkpoint
+    (:func:`optsched.trainer.integrity.verify_file` at level ``verify``), like every other checkpoint
     file, so a truncated or bit-flipped plan is reported as damaged instead of being compared as if it
     were the run's plan.
 

@@ -11,7 +11,8 @@ optimizer or schedule logic of its own. What it adds is the loop:
   tqdm bar; evaluation by ``eval_strategy``; metric-driven schedules stepped on the eval metric;
   schedule-free optimizers switched to ``eval()`` around evaluation and checkpointing;
 * checkpoints in transformers' layout, written atomically with a CRC-32 of every file
-  (:mod:`optsched.trainer.checkpoint`, which also stores GaLore / APOLLO projector objects as data), and
+  (:mod:`optsched.trainer.checkpoint`; :mod:`optsched.trainer.optimizer_state` stores GaLore / APOLLO
+  projector objects as data), and
   an exact resume: model, optimizer, scheduler, RNG states and data position; how much a resume checks
   the files is ``args.checkpoint_verification`` (``"full"`` by default, or ``"size"``);
 * DDP under ``torchrun`` (:mod:`optsched.trainer.distributed`).
