@@ -19,9 +19,16 @@ are needed before any element is updated), ``p`` read and written: 16 bytes; per
 ``p``, ``g``, ``v`` read, ``p``, ``v`` written: 20 bytes; ``scale_parameter`` adds a read of ``p``
 (its RMS, +4) and ``beta1`` the first moment (read and written, +8).
 
-Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--torch] [--threads N]``
+transformers' speed depends on glibc's allocator: its temporaries are either fresh pages from the
+kernel, faulted in each step, or freed memory reused (``benchmarks._allocator``); glibc drifts between
+the two by itself, which is why the reference took 125-160 ms in some runs and 73-83 ms in others.
+``--memory reused`` pins its best case, ``--memory fresh`` its worst; ours allocates no temporaries
+and takes the same time in all three.
 
-Prints ``adafactor step[ (<config>)]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
+Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--memory reused]
+[--torch] [--threads N]``
+
+Prints ``adafactor step[ (<config>)][, memory reused]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
 faster) for each config, then ``  roofline: L ms (B MB at W GB/s), ours at F of it``. Configs:
 ``default`` (relative_step, scale_parameter: transformers' defaults) and
 ``trainer`` (``relative_step=False, scale_parameter=False, lr=1e-3``: what transformers' Trainer
@@ -33,10 +40,12 @@ semantics: for information only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
 
+from benchmarks._allocator import REGIMES, large_allocations
 from benchmarks._machine import bandwidth_kernels
 from benchmarks._timing import compare, time_once
 from optsched.optim.adafactor import Adafactor
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["default", "trainer"])
     parser.add_argument("--torch", action="store_true", help="also time torch.optim.Adafactor")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--memory", choices=("default", *REGIMES), default="default",
+                        help="glibc's large allocations: as glibc leaves them (default), or pinned fresh / "
+                             "reused (benchmarks._allocator)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -111,9 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = CONFIGS[name]
         ours = Adafactor(make_params(shapes, grads), **kwargs)
         reference = HFAdafactor(make_params(shapes, grads), **kwargs)
-        result = compare(ours.step, reference.step, rounds=args.rounds, warmup=1)
+        with large_allocations(args.memory) if args.memory != "default" else contextlib.nullcontext():
+            result = compare(ours.step, reference.step, rounds=args.rounds, warmup=1)
+        config = "" if name == "default" else f" ({name})"
+        memory = "" if args.memory == "default" else f", memory {args.memory}"
         print(
-            f"adafactor step{'' if name == 'default' else f' ({name})'}: ours {result.ours * 1e3:.1f} ms, "
+            f"adafactor step{config}{memory}: ours {result.ours * 1e3:.1f} ms, "
             f"reference {result.reference * 1e3:.1f} ms, "
             f"ratio {result.ratio:.2f}",
             flush=True,

@@ -16,6 +16,15 @@ Both trainers use their default optimizer (torch's fused AdamW) and a linear sch
   ``_load_optimizer_and_scheduler`` + ``_load_rng_state``.
 * **bytes**: the sum of the checkpoint directory's file sizes.
 
+Each load is timed twice per round, with glibc's allocator pinned in two states
+(``benchmarks._allocator``): **fresh memory**, every large block comes from the kernel and is faulted
+in on first touch, which is what a resume pays (the process has never held the optimizer state, so
+nothing freed is there to reuse; loads in new processes measure the same, see BENCHMARKS.md): the
+target rows; and **memory reused**, freed blocks kept for the next load, which is a loop of loads and
+no resume: for information. Left to itself, glibc drifts between the two as its mmap threshold rises,
+which made this question's load figures swing by up to 3x between runs. Saves run with memory reused
+(a save comes mid-training).
+
 Each round saves a new ``checkpoint-N`` with optsched and transformers in turn (alternating which
 goes first; untimed before each save, the side's previous checkpoint is deleted and ``os.sync()``
 runs, so that neither pays for the other's writeback or a deletion), then loads both, after another
@@ -46,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._allocator import FRESH, REGIMES, REUSED, large_allocations
 from benchmarks._machine import Row, quiet
 from benchmarks._timing import time_once
 from benchmarks.optimizer_step import build_model
@@ -53,6 +63,7 @@ from benchmarks.optimizer_step import build_model
 __all__ = ["directory_bytes", "main", "run"]
 
 STEPS = 100
+LOADS_PER_ROUND = 3  # per side and allocator regime (an odd number: the order alternates within a round)
 # save, load, set the step, wait for the save's background work
 _Side = tuple[Callable[[], Path], Callable[[Path], None], Callable[[int], None], Callable[[], None]]
 
@@ -76,7 +87,7 @@ def _into_page_cache(directory: Path) -> None:
                 pass
 
 
-def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
+def _optsched_side(num_params: float, out: Path, verify: str = "full", *, take_step: bool = True) -> _Side:
     from optsched import Trainer, TrainingArguments
     from optsched.trainer import checkpoint as ckpt
 
@@ -84,8 +95,9 @@ def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
                              checkpoint_verification=verify)
     trainer = Trainer(model=build_model(num_params), args=args)
     trainer.create_scheduler(num_training_steps=STEPS)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
+    if take_step:  # the optimizer state exists (a save needs it; a resume starts without it)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
     trainer.state.global_step = 1
     trainer.state.max_steps = STEPS
 
@@ -104,7 +116,7 @@ def _optsched_side(num_params: float, out: Path, verify: str = "full") -> _Side:
     return save, load, set_step, trainer._finish_saves  # the flush to disk runs on a worker thread
 
 
-def _transformers_side(num_params: float, out: Path) -> _Side:
+def _transformers_side(num_params: float, out: Path, *, take_step: bool = True) -> _Side:
     import transformers
     from transformers.trainer_callback import TrainerState
 
@@ -114,8 +126,9 @@ def _transformers_side(num_params: float, out: Path) -> _Side:
     dataset = [{"x": torch.zeros(1)}]  # the Trainer wants one; nothing is trained
     trainer = transformers.Trainer(model=build_model(num_params), args=args, train_dataset=dataset)
     trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
+    if take_step:
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
     trainer.state.global_step = 1
     trainer.state.max_steps = STEPS
 
@@ -151,12 +164,14 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
     Args:
         quick: a 200k-parameter model and 2 rounds (smoke test).
         num_params: model size (default 50M).
-        rounds: timed rounds (default 10, after 2 untimed ones).
+        rounds: timed rounds (default 10, after 2 untimed ones); each saves once per side and loads
+            :data:`LOADS_PER_ROUND` times per side in each allocator regime.
         directory: where the checkpoints go (default: the temp dir).
     """
     num_params = num_params or (2e5 if quick else 50e6)
     rounds = rounds or (2 if quick else 10)  # even: each side goes first equally often
     warmup = 1 if quick else 2  # the first rounds fault the VM's memory in: slow on either side
+    loads = 1 if quick else LOADS_PER_ROUND
     ram = directory is not None and Path(directory).resolve().is_relative_to("/dev/shm")
     root = Path(tempfile.mkdtemp(prefix="optsched-bench-ckpt-", dir=directory))
     try:
@@ -167,33 +182,38 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
                 "transformers": _transformers_side(num_params, root / "transformers"),
             }
         save_t: dict[str, list[float]] = {k: [] for k in sides}
-        load_t: dict[str, list[float]] = {k: [] for k in sides}
+        load_t = {regime: {k: [] for k in sides} for regime in REGIMES}
         paths: dict[str, Path] = {}
         order = list(sides)
         for r in range(warmup + rounds):
-            for name in order:
-                # A new checkpoint-N each round; the side's previous one is deleted first, and the
-                # deletion finished by os.sync() before the clock starts (12 GB of old checkpoints
-                # would push the new ones out of the page cache and loads would read the disk).
-                sides[name][2](r + 1)
-                if name in paths:  # one checkpoint per side: older ones would crowd the page cache out
-                    shutil.rmtree(paths[name])
-                os.sync()  # start each save with no dirty pages and the deletion done: neither is timed
-                box: list[Path] = []
-                seconds = time_once(lambda: box.append(sides[name][0]()))
-                paths[name] = box[0]
-                if r >= warmup:
-                    save_t[name].append(seconds)
+            with large_allocations(REUSED):  # a save runs mid-training, in a process that reuses memory
+                for name in order:
+                    # A new checkpoint-N each round; the side's previous one is deleted first, and the
+                    # deletion finished by os.sync() before the clock starts (12 GB of old checkpoints
+                    # would push the new ones out of the page cache and loads would read the disk).
+                    sides[name][2](r + 1)
+                    if name in paths:  # one checkpoint per side: older ones would crowd the page cache out
+                        shutil.rmtree(paths[name])
+                    os.sync()  # start each save with no dirty pages and the deletion done: neither is timed
+                    box: list[Path] = []
+                    seconds = time_once(lambda: box.append(sides[name][0]()))
+                    paths[name] = box[0]
+                    if r >= warmup:
+                        save_t[name].append(seconds)
             # Untimed: every save's writeback done (the kernel's for both sides, and optsched's flush
             # thread) before any load, so that no load runs beside a 600 MB write to the disk.
             os.sync()
             for side in sides.values():
                 side[3]()
-            for name in order:
-                _into_page_cache(paths[name])  # untimed: both sides load from the page cache
-                seconds = time_once(lambda: sides[name][1](paths[name]))
-                if r >= warmup:
-                    load_t[name].append(seconds)
+            for regime in REGIMES:  # fresh memory (a resume), then memory reused (a loop of loads)
+                with large_allocations(regime) as pinned:
+                    for _ in range(loads):  # loads are cheap next to saves: more samples against the noise
+                        for name in order:
+                            _into_page_cache(paths[name])  # untimed: both sides load from the page cache
+                            seconds = time_once(lambda: sides[name][1](paths[name]))
+                            if r >= warmup:
+                                load_t[regime][name].append(seconds)
+                        order.reverse()
             order.reverse()  # who goes first alternates: neither always gets the warmer cache
         _check_same_state(paths["optsched"], paths["transformers"])
         size = {name: directory_bytes(paths[name]) for name in sides}
@@ -205,16 +225,22 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
     label = f"{(n or num_params) / 1e6:.1f}M" if quick else f"{num_params / 1e6:.0f}M"
     label += " in RAM" if ram else ""
     rows = []
-    # (what, timings, optsched side, how it is described): the default verification, then "size"
-    measured = [("save", save_t, "optsched", ""), ("load", load_t, "optsched", ""),
-                ("load", load_t, "optsched-size", " (checkpoint_verification='size')")]
-    for what, times, side, note in measured:
+    memory = "" if pinned else " (malloc not pinned: no glibc)"
+    # (what, timings, optsched side, how it is described, target): the load of a resume first
+    measured = [
+        ("save", save_t, "optsched", "", True),
+        ("load", load_t[FRESH], "optsched", memory, True),
+        ("load", load_t[FRESH], "optsched-size", f" (checkpoint_verification='size'){memory}", True),
+        ("load", load_t[REUSED], "optsched", ", memory reused (a loop of loads)", False),
+        ("load", load_t[REUSED], "optsched-size", " (checkpoint_verification='size'), memory reused", False),
+    ]
+    for what, times, side, note, target in measured:
         ours, ref = statistics.median(times[side]), statistics.median(times["transformers"])
         print(f"checkpoint {what}{note} {label}: ours {ours:.4g} s, reference {ref:.4g} s, ratio {ref / ours:.3g}",
               flush=True)
         rows.append(Row(4, f"checkpoint {what}{note} {label} + AdamW state", "s", ours, ref, "transformers Trainer",
-                        None, ref / ours, "no slower (ratio >= 1)", ref / ours >= 1.0,
-                        f"median of {rounds}; rounds: ours " + " ".join(f"{t:.3f}" for t in times[side])
+                        None, ref / ours, "no slower (ratio >= 1)" if target else "", ref / ours >= 1.0 if target
+                        else None, f"median of {len(times[side])}; rounds: ours " + " ".join(f"{t:.3f}" for t in times[side])
                         + ", reference " + " ".join(f"{t:.3f}" for t in times["transformers"])))
     ours_mb, ref_mb = size["optsched"] / 1e6, size["transformers"] / 1e6
     print(f"checkpoint bytes {label}: ours {ours_mb:.4g} MB, reference {ref_mb:.4g} MB, ratio {ref_mb / ours_mb:.3g}",

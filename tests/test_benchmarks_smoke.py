@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from benchmarks import __main__ as runner  # noqa: E402
-from benchmarks import _machine, checkpoint_io, growth, optimizer_step  # noqa: E402
+from benchmarks import _machine, checkpoint_io, growth, optimizer_step, resume_process  # noqa: E402
 from benchmarks._machine import Row  # noqa: E402
 
 
@@ -250,9 +250,19 @@ def test_optimizer_step_quick():
 def test_checkpoint_io_quick():
     rows = checkpoint_io.run(quick=True)
     _check_rows(rows, 4)
-    assert [r.unit for r in rows] == ["s", "s", "s", "MB"]  # save, load, load (verification 'size'), bytes
-    assert "checkpoint_verification='size'" in rows[2].name
-    assert rows[3].met, rows[3].note  # bytes, unlike times, are exact: no larger than transformers' checkpoint
+    # save; load, load (verification 'size') with fresh memory (targets), then with memory reused; bytes
+    assert [r.unit for r in rows] == ["s", "s", "s", "s", "s", "MB"]
+    assert "checkpoint_verification='size'" in rows[2].name and "checkpoint_verification='size'" in rows[4].name
+    assert all("memory reused" in r.name and r.met is None and not r.target for r in rows[3:5])
+    assert all(r.target for r in rows[:3])
+    assert rows[5].met, rows[5].note  # bytes, unlike times, are exact: no larger than transformers' checkpoint
+
+
+def test_resume_process_quick():
+    rows = resume_process.run(quick=True)  # one load per side, each in a new Python process
+    _check_rows(rows, 4)
+    assert [r.unit for r in rows] == ["s", "s"] and "checkpoint_verification='size'" in rows[1].name
+    assert all("new process" in r.name and r.reference > 0 and r.ours > 0 for r in rows)
 
 
 def test_growth_quick_writes_the_plot(tmp_path):
