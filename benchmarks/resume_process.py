@@ -10,9 +10,13 @@ The checkpoints are saved once, by the parent, with each side's Trainer. Sides a
 over rounds. On this VM the first touches of memory a process makes cost what the hypervisor makes
 them cost: single loads swing 0.2-1 s on either side, so read the medians.
 
-Run: ``python -m benchmarks.resume_process [--rounds 6] [--params 50e6]``
+``--cold`` drops the checkpoint's files from the page cache in each new process instead
+(``posix_fadvise(POSIX_FADV_DONTNEED)``, Linux): the load then reads the disk, as a resume after a
+reboot does.
 
-Prints ``resume load[ (checkpoint_verification='size')] <label>: ours X s, reference Y s, ratio Z``.
+Run: ``python -m benchmarks.resume_process [--rounds 6] [--params 50e6] [--cold]``
+
+Prints ``resume load[ (checkpoint_verification='size')] <label>[ cold]: ours X s, reference Y s, ratio Z``.
 """
 
 from __future__ import annotations
@@ -36,8 +40,24 @@ SIDES = ("optsched", "optsched-size", "transformers")
 _RESULT = "RESUME-SECONDS"
 
 
-def _child(side: str, path: Path, num_params: float) -> None:
-    """In the new process: build the side's trainer, warm the page cache, time one load, print it."""
+def evict_from_page_cache(directory: Path) -> bool:
+    """Drop ``directory``'s files from the page cache (``posix_fadvise(DONTNEED)``; they must be written
+    back already, ``os.sync()``), so that the next read comes from the disk. ``False`` where the OS has no
+    ``posix_fadvise`` (macOS, Windows): nothing is dropped."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in sorted(directory.iterdir()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def _child(side: str, path: Path, num_params: float, cold: bool) -> None:
+    """In the new process: build the side's trainer, warm the page cache with the checkpoint's files (or
+    drop them from it: ``cold``), time one load, print it."""
     import torch
 
     from benchmarks._timing import time_once
@@ -52,16 +72,19 @@ def _child(side: str, path: Path, num_params: float) -> None:
             else:
                 verify = "size" if side == "optsched-size" else "full"
                 load = _optsched_side(num_params, scratch, verify, take_step=False)[1]
-            _into_page_cache(path)
+            if not cold:
+                _into_page_cache(path)
+            elif not evict_from_page_cache(path):
+                raise RuntimeError("no posix_fadvise here: a load from a cold page cache cannot be measured")
             seconds = time_once(lambda: load(path))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"{_RESULT} {seconds!r}", flush=True)
 
 
-def _load_in_new_process(side: str, path: Path, num_params: float) -> float:
+def _load_in_new_process(side: str, path: Path, num_params: float, cold: bool) -> float:
     command = [sys.executable, "-m", "benchmarks.resume_process", "--child", side, str(path),
-               "--params", repr(num_params)]
+               "--params", repr(num_params), *(["--cold"] if cold else [])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                           check=False)
     for line in done.stdout.splitlines():
@@ -70,8 +93,17 @@ def _load_in_new_process(side: str, path: Path, num_params: float) -> float:
     raise RuntimeError(f"the {side} load in a new process failed (exit {done.returncode}): {done.stderr[-2000:]}")
 
 
-def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None) -> list[Row]:
-    """Median seconds of a resume's load in a new process, per side; returns the report rows."""
+def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None,
+         cold: bool = False) -> list[Row]:
+    """Median seconds of a resume's load in a new process, per side; returns the report rows.
+
+    Args:
+        quick: a 200k-parameter model, one round (smoke test).
+        num_params: model size (default 50M).
+        rounds: new processes per side (default 6).
+        cold: the checkpoint's files are dropped from the page cache before each load (read from the
+            disk, as after a reboot), instead of read once untimed.
+    """
     from benchmarks.checkpoint_io import _optsched_side, _transformers_side
 
     num_params = num_params or (2e5 if quick else 50e6)
@@ -89,29 +121,32 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
         order = list(SIDES)
         for _ in range(rounds):
             for side in order:
-                times[side].append(_load_in_new_process(side, paths[side], num_params))
+                times[side].append(_load_in_new_process(side, paths[side], num_params, cold))
             order.reverse()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     label = f"{num_params / 1e6:.1f}M" if quick else f"{num_params / 1e6:.0f}M"
+    where = "cold page cache" if cold else "new process"
     ref = statistics.median(times["transformers"])
     rows = []
     for side, note in (("optsched", ""), ("optsched-size", " (checkpoint_verification='size')")):
         mine = statistics.median(times[side])
-        print(f"resume load{note} {label}: ours {mine:.4g} s, reference {ref:.4g} s, ratio {ref / mine:.3g}",
+        print(f"resume load{note} {label}{' cold' if cold else ''}: ours {mine:.4g} s, reference {ref:.4g} s, "
+              f"ratio {ref / mine:.3g}",
               flush=True)
-        rows.append(Row(4, f"resume load{note} {label} + AdamW state, new process", "s", mine, ref,
+        rows.append(Row(4, f"resume load{note} {label} + AdamW state, {where}", "s", mine, ref,
                         "transformers Trainer", None, ref / mine, "no slower (ratio >= 1)", ref / mine >= 1.0,
                         f"median of {rounds} processes per side; ours " + " ".join(f"{t:.3f}" for t in times[side])
                         + ", reference " + " ".join(f"{t:.3f}" for t in times["transformers"])))
     return rows
 
 
-def run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None) -> list[Row]:
+def run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None,
+        cold: bool = False) -> list[Row]:
     """Question 4 in new processes (see :func:`_run`), with log records and warnings silenced."""
     with quiet():
-        return _run(quick, num_params=num_params, rounds=rounds)
+        return _run(quick, num_params=num_params, rounds=rounds, cold=cold)
 
 
 def main(argv: list[str] | None = None) -> list[Row] | None:
@@ -119,15 +154,16 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
     parser.add_argument("--quick", action="store_true", help="tiny model, one round (smoke test)")
     parser.add_argument("--params", type=float, default=None, help="model parameters (default 50e6)")
     parser.add_argument("--rounds", type=int, default=None, help="new processes per side (default 6)")
+    parser.add_argument("--cold", action="store_true", help="load from the disk: files dropped from the page cache")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "PATH"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
         side, path = opts.child
         if side not in SIDES:
             parser.error(f"--child side={side!r} is not one of {SIDES}")
-        _child(side, Path(path), opts.params or 50e6)
+        _child(side, Path(path), opts.params or 50e6, opts.cold)
         return None
-    return run(opts.quick, num_params=opts.params, rounds=opts.rounds)
+    return run(opts.quick, num_params=opts.params, rounds=opts.rounds, cold=opts.cold)
 
 
 if __name__ == "__main__":

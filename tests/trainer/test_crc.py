@@ -316,8 +316,65 @@ def test_without_the_helper_the_layout_is_read_at_the_end(tmp_path):
     path, _ = _torch_file(tmp_path)
     with crc.SharedFileCrc(path) as shared:
         torch.load(shared.reader(), weights_only=True)
-        assert shared._layout is None
+        assert crc._HELPER not in shared._claims.values()
         assert shared.value() == zlib.crc32(path.read_bytes())
+
+
+class _LoggedFile:
+    """A read-only file that logs ``(offset, bytes)`` of every read."""
+
+    def __init__(self, path, mode="rb", log=None):
+        self._f = open(path, mode)  # noqa: SIM115 - closed by close()/__exit__
+        self.log = log
+
+    def read(self, n=-1):
+        at = self._f.tell()
+        data = self._f.read(n)
+        self.log.append((at, len(data)))
+        return data
+
+    def readinto(self, buffer):
+        at = self._f.tell()
+        n = self._f.readinto(buffer)
+        self.log.append((at, n))
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_the_helper_reads_each_header_right_before_its_record_last_first(tmp_path, monkeypatch):
+    """On a cold disk, reading every local header first cost one seek each; the helper reads a header and
+    then its record's data, from the last record back, and only then the layout and the gaps (by then in
+    the page cache, read by the parser)."""
+    if crc.crc32_combine is None:
+        pytest.skip("needs zlib-ng")
+    path, _ = _torch_file(tmp_path)
+    regions = _regions(path)
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        headers = {r.header_offset for r in archive.infolist()}
+    log: list[tuple[int, int]] = []
+    with crc.SharedFileCrc(path) as shared:
+        monkeypatch.setattr(crc, "open", lambda p, mode="rb": _LoggedFile(p, mode, log), raising=False)
+        shared.help()  # only the helper's own handle is logged
+        monkeypatch.undo()
+        assert shared.value() == zlib.crc32(path.read_bytes())
+    header_reads = [i for i, (at, n) in enumerate(log) if at in headers and n == crc.ZIP_LOCAL_HEADER_SIZE]
+    data_of = set(regions)
+    assert len(header_reads) == 2 * len(headers)  # once before each record, once for the layout
+    first_pass = header_reads[: len(regions)]  # the records' own headers; the layout's reads follow
+    offsets = [log[i][0] for i in first_pass]
+    assert offsets == sorted(offsets, reverse=True)  # last record first
+    for i in first_pass:  # the next read is that record's data (records of 0 bytes have none)
+        if i + 1 < len(log) and log[i + 1][0] not in headers:
+            assert log[i + 1][0] in data_of
+    assert {start for start, _ in shared._helped.items()} == set(regions)
 
 
 def test_a_file_that_is_no_zip_archive_is_read_whole(tmp_path):

@@ -302,8 +302,8 @@ class SharedFileCrc:
         self.size = os.fstat(self._file.fileno()).st_size
         self._claims: dict[int, str] = {}  # offset -> who took it (dict.setdefault: atomic under the GIL)
         self._crcs: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC-32), the parser's reads
+        self._helped: dict[int, tuple[int, int]] = {}  # record start -> (length, CRC-32), the helper's
         self._layout: tuple[dict[int, int], dict[int, tuple[int, int]]] | None = None  # regions, gaps
-        self._helped: dict[int, int] = {}  # record start -> CRC-32, the helper's
 
     def __enter__(self) -> SharedFileCrc:
         return self
@@ -317,15 +317,22 @@ class SharedFileCrc:
         return _ClaimingReader(self)
 
     def help(self) -> None:
-        """Read the zip directory and checksum the gaps, then the records not yet claimed, last first
-        (for a thread beside the parser; its own file handle, so no position is shared)."""
+        """Checksum the records not yet claimed, last first (for a thread beside the parser; its own
+        file handle, so no position is shared).
+
+        Each record's local header is read right before its data: on a cold disk that is one seek per
+        record, where reading every header first cost ~250 seeks on a 50M-parameter AdamW state (a
+        resume from the disk 0.33 s slower). Once the helper meets the parser, the headers before that
+        point are in the page cache: the layout and the bytes between the records are taken then,
+        still off the parser's thread.
+        """
         if crc32_combine is None:
             return
         with open(self._path, "rb") as own:
-            regions, _ = self._layout = _layout(own, self.size)
-            for start in sorted(regions, reverse=True):
+            for start, length in _records_from_the_end(own, self.size):
                 if self._claims.setdefault(start, _HELPER) is _HELPER:
-                    self._helped[start] = _file_crc(own, start, regions[start])
+                    self._helped[start] = (length, _file_crc(own, start, length))
+            self._layout = _layout(own, self.size)
 
     def _read(self, start: int, view: memoryview) -> None:
         """The parser read ``view`` at ``start``: a large read is checksummed now and claimed."""
@@ -339,10 +346,9 @@ class SharedFileCrc:
         regions, gaps = self._layout if self._layout is not None else _layout(self._file, self.size)
         pieces: list[tuple[int, int, int]] = list((start, n, c) for start, (n, c) in gaps.items())
         for start, length in regions.items():
-            if start in self._helped:
-                pieces.append((start, length, self._helped[start]))
-            elif self._crcs.get(start, (None,))[0] == length:
-                pieces.append((start, length, self._crcs[start][1]))
+            done = self._helped.get(start) or self._crcs.get(start)
+            if done is not None and done[0] == length:
+                pieces.append((start, length, done[1]))
             else:  # read in pieces, or not read at all: read now
                 pieces.append((start, length, _file_crc(self._file, start, length)))
         value, at = 0, 0
@@ -368,6 +374,29 @@ def _layout(f: BinaryIO, size: int) -> tuple[dict[int, int], dict[int, tuple[int
     if at < size or size == 0:
         gaps[at] = (size - at, _file_crc(f, at, size - at))
     return regions, gaps
+
+
+def _records_from_the_end(f: BinaryIO, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` of the data of each stored record of a zip file, the last record first, each
+    local header read just before its record's data. Nothing for a file that is not a zip archive;
+    stops at the first record that does not fit before the next one (a damaged directory:
+    :meth:`SharedFileCrc.value` reads whatever is left)."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            records = sorted(archive.infolist(), key=lambda record: record.header_offset, reverse=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return
+    limit = size  # where the record after this one (or the central directory) begins
+    for record in records:
+        try:
+            start = record_data_start(record, _read_at(f, record.header_offset, ZIP_LOCAL_HEADER_SIZE))
+        except (OSError, ValueError):
+            return
+        if start + record.compress_size > limit:
+            return
+        if record.compress_size:
+            yield start, record.compress_size
+        limit = record.header_offset
 
 
 def _record_regions(f: BinaryIO, size: int) -> dict[int, int]:

@@ -9,6 +9,7 @@ its check against ``checksums.json`` (:mod:`optsched.trainer.integrity`).
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from optsched._validation import check_choice
-from optsched.trainer.crc import SharedFileCrc
+from optsched.trainer.crc import SharedFileCrc, crc32
 from optsched.trainer.integrity import (
     DEFAULT_VERIFY,
     OVERLAP_MIN_BYTES,
@@ -50,9 +51,10 @@ def safe_torch_load(
     With ``verify="full"`` and a whole-file CRC-32 in ``checksums.json`` (what optsched writes), the
     CRC is computed from the bytes as ``torch.load`` reads them, a worker thread taking the records
     it has not reached yet (:class:`~optsched.trainer.crc.SharedFileCrc`): every byte is checked at
-    almost no cost to the load, and nothing parsed is returned before the check passed. Other entries
-    are checked beside the parser (:func:`verified_while_parsing`). A damaged file is reported in
-    place of the parser's error.
+    almost no cost to the load, and nothing parsed is returned before the check passed; a file under
+    :data:`~optsched.trainer.integrity.OVERLAP_MIN_BYTES` (scheduler, RNG state) is read once and
+    checked before it is parsed. Other entries are checked beside the parser
+    (:func:`verified_while_parsing`). A damaged file is reported in place of the parser's error.
 
     Args:
         path: the file.
@@ -72,12 +74,17 @@ def safe_torch_load(
     if expected is None:
         with verified_while_parsing(path, verify), _maybe_beside(beside):  # the CRC pass runs beside torch.load
             obj = _parse_torch_file(path, path)
+    elif path.stat().st_size < OVERLAP_MIN_BYTES:  # scheduler, RNG, a small model's optimizer
+        verify_file(path, "size")
+        data = path.read_bytes()  # one read; the bytes parsed are the bytes checked, checked first
+        _check_digest(path, "crc32", f"{crc32(data):08x}", expected)
+        with _maybe_beside(beside):
+            obj = _parse_torch_file(io.BytesIO(data), path)
     else:
         verify_file(path, "size")  # a truncated file is refused before anything reads it
         with SharedFileCrc(path) as shared:
-            big = shared.size >= OVERLAP_MIN_BYTES  # a helper thread pays off from here on
             try:
-                with _maybe_beside(_then(beside, shared.help) if big else beside):
+                with _maybe_beside(_then(beside, shared.help)):  # a helper thread pays off at this size
                     obj = _parse_torch_file(shared.reader(), path)
             except CheckpointError:
                 verify_file(path, "full")  # damaged bytes are the cause of the parser's error: say so
