@@ -162,8 +162,30 @@ def test_bnb_8bit_keeps_embedding_state_in_32bit(name, override, fresh_bnb_manag
     proj_state = optimizer.state[model.proj.weight]["state1"]
     assert emb_state.dtype == torch.float32  # 32-bit either way: overridden, or a 32-bit optimizer
     assert proj_state.dtype == (torch.uint8 if override else torch.float32)
-    registered = [(m, attr) for m, attr, _ in fresh_bnb_manager.module_weight_config_triple]
-    assert registered == ([(model.emb, "weight")] if override else [])
+    assert fresh_bnb_manager.module_weight_config_triple == []  # applied, and no module kept by bitsandbytes
+    overridden = [k for k, v in fresh_bnb_manager.index2config.items() if v == {"optim_bits": 32}]
+    assert overridden == ([(0, 0)] if override else [])  # the embedding is the first parameter
+
+
+def test_bnb_8bit_override_leaves_nothing_behind(fresh_bnb_manager):
+    """bitsandbytes' manager is process-wide: it would keep every model's embedding alive, and a later
+    8-bit optimizer's parameter at the same (group, index) would inherit the override."""
+    import gc
+    import weakref
+
+    model = _WithEmbedding()
+    optimizer = create_optimizer(model, TrainingArguments(optim="adamw_8bit"))
+    assert fresh_bnb_manager.index2config and fresh_bnb_manager.pid2config
+    embedding = weakref.ref(model.emb)
+    del model, optimizer
+    gc.collect()
+    assert embedding() is None
+    assert fresh_bnb_manager.index2config == {} and fresh_bnb_manager.pid2config == {}
+    later = nn.Sequential(nn.Linear(64, 64, bias=False))  # its weight is at (0, 0) too: 8-bit, as it should be
+    optimizer = create_optimizer(later, TrainingArguments(optim="adamw_8bit"))
+    later(torch.ones(4, 64)).pow(2).mean().backward()
+    optimizer.step()
+    assert optimizer.state[later[0].weight]["state1"].dtype == torch.uint8
 
 
 def test_bnb_8bit_without_override_would_quantize_the_embedding(fresh_bnb_manager):

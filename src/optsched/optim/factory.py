@@ -308,5 +308,5 @@ def create_optimizer(
             params = kwargs.pop("model")
         optimizer = optimizer_cls(params, **kwargs)
 
-    keep_embeddings_32bit(optimizer_cls, optimizer_kwargs, model)
+    keep_embeddings_32bit(optimizer, optimizer_cls, optimizer_kwargs, model)
     return optimizer
