@@ -807,11 +807,13 @@ def measure_optimizer_state(optimizer: torch.optim.Optimizer) -> MemoryEstimate:
 
 
 def _is_spec_class(spec_cls: Any, cls: type) -> bool:
-    """Whether a spec's ``cls`` (class, dotted path or tuple of paths) is ``cls``. A dotted path is
+    """Whether a spec's ``cls`` (class, dotted path or tuple of paths) is ``cls``, or the upstream class
+    that ``cls`` stands for when it is optsched's subclass of one (``_optsched_wraps``). A dotted path is
     resolved only when its module is imported already: an optimizer of that class exists, so its
     package is loaded, and nothing else gets imported here."""
     import sys
 
+    cls = getattr(cls, "_optsched_wraps", cls)  # optsched's subclass of an upstream class (grokadamw)
     for entry in spec_cls if isinstance(spec_cls, tuple) else (spec_cls,):
         if not isinstance(entry, str):
             if entry is cls:

@@ -123,3 +123,22 @@ def test_iterable_dataset_resume_is_exact(model_factory, regression_data, make_a
     resumed.train(resume_from_checkpoint=f"{resumed.args.output_dir}/checkpoint-3")
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_grokadamw_resumes_bitwise(model_factory, regression_data, make_args):
+    """grokadamw keeps its state inside the param groups, keyed by the parameters: saved as it is, a
+    resume starts from zeroed moments (in transformers too). optsched saves it by index."""
+    pytest.importorskip("grokadamw")
+    data = regression_data(16)
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, optim="grokadamw", learning_rate=1e-2)
+    straight = Trainer(model_factory(), make_args(**args), train_dataset=data)
+    straight.train()
+    resumed = Trainer(model_factory(seed=123), make_args(**args), train_dataset=data)
+    resumed.train(resume_from_checkpoint=f"{resumed.args.output_dir}/checkpoint-4")
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    a, b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and len(a) == len(list(straight.model.parameters()))
+    for k in a:
+        assert a[k]["step"] == b[k]["step"] == 8  # a Python int in grokadamw's state
+        assert all(torch.equal(a[k][name], b[k][name]) for name in ("exp_avg", "exp_avg_sq", "grok_ema")), k

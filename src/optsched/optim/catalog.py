@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from optsched.optim.grokadamw import with_standard_state
 from optsched.optim.lowrank import build_lowrank
 from optsched.optim.schedulefree import build_schedule_free
 from optsched.optim.spec import OptimArg, OptimizerSpec, register_optimizer
@@ -210,11 +211,17 @@ _register(OptimizerSpec("adalomo", "lomo_optim.AdaLomo", package="lomo-optim", e
                         builder=_build_lomo, requires_device="cuda",
                         description="AdaLomo (its state is allocated with .cuda(): CUDA only)"))
 
+def _build_grokadamw(ctx):
+    """Upstream GrokAdamW with a state dict that round-trips (``optsched.optim.grokadamw``)."""
+    return with_standard_state(ctx.cls), ctx.kwargs
+
+
 _register(OptimizerSpec(
     "grokadamw", "grokadamw.GrokAdamW", package="grokadamw", extra="grokadamw",
     optim_args=(_arg("alpha_init", default=0.98), _arg("lamb", default=2.0), _arg("gamma", default=0.1),
                 _arg("grokking_signal_decay_rate", default=0.1), _arg("gradient_clipping", default=1.0)),
-    description="GrokAdamW (HF passes it no betas/eps: its defaults apply)",
+    builder=_build_grokadamw,
+    description="GrokAdamW (HF passes it no betas/eps: its defaults apply; its state now survives a resume)",
 ))
 
 _SF_ARGS = (_arg("weight_lr_power", default=2.0), _arg("r", default=0.0))
