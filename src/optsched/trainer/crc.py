@@ -321,10 +321,10 @@ class SharedFileCrc:
         file handle, so no position is shared).
 
         Each record's local header is read right before its data: on a cold disk that is one seek per
-        record, where reading every header first cost ~250 seeks on a 50M-parameter AdamW state (a
-        resume from the disk 0.33 s slower). Once the helper meets the parser, the headers before that
-        point are in the page cache: the layout and the bytes between the records are taken then,
-        still off the parser's thread.
+        record, where reading every header first would be ~250 scattered small reads up front on a
+        50M-parameter AdamW state. Once the helper meets the parser, the headers before that point
+        are in the page cache: the layout and the bytes between the records are taken then, still
+        off the parser's thread.
         """
         if crc32_combine is None:
             return
