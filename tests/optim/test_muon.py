@@ -325,7 +325,14 @@ def _reference_pair(model: nn.Module, groups: list[dict], muon_kwargs: dict, ada
     ],
 )
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_ten_steps_match_torch_muon_and_adamw_exactly(muon_kwargs, amsgrad):
+@pytest.mark.parametrize("own_update", [False, True], ids=["torch-muon", "optsched-copy"])
+def test_ten_steps_match_torch_muon_and_adamw_exactly(muon_kwargs, amsgrad, own_update, monkeypatch):
+    """Against torch.optim.Muon + AdamW; ``optsched-copy`` runs optsched's own Muon update (what torch
+    2.4-2.8, which have no Muon, get) and must give the same bits as torch's."""
+    if own_update:
+        import optsched.optim.muon as muon_module
+
+        monkeypatch.setattr(muon_module, "_torch_muon_update", lambda: muon_module._muon_update)
     lr, adamw_kwargs = 0.01, {"betas": (0.8, 0.95), "eps": 1e-6, "amsgrad": amsgrad}
     ours_model = TinyNet()
     ref_model = copy.deepcopy(ours_model)

@@ -6,8 +6,9 @@ every tensor that is not a matrix (biases, norm gains) should be trained by a st
 own ``torch.optim.Muon`` (torch >= 2.9) refuses anything that is not 2-D and leaves the split to the
 user, so a training loop ends up with two optimizers, two schedulers and two checkpoints.
 :class:`MuonWithAdamW` is one ``torch.optim.Optimizer`` whose ``param_groups`` each carry a ``use_muon``
-flag: its ``step()`` runs torch's functional Muon update on the ``use_muon=True`` groups and torch's
-functional AdamW update on the others. So any ``LRScheduler`` (torch's or optsched's) that edits
+flag: its ``step()`` runs torch's functional Muon update on the ``use_muon=True`` groups (on torch
+2.4-2.8, which have none, optsched's copy of it: same operations, same bits) and torch's functional
+AdamW update on the others. So any ``LRScheduler`` (torch's or optsched's) that edits
 ``param_groups[i]["lr"]`` drives both parts, and ``state_dict()``/``load_state_dict()`` round-trip exactly.
 
 The split rules (:func:`classify_muon_params`, applied by :func:`split_muon_groups`)
@@ -80,6 +81,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -385,16 +387,72 @@ def _check_all_2d(params: Sequence[torch.Tensor], names: Sequence[str] | None, w
 
 
 def _torch_muon_update() -> Callable[..., None]:
-    """torch's functional Muon update (torch >= 2.9), imported when first needed."""
+    """torch's functional Muon update (torch >= 2.9), else :func:`_muon_update` (the same algorithm)."""
     try:
         from torch.optim._muon import muon
-    except ImportError:  # pragma: no cover - depends on the installed torch
-        raise ImportError(
-            "optim='muon' needs torch.optim.Muon (torch >= 2.9); the installed torch is "
-            f"{torch.__version__}. "
-            "Upgrade with: pip install 'torch>=2.9'"
-        ) from None
+    except ImportError:  # torch 2.4-2.8: no torch.optim.Muon
+        return _muon_update
     return muon
+
+
+def _newton_schulz(
+    grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """torch.optim's ``_zeropower_via_newtonschulz`` (torch 2.9), for a torch without it.
+
+    ``X = G / max(||G||_F, eps)`` in bfloat16 (transposed when ``G`` has more rows than columns), then
+    ``ns_steps`` times ``A = X X^T; B = b A + c A A; X = a X + B X``: an approximate orthogonalisation
+    of ``G`` (singular values pushed towards ~0.7-1.2). Every operation and its order are torch's, so
+    the result is the same bit for bit (``tests/optim/test_muon.py``).
+    """
+    a, b, c = ns_coefficients
+    ortho = grad.bfloat16()
+    if grad.size(0) > grad.size(1):
+        ortho = ortho.T
+    ortho.div_(ortho.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        gram = ortho @ ortho.T
+        gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        ortho = torch.addmm(ortho, gram_update, ortho, beta=a)
+    if grad.size(0) > grad.size(1):
+        ortho = ortho.T
+    return ortho
+
+
+def _muon_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_bufs: list[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+    has_complex: bool,
+) -> None:
+    """torch.optim's functional Muon update (torch 2.9's ``_single_tensor_muon``), for a torch without it.
+
+    Per matrix: ``B = lerp(B, g, 1 - momentum)``; the update ``U = NS(lerp(g, B, momentum))`` with
+    Nesterov, else ``NS(B)``; ``p *= 1 - lr * weight_decay``; ``p -= lr' * U`` with ``lr'`` =
+    ``lr * sqrt(max(1, rows / cols))`` (``adjust_lr_fn`` None or ``"original"``) or
+    ``lr * 0.2 * sqrt(max(rows, cols))`` (``"match_rms_adamw"``).
+    """
+    if has_complex:
+        raise ValueError("Complex parameters are not supported")
+    lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+    for param, grad, buf in zip(params, grads, momentum_bufs):
+        if grad.ndim != 2:
+            raise ValueError("Param gradient must be a 2D matrix")
+        buf.lerp_(grad, 1 - momentum)
+        update = _newton_schulz(grad.lerp(buf, momentum) if nesterov else buf, ns_coefficients, ns_steps, eps)
+        rows, cols = param.shape[:2]
+        ratio = 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
+        param.mul_(1 - lr * weight_decay)
+        param.add_(update, alpha=-lr * ratio)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -441,7 +499,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         amsgrad: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        _torch_muon_update()  # fail here, not at the first step, on a torch without Muon
         self._algo_defaults = {
             True: {
                 "momentum": momentum,
@@ -569,7 +626,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         )
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        from torch.optim.adam import adam  # torch's functional Adam; decoupled decay makes it AdamW
+        from torch.optim.adamw import adamw  # torch's functional AdamW (every torch >= 2.4)
 
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
         has_complex = False
@@ -596,7 +653,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
-        adam(
+        adamw(
             params,
             grads,
             exp_avgs,
@@ -605,7 +662,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
             steps,
             foreach=group["foreach"],
             has_complex=has_complex,
-            decoupled_weight_decay=True,
             amsgrad=group["amsgrad"],
             beta1=beta1,
             beta2=beta2,
