@@ -615,3 +615,24 @@ def test_signature_defaults_are_transformers():
         return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
     assert defaults(Adafactor) == defaults(HFAdafactor) == adafactor_module.DEFAULTS
+
+
+def test_a_torch_without_foreach_rsqrt_steps_the_same(monkeypatch):
+    """torch 2.4 has no ``torch._foreach_rsqrt``: the vectors take one ``rsqrt`` each, same values."""
+    torch.manual_seed(0)
+    shapes = [(6, 4), (4,), (5,), (3, 3)]
+    grads = [torch.randn(s) for s in shapes]
+
+    def run() -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer = Adafactor(params)
+        for _ in range(3):
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    fused = run()
+    monkeypatch.delattr(torch, "_foreach_rsqrt")
+    for a, b in zip(fused, run()):
+        assert torch.equal(a, b)

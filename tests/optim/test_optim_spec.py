@@ -136,3 +136,23 @@ def test_registry_import_loads_no_optional_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_package_that_breaks_on_import_is_named_with_the_torch_version(monkeypatch):
+    """A package built for a newer torch (torchao 0.18 on torch 2.4: ``torch.int1`` is missing) raises
+    at import; the error names the option, the package, torch's version and the cause."""
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if name.split(".")[0] == "torchao":
+            raise AttributeError("module 'torch' has no attribute 'int1'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    import re
+
+    expected = rf"optim='adamw_torch_4bit' needs torchao.*torch {re.escape(torch.__version__)} .*int1"
+    with pytest.raises(ImportError, match=expected):
+        get_optimizer_spec("adamw_torch_4bit").load_class()

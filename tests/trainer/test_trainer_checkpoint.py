@@ -144,6 +144,25 @@ def test_rng_state_round_trip(tmp_path):
     assert not ckpt.load_rng_state(tmp_path, DistributedContext(rank=1, world_size=2))  # rng_state_1.pth absent
 
 
+def test_rng_state_loads_on_a_torch_without_scoped_safe_globals(tmp_path, monkeypatch):
+    """torch 2.4 (the oldest supported) has no ``torch.serialization.safe_globals`` context manager and
+    does not allow ``_codecs.encode`` (how numpy's RNG state array is pickled) by default: a resume
+    used to report the RNG file as damaged there."""
+    np = pytest.importorskip("numpy")
+    ctx = DistributedContext()
+    np.random.seed(3)
+    ckpt.save_rng_state(tmp_path, ctx)
+    expected = np.random.rand()
+    before = torch.serialization.get_safe_globals()
+    monkeypatch.delattr(torch.serialization, "safe_globals", raising=False)  # absent on torch 2.4 itself
+    try:
+        assert ckpt.load_rng_state(tmp_path, ctx)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+    assert np.random.rand() == expected
+
+
 def test_param_group_mismatch_messages():
     p = [nn.Parameter(torch.zeros(1)) for _ in range(3)]
     now = [{"name": "decay", "param_names": ["a", "c"], "params": [p[0], p[2]]},

@@ -262,6 +262,12 @@ def adafactor_reference_update(
 # ---------------------------------------------------------------------------------------------------
 
 
+def _foreach_rsqrt(tensors: list[Tensor]) -> list[Tensor]:
+    """``torch._foreach_rsqrt`` (torch >= 2.5), else one ``rsqrt`` per tensor (torch 2.4): the same values."""
+    fused = getattr(torch, "_foreach_rsqrt", None)
+    return fused(tensors) if fused is not None else [t.rsqrt() for t in tensors]
+
+
 class _Workspace:
     """Scratch tensors of one step, by (device, dtype), reused from matrix to matrix, then dropped.
 
@@ -606,7 +612,7 @@ class Adafactor(Optimizer):
         torch._foreach_mul_(second, beta2s)
         torch._foreach_addcmul_(second, grads, grads, rhos)
         torch._foreach_add_(second, [r * eps1 for r in rhos])
-        updates = torch._foreach_rsqrt(second)
+        updates = _foreach_rsqrt(second)
         torch._foreach_mul_(updates, grads)
 
         norms = torch.stack(torch._foreach_norm(updates))

@@ -226,6 +226,14 @@ class OptimizerSpec:
                     last_error = exc  # the package is there but this submodule is not: next path
                     continue
                 raise  # a dependency of the package is missing: its own message names it
+            except Exception as exc:  # installed, but breaks on import (e.g. built for a newer torch)
+                import torch
+
+                raise ImportError(
+                    f"optim={self.name!r} needs {self.package or module_name}, which is installed but failed "
+                    f"to import with torch {torch.__version__} ({type(exc).__name__}: {exc}). Install a release "
+                    f"of {self.package or module_name} that supports this torch, or a newer torch."
+                ) from exc
             if hasattr(module, attr):
                 return getattr(module, attr)
             last_error = AttributeError(f"module {module_name!r} has no attribute {attr!r}")

@@ -145,5 +145,11 @@ def _torch_load_weights_only(source: Any) -> Any:
         allow.append(core.multiarray._reconstruct)
     except ImportError:  # numpy is optional: without it there is no numpy state to load either
         pass
-    with torch.serialization.safe_globals(allow):
+    scoped = getattr(torch.serialization, "safe_globals", None)  # a context manager from torch 2.5 on
+    if scoped is None:  # torch 2.4: only the process-wide list (numpy's RNG-state types, nothing that runs code)
+        import _codecs  # how a numpy array's bytes are pickled; allowed by default from torch 2.5 on
+
+        torch.serialization.add_safe_globals([*allow, _codecs.encode])
+        return torch.load(source, map_location="cpu", weights_only=True)
+    with scoped(allow):
         return torch.load(source, map_location="cpu", weights_only=True)
