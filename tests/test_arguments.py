@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from optsched.arguments import OPTSCHED_ONLY_FIELDS, TrainingArguments, as_training_arguments
+from optsched.arguments import DEFAULT_OPTIM, OPTSCHED_ONLY_FIELDS, TrainingArguments, as_training_arguments
 from optsched.optim import list_optimizers
 from optsched.schedules import list_schedulers
 
@@ -39,7 +39,7 @@ def test_defaults_match_transformers_5():
         "output_dir": "trainer_output", "learning_rate": 5e-5, "weight_decay": 0.0, "adam_beta1": 0.9,
         "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "num_train_epochs": 3.0,
         "max_steps": -1, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
-        "gradient_accumulation_steps": 1, "optim": "adamw_torch_fused", "optim_args": None,
+        "gradient_accumulation_steps": 1, "optim": DEFAULT_OPTIM, "optim_args": None,
         "optim_target_modules": None, "lr_scheduler_type": "linear", "lr_scheduler_kwargs": {},
         "warmup_steps": 0, "warmup_ratio": 0.0, "logging_steps": 500, "logging_strategy": "steps",
         "eval_strategy": "no", "eval_steps": None, "save_strategy": "steps", "save_steps": 500,
@@ -71,7 +71,7 @@ def test_declared_defaults_equal_transformers_declared_defaults():
 
 
 GOOD = [
-    ({}, {"optim": "adamw_torch_fused"}),
+    ({}, {"optim": DEFAULT_OPTIM}),
     ({"output_dir": Path("~/runs/x")}, {"output_dir": os.path.expanduser("~/runs/x")}),
     ({"output_dir": None}, {"output_dir": "trainer_output"}),
     ({"learning_rate": 1}, {"learning_rate": 1.0}),
@@ -556,11 +556,11 @@ def test_as_training_arguments_truncates_float_step_counts_like_transformers(tmp
 def test_as_training_arguments_from_transformers_4(steps, ratio, expected_steps, expected_ratio,
                                                    warmup_at_100):
     hf4 = types.SimpleNamespace(learning_rate=1e-3, warmup_steps=steps, warmup_ratio=ratio,
-                                lr_scheduler_type="linear", optim="adamw_torch", optim_args="")
+                                lr_scheduler_type="linear", optim="adafactor", optim_args="")
     ours = as_training_arguments(hf4)
     assert (ours.warmup_steps, ours.warmup_ratio) == (expected_steps, expected_ratio)
     assert ours.get_warmup_steps(100) == warmup_at_100
-    assert ours.optim == "adamw_torch" and ours.optim_args is None and ours.is_explicit("optim")
+    assert ours.optim == "adafactor" and ours.optim_args is None and ours.is_explicit("optim")
 
 
 def test_as_training_arguments_reports_bad_foreign_values():
@@ -635,3 +635,17 @@ def test_values_below_the_range_raise_value_error(name, below):
     value = _LOWER_BOUNDS[name] - below
     with pytest.raises(ValueError, match=name):
         TrainingArguments(**{name: value})
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("2.4.1+cu121", "adamw_torch"), ("2.7.1", "adamw_torch"),
+    ("2.8.0a0+git1234", "adamw_torch_fused"), ("2.8.0", "adamw_torch_fused"), ("2.13.0+cpu", "adamw_torch_fused"),
+])
+def test_default_optim_follows_transformers_by_torch_version(monkeypatch, version, expected):
+    """transformers defaults to the fused AdamW only from torch 2.8 on (a pre-release of 2.8 counts)."""
+    import torch
+
+    from optsched.arguments import _default_optim
+
+    monkeypatch.setattr(torch, "__version__", version)
+    assert _default_optim() == expected

@@ -63,8 +63,19 @@ SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 LR_RESUME_POLICIES = ("replan", "continue", "strict")
 #: How a resume checks checkpoint files against their checksums.json (optsched.trainer.checkpoint).
 CHECKPOINT_VERIFICATION = ("full", "size")
-#: transformers' default ``optim`` with torch >= 2.8 (optsched requires a torch with a fused AdamW).
-DEFAULT_OPTIM = "adamw_torch_fused"
+
+
+def _default_optim() -> str:
+    """transformers' default ``optim``: torch's fused AdamW from torch 2.8 on, its plain AdamW before
+    (transformers turns the fused kernel on by default only from 2.8)."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])  # "2.8.0a0+git..." counts as 2.8
+    return "adamw_torch_fused" if (major, minor) >= (2, 8) else "adamw_torch"
+
+
+#: transformers' default ``optim`` for the installed torch (``adamw_torch_fused`` from torch 2.8 on).
+DEFAULT_OPTIM = _default_optim()
 #: transformers 5 replaces ``output_dir=None`` by this directory.
 DEFAULT_OUTPUT_DIR = "trainer_output"
 #: Schedules that step on a metric; transformers then defaults ``metric_for_best_model`` to "loss".
