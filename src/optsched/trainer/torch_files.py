@@ -119,23 +119,34 @@ def _then(first: Callable[[], None] | None, second: Callable[[], None]) -> Calla
 
 def _parse_torch_file(source: Any, path: Path) -> Any:
     """:func:`_torch_load_weights_only` of ``source`` (a path or an open file), its errors as
-    :class:`CheckpointError` naming ``path``."""
-    try:
-        return _torch_load_weights_only(source)
-    except pickle.UnpicklingError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise CheckpointError(
-            f"{path} refused: its pickle asks for something other than tensors and plain containers, which "
-            f"could run code, so it was not loaded (torch.load weights_only=True: {first})."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise CheckpointError(
-            f"{path} is damaged: cannot be read as a torch file ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]})."
-        ) from None
+    :class:`CheckpointError` naming ``path``. The allow-list is set up outside the ``try``: an error
+    there is optsched's (an API this torch lacks), not the file's, and must not read as damage."""
+    with _numpy_rng_types_allowed():
+        try:
+            return _torch_load_weights_only(source)
+        except pickle.UnpicklingError as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise CheckpointError(
+                f"{path} refused: its pickle asks for something other than tensors and plain containers, "
+                f"which could run code, so it was not loaded (torch.load weights_only=True: {first})."
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{path} is damaged: cannot be read as a torch file ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:300]})."
+            ) from None
 
 
 def _torch_load_weights_only(source: Any) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True`` (inside :func:`_numpy_rng_types_allowed`)."""
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def _numpy_rng_types_allowed() -> Any:
+    """A context in which ``weights_only`` loads also accept numpy's RNG-state types (arrays, dtypes:
+    data, nothing that runs code). From torch 2.5 on, ``safe_globals`` scopes them to the context; torch
+    2.4 has only the process-wide list (and allows ``_codecs.encode``, how a numpy array's bytes are
+    pickled, only from 2.5 on), so there they are added to it for good."""
     allow: list[Any] = []
     try:
         import numpy as np
@@ -145,11 +156,10 @@ def _torch_load_weights_only(source: Any) -> Any:
         allow.append(core.multiarray._reconstruct)
     except ImportError:  # numpy is optional: without it there is no numpy state to load either
         pass
-    scoped = getattr(torch.serialization, "safe_globals", None)  # a context manager from torch 2.5 on
-    if scoped is None:  # torch 2.4: only the process-wide list (numpy's RNG-state types, nothing that runs code)
-        import _codecs  # how a numpy array's bytes are pickled; allowed by default from torch 2.5 on
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(allow)
+    import _codecs
 
-        torch.serialization.add_safe_globals([*allow, _codecs.encode])
-        return torch.load(source, map_location="cpu", weights_only=True)
-    with scoped(allow):
-        return torch.load(source, map_location="cpu", weights_only=True)
+    torch.serialization.add_safe_globals([*allow, _codecs.encode])
+    return nullcontext()
