@@ -386,6 +386,15 @@ def test_replace_keeps_explicit_fields_and_adds_the_changed_ones():
     assert not dataclasses.replace(TrainingArguments(), seed=1).is_explicit("optim")
 
 
+@pytest.mark.skipif(not hasattr(__import__("copy"), "replace"), reason="copy.replace: Python >= 3.13")
+def test_copy_replace_tracks_explicit_fields_like_dataclasses_replace():
+    import copy
+
+    a = TrainingArguments(optim="sgd", adam_beta1=0.9)
+    b = copy.replace(a, learning_rate=1e-3)
+    assert b.explicit_fields == {"optim", "adam_beta1", "learning_rate"}
+
+
 def test_replace_is_validated():
     with pytest.raises(ValueError, match="adam_beta1=1.0"):
         dataclasses.replace(TrainingArguments(), adam_beta1=1.0)

@@ -764,8 +764,9 @@ _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
 # --------------------------------------------------------------------------------------------------
 
 # ``dataclasses.replace`` (and ``copy.replace`` on 3.13) build the new object by calling the class
-# with every field; the function that does so is recognised by its code object, and its ``obj`` is
-# the source, whose values identify which fields the caller actually changed.
+# with every field; the function that does so is recognised by its code object, and its first
+# argument (``obj``; ``self`` in 3.13's ``dataclasses._replace``) is the source, whose values
+# identify which fields the caller actually changed.
 _REPLACE_CODES = frozenset(
     fn.__code__ for fn in (getattr(dataclasses, "replace", None), getattr(dataclasses, "_replace", None))
     if fn is not None and hasattr(fn, "__code__")
@@ -776,7 +777,7 @@ _dataclass_init = TrainingArguments.__init__
 def _replace_source(frame: Any) -> TrainingArguments | None:
     if frame is None or frame.f_code not in _REPLACE_CODES:
         return None
-    source = frame.f_locals.get("obj")
+    source = frame.f_locals.get("obj", frame.f_locals.get("self"))
     return source if isinstance(source, TrainingArguments) else None
 
 

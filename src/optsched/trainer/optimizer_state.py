@@ -81,6 +81,10 @@ def encode_objects(value: Any) -> Any:
     return {OBJECT_KEY: path, "attributes": encode_objects(dict(attributes))}
 
 
+#: ``object.__getstate__`` (Python >= 3.11; ``None`` on 3.10, where ``object`` has none).
+_OBJECT_GETSTATE = getattr(object, "__getstate__", None)
+
+
 def _is_plain_object(value: Any) -> bool:
     """An object pickle would rebuild as ``cls.__new__(cls)`` + its ``__dict__``: no custom reduce or state
     protocol, no ``__slots__`` (so ``vars`` is its whole state)."""
@@ -90,7 +94,7 @@ def _is_plain_object(value: Any) -> bool:
         and not hasattr(cls, "__slots__")
         and cls.__reduce_ex__ is object.__reduce_ex__
         and cls.__reduce__ is object.__reduce__
-        and getattr(cls, "__getstate__", object.__getstate__) is object.__getstate__
+        and getattr(cls, "__getstate__", _OBJECT_GETSTATE) is _OBJECT_GETSTATE
         and not hasattr(cls, "__setstate__")
         and cls.__new__ is object.__new__
     )
