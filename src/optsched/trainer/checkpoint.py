@@ -95,17 +95,6 @@ from optsched.trainer.optimizer_state import (
 )
 from optsched.trainer.torch_files import safe_torch_load
 
-# names tests read here before they moved; patch them in their own modules (a patch here does not
-# reach the code that uses them)
-from optsched.trainer.crc import torch_save_with_crc as torch_save_with_crc
-from optsched.trainer.integrity import (
-    _READ_FILESYSTEMS as _READ_FILESYSTEMS,
-    _READ_PIECE as _READ_PIECE,
-    _filesystem_type as _filesystem_type,
-    _recorded_checksums as _recorded_checksums,
-)
-from optsched.trainer.torch_files import _torch_load_weights_only as _torch_load_weights_only
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
