@@ -361,8 +361,8 @@ class _LoggedFile:
 
 def test_the_helper_reads_each_header_right_before_its_record_last_first(tmp_path, monkeypatch):
     """On a cold disk, reading every local header first cost one seek each; the helper reads a header and
-    then its record's data, from the last record back, and only then the layout and the gaps (by then in
-    the page cache, read by the parser)."""
+    then its record's data, from the last record back, and takes the layout from that one pass (the gaps
+    last, by then in the page cache, read by the parser): each header is read once."""
     if crc.crc32_combine is None:
         pytest.skip("needs zlib-ng")
     path, _ = _torch_file(tmp_path)
@@ -377,14 +377,14 @@ def test_the_helper_reads_each_header_right_before_its_record_last_first(tmp_pat
         assert shared.value() == zlib.crc32(path.read_bytes())
     header_reads = [i for i, (at, n) in enumerate(log) if at in headers and n == crc.ZIP_LOCAL_HEADER_SIZE]
     data_of = set(regions)
-    assert len(header_reads) == 2 * len(headers)  # once before each record, once for the layout
-    first_pass = header_reads[: len(regions)]  # the records' own headers; the layout's reads follow
-    offsets = [log[i][0] for i in first_pass]
+    assert len(header_reads) == len(headers)  # once each: the layout comes from the same pass
+    offsets = [log[i][0] for i in header_reads]
     assert offsets == sorted(offsets, reverse=True)  # last record first
-    for i in first_pass:  # the next read is that record's data (records of 0 bytes have none)
+    for i in header_reads:  # the next read is that record's data (records of 0 bytes have none)
         if i + 1 < len(log) and log[i + 1][0] not in headers:
             assert log[i + 1][0] in data_of
     assert {start for start, _ in shared._helped.items()} == set(regions)
+    assert shared._layout[0] == regions  # the regions a separate parse of the directory finds
 
 
 def test_a_file_that_is_no_zip_archive_is_read_whole(tmp_path):

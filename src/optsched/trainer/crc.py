@@ -322,17 +322,20 @@ class SharedFileCrc:
 
         Each record's local header is read right before its data: on a cold disk that is one seek per
         record, where reading every header first would be ~250 scattered small reads up front on a
-        50M-parameter AdamW state. Once the helper meets the parser, the headers before that point
-        are in the page cache: the layout and the bytes between the records are taken then, still
-        off the parser's thread.
+        50M-parameter AdamW state. The records found that way (all of them, or those before a
+        damaged entry) with the bytes between them, checksummed last, tile the file: that is the
+        layout :meth:`value` combines, with no second parse of the zip directory. By then the
+        parser has brought those bytes into the page cache.
         """
         if crc32_combine is None:
             return
         with open(self._path, "rb") as own:
+            regions: dict[int, int] = {}
             for start, length in _records_from_the_end(own, self.size):
+                regions[start] = length
                 if self._claims.setdefault(start, _HELPER) is _HELPER:
                     self._helped[start] = (length, _file_crc(own, start, length))
-            self._layout = _layout(own, self.size)
+            self._layout = regions, _gaps(own, self.size, regions)
 
     def _read(self, start: int, view: memoryview) -> None:
         """The parser read ``view`` at ``start``: a large read is checksummed now and claimed."""
@@ -365,6 +368,12 @@ def _layout(f: BinaryIO, size: int) -> tuple[dict[int, int], dict[int, tuple[int
     and the bytes around them, which together tile the file; no records and one gap (the whole file)
     for anything else."""
     regions = _record_regions(f, size)
+    return regions, _gaps(f, size, regions)
+
+
+def _gaps(f: BinaryIO, size: int, regions: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """``{start: (length, CRC-32)}`` of the bytes of the file outside ``regions`` (disjoint, inside the
+    file): the gaps which, with the regions, tile it (the whole file when there are no regions)."""
     gaps: dict[int, tuple[int, int]] = {}
     at = 0
     for start in sorted(regions):
@@ -373,7 +382,7 @@ def _layout(f: BinaryIO, size: int) -> tuple[dict[int, int], dict[int, tuple[int
         at = start + regions[start]
     if at < size or size == 0:
         gaps[at] = (size - at, _file_crc(f, at, size - at))
-    return regions, gaps
+    return gaps
 
 
 def _records_from_the_end(f: BinaryIO, size: int) -> Iterator[tuple[int, int]]:
