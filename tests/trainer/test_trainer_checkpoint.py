@@ -155,8 +155,15 @@ def test_rng_state_loads_on_a_torch_without_scoped_safe_globals(tmp_path, monkey
     expected = np.random.rand()
     before = torch.serialization.get_safe_globals()
     monkeypatch.delattr(torch.serialization, "safe_globals", raising=False)  # absent on torch 2.4 itself
+    added: list = []  # torch 2.4 keeps the allow-list as a list (2.13 as a set): appended to as 2.4 does
+    real_add = torch.serialization.add_safe_globals
+    monkeypatch.setattr(torch.serialization, "add_safe_globals", lambda g: (added.extend(g), real_add(g)))
+    monkeypatch.setattr(torch.serialization, "get_safe_globals", lambda: [*before, *added])
     try:
         assert ckpt.load_rng_state(tmp_path, ctx)
+        first = len(added)
+        assert ckpt.load_rng_state(tmp_path, ctx)
+        assert len(added) == first > 0  # the process-wide list does not grow with every load
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(before)

@@ -161,5 +161,6 @@ def _numpy_rng_types_allowed() -> Any:
         return scoped(allow)
     import _codecs
 
-    torch.serialization.add_safe_globals([*allow, _codecs.encode])
+    present = torch.serialization.get_safe_globals()  # a list in torch 2.4: add each entry once, not per load
+    torch.serialization.add_safe_globals([g for g in (*allow, _codecs.encode) if g not in present])
     return nullcontext()
