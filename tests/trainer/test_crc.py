@@ -387,6 +387,37 @@ def test_the_helper_reads_each_header_right_before_its_record_last_first(tmp_pat
     assert shared._layout[0] == regions  # the regions a separate parse of the directory finds
 
 
+def test_the_helper_reads_every_record_and_gap_into_one_buffer(tmp_path, monkeypatch):
+    """A 1 MiB buffer per record was a fresh mapping (and 256 page faults) per record while glibc's mmap
+    threshold is still low, as in a new process: the helper makes one and reads everything into it."""
+    if crc.crc32_combine is None:
+        pytest.skip("needs zlib-ng")
+    path, _ = _torch_file(tmp_path)
+    buffers: list[object] = []
+    real = crc.file_pieces
+
+    def logged(f, start, length, piece=1 << 20, buffer=None):
+        buffers.append(buffer)
+        return real(f, start, length, piece, buffer)
+
+    monkeypatch.setattr(crc, "file_pieces", logged)
+    with crc.SharedFileCrc(path) as shared:
+        shared.help()
+        assert len(buffers) > len(_regions(path))  # the records and the gaps between them
+        assert buffers[0] is not None and all(b is buffers[0] for b in buffers)
+        assert shared.value() == zlib.crc32(path.read_bytes())
+
+
+@pytest.mark.parametrize("length", [0, 1, 5, 4096, 10_000])
+def test_file_pieces_into_a_given_buffer(tmp_path, length):
+    path, data = _file(tmp_path)
+    buffer = memoryview(bytearray(4096))
+    with open(path, "rb") as f:
+        pieces = [bytes(p) for p in crc.file_pieces(f, 100, length, buffer=buffer)]
+    assert b"".join(pieces) == data[100 : 100 + length]
+    assert all(len(p) <= 4096 for p in pieces)
+
+
 def test_a_file_that_is_no_zip_archive_is_read_whole(tmp_path):
     path, data = _file(tmp_path)
     truncated_zip = tmp_path / "t.pt"

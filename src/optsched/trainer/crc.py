@@ -161,16 +161,26 @@ def torch_save_with_crc(obj: Any, path: str | os.PathLike) -> int:
         raise
 
 
-def file_pieces(f: BinaryIO, start: int, length: int, piece: int = 1 << 20) -> Iterator[memoryview]:
+def file_pieces(
+    f: BinaryIO, start: int, length: int, piece: int = 1 << 20, buffer: memoryview | None = None
+) -> Iterator[memoryview]:
     """``length`` bytes of an open file from ``start``, read into one reused buffer of ``piece`` bytes
     (cache-sized: a checksum reads what the copy just wrote; no fresh allocation per piece). Each view
     is valid until the next one. Moves the file's position: one thread per file object.
+
+    Args:
+        f, start, length: the file and the bytes to read.
+        piece: the size of the buffer made for this call when ``buffer`` is not given.
+        buffer: a writable byte buffer to read into instead, for a caller that reads many ranges
+            (one allocation for all of them: glibc serves a 1 MiB block as fresh pages from the
+            kernel until its mmap threshold has risen, so a buffer per range can cost page faults).
 
     Raises:
         OSError: the file ends before ``start + length``.
     """
     end = start + length
-    buffer = memoryview(bytearray(min(length, piece)))
+    if buffer is None:
+        buffer = memoryview(bytearray(min(length, piece)))
     f.seek(start)
     while start < end:
         n = f.readinto(buffer[: min(end - start, len(buffer))])
@@ -180,9 +190,9 @@ def file_pieces(f: BinaryIO, start: int, length: int, piece: int = 1 << 20) -> I
         start += n
 
 
-def _file_crc(f: BinaryIO, start: int, length: int, value: int = 0) -> int:
-    """CRC-32 of ``length`` bytes of an open file from ``start`` (:func:`file_pieces`)."""
-    for data in file_pieces(f, start, length):
+def _file_crc(f: BinaryIO, start: int, length: int, value: int = 0, buffer: memoryview | None = None) -> int:
+    """CRC-32 of ``length`` bytes of an open file from ``start`` (:func:`file_pieces`, into ``buffer``)."""
+    for data in file_pieces(f, start, length, buffer=buffer):
         value = crc32(data, value)
     return value
 
@@ -274,6 +284,7 @@ def _whole_file_crc(f: BinaryIO, writer: _RecordingWriter, patches: dict[int, in
 
 
 _READER, _HELPER = "reader", "helper"
+_HELPER_PIECE = 1 << 20  # SharedFileCrc.help's read buffer: cache-sized, like file_pieces' default
 
 
 class SharedFileCrc:
@@ -329,13 +340,14 @@ class SharedFileCrc:
         """
         if crc32_combine is None:
             return
+        buffer = memoryview(bytearray(_HELPER_PIECE))  # one for every record and gap (file_pieces)
         with open(self._path, "rb") as own:
             regions: dict[int, int] = {}
             for start, length in _records_from_the_end(own, self.size):
                 regions[start] = length
                 if self._claims.setdefault(start, _HELPER) is _HELPER:
-                    self._helped[start] = (length, _file_crc(own, start, length))
-            self._layout = regions, _gaps(own, self.size, regions)
+                    self._helped[start] = (length, _file_crc(own, start, length, buffer=buffer))
+            self._layout = regions, _gaps(own, self.size, regions, buffer)
 
     def _read(self, start: int, view: memoryview) -> None:
         """The parser read ``view`` at ``start``: a large read is checksummed now and claimed."""
@@ -371,17 +383,20 @@ def _layout(f: BinaryIO, size: int) -> tuple[dict[int, int], dict[int, tuple[int
     return regions, _gaps(f, size, regions)
 
 
-def _gaps(f: BinaryIO, size: int, regions: dict[int, int]) -> dict[int, tuple[int, int]]:
+def _gaps(
+    f: BinaryIO, size: int, regions: dict[int, int], buffer: memoryview | None = None
+) -> dict[int, tuple[int, int]]:
     """``{start: (length, CRC-32)}`` of the bytes of the file outside ``regions`` (disjoint, inside the
-    file): the gaps which, with the regions, tile it (the whole file when there are no regions)."""
+    file): the gaps which, with the regions, tile it (the whole file when there are no regions); read
+    into ``buffer`` when given (:func:`file_pieces`)."""
     gaps: dict[int, tuple[int, int]] = {}
     at = 0
     for start in sorted(regions):
         if start > at:
-            gaps[at] = (start - at, _file_crc(f, at, start - at))
+            gaps[at] = (start - at, _file_crc(f, at, start - at, buffer=buffer))
         at = start + regions[start]
     if at < size or size == 0:
-        gaps[at] = (size - at, _file_crc(f, at, size - at))
+        gaps[at] = (size - at, _file_crc(f, at, size - at, buffer=buffer))
     return gaps
 
 
