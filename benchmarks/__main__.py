@@ -117,9 +117,10 @@ def question_2(quick: bool) -> list[Row]:
 
         # transformers' Adafactor allocates four matrix-sized temporaries per matrix per step: its speed
         # follows glibc's allocator (fresh pages or reused ones, benchmarks._allocator), so it is timed
-        # as glibc leaves it, then with freed memory reused (its best case); ours allocates none.
-        for memory in ("default", "reused"):
-            argv = ["--rounds", "5", "--config", "default", "trainer", "--memory", memory]
+        # as glibc leaves it, then with freed memory reused (its best case), then inside a training loop
+        # (forward, backward, step, zero_grad), where a user meets it; ours allocates none.
+        for extra in (["--memory", "default"], ["--memory", "reused"], ["--loop"]):
+            argv = ["--rounds", "5", "--config", "default", "trainer", *extra]
             _, text = captured(lambda argv=argv: adafactor_step.main(argv))
             for row in parse_lines(text, 2):
                 row.name = f"{row.name} [adafactor_step.py, 50.4M]"
@@ -254,6 +255,7 @@ def render_report(machine: dict[str, str], rows: list[Row], failures: dict[int, 
         "python -m benchmarks.optimizer_step   # one question; also build_optimizer, adafactor_step,",
         "                                      # trainer_overhead, checkpoint_io, resume_process, growth",
         "python -m benchmarks.adafactor_step --memory reused   # the reference's best case (benchmarks/_allocator.py)",
+        "python -m benchmarks.adafactor_step --loop           # the step inside a training loop (forward, backward, zero_grad)",
         "python -m benchmarks.resume_process --cold            # a resume from the disk (files dropped from the cache)",
         "```",
         "",

@@ -25,10 +25,16 @@ the two by itself, which is why the reference took 125-160 ms in some runs and 7
 ``--memory reused`` pins its best case, ``--memory fresh`` its worst; ours allocates no temporaries
 and takes the same time in all three.
 
-Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--memory reused]
-[--torch] [--threads N]``
+``--loop`` times the step where a user meets it: inside a training loop. Each side has its own model
+of the same shapes (``nn.Linear`` and ``nn.LayerNorm`` modules, same initial weights), and each round
+runs a forward and backward pass (untimed), the step (timed) and ``zero_grad()``, which frees the
+gradients as torch's default ``set_to_none=True`` does; the sides alternate round by round, so
+glibc's allocator is in whatever state a real run leaves it.
 
-Prints ``adafactor step[ (<config>)][, memory reused]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
+Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--memory reused]
+[--loop] [--torch] [--threads N]``
+
+Prints ``adafactor step[ (<config>)][, memory reused][, in a training loop]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
 faster) for each config, then ``  roofline: L ms (B MB at W GB/s), ours at F of it``. Configs:
 ``default`` (relative_step, scale_parameter: transformers' defaults) and
 ``trainer`` (``relative_step=False, scale_parameter=False, lr=1e-3``: what transformers' Trainer
@@ -42,12 +48,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+from typing import Any
 
 import torch
 
 from benchmarks._allocator import REGIMES, large_allocations
 from benchmarks._machine import bandwidth_kernels
-from benchmarks._timing import compare, time_once
+from benchmarks._timing import Comparison, compare, time_once
 from optsched.optim.adafactor import Adafactor
 
 CONFIGS = {
@@ -97,6 +104,47 @@ def make_params(shapes: list[tuple[int, ...]], grads: list[torch.Tensor]) -> lis
     return params
 
 
+def make_model(shapes: list[tuple[int, ...]]) -> torch.nn.Sequential:
+    """The modules behind :func:`model_shapes`: per block Linear(h, h), Linear(h, i), Linear(i, h), LayerNorm(h).
+
+    Raises:
+        ValueError: shapes that are not :func:`model_shapes`' pattern of blocks.
+    """
+    if len(shapes) % 8:
+        raise ValueError(f"shapes must be blocks of 8 tensors as model_shapes() makes them, got {len(shapes)}")
+    layers: list[torch.nn.Module] = []
+    for block in range(len(shapes) // 8):
+        (hidden, _), (inner, _) = shapes[8 * block], shapes[8 * block + 1]
+        layers += [
+            torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, inner), torch.nn.GELU(),
+            torch.nn.Linear(inner, hidden), torch.nn.LayerNorm(hidden),
+        ]
+    model = torch.nn.Sequential(*layers)
+    found = sorted(tuple(p.shape) for p in model.parameters())
+    if found != sorted(shapes):
+        raise ValueError("make_model(shapes): the modules' parameter shapes differ from model_shapes()")
+    return model
+
+
+def compare_in_loop(ours: Any, reference: Any, models: tuple[torch.nn.Module, torch.nn.Module],
+                    inputs: torch.Tensor, rounds: int, warmup: int = 2) -> Comparison:
+    """Median step times of two optimizers, each training its own model, alternating round by round.
+
+    A round of a side: forward and backward (untimed), ``step()`` (timed by ``time_once``),
+    ``zero_grad()`` (gradients freed, torch's default). The side that goes first alternates.
+    """
+    times: tuple[list[float], list[float]] = ([], [])
+    sides = [(0, ours, models[0]), (1, reference, models[1])]
+    for index in range(warmup + rounds):
+        for side, optimizer, model in sides if index % 2 == 0 else sides[::-1]:  # who goes first alternates
+            model(inputs).square().mean().backward()
+            seconds = time_once(optimizer.step)
+            optimizer.zero_grad()
+            if index >= warmup:
+                times[side].append(seconds)
+    return Comparison(statistics.median(times[0]), statistics.median(times[1]), times[0], times[1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -106,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", choices=("default", *REGIMES), default="default",
                         help="glibc's large allocations: as glibc leaves them (default), or pinned fresh / "
                              "reused (benchmarks._allocator)")
+    parser.add_argument("--loop", action="store_true",
+                        help="time the step inside a training loop (forward, backward, step, zero_grad)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -121,14 +171,27 @@ def main(argv: list[str] | None = None) -> None:
 
     for name in args.config:
         kwargs = CONFIGS[name]
-        ours = Adafactor(make_params(shapes, grads), **kwargs)
-        reference = HFAdafactor(make_params(shapes, grads), **kwargs)
-        with large_allocations(args.memory) if args.memory != "default" else contextlib.nullcontext():
-            result = compare(ours.step, reference.step, rounds=args.rounds, warmup=1)
+        memory = contextlib.nullcontext() if args.memory == "default" else large_allocations(args.memory)
+        if args.loop:
+            torch.manual_seed(0)
+            models = (make_model(shapes), make_model(shapes))
+            models[1].load_state_dict(models[0].state_dict())
+            ours = Adafactor(models[0].parameters(), **kwargs)
+            reference = HFAdafactor(models[1].parameters(), **kwargs)
+            inputs = torch.randn(16, shapes[0][0])
+            with memory:
+                result = compare_in_loop(ours, reference, models, inputs, rounds=3 * args.rounds)
+            del models
+        else:
+            ours = Adafactor(make_params(shapes, grads), **kwargs)
+            reference = HFAdafactor(make_params(shapes, grads), **kwargs)
+            with memory:
+                result = compare(ours.step, reference.step, rounds=args.rounds, warmup=1)
         config = "" if name == "default" else f" ({name})"
-        memory = "" if args.memory == "default" else f", memory {args.memory}"
+        where = ("" if args.memory == "default" else f", memory {args.memory}") + (
+            ", in a training loop" if args.loop else "")
         print(
-            f"adafactor step{config}{memory}: ours {result.ours * 1e3:.1f} ms, "
+            f"adafactor step{config}{where}: ours {result.ours * 1e3:.1f} ms, "
             f"reference {result.reference * 1e3:.1f} ms, "
             f"ratio {result.ratio:.2f}",
             flush=True,
