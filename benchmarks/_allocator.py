@@ -16,6 +16,11 @@ code that allocates hundreds of MB:
   over, as a benchmark's repeated loads do, and as transformers' ``Adafactor`` does once glibc's
   threshold has risen (it allocates four matrix-sized temporaries per parameter per step).
 
+A pin lasts for the rest of the process: glibc has no call that makes its threshold move by itself
+again, so on leaving :func:`large_allocations` it stays fixed at 128 KiB (every large block fresh).
+``python -m benchmarks`` therefore runs pinned measurements in a new process
+(``benchmarks.__main__.in_new_process``) or after every other question.
+
 Elsewhere (musl, macOS, Windows) there is no ``mallopt`` and nothing is pinned.
 """
 

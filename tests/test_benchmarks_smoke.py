@@ -330,3 +330,32 @@ def test_runner_quick_writes_the_report(tmp_path, capsys):
     assert "Failed" not in text
     printed = capsys.readouterr().out
     assert "groups+AdamW" in printed and "trainer overhead:" in printed
+
+
+def test_question_4_runs_last_and_the_report_keeps_the_order(tmp_path, monkeypatch):
+    # Question 4 pins glibc's allocator for the rest of the process (benchmarks._allocator): it must run
+    # after the others, while its rows stay in their place in the report.
+    ran: list[int] = []
+
+    def fake(q):
+        def question(*_):
+            ran.append(q)
+            return [Row(q, f"figure {q}", "s", 1.0, 2.0, "ref", None, 2.0, "ratio >= 1", True)]
+        return question
+
+    for q in range(1, 6):
+        monkeypatch.setattr(runner, f"question_{q}", fake(q))
+    monkeypatch.setattr(runner, "machine_limits", lambda quick: {})
+    out = tmp_path / "BENCHMARKS.md"
+    assert runner.main(["--quick", "--output", str(out), "--plot", str(tmp_path / "g.png")]) == 0
+    assert ran == [1, 2, 3, 5, 4]
+    text = out.read_text()
+    positions = [text.index(f"| figure {q} |") for q in range(1, 6)]
+    assert positions == sorted(positions)
+
+
+def test_in_new_process_returns_the_output_and_raises_on_failure(capsys):
+    text = runner.in_new_process("adafactor_step", ["--help"])
+    assert "--loop" in text and "--loop" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=r"(?s)adafactor_step --config nope exited with 2: .*invalid choice"):
+        runner.in_new_process("adafactor_step", ["--config", "nope"])
