@@ -9,6 +9,7 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ def build_parser(only: str | None = None):
         prog="optsched",
         description="Plan, explain and run optimizer / learning-rate schedule setups (HF Trainer semantics).",
         exit_on_error=False,
+        allow_abbrev=False,
     )
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, module_name in COMMANDS.items():
@@ -49,14 +51,39 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+_UNRECOGNIZED = "unrecognized arguments:"
+
+
+def unrecognized_hint(message: str, command: str | None) -> str:
+    """What to add to argparse's ``unrecognized arguments: ...``: the closest flag of ``command`` for each
+    unknown one, and where the accepted flags are listed; ``""`` for any other message.
+
+    Example: ``--stepz 10`` for ``schedule`` gives ``" (--stepz: did you mean --steps?); accepted flags:
+    optsched schedule --help"``.
+    """
+    if command not in COMMANDS or _UNRECOGNIZED not in message:
+        return ""
+    parser = importlib.import_module(COMMANDS[command]).build_parser()
+    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    unknown = [word.split("=")[0] for word in message.split(_UNRECOGNIZED, 1)[1].split() if word.startswith("--")]
+    guesses = []
+    for flag in unknown:
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        if close:
+            guesses.append(f"{flag}: did you mean {close[0]}?")
+    return (f" ({'; '.join(guesses)})" if guesses else "") + f"; accepted flags: optsched {command} --help"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else None)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only=command)
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
-        print(f"optsched: error: {_one_line(exc)}", file=sys.stderr)
+        message = _one_line(exc)
+        print(f"optsched: error: {message}{unrecognized_hint(message, command)}", file=sys.stderr)
         return EXIT_USAGE
     command = cfg.command
     module = importlib.import_module(COMMANDS[command])

@@ -43,7 +43,7 @@ def build_parser():
     """The ``plan`` subcommand's parser: own options plus one flag per ``TrainingArguments`` field."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="optsched plan", description=HELP, exit_on_error=False)
+    parser = ArgumentParser(prog="optsched plan", description=HELP, exit_on_error=False, allow_abbrev=False)
     parser.add_argument(
         "--model", type=str, default=DEFAULT_MODEL,
         help=f"Model factory MODULE:FACTORY, called without arguments (default {DEFAULT_MODEL}).",

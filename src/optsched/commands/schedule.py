@@ -23,16 +23,25 @@ def build_parser():
     """The ``schedule`` subcommand's parser (``jsonargparse``, errors raised, not exited)."""
     from jsonargparse import ArgumentParser
 
+    from optsched.commands import spellings
     from optsched.schedules.registry import CLOSED_FORM, list_schedulers
 
-    parser = ArgumentParser(prog="optsched schedule", description=HELP, exit_on_error=False)
+    parser = ArgumentParser(prog="optsched schedule", description=HELP, exit_on_error=False, allow_abbrev=False)
     names = ", ".join(list_schedulers(CLOSED_FORM))
     parser.add_argument("name", type=str, help=f"Schedule name or alias: {names}.")
+    # Each option also answers to transformers' names for it (get_scheduler's, TrainingArguments').
     parser.add_argument(
-        "--warmup-steps", type=int, default=0, help="Warmup length in optimizer steps (default 0)."
+        *spellings("warmup_steps", "num_warmup_steps"), dest="warmup_steps", type=int,
+        default=0, help="Warmup length in optimizer steps (default 0).",
     )
-    parser.add_argument("--steps", type=int, required=True, help="Total number of optimizer steps.")
-    parser.add_argument("--lr", type=float, default=5e-5, help="Base learning rate (default 5e-5, as HF).")
+    parser.add_argument(
+        *spellings("steps", "num_training_steps", "max_steps"), dest="steps", type=int, required=True,
+        help="Total number of optimizer steps.",
+    )
+    parser.add_argument(
+        *spellings("lr", "learning_rate"), dest="lr", type=float, default=5e-5,
+        help="Base learning rate (default 5e-5, as HF).",
+    )
     parser.add_argument(
         "--kw",
         type=str,

@@ -1,0 +1,78 @@
+"""``optsched`` dispatcher: flags spelled as transformers spells them, and what an unknown flag is told."""
+
+from __future__ import annotations
+
+import doctest
+import warnings
+
+import pytest
+
+from optsched import cli, commands
+from optsched.commands import demo as demo_cmd
+from optsched.commands import schedule as schedule_cmd
+
+
+def test_spellings_doctest():
+    assert doctest.testmod(commands, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+@pytest.mark.parametrize(
+    "names, flags",
+    [
+        (("lr",), ["--lr"]),
+        (("max_steps",), ["--max-steps", "--max_steps"]),
+        (("steps", "num_training_steps"), ["--steps", "--num-training-steps", "--num_training_steps"]),
+        (("a_b", "a_b"), ["--a-b", "--a_b"]),  # no flag twice
+    ],
+)
+def test_spellings_table(names, flags):
+    assert commands.spellings(*names) == flags
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cosine", "--steps", "20", "--warmup-steps", "2", "--lr", "0.001"],
+        ["cosine", "--num_training_steps", "20", "--num_warmup_steps", "2", "--learning_rate", "0.001"],
+        ["cosine", "--max_steps", "20", "--warmup_steps", "2", "--learning-rate", "0.001"],
+        ["cosine", "--num-training-steps", "20", "--num-warmup-steps", "2", "--lr", "1e-3"],
+    ],
+)
+def test_schedule_answers_to_transformers_names(argv):
+    cfg = schedule_cmd.build_parser().parse_args(argv)
+    assert (cfg.steps, cfg.warmup_steps, cfg.lr) == (20, 2, 0.001)
+
+
+def test_demo_answers_to_training_arguments_names():
+    argv = ["--output_dir", "d", "--max_steps", "7", "--per_device_train_batch_size", "4", "--learning_rate", "0.01",
+            "--save_steps", "2", "--logging_steps", "3", "--num_train_epochs", "1.5", "--no_progress"]  # fmt: skip
+    cfg = demo_cmd.build_parser().parse_args(argv)
+    assert (cfg.output_dir, cfg.max_steps, cfg.batch_size, cfg.learning_rate) == ("d", 7, 4, 0.01)
+    assert (cfg.save_steps, cfg.logging_steps, cfg.epochs, cfg.no_progress) == (2, 3, 1.5, True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["schedule", "cosine", "--stepz", "10"], ["unrecognized arguments: --stepz 10", "did you mean --steps?"]),
+        # an abbreviation is refused (jsonargparse 5 refuses them; 4 accepted them with a warning)
+        (["schedule", "cosine", "--step", "10"], ["--step: did you mean --steps?"]),
+        (["plan", "--warmup_step", "5"], ["--warmup_step: did you mean --warmup_steps?", "optsched plan --help"]),
+        (["demo", "--max_step", "3", "--foo=2"], ["--max_step: did you mean --max_steps?", "optsched demo --help"]),
+        (["schedule", "cosine", "--steps", "10", "--xyzzy"], ["--xyzzy; accepted flags: optsched schedule --help"]),
+    ],
+)
+def test_an_unknown_flag_gets_the_closest_one_and_where_to_look(argv, fragments, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning on the way either
+        assert cli.main(argv) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and captured.out == ""
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_hint_is_empty_for_other_errors():
+    assert cli.unrecognized_hint("argument --steps: expected one argument", "schedule") == ""
+    assert cli.unrecognized_hint("unrecognized arguments: --x", None) == ""
