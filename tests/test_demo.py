@@ -338,6 +338,16 @@ def test_demo_trains_lowers_the_loss_writes_checkpoints_and_resumes(run_cli, tmp
     assert logged_steps[0] == 5 and logged_steps[-1] == 60  # history carried over from the first run
 
 
+def test_one_logged_loss_claims_no_trend(run_cli, tmp_path):
+    # 4 steps logged every 4: one value, which neither fell nor "did not fall"
+    code, out, err = run_cli("--output-dir", str(tmp_path / "one"), "--max-steps", "4", "--logging-steps", "4",
+                             "--num-examples", "64", "--batch-size", "16", "--no-progress")
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("loss ")]
+    assert "at step 4, the only one logged (every --logging-steps 4)" in line
+    assert "fell" not in line
+
+
 def test_demo_epochs_flag(run_cli, tmp_path):
     out_dir = tmp_path / "epochs"
     code, out, err = run_cli("--output-dir", str(out_dir), "--epochs", "1", "--num-examples", "64",

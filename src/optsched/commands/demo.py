@@ -247,10 +247,14 @@ def _train(cfg: Any, task: str, output_dir: Path, resume_from: Path | None) -> i
     losses = logged_losses(trainer.state.log_history)
     metrics = trainer.evaluate()
     accuracy = evaluate_accuracy(model, eval_dataset)
-    if losses:
+    if len(losses) >= 2:
         (first_step, first), (last_step, last) = losses[0], losses[-1]
         trend = "fell" if last < first else "did not fall"
         print(f"loss {trend}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step} "
+              f"(chance: {chance_loss():.4f})")
+    elif losses:  # one value says nothing about a trend
+        (step, loss), = losses
+        print(f"loss {loss:.4f} at step {step}, the only one logged (every --logging-steps {cfg.logging_steps}) "
               f"(chance: {chance_loss():.4f})")
     else:
         print(f"no training loss was logged (fewer than --logging-steps {cfg.logging_steps} steps run)")
