@@ -64,6 +64,7 @@ def unrecognized_hint(message: str, command: str | None) -> str:
     if command not in COMMANDS or _UNRECOGNIZED not in message:
         return ""
     parser = importlib.import_module(COMMANDS[command]).build_parser()
+    # argparse keeps a parser's options in `_actions` (private, but unchanged since Python 3.2)
     known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
     unknown = [word.split("=")[0] for word in message.split(_UNRECOGNIZED, 1)[1].split() if word.startswith("--")]
     guesses = []

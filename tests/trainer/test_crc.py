@@ -406,6 +406,18 @@ def test_the_helper_reads_every_record_and_gap_into_one_buffer(tmp_path, monkeyp
         assert len(buffers) > len(_regions(path))  # the records and the gaps between them
         assert buffers[0] is not None and all(b is buffers[0] for b in buffers)
         assert shared.value() == zlib.crc32(path.read_bytes())
+    # Without the helper, value() reads the layout and every record itself: one buffer there too.
+    buffers.clear()
+    with crc.SharedFileCrc(path) as shared:
+        assert shared.value() == zlib.crc32(path.read_bytes())
+    assert len(buffers) > len(_regions(path))
+    assert buffers[0] is not None and all(b is buffers[0] for b in buffers)
+
+
+def test_file_pieces_refuses_an_empty_buffer(tmp_path):
+    path, _ = _file(tmp_path)
+    with open(path, "rb") as f, pytest.raises(ValueError, match="buffer has no room"):
+        list(crc.file_pieces(f, 0, 10, buffer=memoryview(bytearray(0))))
 
 
 @pytest.mark.parametrize("length", [0, 1, 5, 4096, 10_000])

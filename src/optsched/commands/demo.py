@@ -44,22 +44,26 @@ def build_parser():
                         help="where checkpoints, logs and lr_curve.png go")
     parser.add_argument(*spellings("max_steps"), dest="max_steps", type=PositiveInt, default=DEFAULT_MAX_STEPS,
                         help="optimizer steps to train (ignored when --epochs is given)")
-    parser.add_argument(*spellings("epochs", "num_train_epochs"), dest="epochs", type=PositiveFloat | None, default=None,
-                        help="train this many epochs over the training set instead of --max-steps")
+    parser.add_argument(*spellings("epochs", "num_train_epochs"), dest="epochs", type=PositiveFloat | None,
+                        default=None, help="train this many epochs over the training set instead of --max-steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --output-dir")
     parser.add_argument("--seed", type=NonNegativeInt, default=42, help="seeds the model, the data order and the data")
     parser.add_argument("--task", type=str, default="majority", help="synthetic task: majority or marker")
-    parser.add_argument(*spellings("batch_size", "per_device_train_batch_size"), dest="batch_size", type=PositiveInt, default=32, help="per-device train batch size")
+    parser.add_argument(*spellings("batch_size", "per_device_train_batch_size"), dest="batch_size",
+                        type=PositiveInt, default=32, help="per-device train batch size")
     parser.add_argument(*spellings("learning_rate"), dest="learning_rate", type=PositiveFloat, default=1e-3,
                         help="peak learning rate (the seed's 5e-5 is for fine-tuning, far too low from scratch)")
-    parser.add_argument(*spellings("num_examples"), dest="num_examples", type=PositiveInt, default=2048, help="training set size")
+    parser.add_argument(*spellings("num_examples"), dest="num_examples", type=PositiveInt, default=2048,
+                        help="training set size")
     parser.add_argument(*spellings("save_steps"), dest="save_steps", type=PositiveInt | None, default=None,
                         help="checkpoint every N steps (default: a quarter of the run)")
-    parser.add_argument(*spellings("logging_steps"), dest="logging_steps", type=PositiveInt, default=20, help="log the loss every N steps")
+    parser.add_argument(*spellings("logging_steps"), dest="logging_steps", type=PositiveInt, default=20,
+                        help="log the loss every N steps")
     parser.add_argument("--threads", type=PositiveInt, default=1,
                         help="torch CPU threads; the model is tiny, so more threads mostly add synchronisation")
-    parser.add_argument(*spellings("no_progress"), dest="no_progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(*spellings("no_progress"), dest="no_progress", action="store_true",
+                        help="hide the progress bar")
     return parser
 
 

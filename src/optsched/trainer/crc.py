@@ -181,6 +181,8 @@ def file_pieces(
     end = start + length
     if buffer is None:
         buffer = memoryview(bytearray(min(length, piece)))
+    elif len(buffer) == 0 and length:
+        raise ValueError("file_pieces: buffer has no room; accepted: a writable buffer of at least one byte")
     f.seek(start)
     while start < end:
         n = f.readinto(buffer[: min(end - start, len(buffer))])
@@ -358,14 +360,21 @@ class SharedFileCrc:
         """The CRC-32 of the whole file (call once the parser and the helper are done)."""
         if crc32_combine is None:
             return _file_crc(self._file, 0, self.size)
-        regions, gaps = self._layout if self._layout is not None else _layout(self._file, self.size)
+        buffer: memoryview | None = None  # made once if anything must be read here (see help)
+        if self._layout is None:
+            buffer = memoryview(bytearray(_HELPER_PIECE))
+            regions, gaps = _layout(self._file, self.size, buffer)
+        else:
+            regions, gaps = self._layout
         pieces: list[tuple[int, int, int]] = list((start, n, c) for start, (n, c) in gaps.items())
         for start, length in regions.items():
             done = self._helped.get(start) or self._crcs.get(start)
             if done is not None and done[0] == length:
                 pieces.append((start, length, done[1]))
             else:  # read in pieces, or not read at all: read now
-                pieces.append((start, length, _file_crc(self._file, start, length)))
+                if buffer is None:
+                    buffer = memoryview(bytearray(_HELPER_PIECE))
+                pieces.append((start, length, _file_crc(self._file, start, length, buffer=buffer)))
         value, at = 0, 0
         for start, length, piece in sorted(pieces):
             if start != at:  # cannot happen (the layout tiles the file); if it did, one pass is right
@@ -375,12 +384,14 @@ class SharedFileCrc:
         return value
 
 
-def _layout(f: BinaryIO, size: int) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+def _layout(
+    f: BinaryIO, size: int, buffer: memoryview | None = None
+) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
     """``({record start: length}, {gap start: (length, CRC-32)})``: the stored records of a zip file
     and the bytes around them, which together tile the file; no records and one gap (the whole file)
-    for anything else."""
+    for anything else. The gaps are read into ``buffer`` when given (:func:`file_pieces`)."""
     regions = _record_regions(f, size)
-    return regions, _gaps(f, size, regions)
+    return regions, _gaps(f, size, regions, buffer)
 
 
 def _gaps(
