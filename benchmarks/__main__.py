@@ -138,7 +138,11 @@ def question_2(quick: bool) -> list[Row]:
         # as glibc leaves it, then with freed memory reused (its best case), then inside a training loop
         # (forward, backward, step, zero_grad), where a user meets it; ours allocates none. Each in a new
         # process: glibc as a training process starts, and no pin carried from one to the next.
-        for extra in (["--memory", "default"], ["--memory", "reused"], ["--loop"]):
+        # Then the same with fused=True (optsched.optim.adafactor_fused) where a C++ compiler is present.
+        runs = [["--memory", "default"], ["--memory", "reused"], ["--loop"]]
+        if _can_build_fused():
+            runs += [["--memory", "reused", "--fused"], ["--loop", "--fused"]]
+        for extra in runs:
             argv = ["--rounds", "5", "--config", "default", "trainer", "--threads", str(torch.get_num_threads()),
                     *extra]
             text = in_new_process("adafactor_step", argv)
@@ -148,6 +152,13 @@ def question_2(quick: bool) -> list[Row]:
                 row.target, row.met = "ratio >= 2", row.ratio >= 2.0
                 rows.append(row)
     return rows
+
+
+def _can_build_fused() -> bool:
+    """Whether ``Adafactor(fused=True)`` can be built here (a C++ compiler and ninja)."""
+    from torch.utils import cpp_extension
+
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and cpp_extension.is_ninja_available()
 
 
 def question_3(quick: bool) -> list[Row]:
@@ -276,6 +287,7 @@ def render_report(machine: dict[str, str], rows: list[Row], failures: dict[int, 
         "                                      # trainer_overhead, checkpoint_io, resume_process, growth",
         "python -m benchmarks.adafactor_step --memory reused   # the reference's best case (benchmarks/_allocator.py)",
         "python -m benchmarks.adafactor_step --loop           # the step inside a training loop (forward, backward, zero_grad)",
+        "python -m benchmarks.adafactor_step --loop --fused   # the same with Adafactor(fused=True), the C++ kernel",
         "python -m benchmarks.resume_process --cold            # a resume from the disk (files dropped from the cache)",
         "```",
         "",

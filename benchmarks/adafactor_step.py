@@ -31,10 +31,13 @@ runs a forward and backward pass (untimed), the step (timed) and ``zero_grad()``
 gradients as torch's default ``set_to_none=True`` does; the sides alternate round by round, so
 glibc's allocator is in whatever state a real run leaves it.
 
-Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--memory reused]
-[--loop] [--torch] [--threads N]``
+``--fused`` runs ours with ``fused=True``: the C++ kernel of ``optsched.optim.adafactor_fused`` (one
+pass over ``g`` and ``p`` for the statistics, one for the update; built on first use, untimed).
 
-Prints ``adafactor step[ (<config>)][, memory reused][, in a training loop]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
+Run: ``python -m benchmarks.adafactor_step [--rounds 7] [--config default trainer] [--memory reused]
+[--loop] [--fused] [--torch] [--threads N]``
+
+Prints ``adafactor step[ (<config>)][, memory reused][, in a training loop][, fused=True]: ours X ms, reference Y ms, ratio Z`` (ratio > 1: ours is
 faster) for each config, then ``  roofline: L ms (B MB at W GB/s), ours at F of it``. Configs:
 ``default`` (relative_step, scale_parameter: transformers' defaults) and
 ``trainer`` (``relative_step=False, scale_parameter=False, lr=1e-3``: what transformers' Trainer
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                              "reused (benchmarks._allocator)")
     parser.add_argument("--loop", action="store_true",
                         help="time the step inside a training loop (forward, backward, step, zero_grad)")
+    parser.add_argument("--fused", action="store_true",
+                        help="ours with fused=True (the C++ kernel, built on first use: optsched.optim.adafactor_fused)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {total / 1e6:.1f}M parameters in {len(shapes)} tensors (fp32); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    ours_extra = {"fused": True} if args.fused else {}
     for name in args.config:
         kwargs = CONFIGS[name]
         memory = contextlib.nullcontext() if args.memory == "default" else large_allocations(args.memory)
@@ -176,20 +182,20 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(0)
             models = (make_model(shapes), make_model(shapes))
             models[1].load_state_dict(models[0].state_dict())
-            ours = Adafactor(models[0].parameters(), **kwargs)
+            ours = Adafactor(models[0].parameters(), **kwargs, **ours_extra)
             reference = HFAdafactor(models[1].parameters(), **kwargs)
             inputs = torch.randn(16, shapes[0][0])
             with memory:
                 result = compare_in_loop(ours, reference, models, inputs, rounds=3 * args.rounds)
             del models
         else:
-            ours = Adafactor(make_params(shapes, grads), **kwargs)
+            ours = Adafactor(make_params(shapes, grads), **kwargs, **ours_extra)
             reference = HFAdafactor(make_params(shapes, grads), **kwargs)
             with memory:
                 result = compare(ours.step, reference.step, rounds=args.rounds, warmup=1)
         config = "" if name == "default" else f" ({name})"
         where = ("" if args.memory == "default" else f", memory {args.memory}") + (
-            ", in a training loop" if args.loop else "")
+            ", in a training loop" if args.loop else "") + (", fused=True" if args.fused else "")
         print(
             f"adafactor step{config}{where}: ours {result.ours * 1e3:.1f} ms, "
             f"reference {result.reference * 1e3:.1f} ms, "

@@ -614,7 +614,10 @@ def test_signature_defaults_are_transformers():
         params = inspect.signature(cls.__init__).parameters
         return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
-    assert defaults(Adafactor) == defaults(HFAdafactor) == adafactor_module.DEFAULTS
+    # transformers' positional arguments and defaults, plus optsched's keyword-only `fused` (off)
+    assert defaults(HFAdafactor) == adafactor_module.DEFAULTS
+    assert defaults(Adafactor) == {**adafactor_module.DEFAULTS, "fused": False}
+    assert inspect.signature(Adafactor.__init__).parameters["fused"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_a_torch_without_foreach_rsqrt_steps_the_same(monkeypatch):

@@ -79,8 +79,9 @@ for _name, _cls, _common, _extra in (
 _register(OptimizerSpec(
     "adafactor", "optsched.optim.adafactor.Adafactor",
     fixed={"scale_parameter": False, "relative_step": False},
-    optim_args=(_arg("clip_threshold"), _arg("decay_rate"), _arg("beta1")),
-    description="optsched's Adafactor with a fixed lr (scale_parameter=False, relative_step=False), as HF",
+    optim_args=(_arg("clip_threshold"), _arg("decay_rate"), _arg("beta1"), _arg("fused", "bool")),
+    description="optsched's Adafactor with a fixed lr (scale_parameter=False, relative_step=False), as HF; "
+    "fused=True: a C++ kernel for fp32 CPU matrices",
 ))
 _register(OptimizerSpec("adamw_torch_xla", "torch_xla.amp.syncfree.AdamW", package="torch_xla", common=ADAM,
                         requires_device="xla", description="torch_xla syncfree AdamW (TPU)"))
