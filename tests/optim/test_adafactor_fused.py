@@ -195,3 +195,15 @@ def test_optim_args_turn_it_on_through_training_arguments():
     args = optsched.TrainingArguments(output_dir="unused", optim="adafactor", optim_args="fused=True")
     optimizer = optsched.create_optimizer(model, args)
     assert isinstance(optimizer, Adafactor) and all(g["fused"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("config", ["defaults", "beta1"])
+def test_zero_gradients_stay_finite_like_transformers(config):
+    # the second moments fall to eps1 = 1e-30: the factors reach 1e15 and must not make inf * 0
+    fused_p, hf_p = _params([(8, 6)]), _params([(8, 6)])
+    fused, hf = Adafactor(fused_p, fused=True, **CONFIGS[config]), HFAdafactor(hf_p, **CONFIGS[config])
+    zeros = [[torch.zeros(8, 6)] for _ in range(3)]
+    _run(fused, fused_p, zeros)
+    _run(hf, hf_p, zeros)
+    assert torch.isfinite(fused_p[0]).all()
+    torch.testing.assert_close(fused_p[0], hf_p[0], rtol=1e-6, atol=0)
