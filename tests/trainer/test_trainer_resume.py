@@ -125,6 +125,32 @@ def test_iterable_dataset_resume_is_exact(model_factory, regression_data, make_a
         assert torch.equal(p, q)
 
 
+def test_fused_adafactor_resumes_bitwise(model_factory, regression_data, make_args):
+    """optim="adafactor" with optim_args="fused=True" (the C++ kernel): a resume continues bit for bit."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("c++") is None or not cpp_extension.is_ninja_available():
+        pytest.skip("Adafactor(fused=True) cannot be built here (no C++ compiler or ninja)")
+    data = regression_data(16)
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, optim="adafactor", optim_args="fused=True",
+                learning_rate=1e-2, weight_decay=0.01)
+    straight = Trainer(model_factory(), make_args(**args), train_dataset=data)
+    straight.train()
+    assert all(group["fused"] for group in straight.optimizer.param_groups)
+    resumed = Trainer(model_factory(seed=123), make_args(**args), train_dataset=data)
+    resumed.train(resume_from_checkpoint=f"{resumed.args.output_dir}/checkpoint-4")
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    a, b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, value in a["state"][k].items():  # "step" and (without scale_parameter) "RMS" are ints
+            other = b["state"][k][name]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (k, name)
+
+
 def test_grokadamw_resumes_bitwise(model_factory, regression_data, make_args):
     """grokadamw keeps its state inside the param groups, keyed by the parameters: saved as it is, a
     resume starts from zeroed moments (in transformers too). optsched saves it by index."""
