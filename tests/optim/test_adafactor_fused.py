@@ -207,3 +207,23 @@ def test_zero_gradients_stay_finite_like_transformers(config):
     _run(hf, hf_p, zeros)
     assert torch.isfinite(fused_p[0]).all()
     torch.testing.assert_close(fused_p[0], hf_p[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("platform", "capability", "cflags", "ldflags"),
+    [
+        ("linux", "AVX512", ["-O3", "-fopenmp", "-mavx512f"], ["-fopenmp"]),
+        ("linux", "AVX2", ["-O3", "-fopenmp", "-mavx2", "-mfma"], ["-fopenmp"]),
+        ("linux", "DEFAULT", ["-O3", "-fopenmp"], ["-fopenmp"]),
+        ("darwin", "DEFAULT", ["-O3"], []),
+        ("win32", "AVX2", ["/O2"], []),
+    ],
+)
+def test_build_flags_by_platform_and_vector_width(monkeypatch, platform, capability, cflags, ldflags):
+    monkeypatch.setattr(adafactor_fused.sys, "platform", platform)
+    got_c, got_ld = adafactor_fused._build_flags(capability)
+    assert all(flag in got_c for flag in cflags) and got_ld == ldflags
+    if platform != "linux":
+        assert "-fopenmp" not in got_c
+    if platform == "win32":
+        assert got_c == ["/O2"]  # MSVC takes no GCC flags

@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import torch
@@ -201,6 +202,18 @@ _ISA_FLAGS = {
 }
 
 
+def _build_flags(capability: str) -> tuple[list[str], list[str]]:
+    """``(compile flags, link flags)`` for this platform: OpenMP where the compiler takes ``-fopenmp``
+    (Linux; without it ``at::parallel_for`` runs the rows on one thread, with the same results), MSVC's
+    spelling on Windows."""
+    if sys.platform == "win32":
+        return ["/O2"], []
+    isa = _ISA_FLAGS.get(capability, [])
+    if sys.platform == "darwin":  # Apple's clang has no -fopenmp
+        return ["-O3", *isa], []
+    return ["-O3", "-fopenmp", *isa], ["-fopenmp"]
+
+
 def _capability() -> str:
     get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
     return str(get()) if get is not None else "DEFAULT"
@@ -220,7 +233,7 @@ def load_kernels() -> Any:
     from torch.utils import cpp_extension
 
     fallback = "accepted: fused=False (the eager path: same results, no compiler needed)"
-    compiler = os.environ.get("CXX", "c++")
+    compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
     if shutil.which(compiler) is None:
         raise ImportError(f"Adafactor(fused=True) compiles a C++ kernel, but no C++ compiler {compiler!r} "
                           f"was found (set CXX or install g++/clang++); {fallback}.")
@@ -228,12 +241,12 @@ def load_kernels() -> Any:
         raise ImportError(f"Adafactor(fused=True) compiles a C++ kernel with ninja, which is not installed "
                           f"(pip install ninja); {fallback}.")
     capability = _capability()
-    flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])]
+    flags, link_flags = _build_flags(capability)
     name = f"optsched_adafactor_v{_VERSION}_{capability.lower().replace(' ', '_')}"
     try:
         module = cpp_extension.load_inline(
             name, cpp_sources=_SOURCE, functions=["stats", "update", "update_momentum"],
-            extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False,
+            extra_cflags=flags, extra_ldflags=link_flags, verbose=False,
         )
     except (RuntimeError, OSError, ImportError) as exc:  # compiler or linker errors, a broken cache
         raise ImportError(f"Adafactor(fused=True): building its C++ kernel failed ({exc}); {fallback}.") from exc
