@@ -249,7 +249,11 @@ def load_kernels() -> Any:
             extra_cflags=flags, extra_ldflags=link_flags, verbose=False,
         )
     except (RuntimeError, OSError, ImportError) as exc:  # compiler or linker errors, a broken cache
-        raise ImportError(f"Adafactor(fused=True): building its C++ kernel failed ({exc}); {fallback}.") from exc
+        where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR)")
+        raise ImportError(
+            f"Adafactor(fused=True): building its C++ kernel failed ({exc}); it is built in {where}, which "
+            f"must be writable; {fallback}."
+        ) from exc
     logger.debug("Adafactor fused kernel %s loaded (flags %s)", name, " ".join(flags))
     return module
 
