@@ -58,7 +58,8 @@ def test_demo_answers_to_training_arguments_names():
         # an abbreviation is refused (jsonargparse 5 refuses them; 4 accepted them with a warning)
         (["schedule", "cosine", "--step", "10"], ["--step: did you mean --steps?"]),
         (["plan", "--warmup_step", "5"], ["--warmup_step: did you mean --warmup_steps?", "optsched plan --help"]),
-        (["demo", "--max_step", "3", "--foo=2"], ["--max_step: did you mean --max_steps?", "optsched demo --help"]),
+        (["demo", "--max_step", "3", "--foo=2"], ["--max_step: did you mean --max-steps?", "optsched demo --help"]),
+        (["plan", "--warmup", "2"], ["--warmup: did you mean --warmup_steps or --warmup_ratio?"]),
         (["schedule", "cosine", "--steps", "10", "--xyzzy"], ["--xyzzy; accepted flags: optsched schedule --help"]),
     ],
 )
@@ -76,3 +77,19 @@ def test_an_unknown_flag_gets_the_closest_one_and_where_to_look(argv, fragments,
 def test_hint_is_empty_for_other_errors():
     assert cli.unrecognized_hint("argument --steps: expected one argument", "schedule") == ""
     assert cli.unrecognized_hint("unrecognized arguments: --x", None) == ""
+
+
+@pytest.mark.parametrize("command", ["plan", "demo", "schedule"])
+def test_help_is_never_the_suggestion(command, capsys):
+    # "--hel" is closest to --help: an unknown flag is never told to ask for help by its own name
+    argv = [command, "cosine", "--steps", "3", "--hel", "1"] if command == "schedule" else [command, "--hel", "1"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "did you mean --help" not in capsys.readouterr().err
+
+
+def test_lr_is_learning_rate_in_every_command():
+    from optsched.commands import plan as plan_cmd
+
+    assert plan_cmd.build_parser().parse_args(["--lr", "0.003"]).learning_rate == 0.003
+    assert demo_cmd.build_parser().parse_args(["--lr", "0.003"]).learning_rate == 0.003
+    assert schedule_cmd.build_parser().parse_args(["cosine", "--steps", "3", "--lr", "0.003"]).lr == 0.003

@@ -54,6 +54,21 @@ def _one_line(message: str) -> str:
 _UNRECOGNIZED = "unrecognized arguments:"
 
 
+def _closest(flag: str, known: list[str]) -> list[str]:
+    """Up to three flags ``flag`` may have meant: those it begins (``--warmup`` -> ``--warmup_steps``,
+    ``--warmup_ratio``; dashes and underscores alike), else the most similar one; never ``--help``."""
+    candidates = [k for k in known if k != "--help"]
+    stem = flag.replace("-", "_")
+    begun: dict[str, str] = {}  # one spelling per option
+    for candidate in candidates:
+        key = candidate.replace("-", "_")
+        if key.startswith(stem):
+            begun.setdefault(key, candidate)
+    if begun:
+        return list(begun.values())[:3]
+    return difflib.get_close_matches(flag, candidates, n=1, cutoff=0.6)
+
+
 def unrecognized_hint(message: str, command: str | None) -> str:
     """What to add to argparse's ``unrecognized arguments: ...``: the closest flag of ``command`` for each
     unknown one, and where the accepted flags are listed; ``""`` for any other message.
@@ -67,11 +82,7 @@ def unrecognized_hint(message: str, command: str | None) -> str:
     # argparse keeps a parser's options in `_actions` (private, but unchanged since Python 3.2)
     known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
     unknown = [word.split("=")[0] for word in message.split(_UNRECOGNIZED, 1)[1].split() if word.startswith("--")]
-    guesses = []
-    for flag in unknown:
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-        if close:
-            guesses.append(f"{flag}: did you mean {close[0]}?")
+    guesses = [f"{flag}: did you mean {' or '.join(close)}?" for flag in unknown if (close := _closest(flag, known))]
     return (f" ({'; '.join(guesses)})" if guesses else "") + f"; accepted flags: optsched {command} --help"
 
 

@@ -52,7 +52,7 @@ def build_parser():
     parser.add_argument("--task", type=str, default="majority", help="synthetic task: majority or marker")
     parser.add_argument(*spellings("batch_size", "per_device_train_batch_size"), dest="batch_size",
                         type=PositiveInt, default=32, help="per-device train batch size")
-    parser.add_argument(*spellings("learning_rate"), dest="learning_rate", type=PositiveFloat, default=1e-3,
+    parser.add_argument(*spellings("learning_rate", "lr"), dest="learning_rate", type=PositiveFloat, default=1e-3,
                         help="peak learning rate (the seed's 5e-5 is for fine-tuning, far too low from scratch)")
     parser.add_argument(*spellings("num_examples"), dest="num_examples", type=PositiveInt, default=2048,
                         help="training set size")

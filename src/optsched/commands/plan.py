@@ -57,6 +57,7 @@ def build_parser():
     group = parser.add_argument_group("TrainingArguments", "Any field of optsched.TrainingArguments.")
     for name, (kind, text) in _field_types().items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags += ["--lr"] if name == "learning_rate" else []  # what `optsched schedule` calls it
         # SUPPRESS: a field not given stays absent, so the given ones are exactly the explicit ones
         group.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
     return parser
