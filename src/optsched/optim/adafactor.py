@@ -50,7 +50,9 @@ row before any element is updated, so ``g`` is read twice); the two memory-bound
 (two GEMVs, a row sum, the outer product) cost about 30% of the step. With ``beta1`` the update is
 materialised in the workspace and the first moment takes one ``lerp_`` pass instead of two.
 ``torch.compile`` of the same steps was measured slower on CPU (its kernels read ``g`` three times),
-so it is not used.
+so it is not used. ``Adafactor(..., fused=True)`` (opt-in) hands fp32 CPU matrices to a C++ kernel
+instead (:mod:`optsched.optim.adafactor_fused`): one pass over ``g`` (and ``p``) for the statistics,
+one for the update, none over a workspace: ~1.6x the eager step, 3.3-4.2x transformers'.
 """
 
 from __future__ import annotations
@@ -365,6 +367,7 @@ class Adafactor(Optimizer):
             "Cannot combine manual `lr` and `relative_step=True` options"), ``warmup_init`` without
             ``relative_step``, or neither an ``lr`` nor ``relative_step``.
         TypeError: a value of the wrong type.
+        ImportError: ``fused=True`` where its C++ kernel cannot be built (no compiler or ninja).
 
     Differences from transformers, all deliberate: values are validated; a ``closure`` runs with
     gradients enabled (transformers runs it under ``no_grad``); the parameter RMS is only computed
