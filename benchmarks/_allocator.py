@@ -8,8 +8,12 @@ the kernel above ``M_TRIM_THRESHOLD`` (twice the threshold). So the same code ru
 the other depending on what ran before it in the process, and on this VM the two differ by 2-4x for
 code that allocates hundreds of MB:
 
-* :data:`FRESH`: every large block comes fresh from the kernel (threshold pinned at glibc's initial
-  128 KiB). This is what loading a checkpoint costs when training resumes: the process has never
+* :data:`FRESH`: every large block comes fresh from the kernel: the threshold is pinned at glibc's
+  initial 128 KiB, and entering the regime gives the heap's free memory back (``malloc_trim(0)``). A
+  chunk freed in the middle of the heap, below a live block, stays in glibc's bins and serves the next
+  large request of its size before any new mapping; its pages are released on entry, so they fault in
+  again, but once used and freed inside the regime they are warm. Enter the regime right before each
+  measured operation. This is what loading a checkpoint costs when training resumes: the process has never
   held the optimizer state before, so nothing freed is there to reuse.
 * :data:`REUSED`: blocks up to 32 MiB come from the heap and freed memory is kept (threshold pinned
   at its maximum, no trimming). This is a loop that frees and allocates the same sizes over and
@@ -43,6 +47,17 @@ _NEVER_TRIM = 1 << 62
 _SETTINGS = {FRESH: (_INITIAL, _INITIAL), REUSED: (_MAX_MMAP_THRESHOLD, _NEVER_TRIM)}
 
 
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's ``malloc_trim(0)`` (free memory at the heap's top and inside it back to the kernel), or a
+    no-op where the C library has none."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
 def _mallopt() -> Callable[[int, int], int] | None:
     """glibc's ``mallopt(param, value) -> 1 on success``, or ``None`` where the C library has none."""
     try:
@@ -73,6 +88,8 @@ def large_allocations(regime: str) -> Iterator[bool]:
         return
     mmap_threshold, trim_threshold = _SETTINGS[regime]
     pinned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    if regime == FRESH:
+        _malloc_trim()()
     try:
         yield pinned
     finally:

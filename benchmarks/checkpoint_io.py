@@ -206,11 +206,16 @@ def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | 
             for side in sides.values():
                 side[3]()
             for regime in REGIMES:  # fresh memory (a resume), then memory reused (a loop of loads)
-                with large_allocations(regime) as pinned:
+                # Reused: one pin around the loop. Fresh: a pin around each load, since entering it gives
+                # the heap's free memory back, and what the previous load freed inside the heap would
+                # otherwise serve this one warm (benchmarks._allocator).
+                with large_allocations(regime) if regime == REUSED else contextlib.nullcontext() as loop_pin:
                     for _ in range(loads):  # loads are cheap next to saves: more samples against the noise
                         for name in order:
                             _into_page_cache(paths[name])  # untimed: both sides load from the page cache
-                            seconds = time_once(lambda: sides[name][1](paths[name]))
+                            with large_allocations(regime) if regime == FRESH else contextlib.nullcontext(
+                                    loop_pin) as pinned:
+                                seconds = time_once(lambda: sides[name][1](paths[name]))
                             if r >= warmup:
                                 load_t[regime][name].append(seconds)
                         order.reverse()
