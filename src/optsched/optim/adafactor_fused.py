@@ -243,6 +243,9 @@ def load_kernels() -> Any:
     capability = _capability()
     flags, link_flags = _build_flags(capability)
     name = f"optsched_adafactor_v{_VERSION}_{capability.lower().replace(' ', '_')}"
+    # once per process: the first use on a machine compiles (~20 s), which would otherwise look like a hang
+    logger.info("Adafactor(fused=True): loading the C++ kernel %s (compiled on its first use on a machine, ~20 s)",
+                name)
     try:
         module = cpp_extension.load_inline(
             name, cpp_sources=_SOURCE, functions=["stats", "update", "update_momentum"],
