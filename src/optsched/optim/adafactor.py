@@ -567,9 +567,13 @@ class Adafactor(Optimizer):
         if group.get("fused", False):
             from optsched.optim.adafactor_fused import eligible
 
-            for slot in [s for s in slots if eligible(s.p32, s.g32)]:
-                self._update_fused(group, slot)
-            slots = [s for s in slots if not eligible(s.p32, s.g32)]
+            rest = []
+            for slot in slots:
+                if eligible(slot.p32, slot.g32):
+                    self._update_fused(group, slot)
+                else:
+                    rest.append(slot)
+            slots = rest
         if not slots:
             return
         lrs = self._learning_rates(group, slots)
@@ -650,17 +654,13 @@ class Adafactor(Optimizer):
         kernels = load_kernels()
         g, p, state = slot.g32, slot.p32, slot.state
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        eps1, eps2 = group["eps"]
+        eps1 = group["eps"][0]
         update_sq, param_sq, row_mean = kernels.stats(
             g, p, row, col, slot.beta2t, eps1, bool(group["scale_parameter"])
         )
-        lr = relative_step_size(
-            slot.step, lr=group["lr"], relative_step=group["relative_step"], warmup_init=group["warmup_init"]
-        )
         if group["scale_parameter"]:
-            rms = math.sqrt(param_sq) * _inv_sqrt_numel(p)
-            state["RMS"] = torch.tensor(rms, dtype=torch.float32)  # the eager path's type
-            lr = max(eps2, rms) * lr
+            state["RMS"] = torch.tensor(math.sqrt(param_sq) * _inv_sqrt_numel(p), dtype=torch.float32)
+        lr = float(Adafactor._get_lr(group, state))  # transformers' lr_t, from the RMS just stored
         clip = max(1.0, math.sqrt(update_sq) * _inv_sqrt_numel(g) / group["clip_threshold"])
         # lr_t * r_i / clip with r_i = sqrt(mean(row) / row_i): the kernel applies 1 / sqrt(row_i).
         scale = lr / clip * math.sqrt(row_mean)
