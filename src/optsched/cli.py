@@ -9,10 +9,11 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
 from collections.abc import Sequence
+
+from optsched._validation import closest
 
 # subcommand name -> module; order is the order shown by --help
 COMMANDS: dict[str, str] = {
@@ -66,7 +67,7 @@ def _closest(flag: str, known: list[str]) -> list[str]:
             begun.setdefault(key, candidate)
     if begun:
         return list(begun.values())[:3]
-    return difflib.get_close_matches(flag, candidates, n=1, cutoff=0.6)
+    return closest(flag, candidates, n=1)
 
 
 def unrecognized_hint(message: str, command: str | None) -> str:
