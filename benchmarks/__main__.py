@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -41,7 +40,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._machine import MiB, Row, describe_machine, measure_bandwidth, measure_matmul_flops, quiet
+from benchmarks._machine import (
+    MiB,
+    Row,
+    describe_machine,
+    in_new_process,
+    measure_bandwidth,
+    measure_matmul_flops,
+    quiet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "BENCHMARKS.md"
@@ -77,25 +84,6 @@ def captured(fn: Callable[[], object]) -> tuple[object, str]:
     with contextlib.redirect_stdout(tee), quiet():  # the scripts silence logging globally: restored after
         result = fn()
     return result, tee.getvalue()
-
-
-def in_new_process(module: str, argv: list[str]) -> str:
-    """Run ``python -m benchmarks.<module> *argv`` in a new process; show and return its output.
-
-    For measurements whose speed depends on glibc's allocator (``benchmarks._allocator``): a new
-    process starts with glibc as a training process does, and a regime pinned there ends with it (in
-    this process a pin would last: glibc's threshold never moves by itself again once set).
-
-    Raises:
-        RuntimeError: the script failed (its exit status and the end of its error output).
-    """
-    command = [sys.executable, "-m", f"benchmarks.{module}", *argv]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                          check=False)
-    print(done.stdout, end="", flush=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command[1:])} exited with {done.returncode}: {done.stderr[-2000:]}")
-    return done.stdout
 
 
 def parse_lines(text: str, question: int) -> list[Row]:
@@ -140,7 +128,9 @@ def question_2(quick: bool) -> list[Row]:
         # process: glibc as a training process starts, and no pin carried from one to the next.
         # Then the same with fused=True (optsched.optim.adafactor_fused) where a C++ compiler is present.
         runs = [["--memory", "default"], ["--memory", "reused"], ["--loop"]]
-        if _can_build_fused():
+        from optsched.optim.adafactor_fused import missing_build_tool
+
+        if missing_build_tool() is None:
             runs += [["--memory", "reused", "--fused"], ["--loop", "--fused"]]
         for extra in runs:
             argv = ["--rounds", "5", "--config", "default", "trainer", "--threads", str(torch.get_num_threads()),
@@ -152,13 +142,6 @@ def question_2(quick: bool) -> list[Row]:
                 row.target, row.met = "ratio >= 2", row.ratio >= 2.0
                 rows.append(row)
     return rows
-
-
-def _can_build_fused() -> bool:
-    """Whether ``Adafactor(fused=True)`` can be built here (a C++ compiler and ninja)."""
-    from torch.utils import cpp_extension
-
-    return shutil.which(os.environ.get("CXX", "c++")) is not None and cpp_extension.is_ninja_available()
 
 
 def question_3(quick: bool) -> list[Row]:

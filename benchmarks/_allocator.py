@@ -23,7 +23,7 @@ code that allocates hundreds of MB:
 A pin lasts for the rest of the process: glibc has no call that makes its threshold move by itself
 again, so on leaving :func:`large_allocations` it stays fixed at 128 KiB (every large block fresh).
 ``python -m benchmarks`` therefore runs pinned measurements in a new process
-(``benchmarks.__main__.in_new_process``) or after every other question.
+(``benchmarks._machine.in_new_process``) or after every other question.
 
 Elsewhere (musl, macOS, Windows) there is no ``mallopt`` and nothing is pinned.
 """

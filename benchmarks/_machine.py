@@ -30,17 +30,21 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks._timing import time_once
 
-__all__ = ["Row", "bandwidth_kernels", "quiet", "describe_machine", "measure_bandwidth", "measure_matmul_flops"]
+__all__ = [
+    "Row", "bandwidth_kernels", "describe_machine", "in_new_process", "measure_bandwidth", "measure_matmul_flops", "quiet",
+]
 
 MiB = 1 << 20
 
@@ -141,6 +145,27 @@ def _cache_sizes() -> str:
     except OSError:
         return ""
     return ", ".join(parts)
+
+
+def in_new_process(module: str, argv: list[str], *, show: bool = True) -> str:
+    """Run ``python -m benchmarks.<module> *argv`` in a new process; return its output (and show it).
+
+    For measurements whose speed depends on glibc's allocator (``benchmarks._allocator``) or on the
+    first touches of a process's memory: a new process starts with glibc as a training process does,
+    and a regime pinned there ends with it (in this process a pin would last: glibc's threshold never
+    moves by itself again once set).
+
+    Raises:
+        RuntimeError: the script failed (its exit status and the end of its error output).
+    """
+    command = [sys.executable, "-m", f"benchmarks.{module}", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          check=False)
+    if show:
+        print(done.stdout, end="", flush=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command[1:])} exited with {done.returncode}: {done.stderr[-2000:]}")
+    return done.stdout
 
 
 def describe_machine() -> dict[str, str]:

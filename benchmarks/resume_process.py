@@ -27,12 +27,10 @@ import io
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks._machine import Row, quiet
+from benchmarks._machine import Row, in_new_process, quiet
 
 __all__ = ["main", "run"]
 
@@ -83,14 +81,12 @@ def _child(side: str, path: Path, num_params: float, cold: bool) -> None:
 
 
 def _load_in_new_process(side: str, path: Path, num_params: float, cold: bool) -> float:
-    command = [sys.executable, "-m", "benchmarks.resume_process", "--child", side, str(path),
-               "--params", repr(num_params), *(["--cold"] if cold else [])]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                          check=False)
-    for line in done.stdout.splitlines():
+    output = in_new_process("resume_process", ["--child", side, str(path), "--params", repr(num_params),
+                                               *(["--cold"] if cold else [])], show=False)
+    for line in output.splitlines():
         if line.startswith(_RESULT):
             return float(line.split()[1])
-    raise RuntimeError(f"the {side} load in a new process failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    raise RuntimeError(f"the {side} load in a new process printed no {_RESULT} line: {output[-2000:]}")
 
 
 def _run(quick: bool = False, *, num_params: float | None = None, rounds: int | None = None,

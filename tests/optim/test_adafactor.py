@@ -15,6 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _optim_helpers import run_steps as _run
+from _optim_helpers import scaled_grads as _grads
+from _optim_helpers import seeded_params as _params
 from optsched.optim import adafactor as adafactor_module
 from optsched.optim.adafactor import (
     Adafactor,
@@ -47,28 +50,6 @@ SHAPE_SETS = {
     "3d": [(3, 6, 5), (2, 1, 4)],
     "vectors": [(7,), (1,), ()],
 }
-
-
-def _params(shapes, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-
-
-def _grads(shapes, steps, seed=1):
-    """Gradients whose scale changes by orders of magnitude, so clipping and eps both matter."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for t in range(steps):
-        scale = 10.0 ** ((t % 7) - 3)
-        out.append([torch.randn(s, generator=gen) * scale for s in shapes])
-    return out
-
-
-def _run(opt, params, grads):
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone().to(p.dtype)
-        opt.step()
 
 
 def _max_diff(xs, ys):

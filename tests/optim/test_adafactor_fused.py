@@ -5,21 +5,19 @@ built. Skipped only on a machine without a C++ compiler or ninja; a failed build
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 
+from _optim_helpers import run_steps, scaled_grads, seeded_params
 from optsched.optim import adafactor_fused
 from optsched.optim.adafactor import Adafactor
 
-if shutil.which("c++") is None:
-    pytest.skip("no C++ compiler: Adafactor(fused=True) cannot be built here", allow_module_level=True)
+if adafactor_fused.missing_build_tool() is not None:
+    pytest.skip(f"Adafactor(fused=True) cannot be built here: {adafactor_fused.missing_build_tool()}",
+                allow_module_level=True)
 
 from torch.utils import cpp_extension  # noqa: E402
-
-if not cpp_extension.is_ninja_available():
-    pytest.skip("no ninja: Adafactor(fused=True) cannot be built here", allow_module_level=True)
 
 hf_optimization = pytest.importorskip("transformers.optimization")
 HFAdafactor = hf_optimization.Adafactor
@@ -40,21 +38,8 @@ CONFIGS = {
 SHAPES = [(12, 10), (1, 9), (10, 1), (37, 129), (256, 96), (3, 6, 5), (7,), ()]
 
 
-def _params(shapes, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-
-
-def _grads(shapes, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 10.0 ** ((t % 5) - 2) for s in shapes] for t in range(steps)]
-
-
-def _run(opt, params, grads):
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone().to(p.dtype)
-        opt.step()
+def _grads(shapes, steps):
+    return scaled_grads(shapes, steps, decades=5)
 
 
 def _assert_close(xs, ys, rtol=2e-5):
@@ -71,10 +56,10 @@ def _built():
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_fused_matches_eager_and_transformers_over_30_steps(config):
     kwargs, grads = CONFIGS[config], _grads(SHAPES, 30)
-    fused_p, eager_p, hf_p = _params(SHAPES), _params(SHAPES), _params(SHAPES)
+    fused_p, eager_p, hf_p = seeded_params(SHAPES), seeded_params(SHAPES), seeded_params(SHAPES)
     fused, eager, hf = Adafactor(fused_p, fused=True, **kwargs), Adafactor(eager_p, **kwargs), HFAdafactor(hf_p, **kwargs)
     for opt, params in ((fused, fused_p), (eager, eager_p), (hf, hf_p)):
-        _run(opt, params, grads)
+        run_steps(opt, params, grads)
     _assert_close(fused_p, hf_p)
     _assert_close(fused_p, eager_p)
     assert not torch.equal(fused_p[3], eager_p[3])  # the kernel ran (it sums in another order)
@@ -97,8 +82,8 @@ def test_thread_count_changes_only_the_summation_order(threads):
     try:
         for n in (1, threads):
             torch.set_num_threads(n)
-            params = _params([(301, 67)])
-            _run(Adafactor(params, fused=True, beta1=0.9), params, _grads([(301, 67)], 5))
+            params = seeded_params([(301, 67)])
+            run_steps(Adafactor(params, fused=True, beta1=0.9), params, _grads([(301, 67)], 5))
             results.append(params[0].detach().clone())
     finally:
         torch.set_num_threads(before)
@@ -108,9 +93,9 @@ def test_thread_count_changes_only_the_summation_order(threads):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_go_through_fp32_copies(dtype):
     shapes, grads = [(20, 16), (16,)], _grads([(20, 16), (16,)], 8)
-    fused_p, hf_p = _params(shapes, dtype), _params(shapes, dtype)
-    _run(Adafactor(fused_p, fused=True), fused_p, grads)
-    _run(HFAdafactor(hf_p), hf_p, grads)
+    fused_p, hf_p = seeded_params(shapes, dtype=dtype), seeded_params(shapes, dtype=dtype)
+    run_steps(Adafactor(fused_p, fused=True), fused_p, grads)
+    run_steps(HFAdafactor(hf_p), hf_p, grads)
     for a, b in zip(fused_p, hf_p):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b)  # dtype tolerance: a rounding flip at most
@@ -136,16 +121,16 @@ def test_state_moves_between_fused_and_transformers(direction):
         return cls(params, fused=True, **kwargs) if cls is Adafactor else cls(params, **kwargs)
 
     first_cls, second_cls = (Adafactor, HFAdafactor) if direction == "fused_to_hf" else (HFAdafactor, Adafactor)
-    params = _params(shapes)
+    params = seeded_params(shapes)
     first = make(first_cls, params)
-    _run(first, params, grads[:10])
+    run_steps(first, params, grads[:10])
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = make(second_cls, resumed_params)
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
     if second_cls is Adafactor:  # transformers' groups have no "fused": the constructor's choice stays
         assert all(group["fused"] is True for group in resumed.param_groups)
-    _run(first, params, grads[10:])
-    _run(resumed, resumed_params, grads[10:])
+    run_steps(first, params, grads[10:])
+    run_steps(resumed, resumed_params, grads[10:])
     _assert_close(params, resumed_params)
 
 
@@ -200,11 +185,11 @@ def test_optim_args_turn_it_on_through_training_arguments():
 @pytest.mark.parametrize("config", ["defaults", "beta1"])
 def test_zero_gradients_stay_finite_like_transformers(config):
     # the second moments fall to eps1 = 1e-30: the factors reach 1e15 and must not make inf * 0
-    fused_p, hf_p = _params([(8, 6)]), _params([(8, 6)])
+    fused_p, hf_p = seeded_params([(8, 6)]), seeded_params([(8, 6)])
     fused, hf = Adafactor(fused_p, fused=True, **CONFIGS[config]), HFAdafactor(hf_p, **CONFIGS[config])
     zeros = [[torch.zeros(8, 6)] for _ in range(3)]
-    _run(fused, fused_p, zeros)
-    _run(hf, hf_p, zeros)
+    run_steps(fused, fused_p, zeros)
+    run_steps(hf, hf_p, zeros)
     assert torch.isfinite(fused_p[0]).all()
     torch.testing.assert_close(fused_p[0], hf_p[0], rtol=1e-6, atol=0)
 

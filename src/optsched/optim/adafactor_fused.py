@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["eligible", "load_kernels"]
+__all__ = ["eligible", "load_kernels", "missing_build_tool"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,19 @@ def _capability() -> str:
     return str(get()) if get is not None else "DEFAULT"
 
 
+def missing_build_tool() -> str | None:
+    """What this machine lacks to build the kernel (no C++ compiler, no ninja), or ``None``: the check
+    :func:`load_kernels` makes first, for callers that skip ``fused=True`` where it cannot be built."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler {compiler!r} was found (set CXX or install g++/clang++)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja, which it builds with, is not installed (pip install ninja)"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def load_kernels() -> Any:
     """Build (first call on a machine: ~20 s) and load the kernels; later calls return the same module.
@@ -233,13 +246,9 @@ def load_kernels() -> Any:
     from torch.utils import cpp_extension
 
     fallback = "accepted: fused=False (the eager path: same results, no compiler needed)"
-    compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
-    if shutil.which(compiler) is None:
-        raise ImportError(f"Adafactor(fused=True) compiles a C++ kernel, but no C++ compiler {compiler!r} "
-                          f"was found (set CXX or install g++/clang++); {fallback}.")
-    if not cpp_extension.is_ninja_available():
-        raise ImportError(f"Adafactor(fused=True) compiles a C++ kernel with ninja, which is not installed "
-                          f"(pip install ninja); {fallback}.")
+    missing = missing_build_tool()
+    if missing is not None:
+        raise ImportError(f"Adafactor(fused=True) compiles a C++ kernel, but {missing}; {fallback}.")
     capability = _capability()
     flags, link_flags = _build_flags(capability)
     name = f"optsched_adafactor_v{_VERSION}_{capability.lower().replace(' ', '_')}"
