@@ -444,8 +444,9 @@ def verified_while_parsing(path: str | os.PathLike, verify: str) -> Iterator[Non
 
     The size check runs first, inline. With ``verify="full"`` the CRC pass over a file of
     :data:`OVERLAP_MIN_BYTES` or more then runs on a worker thread: the CRC releases the GIL, so it
-    overlaps torch reading the same page-cached bytes on another core instead of adding a pass. The body must only parse into new objects (nothing it does may be kept if the check
-    fails): it runs before the verdict. A damaged file raises :class:`CheckpointError` on exit even
+    overlaps torch reading the same page-cached bytes on another core instead of adding a pass. The
+    body must only parse into new objects (nothing it does may be kept if the check fails): it runs
+    before the verdict. A damaged file raises :class:`CheckpointError` on exit even
     when the body parsed it, and in place of the body's own error (the damage is its cause). Loaders
     called inside may be given ``verify="size"``: the full check is this one's.
 
