@@ -388,9 +388,10 @@ def _layout(
     f: BinaryIO, size: int, buffer: memoryview | None = None
 ) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
     """``({record start: length}, {gap start: (length, CRC-32)})``: the stored records of a zip file
-    and the bytes around them, which together tile the file; no records and one gap (the whole file)
-    for anything else. The gaps are read into ``buffer`` when given (:func:`file_pieces`)."""
-    regions = _record_regions(f, size)
+    (:func:`_records_from_the_end`, the same parse as :meth:`SharedFileCrc.help`'s) and the bytes
+    around them, which together tile the file; no records and one gap (the whole file) for anything
+    else. The gaps are read into ``buffer`` when given (:func:`file_pieces`)."""
+    regions = dict(_records_from_the_end(f, size))
     return regions, _gaps(f, size, regions, buffer)
 
 
@@ -432,25 +433,6 @@ def _records_from_the_end(f: BinaryIO, size: int) -> Iterator[tuple[int, int]]:
         if record.compress_size:
             yield start, record.compress_size
         limit = record.header_offset
-
-
-def _record_regions(f: BinaryIO, size: int) -> dict[int, int]:
-    """``{start: length}`` of the data of each stored record of a zip file (disjoint, inside the file);
-    ``{}`` for anything else (the whole file is then read by :meth:`SharedFileCrc.value`)."""
-    try:
-        with zipfile.ZipFile(f) as archive:
-            records = archive.infolist()
-        regions: dict[int, int] = {}
-        for record in records:
-            start = record_data_start(record, _read_at(f, record.header_offset, ZIP_LOCAL_HEADER_SIZE))
-            if record.compress_size:
-                regions[start] = record.compress_size
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
-        return {}
-    ordered = sorted(regions.items())
-    if any(a + n > b for (a, n), (b, _) in zip(ordered, ordered[1:])) or (ordered and sum(ordered[-1]) > size):
-        return {}  # a damaged directory: no shortcuts, one pass
-    return regions
 
 
 class _ClaimingReader:
