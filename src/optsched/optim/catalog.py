@@ -20,6 +20,7 @@ import torch
 from optsched.optim.grokadamw import with_standard_state
 from optsched.optim.lowrank import build_lowrank
 from optsched.optim.schedulefree import build_schedule_free
+from optsched.optim.stable_adamw import with_triton_resolved
 from optsched.optim.spec import OptimArg, OptimizerSpec, register_optimizer
 
 __all__ = ["BUILTIN_NAMES", "TRANSFORMERS_NAMES"]
@@ -237,12 +238,18 @@ for _name, _cls_name, _common, _warmup, _extra in (
         description=f"schedulefree {_cls_name} (call optimizer.train()/eval())",
     ))
 
+def _build_stable_adamw(ctx):
+    """Upstream StableAdamW that runs its CPU kernel on CPU parameters (``optsched.optim.stable_adamw``)."""
+    return with_triton_resolved(ctx.cls), ctx.kwargs
+
+
 _register(OptimizerSpec(
     "stable_adamw", "optimi.StableAdamW", package="torch-optimi", extra="optimi", common=(*ADAM, "weight_decay"),
     # HF converts these with bool(), so "False" is True there; here they are parsed booleans.
     optim_args=(_arg("decouple_lr", "bool", False), OptimArg("max_lr", "float", None),
                 OptimArg("kahan_sum", "bool", None)),
-    description="torch-optimi StableAdamW",
+    builder=_build_stable_adamw,
+    description="torch-optimi StableAdamW (on CPU it no longer tries Triton's GPU kernel where Triton is installed)",
 ))
 
 # Muon on the hidden 2-D matrices, AdamW on the rest, as one optimizer (optsched's own; issue 5).
