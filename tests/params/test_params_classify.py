@@ -193,19 +193,21 @@ def test_records_of_a_small_model():
     assert not infos["alpha"].tied and not infos["proj.weight"].tied
 
 
-def test_a_module_nested_inside_a_norm_counts_as_norm():
-    class AdaNorm(nn.Module):
+def test_inside_a_torch_norm_layer_everything_counts_inside_a_norm_named_block_only_its_own():
+    class AdaLayerNorm(nn.Module):  # named like a norm, but a block: a scale and a projection
         def __init__(self) -> None:
             super().__init__()
+            self.scale = nn.Parameter(torch.ones(2))
             self.inner = nn.Linear(2, 2)
 
     norm = nn.LayerNorm(2)
-    norm.extra = nn.Linear(2, 2)  # a child of a torch norm layer
-    model = nn.ModuleDict({"ada": AdaNorm(), "ln": norm, "plain": nn.Linear(2, 2)})
+    norm.extra = nn.Linear(2, 2)  # a child of a torch norm layer (as transformers' rule: exempt)
+    model = nn.ModuleDict({"ada": AdaLayerNorm(), "ln": norm, "plain": nn.Linear(2, 2)})
     infos = {i.name: i.is_norm for i in classify_parameters(model)}
     assert infos == {
-        "ada.inner.weight": True,
-        "ada.inner.bias": True,
+        "ada.scale": True,
+        "ada.inner.weight": False,  # SqueezeBERT's ConvDropoutLayerNorm, VibeVoice's AdaLayerNorm FFN
+        "ada.inner.bias": False,
         "ln.weight": True,
         "ln.bias": True,
         "ln.extra.weight": True,
@@ -389,8 +391,8 @@ class Leaf(nn.Module):
 @st.composite
 def named_trees(draw, depth: int = 0):
     names = draw(st.lists(st.sampled_from(NAME_WORDS + ["weight", "scale"]), max_size=3, unique=True))
-    module = draw(st.sampled_from([Leaf, FooRMSNorm])) if depth < 3 else Leaf
-    module = Leaf(names) if module is Leaf else FooRMSNorm(1)
+    kind = draw(st.sampled_from([Leaf, FooRMSNorm, nn.LayerNorm])) if depth < 3 else Leaf
+    module = Leaf(names) if kind is Leaf else kind(1)
     if depth < 3:
         for child in draw(st.lists(st.sampled_from(NAME_WORDS), max_size=3, unique=True)):
             if not hasattr(module, child):
@@ -403,6 +405,19 @@ def named_trees(draw, depth: int = 0):
 def test_fast_walk_matches_the_per_name_rules(tree):
     for info in classify_parameters(tree):
         path = info.name.split(".")[:-1]
-        by_type = any(is_norm_module(tree.get_submodule(".".join(path[:i]))) for i in range(len(path) + 1))
+        modules = [tree.get_submodule(".".join(path[:i])) for i in range(len(path) + 1)]
+        by_type = any(isinstance(m, classify.NORM_LAYER_TYPES) for m in modules) or is_norm_module(modules[-1])
         assert info.is_norm is (by_type or is_norm_name(info.name)), info.name
         assert info.is_bias is is_bias_name(info.name), info.name
+        assert not info.in_transformers_model
+
+
+@settings(max_examples=80, deadline=None)
+@given(tree=named_trees())
+def test_transformers_exempt_is_transformers_own_decision(tree):
+    # The oracle is transformers' own function, on trees of odd names, norm-named classes and
+    # nn.LayerNorm leaves (exempt by type there, also with children).
+    transformers = pytest.importorskip("transformers")
+    decays = set(transformers.Trainer.get_decay_parameter_names(None, tree))
+    for info in classify_parameters(tree):
+        assert info.transformers_exempt is (info.name not in decays), info.name

@@ -96,17 +96,33 @@ def test_attn_bias_proj_weight_decays_unlike_transformers():
     assert get_decay_parameter_names(model) == ["attn_bias_proj.weight", "query.weight"]
 
 
-def test_batchnorm_found_by_type_is_the_one_documented_difference():
-    # transformers' ResNet names its BatchNorm2d "normalization": transformers decays those weights
-    # (only nn.LayerNorm is recognised by type), optsched does not.
+def _resnet() -> nn.Module:
     config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
-    model = transformers.AutoModel.from_config(config)
+    return transformers.AutoModel.from_config(config)
+
+
+def test_inside_a_transformers_model_its_rule_decides_even_where_norms_hide_from_it():
+    # transformers' ResNet names its BatchNorm2d "normalization": transformers decays those weights
+    # (only nn.LayerNorm is recognised by type). optsched follows it there, exactly.
+    model = _resnet()
+    bn_weights = {f"{prefix}.weight" for prefix, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bn_weights and bn_weights <= set(_hf_decay_names(model))
+    assert set(get_decay_parameter_names(model)) == set(_hf_decay_names(model))
+
+
+def test_outside_a_transformers_model_norms_are_found_by_type():
+    class Classifier(nn.Module):  # a user's model: a transformers backbone, a head of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = _resnet()
+            self.normalization = nn.BatchNorm1d(16)  # named as ResNet names its norms
+            self.proj = nn.Linear(16, 3)
+
+    model = Classifier()
     ours, hf = set(get_decay_parameter_names(model)), set(_hf_decay_names(model))
-    assert ours < hf
-    bn_weights = {
-        f"{prefix}.weight" for prefix, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
-    }
-    assert hf - ours == bn_weights
+    assert hf - ours == {"normalization.weight"}  # the head's norm: by type here, decayed by transformers
+    assert ours - hf == set()
+    assert {n for n in hf if n.startswith("backbone.")} == {n for n in ours if n.startswith("backbone.")}
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,34 @@ One pass over ``model.named_modules(remove_duplicate=False)`` turns each ``(name
 records and the group builder (``optsched.params.groups``) forms groups from the decisions, so the
 facts about a parameter are computed in one place and every later stage only reads them.
 
-What counts as a norm parameter (no weight decay under HF's policy):
+Two rules decide whether a parameter is a norm parameter or a bias; :func:`hf_decay_policy`
+(``optsched.params.policies``) exempts both from weight decay.
 
-* **by type**: the parameter belongs to a norm layer or to a module nested inside one. Norm layers
-  are every torch norm class (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``LocalResponseNorm``,
-  ``CrossMapLRN2d``, and through their common base ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
-  ``InstanceNorm1d/2d/3d`` and the lazy variants) and any class with a base class whose name ends in
-  ``Norm`` or ``Norm1d/2d/3d`` (a model's own ``LlamaRMSNorm``, ``T5LayerNorm``, ...).
-* **by name**: transformers' patterns on the lower-cased full name: ``layernorm``, ``rmsnorm``,
-  ``norm`` as a whole component, or a component ending in ``_norm``.
+**transformers' rule, exactly** (``ParamInfo.transformers_exempt``), what ``Trainer.create_optimizer``
+decides (``get_decay_parameter_names`` in transformers 5): a parameter is exempt when a module on its
+path below the model is an ``nn.LayerNorm`` (or subclass), or its lower-cased full name contains
+``bias`` (as a substring), ``layernorm`` or ``rmsnorm``, or has ``norm`` as a whole component or a
+component ending in ``_norm``. The ``"hf"`` policy applies it to every parameter inside a transformers
+model (a ``PreTrainedModel``: ``ParamInfo.in_transformers_model``), so that the groups, and the optimizer states built on
+them, are transformers' own on every model it ships (``benchmarks/hf_grouping_sweep.py`` compares
+them over ~1,000 model classes).
 
-What counts as a bias: a parameter whose own name (the last component) has ``bias`` as one of its
-``_``-separated words (``bias``, ``in_proj_bias``, ``q_bias``, ``bias_ih_l0``,
-``relative_position_bias_table``), or that lives in a module whose name ends with the word ``bias``
-(T5's ``relative_attention_bias`` embedding is a table of biases). ``bias`` as a plain substring does
-not count: ``attn_bias_proj.weight`` is the weight of a projection, and decays. transformers matches
-the substring, so it exempts that weight; on the models transformers ships both rules agree.
+**The robust rule** (``ParamInfo.is_norm`` / ``is_bias``), for every other module, where names follow
+no convention:
+
+* **norm by type**: the parameter belongs to a torch norm layer or to a module nested inside one
+  (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``LocalResponseNorm``, ``CrossMapLRN2d``, and through
+  their common base ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``InstanceNorm1d/2d/3d`` and the lazy
+  variants), or is owned directly by a module of a class with a base class whose name ends in
+  ``Norm`` or ``Norm1d/2d/3d`` (a model's own ``MyRMSNorm``). Only directly: such a class may be a
+  whole block (a ``ConvDropoutLayerNorm``, an adaptive ``AdaLayerNorm`` with its projections), and
+  the ``Linear`` and ``Conv`` weights inside it decay;
+* **norm by name**: transformers' patterns above;
+* **bias**: a parameter whose own name (the last component) has ``bias`` as one of its
+  ``_``-separated words (``bias``, ``in_proj_bias``, ``q_bias``, ``bias_ih_l0``,
+  ``relative_position_bias_table``), or that lives in a module whose name ends with the word
+  ``bias`` (T5's ``relative_attention_bias`` embedding is a table of biases). ``bias`` as a plain
+  substring does not count: ``attn_bias_proj.weight`` is the weight of a projection, and decays.
 """
 
 from __future__ import annotations
@@ -69,6 +81,9 @@ _EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 # type -> is it a norm layer. Models have few distinct classes, so this makes the type test O(1).
 _norm_type_cache: dict[type, bool] = {}
+# type -> (a torch norm layer, named like a norm, a transformers class, an nn.LayerNorm): the facts
+# the walk needs per module, cached per class for the same reason.
+_class_facts_cache: dict[type, tuple[bool, bool, bool, bool]] = {}
 
 
 class ParamInfo(NamedTuple):
@@ -79,9 +94,10 @@ class ParamInfo(NamedTuple):
         param: the tensor itself.
         module_type: the class of the module that owns the tensor directly.
         ndim: ``param.ndim``.
-        is_norm: it belongs to a norm layer (by type, also when nested inside one) or its name
-            matches transformers' norm patterns.
-        is_bias: its name marks it as a bias (see :func:`is_bias_name`).
+        is_norm: the robust rule: it belongs to a torch norm layer (also when nested inside one), is
+            owned by a module whose class is named like a norm, or its name matches transformers'
+            norm patterns.
+        is_bias: the robust rule: its name marks it as a bias (see :func:`is_bias_name`).
         is_embedding: it is owned by ``nn.Embedding`` / ``nn.EmbeddingBag`` (or a subclass).
         frozen: ``requires_grad`` is False.
         tied: the same tensor is registered under more than one name (e.g. GPT-2's ``lm_head.weight``
@@ -89,6 +105,11 @@ class ParamInfo(NamedTuple):
         alias_of: ``None`` for the first name of a tensor in ``named_parameters()`` order (the name
             optimizers see); for a later name of a tied tensor, that first name.
         index: position of the tensor in ``model.named_parameters()`` (aliases share their tensor's).
+        in_transformers_model: it lies inside a transformers model (a module whose class derives from
+            ``transformers.PreTrainedModel``; the model itself, or a part of a larger one).
+        transformers_exempt: transformers' Trainer leaves this name out of weight decay (its rule,
+            exactly: ``nn.LayerNorm`` below the model on the path, ``bias`` anywhere in the name,
+            its norm name patterns).
     """
 
     name: str
@@ -102,6 +123,8 @@ class ParamInfo(NamedTuple):
     tied: bool
     alias_of: str | None
     index: int
+    in_transformers_model: bool = False
+    transformers_exempt: bool = False
 
 
 def is_norm_module(module: nn.Module | type) -> bool:
@@ -118,6 +141,24 @@ def is_norm_module(module: nn.Module | type) -> bool:
         )
         _norm_type_cache[cls] = known
     return known
+
+
+def _class_facts(cls: type) -> tuple[bool, bool, bool, bool]:
+    """``(torch norm layer, named like a norm, a transformers model, nn.LayerNorm)`` for a module class.
+
+    A transformers model is a subclass of ``transformers.PreTrainedModel``, recognised by name so that
+    transformers is never imported here.
+    """
+    facts = _class_facts_cache.get(cls)
+    if facts is None:
+        facts = _class_facts_cache[cls] = (
+            issubclass(cls, NORM_LAYER_TYPES),
+            any(_NORM_CLASS_NAME.search(base.__name__) for base in cls.__mro__),
+            any(base.__name__ == "PreTrainedModel" and base.__module__.startswith("transformers.")
+                for base in cls.__mro__),
+            issubclass(cls, nn.LayerNorm),
+        )
+    return facts
 
 
 def is_norm_name(name: str) -> bool:
@@ -182,26 +223,36 @@ def classify_parameters(model: nn.Module) -> list[ParamInfo]:
     tied: set[int] = set()
     make = tuple.__new__  # ParamInfo(...) without the keyword-parsing __new__: 40k records add up
     embedding_types = _EMBEDDING_TYPES
-    norm_cache = _norm_type_cache
+    class_facts = _class_facts_cache
     # Decisions on a parameter's own (local) name: there are few distinct ones ("weight", "bias").
-    local_facts: dict[str, tuple[bool, bool]] = {}
+    local_facts: dict[str, tuple[bool, bool, bool]] = {}
 
     # An explicit pre-order walk, the order of model.named_modules(remove_duplicate=False). Each
     # stack entry carries what the module path alone decides, so no full name is ever searched:
-    #   in_norm:   the module or an ancestor is a norm layer (by type). The root counts too: a bare
+    #   in_norm:   the module or an ancestor is a torch norm layer. The root counts too: a bare
     #              nn.LayerNorm passed as the model is still a norm (transformers only tests children);
     #   name_norm: the path matches the norm name patterns. A match never spans two components (the
     #              patterns' "^|." and "$|." anchors are the component's own ends), so testing each
     #              component alone is the same as testing the full name;
-    #   path_bias: a module on the path has a name whose last word is "bias" (see is_bias_name).
-    stack: list[tuple[str, nn.Module, bool, bool, bool]] = [("", model, False, False, False)]
+    #   path_bias: a module on the path has a name whose last word is "bias" (see is_bias_name);
+    #   in_hf:     the module or an ancestor is a transformers model;
+    #   hf_exempt: what transformers' rule decides from the path: an nn.LayerNorm below the root, or
+    #              "bias" in a component (a substring cannot span the "." either).
+    stack: list[tuple[str, nn.Module, bool, bool, bool, bool, bool]] = [
+        ("", model, False, False, False, False, False)
+    ]
+    is_root = True
     while stack:
-        prefix, module, in_norm, name_norm, path_bias = stack.pop()
+        prefix, module, in_norm, name_norm, path_bias, in_hf, hf_exempt = stack.pop()
         cls = type(module)
-        is_norm = norm_cache.get(cls)
-        if is_norm is None:
-            is_norm = is_norm_module(cls)
-        in_norm = in_norm or is_norm
+        facts = class_facts.get(cls)
+        if facts is None:
+            facts = _class_facts(cls)
+        torch_norm, named_norm, hf_model, layer_norm = facts
+        in_norm = in_norm or torch_norm
+        in_hf = in_hf or hf_model
+        hf_exempt = hf_exempt or (layer_norm and not is_root)
+        is_root = False
         dot_prefix = prefix + "." if prefix else ""
         children = module._modules
         if children:
@@ -218,23 +269,27 @@ def classify_parameters(model: nn.Module) -> list[ParamInfo]:
                         # every pattern contains "norm": most names are decided without the regex
                         name_norm or ("norm" in lower and _HF_NORM_NAME.search(lower) is not None),
                         path_bias or lower.rpartition("_")[2] == "bias",
+                        in_hf,
+                        hf_exempt or "bias" in lower,
                     )
                 )
             stack.extend(reversed(entries))
         own = module._parameters
         if not own:
             continue
-        module_norm = in_norm or name_norm
+        module_norm = in_norm or named_norm or name_norm
+        path_hf_exempt = hf_exempt or name_norm
         is_embedding = issubclass(cls, embedding_types)
         for local, param in own.items():
             if param is None:  # e.g. Linear(bias=False) registers bias=None
                 continue
-            facts = local_facts.get(local)
-            if facts is None:
+            facts_of_name = local_facts.get(local)
+            if facts_of_name is None:
                 lower = local.lower()
-                facts = local_facts[local] = (
+                facts_of_name = local_facts[local] = (
                     _HF_NORM_NAME.search("." + lower) is not None,
                     "bias" in lower.split("_"),
+                    "bias" in lower,
                 )
             name = dot_prefix + local
             key = id(param)
@@ -254,13 +309,15 @@ def classify_parameters(model: nn.Module) -> list[ParamInfo]:
                         param,
                         cls,
                         param.ndim,
-                        module_norm or facts[0],
-                        path_bias or facts[1],
+                        module_norm or facts_of_name[0],
+                        path_bias or facts_of_name[1],
                         is_embedding,
                         not param.requires_grad,
                         alias_of is not None,
                         alias_of,
                         index,
+                        in_hf,
+                        path_hf_exempt or facts_of_name[0] or facts_of_name[2],
                     ),
                 )
             )

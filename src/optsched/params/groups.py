@@ -67,8 +67,9 @@ def get_decay_parameter_names(model: nn.Module, *, decay_policy: str | DecayPoli
     """The names of the parameters that weight decay applies to.
 
     With the default policy this is the set transformers' ``Trainer.get_decay_parameter_names``
-    returns on its models, with two corrections for other models: every norm layer is recognised by
-    type (not only ``nn.LayerNorm``), and ``bias`` is a word of a name, not a substring (see
+    returns, exactly, for the parameters inside a transformers model (a ``PreTrainedModel``), and for
+    the rest of a model the same rule made robust: every norm layer is recognised by type (not only
+    ``nn.LayerNorm``), and ``bias`` is a word of a name, not a substring (see
     :mod:`optsched.params.classify`). Like transformers, the names of frozen parameters and every
     name of a tied tensor are included; the decision is by name only.
 

@@ -3,7 +3,8 @@
 A policy is a pure function ``ParamInfo -> bool`` (True: the parameter decays). Policies are looked up
 by name in registries, so adding one is one entry, not a new branch in the group builder:
 
-* base policies: ``"hf"`` (default, transformers' rule) and ``"ndim"`` (timm's rule);
+* base policies: ``"hf"`` (default, transformers' rule: exactly its decisions on transformers models,
+  norms also found by type elsewhere) and ``"ndim"`` (timm's rule);
 * exemptions, appended with ``+``: ``"no_embeddings"`` also exempts embedding tables, positional
   embeddings and cls / register / distillation / mask tokens. ``"ndim+no_embeddings"`` is timm's rule
   with its usual ``no_weight_decay()`` set (``pos_embed``, ``cls_token``, ...) applied by name.
@@ -36,10 +37,15 @@ _TOKEN_WORDS = frozenset({"token", "tokens"})
 def hf_decay_policy(info: ParamInfo) -> bool:
     """transformers' rule: every parameter decays except norm parameters and biases.
 
-    Norms are recognised by type and by transformers' name patterns, biases by name
-    (see :mod:`optsched.params.classify`). The number of dimensions plays no part, so a 1-D tensor
-    that is neither (e.g. a learned scale named ``alpha``) decays, as in transformers.
+    Inside a transformers model (a ``PreTrainedModel``, alone or as part of a larger model) it is
+    transformers' own decision, exactly (``info.transformers_exempt``): the same groups as its
+    ``Trainer.create_optimizer``, so optimizer states load both ways. Everywhere else it is the robust
+    form of the same rule (``info.is_norm`` / ``info.is_bias``): norm layers also by type, ``bias`` as
+    a word of the name (see :mod:`optsched.params.classify`). The number of dimensions plays no part,
+    so a 1-D tensor that is neither (e.g. a learned scale named ``alpha``) decays, as in transformers.
     """
+    if info.in_transformers_model:
+        return not info.transformers_exempt
     return not (info.is_norm or info.is_bias)
 
 
