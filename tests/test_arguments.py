@@ -108,7 +108,8 @@ GOOD = [
     ({"logging_steps": 1.0}, {"logging_steps": 1}),
     ({"logging_steps": 0.05}, {"logging_steps": 0.05}),
     ({"logging_strategy": "no", "logging_steps": 0}, {"logging_steps": 0}),
-    ({"save_strategy": "best"}, {"save_strategy": "best"}),
+    ({"save_strategy": "best", "eval_strategy": "epoch", "metric_for_best_model": "loss"},
+     {"save_strategy": "best", "greater_is_better": False}),
     ({"save_total_limit": 1}, {"save_total_limit": 1}),
     ({"lr_scheduler_type": "reduce_lr_on_plateau"},
      {"metric_for_best_model": "loss", "greater_is_better": False}),
@@ -190,7 +191,7 @@ def test_transformers_enums_become_plain_strings():
 
     a = TrainingArguments(optim=transformers.training_args.OptimizerNames.SGD,
                           lr_scheduler_type=SchedulerType.COSINE, eval_strategy=IntervalStrategy.EPOCH,
-                          save_strategy=SaveStrategy.BEST)
+                          save_strategy=SaveStrategy.BEST, metric_for_best_model="loss")
     for name, value in [("optim", "sgd"), ("lr_scheduler_type", "cosine"), ("eval_strategy", "epoch"),
                         ("save_strategy", "best")]:
         assert getattr(a, name) == value and type(getattr(a, name)) is str
@@ -210,6 +211,8 @@ BAD = [
     ({"learning_rate": True}, TypeError, ["learning_rate", "True"]),
     ({"weight_decay": -0.1}, ValueError, ["weight_decay", "-0.1"]),
     ({"adam_beta1": 1.0}, ValueError, ["adam_beta1", "1.0", "[0, 1)"]),
+    ({"save_strategy": "best", "eval_strategy": "epoch"}, ValueError, ["save_strategy", "metric_for_best_model"]),
+    ({"save_strategy": "best", "metric_for_best_model": "loss"}, ValueError, ["save_strategy", "eval_strategy='no'"]),
     ({"adam_beta1": -0.1}, ValueError, ["adam_beta1", "-0.1"]),
     ({"adam_beta2": 1.5}, ValueError, ["adam_beta2", "1.5"]),
     ({"adam_beta2": None}, TypeError, ["adam_beta2", "None"]),
@@ -599,7 +602,9 @@ VALID = st.fixed_dictionaries({}, optional={
     "save_total_limit": st.one_of(st.none(), st.integers(1, 10)), "seed": st.integers(0, 2**32 - 1),
     "bf16": st.booleans(), "report_to": st.sampled_from(["none", "all", "wandb", ["tensorboard"]]),
     "metric_for_best_model": st.one_of(st.none(), st.sampled_from(["loss", "eval_accuracy"])),
-})
+}).filter(  # save_strategy="best" saves on a better evaluation metric: it needs both
+    lambda k: k.get("save_strategy") != "best" or (k.get("metric_for_best_model") and k.get("eval_strategy", "no") != "no")
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -739,6 +739,15 @@ def _check_scheduler_kwargs(args: TrainingArguments) -> None:
 def _derive_best_metric(args: TrainingArguments) -> None:
     if args.metric_for_best_model is None and args.lr_scheduler_type in METRIC_SCHEDULES:
         _set(args, "metric_for_best_model", "loss")
+    if args.save_strategy == "best":
+        # "best" saves when an evaluation improves the metric: without either, nothing is ever saved
+        # (transformers' Trainer refuses a missing metric too).
+        if args.metric_for_best_model is None:
+            raise ValueError("save_strategy='best' needs metric_for_best_model, which is None; accepted: a "
+                             "metric name the evaluation returns ('loss', 'eval_loss', ...), or another save_strategy.")
+        if args.eval_strategy == "no":
+            raise ValueError("save_strategy='best' with eval_strategy='no' never saves (no evaluation, no best "
+                             "metric); accepted: eval_strategy='steps' or 'epoch', or another save_strategy.")
     if args.greater_is_better is None and args.metric_for_best_model is not None:
         _set(args, "greater_is_better", not args.metric_for_best_model.endswith("loss"))
 

@@ -138,6 +138,24 @@ def test_train_without_dataset_and_evaluate_without_dataset(model_factory, make_
         t.evaluate()
 
 
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_an_eval_strategy_without_eval_dataset_is_refused_before_training(model_factory, make_args, strategy):
+    # Found at the first evaluation instead, the run would fail after eval_steps of training.
+    with pytest.raises(ValueError, match=f"eval_strategy='{strategy}' needs an eval_dataset"):
+        Trainer(model_factory(), make_args(eval_strategy=strategy, eval_steps=4), train_dataset=[])
+
+
+def test_an_output_dir_that_cannot_hold_files_is_refused_before_the_first_step(model_factory, make_args, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("the user's")
+    for output_dir in (a_file, a_file / "run"):
+        trainer = Trainer(model_factory(), make_args(output_dir=str(output_dir)), train_dataset=[{"x": [0.0]}] * 4)
+        with pytest.raises(ValueError, match=r"output_dir=.*notes.txt.* cannot hold the run's logs and checkpoints"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+    assert a_file.read_text() == "the user's"
+
+
 def test_model_without_loss_is_a_clear_error(make_args):
     class NoLoss(nn.Module):
         def __init__(self):

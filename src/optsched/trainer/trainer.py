@@ -193,6 +193,13 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             raise TypeError(f"data_collator must be callable, got {type(data_collator).__name__}.")
 
         self.args = as_training_arguments(args)
+        if self.args.eval_strategy != "no" and eval_dataset is None:
+            # transformers refuses it here too; found later it would fail at the first evaluation,
+            # possibly hours in and before that step's checkpoint is written.
+            raise ValueError(
+                f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset, and none was given; "
+                "accepted: Trainer(..., eval_dataset=...), or eval_strategy='no'."
+            )
         self.dist = init_distributed(use_cpu=self.args.use_cpu)
         self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
         self._check_precision()
@@ -469,9 +476,27 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
                 raise self._with_previous_checkpoint_hint(exc, checkpoint) from None
             raise
 
+    def _check_output_dir(self) -> None:
+        """Create ``output_dir`` and write a probe file in it, now: a path that cannot hold the run's
+        files (a file, a read-only place) would otherwise fail at the first save, after that much
+        training."""
+        path = Path(self.args.output_dir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".optsched-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(
+                f"output_dir={str(path)!r} cannot hold the run's logs and checkpoints "
+                f"({exc.strerror or exc}: {exc.filename or path}); accepted: a directory this process can "
+                "write to (created if missing)."
+            ) from None
+
     def _train_from(self, checkpoint: Path | None) -> TrainOutput:
         """:meth:`train` once the checkpoint to resume from (or ``None``) is known."""
         args = self.args
+        self._check_output_dir()
         loader = self.get_train_dataloader()
         plan = self._plan(len(loader) if has_length(loader) else None)
 
