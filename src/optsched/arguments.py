@@ -498,8 +498,8 @@ class TrainingArguments:
         "SIGTERM,SIGINT", "The signals that trigger save_on_signal: comma-separated names "
         "('SIGTERM,SIGINT', 'SIGUSR1', ...) or a list of names.", _signal_names)
     max_consecutive_nonfinite: int = _field(
-        5, "A step whose loss or gradients are NaN/inf is skipped (optimizer and scheduler); after this "
-        "many consecutive skips training stops with an error. 0: stop at the first one.", _int(low=0))
+        5, "A step whose loss or gradients are NaN/inf is skipped (optimizer and scheduler); up to this "
+        "many in a row, the next one stops training with an error. 0: stop at the first one.", _int(low=0))
     checkpoint_verification: str = _field(
         "full", "How a resume checks checkpoint files against checksums.json: 'full' (size and CRC-32 of "
         "every byte; ~25 ms per 600 MB, on a second core beside the load) or 'size' (sizes only: a "

@@ -50,10 +50,24 @@ def test_a_nan_step_is_skipped_counted_and_logged(tmp_path, caplog, max_grad_nor
     assert [watch.sched_steps[s] for s in range(1, 7)] == [1, 2, 2, 3, 4, 5]
     assert t._nonfinite.skipped_total == 1
     assert any("step 3: non-finite" in r.getMessage() for r in caplog.records)
-    logged = [h for h in t.state.log_history if "loss" in h]
-    assert all(math.isfinite(h["loss"]) for h in logged)  # the NaN never reaches the logged loss
+    logged = [h for h in t.state.log_history if "learning_rate" in h]
     assert [h.get("nonfinite_skipped", 0) for h in logged] == [0, 0, 1, 1, 1, 1]
-    assert math.isfinite(result.training_loss)
+    assert ["loss" in h for h in logged] == [True, True, False, True, True, True]  # step 3 measured none
+    losses = [h["loss"] for h in logged if "loss" in h]
+    assert all(math.isfinite(v) for v in losses)  # the NaN never reaches the logged loss
+    # train_loss is the mean over the 5 applied steps, not a sum over 6 with the skipped one as 0
+    assert result.training_loss == pytest.approx(sum(losses) / 5, rel=1e-6)
+
+
+def test_the_logged_loss_is_the_mean_of_the_applied_steps_of_its_window(tmp_path):
+    every, _ = _trainer(tmp_path / "every", {3}, max_steps=6)
+    every.train()
+    per_step = {h["step"]: h["loss"] for h in every.state.log_history if "loss" in h and "step" in h}
+    pairs, _ = _trainer(tmp_path / "pairs", {3}, max_steps=6, logging_steps=2)
+    pairs.train()
+    logged = {h["step"]: h["loss"] for h in pairs.state.log_history if "loss" in h and "step" in h}
+    assert logged[2] == pytest.approx((per_step[1] + per_step[2]) / 2, rel=1e-6)
+    assert logged[4] == pytest.approx(per_step[4], rel=1e-6)  # step 3 skipped: left out, not counted as 0
 
 
 def test_too_many_in_a_row_stop_with_an_error_and_checkpoints_stay_finite(tmp_path):

@@ -10,8 +10,8 @@ Policy (the Trainer applies it at every optimizer step):
   still advances (the batches were consumed, so the data position of a resume stays exact);
 * each skip is counted (``skipped_total``, ``consecutive``) and logged as a warning; the logged
   training loss leaves the step out;
-* after ``max_consecutive`` consecutive skips training stops with :class:`NonFiniteError`
-  (``max_consecutive=0``: at the first non-finite step). A finite step resets the run of skips.
+* up to ``max_consecutive`` steps in a row are skipped; the next non-finite one stops training with
+  :class:`NonFiniteError` (``max_consecutive=0``: the first one does). A finite step resets the run.
 
 Independently, :func:`check_finite_weights` runs before every save, so no checkpoint with NaN or inf
 weights is ever written.
@@ -120,7 +120,7 @@ class NonFiniteGuard:
         self.skipped_total += 1
         logger.warning(
             "step %d: non-finite values (%s): optimizer and scheduler step skipped (%d in a row, %d in all; "
-            "training stops after %d in a row).",
+            "a run of more than max_consecutive_nonfinite=%d stops training).",
             step, what, self.consecutive, self.skipped_total, self.max_consecutive,
         )
         return True

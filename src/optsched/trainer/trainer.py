@@ -539,8 +539,11 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         args, state = self.args, self.state
         ga = args.gradient_accumulation_steps
         batches_per_epoch = plan.batches_per_epoch or plan.max_steps * ga
-        self._tr_loss = torch.zeros((), device=self.device)
+        # [sum, count] of the finite step losses since the last log, on the device (read back only
+        # when logging); the logged loss is their mean.
+        self._tr_loss = torch.zeros(2, device=self.device)
         self._total_loss_scalar = 0.0
+        self._total_loss_steps = 0.0
         self._globalstep_last_logged = state.global_step
         initial_step = state.global_step
         start_time = time.time()
@@ -595,10 +598,15 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             if self.control.should_training_stop:
                 break
 
-        self._total_loss_scalar += self._reduced_loss()
+        loss_sum, loss_count = self._reduced_loss()
+        self._total_loss_scalar += loss_sum
+        self._total_loss_steps += loss_count
         steps_done = state.global_step - initial_step
         runtime = time.time() - start_time
-        train_loss = self._total_loss_scalar / max(steps_done, 1)
+        # The mean of the finite step losses: a NaN / inf one is left out, not counted as 0.
+        train_loss = self._total_loss_scalar / self._total_loss_steps if self._total_loss_steps else (
+            float("nan") if steps_done else 0.0
+        )
         metrics = {
             "train_runtime": round(runtime, 4),
             "train_steps_per_second": round(steps_done / runtime, 3) if runtime > 0 else 0.0,
@@ -628,32 +636,37 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
                 self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
         self._grad_norm, stepped = self._clip_and_step(step_loss)
         self._last_lr = self._get_learning_rate()  # the lr this step used
-        if stepped:
-            self._tr_loss += step_loss
-            if not self._metric_scheduler:
-                self._step_scheduler()
-        else:  # transformers' logging_nan_inf_filter: count the skipped step at the running mean
-            self._tr_loss += self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+        if stepped and not self._metric_scheduler:
+            self._step_scheduler()
+        # A NaN / inf loss adds nothing: the logged loss is the mean of the finite ones. (transformers'
+        # logging_nan_inf_filter adds the window's running mean instead, which is 0 in a window that
+        # starts with it: it logs loss=0.0 and pulls train_loss down.) No sync: it stays on the device.
+        loss = step_loss.detach()
+        finite = torch.isfinite(loss)
+        self._tr_loss += torch.stack([torch.where(finite, loss, 0.0), finite]).to(self._tr_loss.dtype)
         self._zero_grad()
 
-    def _reduced_loss(self) -> float:
-        """The accumulated training loss averaged over processes; resets the accumulator."""
-        value = all_reduce_sum(self._tr_loss, self.dist).item() / self.dist.world_size
+    def _reduced_loss(self) -> tuple[float, float]:
+        """``(sum, count)`` of the finite step losses since the last call, over all processes; resets."""
+        loss_sum, count = all_reduce_sum(self._tr_loss, self.dist).tolist()
         self._tr_loss.zero_()
-        return value
+        return loss_sum, count
 
     def _maybe_log_save_evaluate(self, model: nn.Module) -> None:
         state = self.state
         if self.control.should_log and state.global_step > self._globalstep_last_logged:
-            loss = self._reduced_loss()
-            logs: dict[str, float] = {"loss": loss / (state.global_step - self._globalstep_last_logged)}
+            loss_sum, loss_count = self._reduced_loss()
+            # No "loss" when every loss of the window was NaN / inf: none was measured (transformers
+            # logs 0.0 there); "nonfinite_skipped" says why.
+            logs: dict[str, float] = {"loss": loss_sum / loss_count} if loss_count else {}
             if self._grad_norm is not None:
                 logs["grad_norm"] = float(self._grad_norm)
             logs["learning_rate"] = self._last_lr if self._last_lr is not None else self._get_learning_rate()
             skipped = getattr(getattr(self, "_nonfinite", None), "skipped_total", 0)
             if skipped:
                 logs["nonfinite_skipped"] = skipped  # steps skipped so far in this train() call
-            self._total_loss_scalar += loss
+            self._total_loss_scalar += loss_sum
+            self._total_loss_steps += loss_count
             self._globalstep_last_logged = state.global_step
             self.log(logs)
         if self.control.should_evaluate:
