@@ -243,8 +243,18 @@ def test_name_without_formula_is_an_error() -> None:
 def test_infer_name_respects_fixed_kwargs() -> None:
     p = [nn.Parameter(torch.zeros(2))]
     assert infer_optimizer_name(torch.optim.AdamW(p, fused=True)) == "adamw_torch_fused"
-    assert infer_optimizer_name(torch.optim.AdamW(p)) in ("adamw", "adamw_torch")
+    assert infer_optimizer_name(torch.optim.AdamW(p)) == "adamw_torch"  # transformers' name on a tie
     assert infer_optimizer_name(torch.optim.LBFGS(p)) is None
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_torch", "sgd", "adam"])
+def test_an_optimizer_from_create_optimizer_keeps_the_name_it_was_built_from(name) -> None:
+    from optsched import TrainingArguments, create_optimizer, explain
+
+    model = nn.Linear(3, 2)
+    optimizer = create_optimizer(model, TrainingArguments(optim=name))
+    assert infer_optimizer_name(optimizer) == name
+    assert f"optim={name!r}" in str(explain(optimizer, model=model))
 
 
 def test_measure_dedupes_shared_tensors_and_reads_objects() -> None:

@@ -841,16 +841,23 @@ def _facts(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def infer_optimizer_name(optimizer: torch.optim.Optimizer) -> str | None:
     """The registered name that builds this optimizer's class with its fixed kwargs, or None.
 
-    Among the names whose class is the optimizer's (the inner class for a layer-wise optimizer), the
-    one whose fixed kwargs (``fused``, ``optim_bits``, ``is_paged``) all agree with the optimizer wins,
-    most agreeing keys first.
+    An optimizer from :func:`optsched.create_optimizer` answers with the name it was built from. For
+    any other, among the names whose class is the optimizer's (the inner class for a layer-wise
+    optimizer), the one whose fixed kwargs (``fused``, ``optim_bits``, ``is_paged``) all agree with the
+    optimizer wins, most agreeing keys first, then transformers' names (``adamw_torch`` before
+    torch's ``adamw``, which builds the same class).
     """
+    from optsched.optim.catalog import BUILTIN_NAMES
     from optsched.optim.spec import list_optimizers, get_optimizer_spec
 
+    recorded = getattr(optimizer, "_optsched_name", None)
+    if recorded in list_optimizers():
+        return recorded
     inner = getattr(optimizer, "optimizer_cls", None)
     cls = inner if inner is not None else type(optimizer)
     facts = _facts(optimizer)
-    best: tuple[int, str] | None = None
+    rank = {name: i for i, name in enumerate(BUILTIN_NAMES)}  # transformers' names come first there
+    best: tuple[int, int, str] | None = None
     for name in list_optimizers():
         spec = get_optimizer_spec(name)
         if (inner is not None) != name.endswith("_layerwise"):
@@ -863,9 +870,10 @@ def infer_optimizer_name(optimizer: torch.optim.Optimizer) -> str | None:
                 break
             agree += key in facts
         else:
-            if best is None or agree > best[0]:
-                best = (agree, name)
-    return None if best is None else best[1]
+            candidate = (agree, -rank.get(name, len(rank)), name)
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+    return None if best is None else best[2]
 
 
 def estimate_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> MemoryEstimate | None:

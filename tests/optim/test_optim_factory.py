@@ -69,6 +69,16 @@ def test_cls_and_kwargs_replace_the_lookup_and_are_not_mutated():
     assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
 
 
+@pytest.mark.parametrize("pair, message", [
+    (("sgd", {}), r"optimizer_cls_and_kwargs\[0\] must be an optimizer class or factory, got str 'sgd'; "
+                  r"for a registered name use optim='sgd'"),
+    ((torch.optim.SGD, [("lr", 0.1)]), r"optimizer_cls_and_kwargs\[1\] must be a dict of keyword arguments"),
+])
+def test_cls_and_kwargs_of_the_wrong_kind_name_the_field(pair, message):
+    with pytest.raises(TypeError, match=message):
+        create_optimizer(make_quadratic(), TrainingArguments(), optimizer_cls_and_kwargs=pair)
+
+
 def test_a_non_optimizer_class_is_a_factory_called_with_the_model():
     calls = []
 

@@ -290,6 +290,18 @@ def test_freeze_leaves_tensors_out_and_create_optimizer_sets_requires_grad():
     assert _all_names(build_param_groups(model, param_rules=rules)) == _all_names(groups)
 
 
+def test_a_freeze_rule_behind_an_earlier_rule_says_what_it_left_trainable(caplog):
+    model = Net(depth=1)
+    rules = [{"params": r"re:\.bias$", "weight_decay": 0.0, "name": "bias"}, {"params": "layers.0.*", "freeze": True}]
+    with caplog.at_level(logging.WARNING, logger="optsched.params.rules"):
+        create_optimizer(model, TrainingArguments(param_rules=rules, optim="adamw_torch"))
+    assert sorted(n for n, p in model.named_parameters() if not p.requires_grad) == [
+        "layers.0.attn.weight", "layers.0.norm.weight"]
+    assert "no effect" not in caplog.text  # it froze two tensors
+    assert "param_rules[1] ('layers.0.*') leaves 2 of its parameters trainable" in caplog.text
+    assert "'layers.0.attn.bias'" in caplog.text
+
+
 def test_freeze_false_changes_nothing_but_claims_the_names():
     groups = build_param_groups(Net(depth=1), param_rules=[{"params": "layers.*", "freeze": False, "name": "keep"},
                                                            {"params": "layers.0.attn.*", "lr": 1.0}],

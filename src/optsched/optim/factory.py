@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,8 +290,21 @@ def create_optimizer(
                 f"{type(optimizer_cls_and_kwargs).__name__} {optimizer_cls_and_kwargs!r}."
             )
         optimizer_cls, optimizer_kwargs = optimizer_cls_and_kwargs
+        if not callable(optimizer_cls):
+            hint = f"; for a registered name use optim={optimizer_cls!r}" if isinstance(optimizer_cls, str) else ""
+            raise TypeError(
+                f"optimizer_cls_and_kwargs[0] must be an optimizer class or factory, got "
+                f"{type(optimizer_cls).__name__} {optimizer_cls!r}{hint}."
+            )
+        if not isinstance(optimizer_kwargs, Mapping):
+            raise TypeError(
+                f"optimizer_cls_and_kwargs[1] must be a dict of keyword arguments, got "
+                f"{type(optimizer_kwargs).__name__} {optimizer_kwargs!r}."
+            )
+        name = None
     else:
-        _check_device(get_optimizer_spec(resolve_optimizer_name(args, model)), model)
+        name = resolve_optimizer_name(args, model)
+        _check_device(get_optimizer_spec(name), model)
         optimizer_cls, optimizer_kwargs = get_optimizer_cls_and_kwargs(
             args, model, num_training_steps=num_training_steps
         )
@@ -309,4 +323,8 @@ def create_optimizer(
         optimizer = optimizer_cls(params, **kwargs)
 
     keep_embeddings_32bit(optimizer, optimizer_cls, optimizer_kwargs, model)
+    if name is not None:
+        # The name it was built from: several names build the same class ("adamw", "adamw_torch"), and
+        # explain / plan / the memory estimate show the one the user chose.
+        optimizer._optsched_name = name
     return optimizer

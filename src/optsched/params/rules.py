@@ -325,13 +325,20 @@ def match_rules(
                 f"{_closest_names(rule.patterns, universe)} Patterns are globs over full names "
                 "('encoder.layer.0.*'; '*' also crosses dots) or 're:<regex>' searched in the name."
             )
-        if any(rule.matches(n) for n in names):
+        shadowed = [n for n in names if rule.matches(n)]  # trainable, but an earlier rule decides them
+        if rule.freeze and any(rule.matches(n) for n in frozen_names):  # it froze (or found frozen) some
+            if shadowed:
+                logger.warning(
+                    "%s leaves %d of its parameters trainable: an earlier rule decides them (the first match "
+                    "wins), e.g. %s.", rule.label, len(shadowed), ", ".join(repr(n) for n in shadowed[:3]),
+                )
+            else:
+                logger.debug("%s matches only parameters that are frozen", rule.label)
+        elif shadowed:
             logger.warning(
                 "%s matches only parameters an earlier rule already decides (the first match wins); "
                 "it has no effect.", rule.label,
             )
-        elif rule.freeze and any(rule.matches(n) for n in frozen_names):
-            logger.debug("%s matches only parameters that are already frozen", rule.label)
         else:
             logger.warning(
                 "%s matches only frozen parameters or later names of tied tensors (a tied tensor is "
