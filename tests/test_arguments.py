@@ -243,7 +243,7 @@ BAD = [
     ({"warmup_steps": 2.5}, ValueError, ["warmup_steps", "2.5", "(0, 1)"]),
     ({"warmup_steps": "10"}, TypeError, ["warmup_steps", "'10'"]),
     ({"warmup_steps": NAN}, ValueError, ["warmup_steps", "nan"]),
-    ({"warmup_ratio": 1.0}, ValueError, ["warmup_ratio", "1.0"]),
+    ({"warmup_ratio": 1.01}, ValueError, ["warmup_ratio", "1.01"]),
     ({"warmup_ratio": -0.1}, ValueError, ["warmup_ratio", "-0.1"]),
     ({"warmup_steps": 10, "warmup_ratio": 0.1}, ValueError, ["warmup_steps=10", "warmup_ratio=0.1"]),
     ({"warmup_steps": 0.2, "warmup_ratio": 0.1}, ValueError, ["warmup_steps=0.2", "warmup_ratio=0.1"]),
@@ -330,6 +330,12 @@ def test_get_warmup_steps_reference_values(warmup, total, expected):
     assert TrainingArguments(warmup_steps=warmup).get_warmup_steps(total) == expected
     if isinstance(warmup, float):
         assert TrainingArguments(warmup_ratio=warmup).get_warmup_steps(total) == expected
+
+
+@pytest.mark.parametrize("total", [0, 1, 7, 100])
+def test_warmup_ratio_one_is_the_whole_run_as_in_transformers_4(total):
+    # transformers 4 accepts warmup_ratio in [0, 1] and computes ceil(T * ratio): all T steps, not 1.
+    assert TrainingArguments(warmup_ratio=1.0).get_warmup_steps(total) == total
 
 
 def test_get_warmup_steps_matches_transformers_over_a_grid(tmp_path):

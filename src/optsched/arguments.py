@@ -439,8 +439,8 @@ class TrainingArguments:
         0, "Warmup: an integer number of steps, or a float in (0, 1) as a fraction of the steps.",
         _warmup_steps)
     warmup_ratio: float = _field(
-        0.0, "Warmup as a fraction of the steps in [0, 1) (transformers 4); use warmup_steps or this.",
-        _float(0, 1, high_open=True))
+        0.0, "Warmup as a fraction of the steps in [0, 1] (transformers 4); use warmup_steps or this.",
+        _float(0, 1))
     logging_steps: int | float = _field(
         500, "Log every N steps (an integer), or every fraction of the steps (a float in (0, 1)).",
         _steps_or_ratio(allow_none=False))
@@ -581,6 +581,8 @@ class TrainingArguments:
             warmup = int(w)          if w >= 1   (a step count)
                      ceil(T * w)     otherwise   (a fraction; w = 0 gives 0)
 
+        ``warmup_ratio`` is always a fraction: ``warmup_ratio=1.0`` is ``T`` steps, not one.
+
         The fraction is rounded up, so any ``w > 0`` gives at least one step when ``T > 0``; the
         product is computed in floating point exactly as transformers does (``ceil(100 * 0.07)`` is 8
         because ``100 * 0.07 == 7.000000000000001``). A warmup longer than ``T`` is returned as is.
@@ -590,7 +592,9 @@ class TrainingArguments:
             ValueError: ``num_training_steps`` < 0.
         """
         total = check_int("num_training_steps", num_training_steps, low=0)
-        w = self.warmup
+        if self.warmup_steps == 0:  # transformers 4's warmup_ratio, a fraction in [0, 1]
+            return math.ceil(total * self.warmup_ratio)
+        w = self.warmup_steps
         return int(w) if w >= 1 else math.ceil(total * w)
 
     # ---- serialisation -------------------------------------------------------------------------

@@ -79,6 +79,13 @@ def test_cls_and_kwargs_of_the_wrong_kind_name_the_field(pair, message):
         create_optimizer(make_quadratic(), TrainingArguments(), optimizer_cls_and_kwargs=pair)
 
 
+def test_a_value_the_optimizer_class_refuses_is_traced_to_the_arguments():
+    args = TrainingArguments(optim="sgd", optim_args="nesterov=true")  # torch: nesterov needs momentum
+    with pytest.raises(ValueError, match=r"optim='sgd' \(SGD\) refused the arguments .*'nesterov': True.*"
+                                         r"optim_args='nesterov=true'.*Nesterov momentum requires a momentum"):
+        create_optimizer(make_quadratic(), args)
+
+
 def test_a_non_optimizer_class_is_a_factory_called_with_the_model():
     calls = []
 

@@ -312,7 +312,7 @@ def create_optimizer(
     check_param_rules_fit(optimizer_cls, kwargs, args)
 
     if is_optimizer_factory(optimizer_cls):
-        optimizer = optimizer_cls()(model, **kwargs)
+        build, first = optimizer_cls(), model
     else:
         params: Any = build_param_groups(model, args)
         # Resolution may replace the groups: GaLore/APOLLO split them (params), LOMO takes the model.
@@ -320,7 +320,19 @@ def create_optimizer(
             params = kwargs.pop("params")
         if "model" in kwargs:
             params = kwargs.pop("model")
-        optimizer = optimizer_cls(params, **kwargs)
+        build, first = optimizer_cls, params
+    try:
+        optimizer = build(first, **kwargs)
+    except ValueError as exc:
+        if name is None:  # the caller's own class and kwargs: its message is about what they passed
+            raise
+        # The class's own check ("Nesterov momentum requires a momentum..."), about values that came
+        # from TrainingArguments and optim_args: say which.
+        shown = {k: v for k, v in kwargs.items() if k not in ("params", "model")}
+        raise ValueError(
+            f"optim={name!r} ({getattr(optimizer_cls, '__qualname__', optimizer_cls)}) refused the arguments "
+            f"{shown} (from TrainingArguments, optim_args={getattr(args, 'optim_args', None)!r}): {exc}"
+        ) from exc
 
     keep_embeddings_32bit(optimizer, optimizer_cls, optimizer_kwargs, model)
     if name is not None:
