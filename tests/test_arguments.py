@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import enum
 import json
+import logging
 import math
 import os
 import pickle
@@ -557,6 +558,19 @@ def test_as_training_arguments_from_transformers_defaults(tmp_path):
     assert ours == TrainingArguments(output_dir=str(tmp_path))
     assert ours.explicit_fields == {"output_dir"}
     assert not ours.is_explicit("optim") and not ours.is_explicit("adam_beta1")
+
+
+def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
+        as_training_arguments(transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch"))
+    assert "ignored" not in caplog.text  # defaults, and fields derived from those the user set
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, eval_strategy="epoch",
+                                        save_strategy="epoch", load_best_model_at_end=True)
+    with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
+        as_training_arguments(hf)
+    assert "fields that optsched does not use are set and ignored: label_smoothing_factor=0.1, " in caplog.text
+    assert "load_best_model_at_end=True" in caplog.text and "eval_strategy" not in caplog.text
 
 
 def test_as_training_arguments_truncates_float_step_counts_like_transformers(tmp_path):

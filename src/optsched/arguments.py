@@ -903,4 +903,37 @@ def as_training_arguments(args: Any = None) -> TrainingArguments:
             "args must be an optsched.TrainingArguments, a transformers.TrainingArguments, a mapping of "
             f"field values or None, got {type(args).__name__} {args!r}."
         )
+    _warn_ignored_fields(args)
     return _with_inferred_explicit(TrainingArguments, _read_foreign(args))
+
+
+#: transformers fields set in its ``__post_init__`` from others (``do_eval`` from ``eval_strategy``), and
+#: ``do_train`` / ``do_predict``, which its Trainer does not read either (they are for scripts).
+_DERIVED_FOREIGN_FIELDS = frozenset(
+    {"accelerator_config", "logging_dir", "run_name", "hub_model_id", "do_eval", "do_train", "do_predict"}
+)
+
+
+def _warn_ignored_fields(obj: Any) -> None:
+    """Log a warning listing the fields of a transformers ``TrainingArguments`` that were changed from
+    transformers' defaults but that optsched does not read (``load_best_model_at_end``,
+    ``label_smoothing_factor``, ...): they would otherwise be dropped without a word."""
+    if not dataclasses.is_dataclass(obj) or not type(obj).__module__.startswith("transformers."):
+        return
+    ignored = []
+    for f in dataclasses.fields(obj):
+        if f.name in _FIELDS or f.name in _DERIVED_FOREIGN_FIELDS or f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        value = getattr(obj, f.name, default)
+        if value != default and (value or default):  # False for None, [] for "": normalised, not set
+            ignored.append(f"{f.name}={_plain(value)!r}")
+    if ignored:
+        logger.warning(
+            "%s fields that optsched does not use are set and ignored: %s.", type(obj).__name__, ", ".join(ignored)
+        )
