@@ -93,3 +93,32 @@ def test_lr_is_learning_rate_in_every_command():
     assert plan_cmd.build_parser().parse_args(["--lr", "0.003"]).learning_rate == 0.003
     assert demo_cmd.build_parser().parse_args(["--lr", "0.003"]).learning_rate == 0.003
     assert schedule_cmd.build_parser().parse_args(["cosine", "--steps", "3", "--lr", "0.003"]).lr == 0.003
+
+
+# --------------------------------------------------------------------------------------------------
+# warnings: one line each, no source line
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["schedule", "linear", "--steps", "10", "--warmup-steps", "20"],
+        ["plan", "--steps", "10", "--warmup_steps", "20"],
+    ],
+)
+def test_a_warning_is_one_line_without_source(argv, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # shown even if an earlier test triggered it already
+        assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"optsched {argv[0]}: warning: num_warmup_steps=20 is longer than num_training_steps=10: "
+        "the 'linear' schedule never reaches its peak learning rate.\n"
+    )
+
+
+def test_the_warning_printer_is_the_callers_again_afterwards(capsys):
+    before = warnings.showwarning
+    assert cli.main(["schedule", "linear", "--steps", "10"]) == 0
+    assert warnings.showwarning is before

@@ -3,7 +3,9 @@
 Each subcommand module exposes ``HELP`` (one line), ``build_parser() -> jsonargparse.ArgumentParser``
 and ``run(cfg) -> int``; heavy imports (torch, matplotlib) stay inside ``run``. Bad input of any kind
 (an unknown flag, a bad value, a missing optional package) is answered with one line on stderr and
-exit code 2, never a traceback.
+exit code 2, never a traceback. A Python warning raised while a command runs (a warmup longer than the
+run, ...) is printed as one line, ``optsched <command>: warning: <message>``, without the source line
+Python would show; this formatter is installed by :func:`main` only, and removed when it returns.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from optsched._validation import closest
@@ -87,10 +90,30 @@ def unrecognized_hint(message: str, command: str | None) -> str:
     return (f" ({'; '.join(guesses)})" if guesses else "") + f"; accepted flags: optsched {command} --help"
 
 
+def _warning_printer(prefix: str):
+    """A :func:`warnings.showwarning` that prints ``"{prefix}: warning: <message>"`` as one line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(f"{prefix}: warning: {_one_line(message)}", file=file if file is not None else sys.stderr)
+        except OSError:  # stderr gone: a warning is not worth a crash
+            pass
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    # the caller's filters stay as they are; only the way a shown warning is printed changes, and
+    # catch_warnings puts the caller's printer back when main returns
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(f"optsched {command}" if command else "optsched")
+        return _run(argv, command)
+
+
+def _run(argv: list[str], command: str | None) -> int:
     parser = build_parser(only=command)
     try:
         cfg = parser.parse_args(argv)
