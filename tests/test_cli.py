@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -122,3 +125,26 @@ def test_the_warning_printer_is_the_callers_again_afterwards(capsys):
     before = warnings.showwarning
     assert cli.main(["schedule", "linear", "--steps", "10"]) == 0
     assert warnings.showwarning is before
+
+
+# --------------------------------------------------------------------------------------------------
+# a closed pipe (`optsched plan | head -1`): quiet, as Unix tools are
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["schedule", "linear", "--steps", "10"],
+        ["plan", "--steps", "10"],
+    ],
+)
+def test_a_closed_stdout_pipe_ends_quietly(argv):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "optsched", *argv], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == cli.EXIT_BROKEN_PIPE

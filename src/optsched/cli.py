@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 def build_parser(only: str | None = None):
@@ -110,7 +112,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     # catch_warnings puts the caller's printer back when main returns
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(f"optsched {command}" if command else "optsched")
-        return _run(argv, command)
+        try:
+            try:
+                return _run(argv, command)
+            finally:  # write what is buffered now, so a closed pipe is noticed here, not at exit
+                sys.stdout.flush()
+        except BrokenPipeError:
+            # the reader has gone (`optsched plan | head -1`): stop quietly, as Unix tools do
+            _stdout_to_devnull()
+            return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's own flush at exit does not
+    fail again on the closed pipe (the recipe of Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (an in-process caller's capture)
+        pass
 
 
 def _run(argv: list[str], command: str | None) -> int:
