@@ -82,3 +82,38 @@ def test_parse_kw_values():
         parse_kw(["a=1", "a=2"])
     with pytest.raises(ValueError, match="not key=value"):
         parse_kw(["=1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# --png: the file named is the file written; a folder, an empty name or another format is refused
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["schedule", "linear"], ["plan"]])
+def test_png_without_suffix_gets_png_and_says_so(command, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main([*command, "--steps", "10", "--png", str(tmp_path / "curve")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'curve.png'}"
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+
+
+@pytest.mark.parametrize("command", [["schedule", "linear"], ["plan"]])
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("", "--png='': an empty file name; accepted: a PNG file name"),
+        (".", "is a folder; accepted: a PNG file name, e.g. "),
+        ("new_folder/", "is a folder"),
+        ("curve.jpg", "ends in '.jpg', but the file is a PNG; accepted: a name ending in .png"),
+        ("missing/curve.png", "the folder"),
+    ],
+)
+def test_png_names_that_are_refused(command, name, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--steps", "10", "--png", name]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert fragment in err and "\n" not in err and captured.out == ""
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / f"{tmp_path.name}.png").exists()
