@@ -117,3 +117,15 @@ def test_png_names_that_are_refused(command, name, fragment, tmp_path, capsys, m
     err = captured.err.strip()
     assert fragment in err and "\n" not in err and captured.out == ""
     assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / f"{tmp_path.name}.png").exists()
+
+
+@pytest.mark.parametrize("command", [["schedule", "linear"], ["plan"]])
+def test_png_that_cannot_be_written_is_one_line_naming_it(command, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / ("x" * 300 + ".png")  # longer than any file system's name limit: open() fails
+    assert main([*command, "--steps", "10", "--png", str(png)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == (f"optsched {command[0]}: error: --png={str(png)!r}: cannot write it (File name too long); "
+                   "accepted: a PNG file in a folder you can write to.")  # fmt: skip
+    assert captured.out == ""  # the PNG is written before anything is printed

@@ -142,11 +142,13 @@ def _run(argv: list[str], command: str | None) -> int:
         message = _one_line(exc)
         print(f"optsched: error: {message}{unrecognized_hint(message, command)}", file=sys.stderr)
         return EXIT_USAGE
+    from optsched.commands import UsageError
+
     command = cfg.command
     module = importlib.import_module(COMMANDS[command])
     try:
         return int(module.run(cfg[command]) or 0)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, ImportError, FileNotFoundError, UsageError) as exc:
         print(f"optsched {command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -138,6 +138,7 @@ def run(cfg: Any) -> int:
     from torch import nn
 
     from optsched._validation import check_int
+    from optsched.commands import cannot_write
     from optsched.optim import create_optimizer
     from optsched.plan import explain
     from optsched.schedules import create_scheduler
@@ -164,17 +165,23 @@ def run(cfg: Any) -> int:
             f"--png={cfg.png!r}: the {report.schedule.type!r} schedule has no curve to draw "
             f"({report.schedule.note}); accepted: a closed-form lr_scheduler_type such as linear or cosine."
         )
+    written = None
+    if curves is not None:
+        curves = _dedupe(curves)
+        if png is not None:  # written first: a file that cannot be written is the only output
+            try:
+                written = save_png(curves, png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
+                                   num_warmup_steps=report.schedule.num_warmup_steps or None)
+            except OSError as exc:
+                raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
     print(f"optsched plan: model {cfg.model}, optim={args.optim}, lr_scheduler_type={args.lr_scheduler_type}, "
           f"{steps} steps")
     print(report)
     if curves is None:
         print("\n(no lr curve: the schedule cannot be evaluated in advance)")
     else:
-        curves = _dedupe(curves)
         print("\nLearning rate per group")
         print(ascii_chart(curves, width=cfg.width, height=cfg.height))
-        if png is not None:
-            path = save_png(curves, png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
-                            num_warmup_steps=report.schedule.num_warmup_steps or None)
-            print(f"wrote {path}")
+        if written is not None:
+            print(f"wrote {written}")
     return 0

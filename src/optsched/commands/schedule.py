@@ -86,6 +86,7 @@ def run(cfg: Any) -> int:
     import torch
 
     from optsched._validation import check_number
+    from optsched.commands import cannot_write
     from optsched.schedules import get_schedule_info, get_scheduler
     from optsched.schedules.registry import METRIC
     from optsched.schedules.render import ascii_chart, format_key_points, png_path, save_png
@@ -109,6 +110,17 @@ def run(cfg: Any) -> int:
         scheduler_specific_kwargs=kwargs,
     )
     lrs = [scheduler.lr_at(step)[0] for step in range(cfg.steps)]
+    written = None
+    if png is not None:  # written first: a file that cannot be written is the only output
+        try:
+            written = save_png(
+                {info.name: lrs},
+                png,
+                title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
+                num_warmup_steps=cfg.warmup_steps or None,
+            )
+        except OSError as exc:
+            raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
     spec = scheduler.spec
     kw_text = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(
@@ -117,12 +129,6 @@ def run(cfg: Any) -> int:
     )
     print(ascii_chart(lrs, width=cfg.width, height=cfg.height))
     print(format_key_points(lrs, cfg.warmup_steps))
-    if png is not None:
-        path = save_png(
-            {info.name: lrs},
-            png,
-            title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
-            num_warmup_steps=cfg.warmup_steps or None,
-        )
-        print(f"wrote {path}")
+    if written is not None:
+        print(f"wrote {written}")
     return 0

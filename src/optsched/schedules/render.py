@@ -164,7 +164,7 @@ def png_path(path: str | Path, field: str = "png") -> Path:
     example = "e.g. lr.png"
     if not text:
         raise ValueError(f"{field}='': an empty file name; accepted: a PNG file name, {example}.")
-    if text.endswith((os.sep, os.altsep or os.sep)) or Path(text).is_dir():
+    if text.endswith((os.sep, os.altsep or os.sep)) or os.path.isdir(text):
         raise ValueError(
             f"{field}={text!r} is a folder; accepted: a PNG file name, e.g. {os.path.join(text, 'lr.png')}."
         )
@@ -176,7 +176,7 @@ def png_path(path: str | Path, field: str = "png") -> Path:
         )
     if not out.suffix:
         out = out.with_name(out.name + ".png")
-    if not out.parent.is_dir():
+    if not os.path.isdir(out.parent):  # os.path's answer is False, not an OSError, for a bad path
         raise FileNotFoundError(f"{field}={text!r}: the folder {str(out.parent)!r} does not exist.")
     return out
 
