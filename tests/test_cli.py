@@ -148,3 +148,47 @@ def test_a_closed_stdout_pipe_ends_quietly(argv):
     finally:
         os.close(write_end)
     assert done.stderr == "" and done.returncode == cli.EXIT_BROKEN_PIPE
+
+
+# --------------------------------------------------------------------------------------------------
+# a value of the wrong type: the flag as typed, the value as typed, what is accepted
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["schedule", "linear", "--steps", "1e12"], "--steps: expected an integer, got '1e12'"),
+        (["schedule", "linear", "--steps", "10", "--num_training_steps", "1e12"],
+         "--num_training_steps: expected an integer, got '1e12'"),
+        (["schedule", "linear", "--steps", "10", "--lr", "nan"], "--lr: expected a finite number, got 'nan'"),
+        (["schedule", "linear", "--steps", "10", "--learning-rate=inf"],
+         "--learning-rate: expected a finite number, got 'inf'"),
+        (["plan", "--steps", "1e12"], "--steps: expected an integer, got '1e12'"),
+        (["plan", "--steps", "5", "--warmup_steps", "abc"], "--warmup_steps: expected a finite number, got 'abc'"),
+        (["plan", "--steps", "5", "--fp16", "maybe"], "--fp16: expected true or false, got 'maybe'"),
+        (["demo", "--epochs", "0"], "--epochs: expected a number > 0, got '0'"),
+        (["demo", "--max-steps", "-1"], "--max-steps: expected an integer > 0, got '-1'"),
+        (["demo", "--seed", "x"], "--seed: expected an integer >= 0, got 'x'"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_reads_like_the_other_errors(argv, expected, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err == f"optsched: error: {expected}\n" and captured.out == ""
+
+
+def test_a_wrong_type_in_the_config_file_says_so(tmp_path, capsys):
+    config = tmp_path / "args.yaml"
+    config.write_text("learning_rate: abc\n")
+    assert cli.main(["plan", "--steps", "5", "--config", str(config)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "optsched: error: --learning_rate: expected a finite number, got 'abc' (in the --config file)\n"
+    )
+
+
+def test_describe_type_doctest():
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(cli.describe_type, globs=dict(vars(cli))):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 2

@@ -360,9 +360,9 @@ def test_demo_epochs_flag(run_cli, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--max-steps", "-1"], "max_steps"),
-        (["--max-steps", "ten"], "max_steps"),
-        (["--learning-rate", "0"], "learning_rate"),
+        (["--max-steps", "-1"], "--max-steps: expected an integer > 0, got '-1'"),
+        (["--max_steps", "ten"], "--max_steps: expected an integer > 0, got 'ten'"),
+        (["--learning-rate", "0"], "--learning-rate: expected a number > 0, got '0'"),
         (["--bogus"], "--bogus"),
         (["--task", "majorty"], "Did you mean 'majority'"),
     ],
