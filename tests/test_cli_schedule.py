@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -129,3 +130,20 @@ def test_png_that_cannot_be_written_is_one_line_naming_it(command, tmp_path, cap
     assert err == (f"optsched {command[0]}: error: --png={str(png)!r}: cannot write it (File name too long); "
                    "accepted: a PNG file in a folder you can write to.")  # fmt: skip
     assert captured.out == ""  # the PNG is written before anything is printed
+
+
+@pytest.mark.parametrize(
+    ("name", "warmup", "steps"),
+    [("polynomial", "10", "10"), ("linear", "20", "10"), ("cosine", "9", "10")],
+)
+def test_end_of_warmup_is_shown_only_where_the_peak_is(name, warmup, steps, capsys):
+    # the end of warmup is step num_warmup_steps, at the peak lr; a run of `steps` steps may end first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warmup longer than the run
+        assert main(["schedule", name, "--steps", steps, "--warmup-steps", warmup, "--lr", "5e-5"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " lr = " in line]
+    marked = [line for line in lines if line.startswith("end of warmup")]
+    if int(warmup) < int(steps):
+        assert marked == [f"{f'end of warmup (step {warmup})':<26} lr = 5.000000e-05"]  # the peak
+    else:
+        assert marked == [] and lines[-1].startswith(f"last (step {int(steps) - 1})")

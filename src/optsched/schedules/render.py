@@ -119,19 +119,30 @@ def ascii_chart(
 
 
 def key_points(num_steps: int, num_warmup_steps: int = 0) -> list[tuple[str, int]]:
-    """The steps worth printing: start, end of warmup, middle, last (``num_steps - 1``); no duplicates."""
+    """The steps worth printing: start, end of warmup, middle, last (``num_steps - 1``); no duplicates.
+
+    The end of warmup is step ``num_warmup_steps``, the first step at the peak lr. It is left out when
+    there is no warmup, and when the run ends before it (``num_warmup_steps >= num_steps``): no step of
+    the run has the peak lr then, and the last step is no end of warmup.
+
+    Example:
+        >>> key_points(10, 2)
+        [('start', 0), ('end of warmup', 2), ('middle', 5), ('last', 9)]
+        >>> key_points(10, 10)
+        [('start', 0), ('middle', 5), ('last', 9)]
+    """
     check_int("num_steps", num_steps, low=1)
     check_int("num_warmup_steps", num_warmup_steps, low=0)
     candidates = [
         ("start", 0),
-        ("end of warmup", min(num_warmup_steps, num_steps - 1)),
+        ("end of warmup", num_warmup_steps),
         ("middle", num_steps // 2),
         ("last", num_steps - 1),
     ]
     seen: set[int] = set()
     out: list[tuple[str, int]] = []
     for label, step in candidates:
-        if label == "end of warmup" and num_warmup_steps == 0:
+        if label == "end of warmup" and not 0 < num_warmup_steps < num_steps:
             continue
         if step not in seen:
             seen.add(step)
