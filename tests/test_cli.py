@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -93,3 +96,99 @@ def test_lr_is_learning_rate_in_every_command():
     assert plan_cmd.build_parser().parse_args(["--lr", "0.003"]).learning_rate == 0.003
     assert demo_cmd.build_parser().parse_args(["--lr", "0.003"]).learning_rate == 0.003
     assert schedule_cmd.build_parser().parse_args(["cosine", "--steps", "3", "--lr", "0.003"]).lr == 0.003
+
+
+# --------------------------------------------------------------------------------------------------
+# warnings: one line each, no source line
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["schedule", "linear", "--steps", "10", "--warmup-steps", "20"],
+        ["plan", "--steps", "10", "--warmup_steps", "20"],
+    ],
+)
+def test_a_warning_is_one_line_without_source(argv, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # shown even if an earlier test triggered it already
+        assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"optsched {argv[0]}: warning: num_warmup_steps=20 is longer than num_training_steps=10: "
+        "the 'linear' schedule never reaches its peak learning rate.\n"
+    )
+
+
+def test_the_warning_printer_is_the_callers_again_afterwards(capsys):
+    before = warnings.showwarning
+    assert cli.main(["schedule", "linear", "--steps", "10"]) == 0
+    assert warnings.showwarning is before
+
+
+# --------------------------------------------------------------------------------------------------
+# a closed pipe (`optsched plan | head -1`): quiet, as Unix tools are
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["schedule", "linear", "--steps", "10"],
+        ["plan", "--steps", "10"],
+    ],
+)
+def test_a_closed_stdout_pipe_ends_quietly(argv):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "optsched", *argv], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == cli.EXIT_BROKEN_PIPE
+
+
+# --------------------------------------------------------------------------------------------------
+# a value of the wrong type: the flag as typed, the value as typed, what is accepted
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["schedule", "linear", "--steps", "1e12"], "--steps: expected an integer, got '1e12'"),
+        (["schedule", "linear", "--steps", "10", "--num_training_steps", "1e12"],
+         "--num_training_steps: expected an integer, got '1e12'"),
+        (["schedule", "linear", "--steps", "10", "--lr", "nan"], "--lr: expected a finite number, got 'nan'"),
+        (["schedule", "linear", "--steps", "10", "--learning-rate=inf"],
+         "--learning-rate: expected a finite number, got 'inf'"),
+        (["plan", "--steps", "1e12"], "--steps: expected an integer, got '1e12'"),
+        (["plan", "--steps", "5", "--warmup_steps", "abc"], "--warmup_steps: expected a finite number, got 'abc'"),
+        (["plan", "--steps", "5", "--fp16", "maybe"], "--fp16: expected true or false, got 'maybe'"),
+        (["demo", "--epochs", "0"], "--epochs: expected a number > 0, got '0'"),
+        (["demo", "--max-steps", "-1"], "--max-steps: expected an integer > 0, got '-1'"),
+        (["demo", "--seed", "x"], "--seed: expected an integer >= 0, got 'x'"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_reads_like_the_other_errors(argv, expected, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err == f"optsched: error: {expected}\n" and captured.out == ""
+
+
+def test_a_wrong_type_in_the_config_file_says_so(tmp_path, capsys):
+    config = tmp_path / "args.yaml"
+    config.write_text("learning_rate: abc\n")
+    assert cli.main(["plan", "--steps", "5", "--config", str(config)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "optsched: error: --learning_rate: expected a finite number, got 'abc' (in the --config file)\n"
+    )
+
+
+def test_describe_type_doctest():
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(cli.describe_type, globs=dict(vars(cli))):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 2

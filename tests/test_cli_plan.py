@@ -107,3 +107,17 @@ def test_png_without_matplotlib_names_the_extra(capsys, tmp_path, monkeypatch) -
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = _run(capsys, "--steps", "5", "--png", str(tmp_path / "x.png"))
     assert code == 2 and "optsched[plot]" in err
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("xyz", "decay_policy='xyz' is not a known decay policy. Accepted: hf, ndim, alone or with an exemption "
+                "after '+' (hf+no_embeddings, ndim+no_embeddings)."),
+        ("no_embeddings", "Did you mean one of 'hf+no_embeddings', 'ndim+no_embeddings'?"),
+    ],
+)  # fmt: skip
+def test_an_unknown_decay_policy_lists_the_plus_forms_too(capsys, policy, expected) -> None:
+    code, out, err = _run(capsys, "--steps", "5", "--decay_policy", policy)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert expected in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -82,3 +83,67 @@ def test_parse_kw_values():
         parse_kw(["a=1", "a=2"])
     with pytest.raises(ValueError, match="not key=value"):
         parse_kw(["=1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# --png: the file named is the file written; a folder, an empty name or another format is refused
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["schedule", "linear"], ["plan"]])
+def test_png_without_suffix_gets_png_and_says_so(command, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main([*command, "--steps", "10", "--png", str(tmp_path / "curve")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'curve.png'}"
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+
+
+@pytest.mark.parametrize("command", [["schedule", "linear"], ["plan"]])
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("", "--png='': an empty file name; accepted: a PNG file name"),
+        (".", "is a folder; accepted: a PNG file name, e.g. "),
+        ("new_folder/", "is a folder"),
+        ("curve.jpg", "ends in '.jpg', but the file is a PNG; accepted: a name ending in .png"),
+        ("missing/curve.png", "the folder"),
+    ],
+)
+def test_png_names_that_are_refused(command, name, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--steps", "10", "--png", name]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert fragment in err and "\n" not in err and captured.out == ""
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / f"{tmp_path.name}.png").exists()
+
+
+@pytest.mark.parametrize("command", [["schedule", "linear"], ["plan"]])
+def test_png_that_cannot_be_written_is_one_line_naming_it(command, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / ("x" * 300 + ".png")  # longer than any file system's name limit: open() fails
+    assert main([*command, "--steps", "10", "--png", str(png)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == (f"optsched {command[0]}: error: --png={str(png)!r}: cannot write it (File name too long); "
+                   "accepted: a PNG file in a folder you can write to.")  # fmt: skip
+    assert captured.out == ""  # the PNG is written before anything is printed
+
+
+@pytest.mark.parametrize(
+    ("name", "warmup", "steps"),
+    [("polynomial", "10", "10"), ("linear", "20", "10"), ("cosine", "9", "10")],
+)
+def test_end_of_warmup_is_shown_only_where_the_peak_is(name, warmup, steps, capsys):
+    # the end of warmup is step num_warmup_steps, at the peak lr; a run of `steps` steps may end first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warmup longer than the run
+        assert main(["schedule", name, "--steps", steps, "--warmup-steps", warmup, "--lr", "5e-5"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " lr = " in line]
+    marked = [line for line in lines if line.startswith("end of warmup")]
+    if int(warmup) < int(steps):
+        assert marked == [f"{f'end of warmup (step {warmup})':<26} lr = 5.000000e-05"]  # the peak
+    else:
+        assert marked == [] and lines[-1].startswith(f"last (step {int(steps) - 1})")

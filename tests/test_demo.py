@@ -360,9 +360,9 @@ def test_demo_epochs_flag(run_cli, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--max-steps", "-1"], "max_steps"),
-        (["--max-steps", "ten"], "max_steps"),
-        (["--learning-rate", "0"], "learning_rate"),
+        (["--max-steps", "-1"], "--max-steps: expected an integer > 0, got '-1'"),
+        (["--max_steps", "ten"], "--max_steps: expected an integer > 0, got 'ten'"),
+        (["--learning-rate", "0"], "--learning-rate: expected a number > 0, got '0'"),
         (["--bogus"], "--bogus"),
         (["--task", "majorty"], "Did you mean 'majority'"),
     ],
@@ -372,6 +372,23 @@ def test_bad_flags_exit_2_with_one_line(run_cli, tmp_path, argv, needle):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("a_file", "is a file, not a folder; accepted: a folder (new or existing) you can write to."),
+        ("a_file/sub", "cannot write there (Not a directory)"),
+        ("d" * 300, "cannot write there (File name too long)"),
+    ],
+)
+def test_an_output_dir_that_cannot_be_used_is_one_line_before_training(run_cli, tmp_path, where, needle):
+    (tmp_path / "a_file").write_text("not a folder")
+    output_dir = tmp_path / where
+    code, out, err = run_cli("--output-dir", str(output_dir), "--max-steps", "4", *FAST)
+    assert code == 2 and out == ""  # refused before the model is built, not at the first checkpoint
+    assert err.startswith(f"optsched demo: error: --output-dir={str(output_dir)!r}") and err.count("\n") == 1
+    assert needle in err and err.rstrip().endswith("accepted: a folder (new or existing) you can write to.")
 
 
 def test_resume_without_checkpoint_exits_2(run_cli, tmp_path):

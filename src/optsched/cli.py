@@ -3,14 +3,21 @@
 Each subcommand module exposes ``HELP`` (one line), ``build_parser() -> jsonargparse.ArgumentParser``
 and ``run(cfg) -> int``; heavy imports (torch, matplotlib) stay inside ``run``. Bad input of any kind
 (an unknown flag, a bad value, a missing optional package) is answered with one line on stderr and
-exit code 2, never a traceback.
+exit code 2, never a traceback. A Python warning raised while a command runs (a warmup longer than the
+run, ...) is printed as one line, ``optsched <command>: warning: <message>``, without the source line
+Python would show; this formatter is installed by :func:`main` only, and removed when it returns.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+import types
+import typing
+import warnings
 from collections.abc import Sequence
 
 from optsched._validation import closest
@@ -23,6 +30,7 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 def build_parser(only: str | None = None):
@@ -87,22 +95,155 @@ def unrecognized_hint(message: str, command: str | None) -> str:
     return (f" ({'; '.join(guesses)})" if guesses else "") + f"; accepted flags: optsched {command} --help"
 
 
+def _warning_printer(prefix: str):
+    """A :func:`warnings.showwarning` that prints ``"{prefix}: warning: <message>"`` as one line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(f"{prefix}: warning: {_one_line(message)}", file=file if file is not None else sys.stderr)
+        except OSError:  # stderr gone: a warning is not worth a crash
+            pass
+
+    return show
+
+
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
+_GIVEN_VALUE = re.compile(r"(?:Got|Given) value: (.*?)\s*$", re.M)
+
+# jsonargparse.typing's restricted numbers, by class name (their bounds live in a private attribute)
+_RESTRICTED = {
+    "PositiveInt": "an integer > 0",
+    "NonNegativeInt": "an integer >= 0",
+    "PositiveFloat": "a number > 0",
+    "NonNegativeFloat": "a number >= 0",
+    "ClosedUnitInterval": "a number in [0, 1]",
+    "OpenUnitInterval": "a number in (0, 1)",
+}
+
+
+def describe_type(hint: object) -> str:
+    """What a flag of type ``hint`` accepts, in words: ``int`` -> ``"an integer"``.
+
+    Example:
+        >>> describe_type(int), describe_type(float), describe_type(int | float | None)
+        ('an integer', 'a finite number', 'a finite number')
+        >>> from jsonargparse.typing import PositiveFloat
+        >>> describe_type(PositiveFloat | None), describe_type(bool)
+        ('a number > 0', 'true or false')
+    """
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [m for m in typing.get_args(hint) if m is not type(None)]  # None is never what was meant
+        if float in members and int in members:
+            members.remove(int)  # "an integer or a number" says no more than "a number"
+        return " or ".join(dict.fromkeys(describe_type(m) for m in members))
+    name = getattr(hint, "__name__", "")
+    if name in _RESTRICTED:
+        return _RESTRICTED[name]
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object"}
+    if hint in words:
+        return words[hint]
+    if typing.get_origin(hint) is list or hint is list:
+        return "a list, e.g. [a, b]"
+    return _one_line(str(hint).replace("typing.", ""))
+
+
+def _flag_and_value(parser, dest: str, argv: Sequence[str], reported: str | None) -> tuple[str, str | None]:
+    """The flag for ``dest`` as the user spelled it, and the text given to it: of several occurrences,
+    the one whose text is the value jsonargparse reported (it reports ``1e12`` as ``1000000000000.0``),
+    else the first."""
+    options = [flag for action in parser._actions if action.dest == dest for flag in action.option_strings]
+    given: list[tuple[str, str]] = []
+    for i, word in enumerate(argv):
+        flag, eq, text = word.partition("=")
+        if flag in options:
+            if eq:
+                given.append((flag, text))
+            elif i + 1 < len(argv):
+                given.append((flag, argv[i + 1]))
+
+    def same(text: str) -> bool:
+        if reported is None or text == reported:
+            return reported is not None
+        try:
+            return float(text) == float(reported)
+        except ValueError:
+            return False
+
+    for flag, text in given:
+        if same(text):
+            return flag, text
+    if given:
+        return given[0]
+    long = [flag for flag in options if flag.startswith("--")]
+    return (long[0] if long else f"--{dest}"), reported
+
+
+def type_error_message(message: str, command: str | None, argv: Sequence[str]) -> str:
+    """jsonargparse's ``Parser key "steps": Expected a <class 'int'>. Got value: 1e12`` as the project
+    words its errors, ``--steps: expected an integer, got '1e12'``; any other message as it is."""
+    match = _PARSER_KEY.match(message)
+    if command not in COMMANDS or match is None:
+        return _one_line(message)
+    dest = match.group(1).rpartition(".")[2]
+    parser = importlib.import_module(COMMANDS[command]).build_parser()
+    action = next((a for a in parser._actions if a.dest == dest), None)
+    hint = getattr(action, "_typehint", None)  # jsonargparse's ActionTypeHint keeps the annotation there
+    if hint is None:
+        return _one_line(message)
+    values = _GIVEN_VALUE.findall(message)
+    flag, text = _flag_and_value(parser, dest, argv, values[-1] if values else None)
+    got = f", got {text!r}" if text is not None else ""
+    typed = any(word.partition("=")[0] == flag for word in argv)
+    if text is not None and not typed and any(word.partition("=")[0] == "--config" for word in argv):
+        got += " (in the --config file)"
+    return f"{flag}: expected {describe_type(hint)}{got}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    # the caller's filters stay as they are; only the way a shown warning is printed changes, and
+    # catch_warnings puts the caller's printer back when main returns
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(f"optsched {command}" if command else "optsched")
+        try:
+            try:
+                return _run(argv, command)
+            finally:  # write what is buffered now, so a closed pipe is noticed here, not at exit
+                sys.stdout.flush()
+        except BrokenPipeError:
+            # the reader has gone (`optsched plan | head -1`): stop quietly, as Unix tools do
+            _stdout_to_devnull()
+            return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's own flush at exit does not
+    fail again on the closed pipe (the recipe of Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (an in-process caller's capture)
+        pass
+
+
+def _run(argv: list[str], command: str | None) -> int:
     parser = build_parser(only=command)
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
-        message = _one_line(exc)
+        message = type_error_message(str(exc), command, argv[1:])
         print(f"optsched: error: {message}{unrecognized_hint(message, command)}", file=sys.stderr)
         return EXIT_USAGE
+    from optsched.commands import UsageError
+
     command = cfg.command
     module = importlib.import_module(COMMANDS[command])
     try:
         return int(module.run(cfg[command]) or 0)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, ImportError, FileNotFoundError, UsageError) as exc:
         print(f"optsched {command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

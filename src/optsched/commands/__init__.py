@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["spellings"]
+__all__ = ["UsageError", "cannot_write", "spellings"]
 
 
 def spellings(*names: str) -> list[str]:
@@ -19,3 +19,23 @@ def spellings(*names: str) -> list[str]:
     """
     flags = (f"--{spelling}" for name in names for spelling in (name.replace("_", "-"), name))
     return list(dict.fromkeys(flags))
+
+
+class UsageError(Exception):
+    """Input the user can fix that is not a bad value as such: a path that cannot be written, say.
+
+    :func:`optsched.cli.main` prints it as one line on stderr and exits with code 2, as for a
+    ``ValueError``.
+    """
+
+
+def cannot_write(flag: str, path: object, exc: OSError, accepted: str) -> UsageError:
+    """The error for ``exc``, raised while writing ``path`` given as ``flag``: names the flag, the path
+    and the system's reason.
+
+    Example:
+        >>> print(cannot_write("--png", "/sys/x.png", PermissionError(13, "Permission denied"), "a file you can write"))
+        --png='/sys/x.png': cannot write it (Permission denied); accepted: a file you can write.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return UsageError(f"{flag}={str(path)!r}: cannot write it ({reason}); accepted: {accepted}.")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +122,7 @@ def find_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (``checkpoint-N`` holding ``trainer_state.json``) in ``output_dir``, oldest
     first by step. A directory without ``trainer_state.json`` is an interrupted save and is skipped."""
     root = Path(output_dir)
-    if not root.is_dir():
+    if not os.path.isdir(root):  # False, not an OSError, for a name too long
         return []
     found = []
     for path in root.iterdir():
@@ -154,6 +156,28 @@ def lr_curve(scheduler: Any, num_steps: int) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` (and its parents) and check that files can be made in it, so that a path
+    that cannot be used fails before training, not at the first checkpoint.
+
+    Raises:
+        UsageError: it is a file, cannot be created, or cannot be written to (the system's reason).
+    """
+    from optsched.commands import UsageError
+
+    accepted = "a folder (new or existing) you can write to"
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # False for a bad path, no OSError
+        raise UsageError(f"--output-dir={str(output_dir)!r} is a file, not a folder; accepted: {accepted}.")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".optsched-write-test-", dir=output_dir))
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UsageError(
+            f"--output-dir={str(output_dir)!r}: cannot write there ({reason}); accepted: {accepted}."
+        ) from None
 
 
 def _training_arguments(cfg: Any, output_dir: Path):
@@ -211,6 +235,7 @@ def run(cfg: Any) -> int:
     elif checkpoints:
         print(f"note: {output_dir} holds {checkpoints[-1].name}; training from scratch "
               "(pass --resume to continue from it).")
+    prepare_output_dir(output_dir)
 
     # for 20k parameters one thread is fastest (no intra-op syncs), and much faster than several on a
     # busy machine; the caller's setting is restored afterwards (run() may be called in-process)

@@ -51,7 +51,8 @@ def build_parser():
     parser.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file of TrainingArguments fields.")
     parser.add_argument("--steps", type=typing.Optional[int], default=None,
                         help="Number of optimizer steps (default: max_steps).")
-    parser.add_argument("--png", type=typing.Optional[str], default=None, help="Also write the lr curves to this PNG.")
+    parser.add_argument("--png", type=typing.Optional[str], default=None,
+                        help="Also write the lr curves to this PNG file (.png is added to a name without a suffix).")
     parser.add_argument("--width", type=int, default=60, help="Chart width in characters (default 60).")
     parser.add_argument("--height", type=int, default=12, help="Chart height in lines (default 12).")
     group = parser.add_argument_group("TrainingArguments", "Any field of optsched.TrainingArguments.")
@@ -137,10 +138,11 @@ def run(cfg: Any) -> int:
     from torch import nn
 
     from optsched._validation import check_int
+    from optsched.commands import cannot_write
     from optsched.optim import create_optimizer
     from optsched.plan import explain
     from optsched.schedules import create_scheduler
-    from optsched.schedules.render import ascii_chart, save_png
+    from optsched.schedules.render import ascii_chart, png_path, save_png
 
     args = training_arguments_from_cfg(cfg)
     steps = cfg.steps if cfg.steps is not None else (args.max_steps if args.max_steps > 0 else None)
@@ -150,6 +152,7 @@ def run(cfg: Any) -> int:
             f"{args.max_steps!r}; accepted: --steps T or --max_steps T (an integer >= 1)."
         )
     steps = check_int("--steps", steps, low=1)
+    png = png_path(cfg.png, "--png") if cfg.png is not None else None  # refused before any work
     model = load_factory(cfg.model)()
     if not isinstance(model, nn.Module):
         raise TypeError(f"--model={cfg.model!r} returned a {type(model).__name__}, not a torch.nn.Module.")
@@ -157,22 +160,28 @@ def run(cfg: Any) -> int:
     scheduler = create_scheduler(optimizer, args, steps)
     report = explain(optimizer, scheduler, model, num_training_steps=steps)
     curves = _curves(report, optimizer, scheduler, steps)
-    if curves is None and cfg.png:
+    if curves is None and png is not None:
         raise ValueError(
             f"--png={cfg.png!r}: the {report.schedule.type!r} schedule has no curve to draw "
             f"({report.schedule.note}); accepted: a closed-form lr_scheduler_type such as linear or cosine."
         )
+    written = None
+    if curves is not None:
+        curves = _dedupe(curves)
+        if png is not None:  # written first: a file that cannot be written is the only output
+            try:
+                written = save_png(curves, png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
+                                   num_warmup_steps=report.schedule.num_warmup_steps or None)
+            except OSError as exc:
+                raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
     print(f"optsched plan: model {cfg.model}, optim={args.optim}, lr_scheduler_type={args.lr_scheduler_type}, "
           f"{steps} steps")
     print(report)
     if curves is None:
         print("\n(no lr curve: the schedule cannot be evaluated in advance)")
     else:
-        curves = _dedupe(curves)
         print("\nLearning rate per group")
         print(ascii_chart(curves, width=cfg.width, height=cfg.height))
-        if cfg.png:
-            path = save_png(curves, cfg.png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
-                            num_warmup_steps=report.schedule.num_warmup_steps or None)
-            print(f"wrote {path}")
+        if written is not None:
+            print(f"wrote {written}")
     return 0

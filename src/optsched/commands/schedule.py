@@ -49,7 +49,10 @@ def build_parser():
         default=None,
         help="A schedule kwarg as key=value (JSON value, else a string); repeat for several.",
     )
-    parser.add_argument("--png", type=str, default=None, help="Also write the curve to this PNG file.")
+    parser.add_argument(
+        "--png", type=str, default=None,
+        help="Also write the curve to this PNG file (.png is added to a name without a suffix).",
+    )
     parser.add_argument("--width", type=int, default=60, help="Chart width in characters (default 60).")
     parser.add_argument("--height", type=int, default=15, help="Chart height in lines (default 15).")
     return parser
@@ -83,9 +86,10 @@ def run(cfg: Any) -> int:
     import torch
 
     from optsched._validation import check_number
+    from optsched.commands import cannot_write
     from optsched.schedules import get_schedule_info, get_scheduler
     from optsched.schedules.registry import METRIC
-    from optsched.schedules.render import ascii_chart, format_key_points, save_png
+    from optsched.schedules.render import ascii_chart, format_key_points, png_path, save_png
 
     info = get_schedule_info(cfg.name)  # ValueError with "did you mean" for an unknown name
     if info.kind == METRIC:
@@ -94,6 +98,7 @@ def run(cfg: Any) -> int:
             "has no fixed curve to draw; pick a closed-form schedule such as linear or cosine."
         )
     lr = check_number("--lr", cfg.lr, low=0.0, low_open=True)
+    png = png_path(cfg.png, "--png") if cfg.png is not None else None  # refused before any work
     kwargs = parse_kw(cfg.kw)
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr)
@@ -105,6 +110,17 @@ def run(cfg: Any) -> int:
         scheduler_specific_kwargs=kwargs,
     )
     lrs = [scheduler.lr_at(step)[0] for step in range(cfg.steps)]
+    written = None
+    if png is not None:  # written first: a file that cannot be written is the only output
+        try:
+            written = save_png(
+                {info.name: lrs},
+                png,
+                title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
+                num_warmup_steps=cfg.warmup_steps or None,
+            )
+        except OSError as exc:
+            raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
     spec = scheduler.spec
     kw_text = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(
@@ -113,12 +129,6 @@ def run(cfg: Any) -> int:
     )
     print(ascii_chart(lrs, width=cfg.width, height=cfg.height))
     print(format_key_points(lrs, cfg.warmup_steps))
-    if cfg.png:
-        path = save_png(
-            {info.name: lrs},
-            cfg.png,
-            title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
-            num_warmup_steps=cfg.warmup_steps or None,
-        )
-        print(f"wrote {path}")
+    if written is not None:
+        print(f"wrote {written}")
     return 0

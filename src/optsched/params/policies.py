@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from optsched._validation import check_choice
+from optsched._validation import check_choice, did_you_mean
 from optsched.params.classify import ParamInfo
 
 __all__ = [
@@ -107,7 +107,14 @@ def resolve_decay_policy(policy: str | DecayPolicy) -> DecayPolicy:
         )
     base_name, *exemption_names = (part.strip() for part in policy.split("+"))
     if not exemption_names:
-        return _DECAY_POLICIES[check_choice("decay_policy", base_name, _DECAY_POLICIES, what="decay policy")]
+        if base_name not in _DECAY_POLICIES:  # the accepted names include the "<base>+<exemption>" forms
+            forms = list_decay_policies()
+            raise ValueError(
+                f"decay_policy={base_name!r} is not a known decay policy.{did_you_mean(base_name, forms)} "
+                f"Accepted: {', '.join(sorted(_DECAY_POLICIES))}, alone or with an exemption after '+' "
+                f"({', '.join(form for form in forms if '+' in form)})."
+            )
+        return _DECAY_POLICIES[base_name]
     base = _DECAY_POLICIES[
         check_choice("decay_policy", base_name, _DECAY_POLICIES, what="decay policy (before '+')")
     ]

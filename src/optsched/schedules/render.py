@@ -7,12 +7,13 @@ inputs are plain ``{label: [lr at step 0, 1, ...]}`` mappings, one curve per par
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from optsched._validation import check_int, missing_package
 
-__all__ = ["MARKERS", "ascii_chart", "key_points", "sample", "save_png", "format_key_points"]
+__all__ = ["MARKERS", "ascii_chart", "key_points", "png_path", "sample", "save_png", "format_key_points"]
 
 MARKERS = "*o+x#%@&"
 """Characters for the curves of a multi-series chart, in order."""
@@ -118,19 +119,30 @@ def ascii_chart(
 
 
 def key_points(num_steps: int, num_warmup_steps: int = 0) -> list[tuple[str, int]]:
-    """The steps worth printing: start, end of warmup, middle, last (``num_steps - 1``); no duplicates."""
+    """The steps worth printing: start, end of warmup, middle, last (``num_steps - 1``); no duplicates.
+
+    The end of warmup is step ``num_warmup_steps``, the first step at the peak lr. It is left out when
+    there is no warmup, and when the run ends before it (``num_warmup_steps >= num_steps``): no step of
+    the run has the peak lr then, and the last step is no end of warmup.
+
+    Example:
+        >>> key_points(10, 2)
+        [('start', 0), ('end of warmup', 2), ('middle', 5), ('last', 9)]
+        >>> key_points(10, 10)
+        [('start', 0), ('middle', 5), ('last', 9)]
+    """
     check_int("num_steps", num_steps, low=1)
     check_int("num_warmup_steps", num_warmup_steps, low=0)
     candidates = [
         ("start", 0),
-        ("end of warmup", min(num_warmup_steps, num_steps - 1)),
+        ("end of warmup", num_warmup_steps),
         ("middle", num_steps // 2),
         ("last", num_steps - 1),
     ]
     seen: set[int] = set()
     out: list[tuple[str, int]] = []
     for label, step in candidates:
-        if label == "end of warmup" and num_warmup_steps == 0:
+        if label == "end of warmup" and not 0 < num_warmup_steps < num_steps:
             continue
         if step not in seen:
             seen.add(step)
@@ -146,6 +158,40 @@ def format_key_points(values: Sequence[float], num_warmup_steps: int = 0) -> str
     )
 
 
+def png_path(path: str | Path, field: str = "png") -> Path:
+    """The file :func:`save_png` writes for ``path``: the name as given when it ends in ``.png``, else
+    with ``.png`` added when it has no suffix (as matplotlib does); ``field`` names it in errors.
+
+    Example:
+        >>> str(png_path("lr")), str(png_path("lr.PNG"))
+        ('lr.png', 'lr.PNG')
+
+    Raises:
+        ValueError: an empty name, a folder (an existing one or a name ending in ``/``), or a suffix
+            other than ``.png`` (the file is always a PNG).
+        FileNotFoundError: the folder it would go into does not exist.
+    """
+    text = os.fspath(path)
+    example = "e.g. lr.png"
+    if not text:
+        raise ValueError(f"{field}='': an empty file name; accepted: a PNG file name, {example}.")
+    if text.endswith((os.sep, os.altsep or os.sep)) or os.path.isdir(text):
+        raise ValueError(
+            f"{field}={text!r} is a folder; accepted: a PNG file name, e.g. {os.path.join(text, 'lr.png')}."
+        )
+    out = Path(text)
+    if out.suffix.lower() not in ("", ".png"):
+        raise ValueError(
+            f"{field}={text!r} ends in {out.suffix!r}, but the file is a PNG; accepted: a name ending in .png "
+            "(a name without a suffix gets .png added)."
+        )
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    if not os.path.isdir(out.parent):  # os.path's answer is False, not an OSError, for a bad path
+        raise FileNotFoundError(f"{field}={text!r}: the folder {str(out.parent)!r} does not exist.")
+    return out
+
+
 def save_png(
     series: Mapping[str, Sequence[float]] | Sequence[float],
     path: str | Path,
@@ -153,12 +199,16 @@ def save_png(
     *,
     num_warmup_steps: int | None = None,
 ) -> Path:
-    """Write the curves to a PNG with matplotlib (non-interactive backend); returns the path.
+    """Write the curves to a PNG with matplotlib (non-interactive backend); returns the path written,
+    which is :func:`png_path` of ``path`` (``"lr"`` writes ``lr.png``).
 
     Raises:
         ImportError: matplotlib is not installed (``pip install 'optsched[plot]'``).
+        ValueError, FileNotFoundError: ``path`` is refused by :func:`png_path`.
+        OSError: the file cannot be written (no permission, read-only file system, disk full, ...).
     """
     curves = _as_series(series)
+    path = png_path(path)
     try:
         import matplotlib
 
@@ -166,9 +216,6 @@ def save_png(
         import matplotlib.pyplot as plt
     except ImportError:
         raise missing_package("matplotlib", "plot", "Writing a PNG of the schedule") from None
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"png={str(path)!r}: the folder {str(path.parent)!r} does not exist.")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
         for label, values in curves.items():
@@ -182,7 +229,7 @@ def save_png(
         if len(curves) > 1 or num_warmup_steps:
             ax.legend()
         fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, format="png")
     finally:
         plt.close(fig)
     return path
