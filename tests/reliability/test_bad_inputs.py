@@ -87,7 +87,7 @@ ROWS = [
     ("warmup-neg", lambda t: TA(warmup_steps=-1), ValueError, ["warmup_steps", "-1"]),
     ("warmup-2.5", lambda t: TA(warmup_steps=2.5), ValueError, ["warmup_steps", "2.5"]),
     ("warmup-nan", lambda t: TA(warmup_steps=NAN), ValueError, ["warmup_steps", "nan"]),
-    ("warmup_ratio-1", lambda t: TA(warmup_ratio=1.0), ValueError, ["warmup_ratio", "1.0"]),
+    ("warmup_ratio-above-1", lambda t: TA(warmup_ratio=1.5), ValueError, ["warmup_ratio", "1.5"]),
     ("warmup-conflict", lambda t: TA(warmup_steps=5, warmup_ratio=0.1), ValueError, ["warmup_steps=5", "warmup_ratio=0.1"]),
     ("logging_steps-neg", lambda t: TA(logging_steps=-1), ValueError, ["logging_steps", "-1"]),
     ("save_steps-0", lambda t: TA(save_steps=0), ValueError, ["save_steps=0"]),
