@@ -109,6 +109,57 @@ def test_rotation_table(tmp_path, limit, best, kept):
     assert [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(tmp_path)] == kept
 
 
+def _fake_checkpoints(root, steps):
+    for step in steps:
+        d = root / f"checkpoint-{step}"
+        d.mkdir()
+        for f in ("trainer_state.json", "model.safetensors"):
+            (d / f).write_text("{}")
+
+
+@pytest.mark.parametrize(
+    "limit, best, kept",
+    [
+        (1, None, [6, 20]),
+        (2, None, [4, 6, 20]),
+        (1, 2, [2, 6, 20]),  # the best rule as without a newer run's checkpoint
+    ],
+)
+def test_rotation_keeps_the_current_checkpoint_and_those_numbered_above_it(tmp_path, limit, best, kept):
+    """checkpoint-20 is another run's: not older than the checkpoint just written (6), so neither counted
+    nor deleted; transformers would sort it in as the newest and delete checkpoint-6 itself."""
+    _fake_checkpoints(tmp_path, (2, 4, 6, 20))
+    best_path = str(tmp_path / f"checkpoint-{best}") if best else None
+    deleted = ckpt.rotate_checkpoints(tmp_path, limit, best_path, current=tmp_path / "checkpoint-6")
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == kept
+    assert sorted(ckpt.checkpoint_step(p) for p in deleted) == sorted({2, 4, 6, 20} - set(kept))
+
+
+def test_rotation_refuses_a_current_path_that_is_no_checkpoint(tmp_path):
+    _fake_checkpoints(tmp_path, (2, 4))
+    with pytest.raises(ValueError, match=r"current='.*checkpoint-4.replaced-1' is not a checkpoint directory"):
+        ckpt.rotate_checkpoints(tmp_path, 1, current=tmp_path / "checkpoint-4.replaced-1")
+    assert len(ckpt.list_checkpoints(tmp_path)) == 2
+
+
+def test_a_limited_run_beside_a_longer_ones_checkpoint_keeps_its_own(model_factory, regression_data, make_args,
+                                                                      caplog):
+    """The audit's case: a run of 20 steps left checkpoint-20; a new run of 6 steps with save_total_limit=1
+    in the same output_dir deleted checkpoint-2, -4 and -6 right after writing each."""
+    Trainer(model_factory(), make_args(max_steps=20, save_strategy="steps", save_steps=20),
+            train_dataset=regression_data(16)).train()
+    t = Trainer(model_factory(), make_args(max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1),
+                train_dataset=regression_data(16))
+    with caplog.at_level("WARNING", logger="optsched.trainer.checkpointing"):
+        t.train()
+    out = t.args.output_dir
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-6", "checkpoint-20"]
+    warnings = [r.getMessage() for r in caplog.records if "numbered above" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per Trainer, not at every save
+    assert "checkpoint-20" in warnings[0] and "resume_from_checkpoint=True" in warnings[0]
+    assert "(2)" in warnings[0]  # the first save, step 2, saw it
+
+
 def test_checkpoints_sorted_by_step_not_name(tmp_path):
     for step in (10, 9, 100):
         d = tmp_path / f"checkpoint-{step}"

@@ -118,6 +118,8 @@ __all__ = [
     "CheckpointError",
     "ChecksumAlgorithm",
     "apply_model_weights",
+    "checkpoint_step",
+    "checkpoints_above",
     "check_param_groups_match",
     "checksum_in_background",
     "crc32",
@@ -188,17 +190,49 @@ def get_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step ``N`` of a ``checkpoint-N`` path, or ``None`` for any other name (``checkpoint-4.replaced-1``)."""
+    found = _CHECKPOINT_RE.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def checkpoints_above(output_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Complete checkpoints in ``output_dir`` numbered above ``step``, oldest first.
+
+    Beside a run that has just saved at ``step`` these come from another run (one trained further in the
+    same ``output_dir``, or the newer checkpoints of a resume from an older one): ``resume_from_checkpoint=True``
+    would pick the highest of them, and :func:`rotate_checkpoints` never deletes them.
+    """
+    return [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+
+
 def rotate_checkpoints(
-    output_dir: str | os.PathLike, save_total_limit: int | None, best_model_checkpoint: str | None = None
+    output_dir: str | os.PathLike,
+    save_total_limit: int | None,
+    best_model_checkpoint: str | None = None,
+    current: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Delete the oldest checkpoints so that at most ``save_total_limit`` remain; return the deleted ones.
 
     ``None`` or ``0`` keeps everything. The best checkpoint (when tracked) is never deleted; as in
     transformers, with a limit of 1 and a best checkpoint that is not the newest, 2 are kept.
+
+    ``current`` is the checkpoint just written: it is never deleted, and it is the newest one counted.
+    Checkpoints numbered above it are not older but from another run (:func:`checkpoints_above`): they
+    are neither counted nor deleted (transformers sorts them in and deletes the run's new checkpoints
+    instead). ``current=None`` takes the highest-numbered checkpoint as the one just written.
     """
     if not save_total_limit or save_total_limit <= 0:
         return []
     found = list_checkpoints(output_dir)
+    if current is not None:
+        newest = checkpoint_step(current)
+        if newest is None:
+            raise ValueError(
+                f"current={str(current)!r} is not a checkpoint directory; accepted: a path named "
+                f"{PREFIX_CHECKPOINT_DIR}-<step>."
+            )
+        found = [p for p in found if checkpoint_step(p) <= newest]
     limit = save_total_limit
     best = Path(best_model_checkpoint).resolve() if best_model_checkpoint else None
     if best is not None and found and best != found[-1].resolve() and limit == 1:
@@ -206,7 +240,8 @@ def rotate_checkpoints(
     if best is not None:
         # move the best to the newest end so the oldest-first deletion passes it by
         found = [p for p in found if p.resolve() != best] + [p for p in found if p.resolve() == best]
-    doomed = found[: max(len(found) - limit, 0)]
+    keep = Path(current).resolve() if current is not None else None
+    doomed = [p for p in found[: max(len(found) - limit, 0)] if p.resolve() != keep]
     for path in doomed:
         logger.info("Deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
         shutil.rmtree(path, ignore_errors=True)

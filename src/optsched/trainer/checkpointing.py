@@ -34,8 +34,9 @@ class CheckpointMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``optimizer``, ``lr_scheduler``,
     ``scaler``, ``state``, ``control`` and ``callback_handler``, and ``_preemption`` when ``train()``
-    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by`` and
-    ``_save_finisher`` (the thread that flushes the last checkpoint and rotates older ones).
+    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by``,
+    ``_save_finisher`` (the thread that flushes the last checkpoint and rotates older ones) and
+    ``_warned_checkpoints_above`` (the output dirs already warned of another run's newer checkpoints).
     """
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
@@ -84,11 +85,29 @@ class CheckpointMixin:
                 state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
                 (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
         if main:
+            self._warn_of_checkpoints_above(run_dir, state.global_step)
             # flushed to disk on a worker thread, and only then are older checkpoints deleted: the
             # training goes on meanwhile, and a crash never leaves the run without a whole checkpoint
             self._finish_save_in_background(final, run_dir, args.save_total_limit, state.best_model_checkpoint)
         self._last_saved_step = state.global_step
         return final
+
+    def _warn_of_checkpoints_above(self, run_dir: Path, step: int) -> None:
+        """Warn, once per Trainer and ``output_dir``, when ``run_dir`` holds checkpoints numbered above the
+        step just saved: they are from another run, ``save_total_limit`` keeps them, and
+        ``resume_from_checkpoint=True`` would take the highest of them instead of this run's newest."""
+        above = ckpt.checkpoints_above(run_dir, step)
+        warned = getattr(self, "_warned_checkpoints_above", set())
+        if not above or str(run_dir) in warned:
+            return
+        self._warned_checkpoints_above = warned | {str(run_dir)}
+        logger.warning(
+            "%s holds checkpoints numbered above the step just saved (%d), from another run: %s. "
+            "save_total_limit never deletes them, and resume_from_checkpoint=True would resume from the "
+            "highest-numbered one, %s, not from this run's newest; pass this run's checkpoint path "
+            "explicitly, or move them out of the way.",
+            run_dir, step, ", ".join(p.name for p in above), above[-1],
+        )
 
     def _finish_save_in_background(
         self, final: Path, run_dir: Path, save_total_limit: int | None, best: str | None
@@ -220,8 +239,9 @@ class CheckpointMixin:
 
 def _flush_then_rotate(final: Path, run_dir: Path, save_total_limit: int | None, best: str | None) -> None:
     """:func:`~optsched.trainer.checkpoint.make_durable` on ``final``, then delete the checkpoints beyond
-    ``save_total_limit``; if the flush fails, nothing is deleted (the error is logged: the checkpoints
-    already on disk are the ones a resume will need)."""
+    ``save_total_limit`` (older than ``final``: never it, nor another run's numbered above it); if the
+    flush fails, nothing is deleted (the error is logged: the checkpoints already on disk are the ones a
+    resume will need)."""
     try:
         ckpt.make_durable(final)
     except OSError as exc:
@@ -230,4 +250,4 @@ def _flush_then_rotate(final: Path, run_dir: Path, save_total_limit: int | None,
             final, exc,
         )
         return
-    ckpt.rotate_checkpoints(run_dir, save_total_limit, best)
+    ckpt.rotate_checkpoints(run_dir, save_total_limit, best, current=final)
