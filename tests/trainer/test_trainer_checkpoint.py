@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,12 +82,79 @@ def test_interrupted_trainer_save_keeps_previous_checkpoints(model_factory, regr
     assert ckpt.get_last_checkpoint(out).name == "checkpoint-2"
 
 
-def test_staged_checkpoint_replaces_existing(tmp_path):
+def test_staged_checkpoint_replaces_an_existing_checkpoint_of_checkpoint_files(tmp_path):
     final = tmp_path / "checkpoint-1"
     for content in (b"old", b"new"):
         with ckpt.staged_checkpoint(final) as tmp:
-            (tmp / "f").write_bytes(content)
-    assert (final / "f").read_bytes() == b"new" and os.listdir(tmp_path) == ["checkpoint-1"]
+            (tmp / ckpt.WEIGHTS_NAME).write_bytes(content)
+            (tmp / "rng_state_1.pth").write_bytes(content)  # a rank's RNG file, one of transformers' names
+            (tmp / "training_args.bin").write_bytes(content)
+    assert (final / ckpt.WEIGHTS_NAME).read_bytes() == b"new" and os.listdir(tmp_path) == ["checkpoint-1"]
+
+
+def _checkpoint_with(final, **files):
+    final.mkdir()
+    for name, text in {ckpt.WEIGHTS_NAME: "old", ckpt.TRAINER_STATE_NAME: "{}", **files}.items():
+        (final / name).parent.mkdir(parents=True, exist_ok=True)
+        (final / name).write_text(text)
+
+
+@pytest.mark.parametrize("extra", ["my_important_file", "notes/run.txt"])
+def test_staged_checkpoint_renames_a_folder_with_other_files_aside(tmp_path, caplog, extra):
+    """transformers overwrites its own file names only; optsched deleted the whole folder."""
+    final = tmp_path / "checkpoint-4"
+    _checkpoint_with(final, **{extra: "precious"})
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        with ckpt.staged_checkpoint(final) as tmp:
+            (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+            (tmp / ckpt.TRAINER_STATE_NAME).write_text("{}")
+    aside = tmp_path / "checkpoint-4.replaced-1"
+    assert (aside / extra).read_text() == "precious" and (aside / ckpt.WEIGHTS_NAME).read_text() == "old"
+    assert (final / ckpt.WEIGHTS_NAME).read_text() == "new" and not (final / extra).exists()
+    message = caplog.records[-1].getMessage()
+    assert str(final) in message and str(aside) in message and extra.split("/")[0] in message, message
+    # neither resumed from nor rotated away, not even with a limit of 1
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert ckpt.rotate_checkpoints(tmp_path, 1, current=final) == [] and (aside / extra).is_file()
+
+
+def test_staged_checkpoint_never_overwrites_an_earlier_aside_folder(tmp_path):
+    final = tmp_path / "checkpoint-2"
+    for k in (1, 2, 3):
+        _checkpoint_with(final, mine=f"take {k}")
+        with ckpt.staged_checkpoint(final) as tmp:
+            (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+        shutil.rmtree(final)
+    assert [(tmp_path / f"checkpoint-2.replaced-{k}" / "mine").read_text() for k in (1, 2, 3)] == [
+        "take 1", "take 2", "take 3"]
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_staged_checkpoint_renames_a_file_or_link_in_its_place_aside(tmp_path, kind):
+    final, target = tmp_path / "checkpoint-3", tmp_path / "elsewhere"
+    target.mkdir()
+    (target / ckpt.WEIGHTS_NAME).write_text("kept")
+    if kind == "file":
+        final.write_text("precious")
+    else:
+        final.symlink_to(target, target_is_directory=True)
+    with ckpt.staged_checkpoint(final) as tmp:
+        (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+    aside = tmp_path / "checkpoint-3.replaced-1"
+    assert (aside.read_text() == "precious") if kind == "file" else aside.resolve() == target.resolve()
+    assert (target / ckpt.WEIGHTS_NAME).read_text() == "kept" and (final / ckpt.WEIGHTS_NAME).read_text() == "new"
+
+
+def test_a_save_at_an_existing_step_keeps_the_users_file(model_factory, regression_data, make_args):
+    """The audit's case: out/checkpoint-4/my_important_file was gone after a run that saved at step 4."""
+    args = make_args(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
+    Trainer(model_factory(), args, train_dataset=regression_data(16)).train()
+    out = args.output_dir
+    (Path(out) / "checkpoint-4" / "my_important_file").write_text("precious")
+    Trainer(model_factory(), args, train_dataset=regression_data(16)).train()
+    assert (Path(out) / "checkpoint-4.replaced-1" / "my_important_file").read_text() == "precious"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4"]
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-4.replaced-1", "log_history.jsonl"]
 
 
 @pytest.mark.parametrize(

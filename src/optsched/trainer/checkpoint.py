@@ -15,7 +15,9 @@
 
 A checkpoint is first written to ``output_dir/.tmp-checkpoint-{step}`` and renamed into place when every
 file is there, so an interrupted save leaves no half checkpoint under a ``checkpoint-*`` name; a
-directory without ``trainer_state.json`` and ``model.safetensors`` is never picked for a resume.
+directory without ``trainer_state.json`` and ``model.safetensors`` is never picked for a resume. A save
+replaces an existing ``checkpoint-N`` only when it holds checkpoint files alone; one holding anything else
+is renamed to ``checkpoint-N.replaced-K``, never deleted (:func:`staged_checkpoint`).
 Every load goes through ``torch.load(weights_only=True)``, safetensors or JSON: a checkpoint file is
 data, never code. A file that cannot be read (truncated, corrupted, a pickle that asks for code, a
 size or checksum that differs from ``checksums.json``) raises :class:`CheckpointError` naming the file
@@ -93,13 +95,16 @@ from optsched.trainer.optimizer_state import (
     trusted_packages,
     unpack_small_tensors,
 )
+from optsched.trainer.resume import PLAN_NAME
 from optsched.trainer.torch_files import safe_torch_load
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CHECKPOINT_FILE_NAMES",
     "CHECKSUMS_NAME",
     "CHECKSUM_ALGORITHM",
+    "CONFIG_NAME",
     "CHECKSUM_ALGORITHMS",
     "DEFAULT_VERIFY",
     "OBJECT_KEY",
@@ -128,6 +133,7 @@ __all__ = [
     "file_checksum",
     "gc_paused",
     "get_last_checkpoint",
+    "holds_only_checkpoint_files",
     "is_complete_checkpoint",
     "list_checkpoints",
     "load_model_weights",
@@ -160,10 +166,30 @@ SCALER_NAME = "scaler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 RNG_STATE_NAME = "rng_state.pth"
-# OPTIMIZER_NAME and CHECKSUMS_NAME are imported above, from the modules that write those files
+CONFIG_NAME = "config.json"
+# OPTIMIZER_NAME, CHECKSUMS_NAME and PLAN_NAME are imported above, from the modules that write those files
 _TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _REQUIRED_FILES = (TRAINER_STATE_NAME, WEIGHTS_NAME)
+#: transformers' Trainer's own checkpoint files that optsched does not write (its constants of the same
+#: names in ``transformers.trainer``; FSDP and DeepSpeed write sub-directories, which are not files)
+_TRANSFORMERS_FILE_NAMES = frozenset({
+    "training_args.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors.index.json",
+    "optimizer.bin", "generation_config.json", "adapter_config.json", "adapter_model.safetensors",
+    "adapter_model.bin",
+})
+#: The names of the files a checkpoint directory holds when optsched or transformers' Trainer wrote it;
+#: ``rng_state_{rank}.pth`` and weight shards (``model-00001-of-00002.safetensors``) are matched by
+#: :data:`_CHECKPOINT_FILE_RE`. An existing ``checkpoint-N`` of these only is replaced by a save at step
+#: N; one holding anything else is renamed aside (:func:`staged_checkpoint`).
+CHECKPOINT_FILE_NAMES = frozenset({
+    WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME, CHECKSUMS_NAME, PLAN_NAME, CONFIG_NAME,
+}) | _TRANSFORMERS_FILE_NAMES
+_CHECKPOINT_FILE_RE = re.compile(r"^(rng_state_\d+\.pth|(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin))$")
+#: What a ``checkpoint-N`` holding other files than checkpoint files is renamed to: ``checkpoint-N.replaced-K``
+#: (not a ``checkpoint-N`` name, so neither resumed from nor rotated away)
+_ASIDE_SUFFIX = ".replaced-"
 
 
 # ---- finding and rotating checkpoints -------------------------------------------------------------
@@ -248,13 +274,68 @@ def rotate_checkpoints(
     return doomed
 
 
+def holds_only_checkpoint_files(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a directory (not a link to one) whose every entry is a regular file named
+    as optsched or transformers name checkpoint files (:data:`CHECKPOINT_FILE_NAMES`, ``rng_state_{rank}.pth``,
+    weight shards). True for an empty directory; False for a file, a link, a missing path, or a directory
+    holding a sub-directory or any other name (a user's file).
+    """
+    path = Path(directory)
+    return not path.is_symlink() and path.is_dir() and not _foreign_entries(path)
+
+
+def _is_checkpoint_file(entry: os.DirEntry) -> bool:
+    """A regular file (not a link) named as optsched or transformers name a checkpoint's files."""
+    name = entry.name
+    return entry.is_file(follow_symlinks=False) and (name in CHECKPOINT_FILE_NAMES or bool(_CHECKPOINT_FILE_RE.match(name)))
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """The sorted names of the entries of ``directory`` that are not checkpoint files (a directory's with "/")."""
+    with os.scandir(directory) as entries:
+        return sorted(
+            e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in entries if not _is_checkpoint_file(e)
+        )
+
+
+def _aside_path(final: Path) -> Path:
+    """``checkpoint-N.replaced-K`` beside ``final``, K the first from 1 that names nothing yet."""
+    k = 1
+    while os.path.lexists(final.parent / f"{final.name}{_ASIDE_SUFFIX}{k}"):
+        k += 1
+    return final.parent / f"{final.name}{_ASIDE_SUFFIX}{k}"
+
+
+def _move_aside(final: Path) -> Path:
+    """Rename ``final`` (a ``checkpoint-N`` that holds more than checkpoint files, or is no directory) to
+    :func:`_aside_path` and warn naming both paths; return the new path."""
+    aside = _aside_path(final)
+    if final.is_dir() and not final.is_symlink():
+        foreign = _foreign_entries(final)
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        what = f"holds more than checkpoint files ({shown})"
+    else:
+        what = "is not a directory"
+    os.replace(final, aside)
+    logger.warning(
+        "%s already existed and %s: it was renamed to %s, not deleted, and the new checkpoint took its "
+        "place. Nothing deletes %s (save_total_limit rotates checkpoint-N directories only, and a resume "
+        "never picks it): move your files out of it and delete it yourself.",
+        final, what, aside, aside.name,
+    )
+    return aside
+
+
 @contextmanager
 def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``final_dir``; on success rename it to ``final_dir``.
 
     Every process writes its files into the yielded directory (process 0 creates and renames it;
     barriers order the steps). On an exception the temporary directory is removed and ``final_dir`` is
-    untouched. An existing ``final_dir`` (the same step saved twice) is replaced.
+    untouched. An existing ``final_dir`` (the same step saved twice) is replaced when it holds checkpoint
+    files only (:func:`holds_only_checkpoint_files`); one that holds anything else (a user's file, a
+    sub-directory), or is not a directory, is renamed to ``checkpoint-N.replaced-K`` (the first free K)
+    with a warning, never deleted.
     """
     ctx = ctx or DistributedContext()
     final = Path(final_dir)
@@ -275,10 +356,12 @@ def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | No
         raise
     if ctx.is_main_process:
         old = None
-        if final.exists():
+        if holds_only_checkpoint_files(final):
             old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+        elif os.path.lexists(final):  # a link too: renamed, whatever it points to stays
+            _move_aside(final)
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -333,7 +416,7 @@ def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
     save_model(model, str(path), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and callable(getattr(config, "to_json_file", None)):
-        config.to_json_file(str(directory / "config.json"))
+        config.to_json_file(str(directory / CONFIG_NAME))
     return path
 
 
