@@ -264,6 +264,18 @@ def test_rng_state_round_trip(tmp_path):
     assert not ckpt.load_rng_state(tmp_path, DistributedContext(rank=1, world_size=2))  # rng_state_1.pth absent
 
 
+def test_a_lost_rng_state_file_is_an_error_and_restores_nothing(tmp_path):
+    ctx = DistributedContext()
+    path = ckpt.save_rng_state(tmp_path, ctx)
+    ckpt.write_checksums(tmp_path)
+    path.unlink()
+    random.random()
+    state = random.getstate(), torch.random.get_rng_state()
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path} is missing, but checksums.json records it"):
+        ckpt.load_rng_state(tmp_path, ctx)
+    assert random.getstate() == state[0] and torch.equal(torch.random.get_rng_state(), state[1])
+
+
 def test_rng_state_loads_on_a_torch_without_scoped_safe_globals(tmp_path, monkeypatch):
     """torch 2.4 (the oldest supported) has no ``torch.serialization.safe_globals`` context manager and
     does not allow ``_codecs.encode`` (how numpy's RNG state array is pickled) by default: a resume

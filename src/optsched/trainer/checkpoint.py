@@ -20,8 +20,8 @@ replaces an existing ``checkpoint-N`` only when it holds checkpoint files alone;
 is renamed to ``checkpoint-N.replaced-K``, never deleted (:func:`staged_checkpoint`).
 Every load goes through ``torch.load(weights_only=True)``, safetensors or JSON: a checkpoint file is
 data, never code. A file that cannot be read (truncated, corrupted, a pickle that asks for code, a
-size or checksum that differs from ``checksums.json``) raises :class:`CheckpointError` naming the file
-and what is wrong; loading never writes anything.
+size or checksum that differs from ``checksums.json``, missing while ``checksums.json`` lists it) raises
+:class:`CheckpointError` naming the file and what is wrong; loading never writes anything.
 
 Cost (50M parameters + AdamW state, 605 MB; ``benchmarks/checkpoint_io.py``): ``optimizer.pt`` is
 written by :func:`~optsched.trainer.crc.torch_save_with_crc`, which computes torch's record CRC-32s
@@ -72,8 +72,11 @@ from optsched.trainer.integrity import (
     VERIFY_LEVELS,
     CheckpointError,
     ChecksumAlgorithm,
+    check_recorded_files_present,
     checksum_in_background,
     file_checksum,
+    file_present,
+    missing_recorded_files,
     verified_while_parsing,
     verify_file,
     write_checksums,
@@ -123,6 +126,8 @@ __all__ = [
     "CheckpointError",
     "ChecksumAlgorithm",
     "apply_model_weights",
+    "check_checkpoint_files",
+    "check_recorded_files_present",
     "checkpoint_step",
     "checkpoints_above",
     "check_param_groups_match",
@@ -131,6 +136,7 @@ __all__ = [
     "decode_objects",
     "encode_objects",
     "file_checksum",
+    "file_present",
     "gc_paused",
     "get_last_checkpoint",
     "holds_only_checkpoint_files",
@@ -142,6 +148,7 @@ __all__ = [
     "load_trainer_state",
     "load_weights_and_read_optimizer",
     "make_durable",
+    "missing_recorded_files",
     "pack_small_tensors",
     "read_model_weights",
     "read_optimizer_state",
@@ -230,6 +237,29 @@ def checkpoints_above(output_dir: str | os.PathLike, step: int) -> list[Path]:
     would pick the highest of them, and :func:`rotate_checkpoints` never deletes them.
     """
     return [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+
+
+def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
+    """What a resume checks before it reads or applies anything: every file ``checksums.json`` lists is there.
+
+    A checkpoint that optsched wrote (it has ``optsched_plan.json``) but without ``checksums.json`` is
+    logged as a warning: its files cannot be verified, only parsed. A checkpoint of transformers (neither
+    file) is parsed as it is, and a file it lacks (``optimizer.pt`` of ``save_only_model``) is left out.
+
+    Raises:
+        CheckpointError: a file ``checksums.json`` lists is missing (named), or ``checksums.json`` is
+            unreadable.
+    """
+    directory = Path(checkpoint)
+    if (directory / CHECKSUMS_NAME).exists():
+        check_recorded_files_present(directory)
+    elif (directory / PLAN_NAME).is_file():
+        logger.warning(
+            "%s has %s (optsched wrote it) but no %s: its files cannot be verified, only parsed; a "
+            "truncated or corrupted file is caught only where torch, safetensors or JSON cannot read it, "
+            "and a missing %s, %s or %s is taken for one that was never written.",
+            directory, PLAN_NAME, CHECKSUMS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME,
+        )
 
 
 def rotate_checkpoints(
@@ -446,14 +476,15 @@ def read_model_weights(
 
     Raises:
         FileNotFoundError: no ``model.safetensors`` in ``directory``.
-        CheckpointError: the file is damaged (checksum, or not a readable safetensors file).
+        CheckpointError: the file is damaged (checksum, or not a readable safetensors file), or missing
+            while ``checksums.json`` lists it.
         ValueError: the file's tensors do not match the model (names missing or unexpected, shapes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
+    if not file_present(path):
         raise FileNotFoundError(f"{path} does not exist; a checkpoint needs {WEIGHTS_NAME}.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     verify_file(path, verify)
@@ -481,7 +512,8 @@ def load_weights_and_read_optimizer(
     from the bytes as ``torch.load`` reads them, the worker taking the records not yet read once the
     weights are in). The weights' check and copy thus cost no time of their own; memory bandwidth is
     the limit. Without an ``optimizer.pt`` (``save_only_model``) it is
-    :func:`load_model_weights`.
+    :func:`load_model_weights`; an ``optimizer.pt`` that ``checksums.json`` lists but that is missing
+    raises before the weights are touched.
 
     Returns:
         :func:`read_optimizer_state`'s dict for :func:`load_optimizer_state` (``saved=``), or ``None``
@@ -490,11 +522,12 @@ def load_weights_and_read_optimizer(
     Raises:
         FileNotFoundError: no ``model.safetensors``.
         CheckpointError: a damaged file (a damaged optimizer file after the weights were loaded leaves
-            the model with the checkpoint's weights, which passed their check).
+            the model with the checkpoint's weights, which passed their check); an ``optimizer.pt``
+            that ``checksums.json`` lists is missing (the model is left as it was).
         ValueError: the weights do not match the model.
     """
     verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
-    if not (Path(checkpoint) / OPTIMIZER_NAME).is_file():
+    if not file_present(Path(checkpoint) / OPTIMIZER_NAME):  # before the weights: a lost file changes nothing
         load_model_weights(model, checkpoint, verify)
         return None
     return read_optimizer_state(checkpoint, verify, beside=lambda: load_model_weights(model, checkpoint, verify))
@@ -568,9 +601,14 @@ def save_rng_state(directory: str | os.PathLike, ctx: DistributedContext) -> Pat
 
 
 def load_rng_state(directory: str | os.PathLike, ctx: DistributedContext, verify: str = DEFAULT_VERIFY) -> bool:
-    """Restore the RNG states saved by :func:`save_rng_state`; False (and a warning) when the file is absent."""
+    """Restore the RNG states saved by :func:`save_rng_state`; False (and a warning) when the file is absent.
+
+    Raises:
+        CheckpointError: the file is damaged or untrusted, or missing while ``checksums.json`` lists it
+            (the RNG states are left as they were).
+    """
     path = Path(directory) / rng_state_name(ctx)
-    if not path.is_file():
+    if not file_present(path):
         logger.warning(
             "No %s in %s: random states are not restored, so dropout masks after the resume will differ "
             "from an uninterrupted run (was the checkpoint saved with a different number of processes?).",

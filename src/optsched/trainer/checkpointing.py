@@ -158,6 +158,9 @@ class CheckpointMixin:
     # ---- resuming ------------------------------------------------------------------------------------
 
     def _resolve_checkpoint(self, resume_from_checkpoint: Any) -> Path | None:
+        """The checkpoint ``train(resume_from_checkpoint=...)`` resumes from, or ``None``; before anything
+        is read from it, every file its ``checksums.json`` lists is there
+        (:func:`~optsched.trainer.checkpoint.check_checkpoint_files`), so a lost file changes nothing."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
         if resume_from_checkpoint is True:
@@ -167,6 +170,10 @@ class CheckpointMixin:
                     f"resume_from_checkpoint=True but no complete checkpoint (checkpoint-N with "
                     f"{ckpt.TRAINER_STATE_NAME} and {ckpt.WEIGHTS_NAME}) is in output_dir={self.args.output_dir!r}."
                 )
+            try:
+                ckpt.check_checkpoint_files(found)
+            except ckpt.CheckpointError as exc:
+                raise self._with_previous_checkpoint_hint(exc, found) from None
             return found
         if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
             raise TypeError(
@@ -180,6 +187,7 @@ class CheckpointMixin:
                 f"({'no such directory' if not path.is_dir() else 'missing ' + ', '.join(missing)}); accepted: "
                 "a checkpoint-N directory written by the Trainer, or True for the newest one in output_dir."
             )
+        ckpt.check_checkpoint_files(path)
         return path
 
     def _with_previous_checkpoint_hint(self, error: ckpt.CheckpointError, checkpoint: Path) -> ckpt.CheckpointError:
@@ -225,15 +233,18 @@ class CheckpointMixin:
         resume = prepare_resume(
             self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify
         )
-        sched_file = checkpoint / ckpt.SCHEDULER_NAME
-        if (checkpoint / ckpt.OPTIMIZER_NAME).is_file():
+        # a file checksums.json lists but that is gone raises (file_present) instead of being taken for
+        # one never written (save_only_model, a transformers checkpoint): the Trainer checked them all
+        # before it loaded anything (_resolve_checkpoint); this is for a direct call
+        sched_file, scaler_file = checkpoint / ckpt.SCHEDULER_NAME, checkpoint / ckpt.SCALER_NAME
+        has_sched, has_scaler = ckpt.file_present(sched_file), ckpt.file_present(scaler_file)
+        if ckpt.file_present(checkpoint / ckpt.OPTIMIZER_NAME):
             ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify, saved=saved_optimizer)
         else:
             logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
-        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if sched_file.is_file() else None
+        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if has_sched else None
         restore_scheduler(self.lr_scheduler, self.optimizer, saved_sched, self.state.global_step, resume)
-        scaler_file = checkpoint / ckpt.SCALER_NAME
-        if self.scaler is not None and scaler_file.is_file():
+        if self.scaler is not None and has_scaler:
             self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file, verify=verify))
 
 
