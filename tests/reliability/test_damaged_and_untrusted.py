@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import Tiny, make_args, make_data
+from _helpers import Tiny, make_args, make_data, weights
 
 from optsched.trainer import Trainer
 from optsched.trainer import checkpoint as ckpt
@@ -89,6 +89,68 @@ def test_a_damaged_file_is_named_and_nothing_is_touched(trained, tmp_path, name,
     assert str(target) in message, message
     assert re.search(EXPECT[damage], message), message
     assert _snapshot(out) == before  # nothing written, removed or renamed
+
+
+# model.safetensors and trainer_state.json make a checkpoint complete: without them it is refused, or
+# passed over by resume_from_checkpoint=True, whatever checksums.json says
+LISTED = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "optsched_plan.json", "training_args.json"]
+
+
+@pytest.mark.parametrize("name", LISTED)
+@pytest.mark.parametrize("auto", [True, False], ids=["newest", "explicit"])
+def test_a_lost_file_that_checksums_json_lists_is_named_and_nothing_changes(trained, tmp_path, name, auto):
+    """optimizer.pt gone used to resume with a fresh optimizer (a warning), scheduler.pt gone with the
+    new plan (no message), rng_state.pth gone with other dropout masks (a warning)."""
+    out = _copy(trained, tmp_path)
+    target = out / "checkpoint-4" / name
+    target.unlink()
+    before = _snapshot(out)
+    trainer = Trainer(Tiny(), make_args(str(out), max_steps=6, save_strategy="steps", save_steps=2),
+                      train_dataset=make_data())
+    model, optimizer = weights(trainer.model), trainer.optimizer.state_dict()
+    rng = torch.random.get_rng_state()
+    with pytest.raises(CheckpointError) as info:
+        trainer.train(resume_from_checkpoint=True if auto else str(out / "checkpoint-4"))
+    message = str(info.value)
+    assert f"{target} is missing, but checksums.json records it as written" in message, message
+    assert ("resume_from_checkpoint='" in message) == auto  # the way back to checkpoint-2, when it took the newest
+    # nothing applied: the model, the optimizer (no state, its own settings), the RNG; nothing written
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in model.items())
+    assert trainer.optimizer.state_dict() == optimizer and not optimizer["state"]
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "optsched_plan.json"])
+def test_each_loader_refuses_a_lost_file_on_its_own(trained, tmp_path, monkeypatch, name):
+    """Behind the check before the resume (switched off here), the loader of each file tells a lost file
+    from one never written (save_only_model) too."""
+    out = _copy(trained, tmp_path)
+    (out / "checkpoint-4" / name).unlink()
+    monkeypatch.setattr(ckpt, "check_checkpoint_files", lambda checkpoint: None)
+    with pytest.raises(CheckpointError, match=rf"{name} is missing, but checksums.json records it as written"):
+        _resume(out)
+
+
+def test_an_optsched_checkpoint_without_checksums_is_resumed_with_a_warning(trained, tmp_path, caplog):
+    out = _copy(trained, tmp_path)
+    (out / "checkpoint-4" / ckpt.CHECKSUMS_NAME).unlink()
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        _resume(out)
+    unverified = [r.getMessage() for r in caplog.records if "cannot be verified" in r.getMessage()]
+    assert len(unverified) == 1 and str(out / "checkpoint-4") in unverified[0], unverified
+
+
+def test_a_transformers_checkpoint_resumes_without_that_warning_and_without_the_files_it_lacks(trained, tmp_path,
+                                                                                              caplog):
+    """No checksums.json and no optsched_plan.json: nothing records what was written; a missing
+    rng_state.pth is taken for one never written, as before (a warning of its own)."""
+    out = _copy(trained, tmp_path)
+    for name in (ckpt.CHECKSUMS_NAME, "optsched_plan.json", "rng_state.pth"):
+        (out / "checkpoint-4" / name).unlink()
+    with caplog.at_level("WARNING"):
+        _resume(out)
+    assert "cannot be verified" not in caplog.text and "No rng_state.pth" in caplog.text
 
 
 def test_checksums_cover_every_file(trained):

@@ -312,6 +312,19 @@ def test_without_optimizer_file_only_the_weights_load(tmp_path):
     assert torch.equal(fresh.body.weight, model.body.weight)
 
 
+def test_a_lost_optimizer_file_leaves_the_model_untouched(tmp_path):
+    """checksums.json lists optimizer.pt: its absence is damage, not save_only_model, and it is found
+    before the weights are copied."""
+    _, _, directory = _saved_checkpoint(tmp_path)
+    (directory / ckpt.OPTIMIZER_NAME).unlink()
+    torch.manual_seed(5)
+    fresh = _Wide()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"{directory / ckpt.OPTIMIZER_NAME} is missing, but checksums.json"):
+        ckpt.load_weights_and_read_optimizer(fresh, directory)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -114,6 +114,36 @@ def test_a_malformed_checksum_file_is_named(tmp_path, content, words):
 # ---- torch files: their own zip CRC-32s --------------------------------------------------------------
 
 
+def _written(directory: Path, *names: str) -> None:
+    for name in names:
+        (directory / name).write_bytes(b"x" * 10)
+    ckpt.write_checksums(directory)
+
+
+def test_a_listed_file_that_is_gone_is_named_by_every_check(tmp_path):
+    _written(tmp_path, "optimizer.pt", "scheduler.pt", "notes.json")
+    (tmp_path / "scheduler.pt").unlink()
+    (tmp_path / "notes.json").unlink()
+    assert ckpt.missing_recorded_files(tmp_path) == ["notes.json", "scheduler.pt"]
+    with pytest.raises(CheckpointError, match=r"is missing notes.json, scheduler.pt, but checksums.json records them"):
+        ckpt.check_recorded_files_present(tmp_path)
+    message = rf"{tmp_path / 'scheduler.pt'} is missing, but checksums.json records it as written"
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.file_present(tmp_path / "scheduler.pt")
+    for level in ("full", "size"):  # what torch.load would have met: FileNotFoundError
+        with pytest.raises(CheckpointError, match=message):
+            ckpt.verify_file(tmp_path / "scheduler.pt", level)
+    assert ckpt.file_present(tmp_path / "optimizer.pt")
+
+
+def test_a_file_that_no_checksums_json_lists_may_be_absent(tmp_path):
+    assert ckpt.missing_recorded_files(tmp_path) == [] and not ckpt.file_present(tmp_path / "optimizer.pt")
+    ckpt.check_recorded_files_present(tmp_path)  # a transformers checkpoint: nothing recorded
+    _written(tmp_path, "model.safetensors")  # save_only_model: optimizer.pt never written, not listed
+    assert not ckpt.file_present(tmp_path / "optimizer.pt")
+    ckpt.check_recorded_files_present(tmp_path)
+
+
 def _big_torch_file(directory: Path, name: str = "optimizer.pt") -> Path:
     path = directory / name
     state = {"state": {0: {"exp_avg": torch.arange(300_000, dtype=torch.float32)}}, "param_groups": [{"lr": 0.1}]}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,12 +82,79 @@ def test_interrupted_trainer_save_keeps_previous_checkpoints(model_factory, regr
     assert ckpt.get_last_checkpoint(out).name == "checkpoint-2"
 
 
-def test_staged_checkpoint_replaces_existing(tmp_path):
+def test_staged_checkpoint_replaces_an_existing_checkpoint_of_checkpoint_files(tmp_path):
     final = tmp_path / "checkpoint-1"
     for content in (b"old", b"new"):
         with ckpt.staged_checkpoint(final) as tmp:
-            (tmp / "f").write_bytes(content)
-    assert (final / "f").read_bytes() == b"new" and os.listdir(tmp_path) == ["checkpoint-1"]
+            (tmp / ckpt.WEIGHTS_NAME).write_bytes(content)
+            (tmp / "rng_state_1.pth").write_bytes(content)  # a rank's RNG file, one of transformers' names
+            (tmp / "training_args.bin").write_bytes(content)
+    assert (final / ckpt.WEIGHTS_NAME).read_bytes() == b"new" and os.listdir(tmp_path) == ["checkpoint-1"]
+
+
+def _checkpoint_with(final, **files):
+    final.mkdir()
+    for name, text in {ckpt.WEIGHTS_NAME: "old", ckpt.TRAINER_STATE_NAME: "{}", **files}.items():
+        (final / name).parent.mkdir(parents=True, exist_ok=True)
+        (final / name).write_text(text)
+
+
+@pytest.mark.parametrize("extra", ["my_important_file", "notes/run.txt"])
+def test_staged_checkpoint_renames_a_folder_with_other_files_aside(tmp_path, caplog, extra):
+    """transformers overwrites its own file names only; optsched deleted the whole folder."""
+    final = tmp_path / "checkpoint-4"
+    _checkpoint_with(final, **{extra: "precious"})
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        with ckpt.staged_checkpoint(final) as tmp:
+            (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+            (tmp / ckpt.TRAINER_STATE_NAME).write_text("{}")
+    aside = tmp_path / "checkpoint-4.replaced-1"
+    assert (aside / extra).read_text() == "precious" and (aside / ckpt.WEIGHTS_NAME).read_text() == "old"
+    assert (final / ckpt.WEIGHTS_NAME).read_text() == "new" and not (final / extra).exists()
+    message = caplog.records[-1].getMessage()
+    assert str(final) in message and str(aside) in message and extra.split("/")[0] in message, message
+    # neither resumed from nor rotated away, not even with a limit of 1
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert ckpt.rotate_checkpoints(tmp_path, 1, current=final) == [] and (aside / extra).is_file()
+
+
+def test_staged_checkpoint_never_overwrites_an_earlier_aside_folder(tmp_path):
+    final = tmp_path / "checkpoint-2"
+    for k in (1, 2, 3):
+        _checkpoint_with(final, mine=f"take {k}")
+        with ckpt.staged_checkpoint(final) as tmp:
+            (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+        shutil.rmtree(final)
+    assert [(tmp_path / f"checkpoint-2.replaced-{k}" / "mine").read_text() for k in (1, 2, 3)] == [
+        "take 1", "take 2", "take 3"]
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_staged_checkpoint_renames_a_file_or_link_in_its_place_aside(tmp_path, kind):
+    final, target = tmp_path / "checkpoint-3", tmp_path / "elsewhere"
+    target.mkdir()
+    (target / ckpt.WEIGHTS_NAME).write_text("kept")
+    if kind == "file":
+        final.write_text("precious")
+    else:
+        final.symlink_to(target, target_is_directory=True)
+    with ckpt.staged_checkpoint(final) as tmp:
+        (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+    aside = tmp_path / "checkpoint-3.replaced-1"
+    assert (aside.read_text() == "precious") if kind == "file" else aside.resolve() == target.resolve()
+    assert (target / ckpt.WEIGHTS_NAME).read_text() == "kept" and (final / ckpt.WEIGHTS_NAME).read_text() == "new"
+
+
+def test_a_save_at_an_existing_step_keeps_the_users_file(model_factory, regression_data, make_args):
+    """The audit's case: out/checkpoint-4/my_important_file was gone after a run that saved at step 4."""
+    args = make_args(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
+    Trainer(model_factory(), args, train_dataset=regression_data(16)).train()
+    out = args.output_dir
+    (Path(out) / "checkpoint-4" / "my_important_file").write_text("precious")
+    Trainer(model_factory(), args, train_dataset=regression_data(16)).train()
+    assert (Path(out) / "checkpoint-4.replaced-1" / "my_important_file").read_text() == "precious"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4"]
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-4.replaced-1", "log_history.jsonl"]
 
 
 @pytest.mark.parametrize(
@@ -107,6 +176,57 @@ def test_rotation_table(tmp_path, limit, best, kept):
     best_path = str(tmp_path / f"checkpoint-{best}") if best else None
     ckpt.rotate_checkpoints(tmp_path, limit, best_path)
     assert [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(tmp_path)] == kept
+
+
+def _fake_checkpoints(root, steps):
+    for step in steps:
+        d = root / f"checkpoint-{step}"
+        d.mkdir()
+        for f in ("trainer_state.json", "model.safetensors"):
+            (d / f).write_text("{}")
+
+
+@pytest.mark.parametrize(
+    "limit, best, kept",
+    [
+        (1, None, [6, 20]),
+        (2, None, [4, 6, 20]),
+        (1, 2, [2, 6, 20]),  # the best rule as without a newer run's checkpoint
+    ],
+)
+def test_rotation_keeps_the_current_checkpoint_and_those_numbered_above_it(tmp_path, limit, best, kept):
+    """checkpoint-20 is another run's: not older than the checkpoint just written (6), so neither counted
+    nor deleted; transformers would sort it in as the newest and delete checkpoint-6 itself."""
+    _fake_checkpoints(tmp_path, (2, 4, 6, 20))
+    best_path = str(tmp_path / f"checkpoint-{best}") if best else None
+    deleted = ckpt.rotate_checkpoints(tmp_path, limit, best_path, current=tmp_path / "checkpoint-6")
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == kept
+    assert sorted(ckpt.checkpoint_step(p) for p in deleted) == sorted({2, 4, 6, 20} - set(kept))
+
+
+def test_rotation_refuses_a_current_path_that_is_no_checkpoint(tmp_path):
+    _fake_checkpoints(tmp_path, (2, 4))
+    with pytest.raises(ValueError, match=r"current='.*checkpoint-4.replaced-1' is not a checkpoint directory"):
+        ckpt.rotate_checkpoints(tmp_path, 1, current=tmp_path / "checkpoint-4.replaced-1")
+    assert len(ckpt.list_checkpoints(tmp_path)) == 2
+
+
+def test_a_limited_run_beside_a_longer_ones_checkpoint_keeps_its_own(model_factory, regression_data, make_args,
+                                                                      caplog):
+    """The audit's case: a run of 20 steps left checkpoint-20; a new run of 6 steps with save_total_limit=1
+    in the same output_dir deleted checkpoint-2, -4 and -6 right after writing each."""
+    Trainer(model_factory(), make_args(max_steps=20, save_strategy="steps", save_steps=20),
+            train_dataset=regression_data(16)).train()
+    t = Trainer(model_factory(), make_args(max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1),
+                train_dataset=regression_data(16))
+    with caplog.at_level("WARNING", logger="optsched.trainer.checkpointing"):
+        t.train()
+    out = t.args.output_dir
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-6", "checkpoint-20"]
+    warnings = [r.getMessage() for r in caplog.records if "numbered above" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per Trainer, not at every save
+    assert "checkpoint-20" in warnings[0] and "resume_from_checkpoint=True" in warnings[0]
+    assert "(2)" in warnings[0]  # the first save, step 2, saw it
 
 
 def test_checkpoints_sorted_by_step_not_name(tmp_path):
@@ -142,6 +262,18 @@ def test_rng_state_round_trip(tmp_path):
     ckpt.load_rng_state(tmp_path, ctx)
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
     assert not ckpt.load_rng_state(tmp_path, DistributedContext(rank=1, world_size=2))  # rng_state_1.pth absent
+
+
+def test_a_lost_rng_state_file_is_an_error_and_restores_nothing(tmp_path):
+    ctx = DistributedContext()
+    path = ckpt.save_rng_state(tmp_path, ctx)
+    ckpt.write_checksums(tmp_path)
+    path.unlink()
+    random.random()
+    state = random.getstate(), torch.random.get_rng_state()
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path} is missing, but checksums.json records it"):
+        ckpt.load_rng_state(tmp_path, ctx)
+    assert random.getstate() == state[0] and torch.equal(torch.random.get_rng_state(), state[1])
 
 
 def test_rng_state_loads_on_a_torch_without_scoped_safe_globals(tmp_path, monkeypatch):

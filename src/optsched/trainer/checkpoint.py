@@ -15,11 +15,13 @@
 
 A checkpoint is first written to ``output_dir/.tmp-checkpoint-{step}`` and renamed into place when every
 file is there, so an interrupted save leaves no half checkpoint under a ``checkpoint-*`` name; a
-directory without ``trainer_state.json`` and ``model.safetensors`` is never picked for a resume.
+directory without ``trainer_state.json`` and ``model.safetensors`` is never picked for a resume. A save
+replaces an existing ``checkpoint-N`` only when it holds checkpoint files alone; one holding anything else
+is renamed to ``checkpoint-N.replaced-K``, never deleted (:func:`staged_checkpoint`).
 Every load goes through ``torch.load(weights_only=True)``, safetensors or JSON: a checkpoint file is
 data, never code. A file that cannot be read (truncated, corrupted, a pickle that asks for code, a
-size or checksum that differs from ``checksums.json``) raises :class:`CheckpointError` naming the file
-and what is wrong; loading never writes anything.
+size or checksum that differs from ``checksums.json``, missing while ``checksums.json`` lists it) raises
+:class:`CheckpointError` naming the file and what is wrong; loading never writes anything.
 
 Cost (50M parameters + AdamW state, 605 MB; ``benchmarks/checkpoint_io.py``): ``optimizer.pt`` is
 written by :func:`~optsched.trainer.crc.torch_save_with_crc`, which computes torch's record CRC-32s
@@ -70,8 +72,11 @@ from optsched.trainer.integrity import (
     VERIFY_LEVELS,
     CheckpointError,
     ChecksumAlgorithm,
+    check_recorded_files_present,
     checksum_in_background,
     file_checksum,
+    file_present,
+    missing_recorded_files,
     verified_while_parsing,
     verify_file,
     write_checksums,
@@ -93,13 +98,16 @@ from optsched.trainer.optimizer_state import (
     trusted_packages,
     unpack_small_tensors,
 )
+from optsched.trainer.resume import PLAN_NAME
 from optsched.trainer.torch_files import safe_torch_load
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CHECKPOINT_FILE_NAMES",
     "CHECKSUMS_NAME",
     "CHECKSUM_ALGORITHM",
+    "CONFIG_NAME",
     "CHECKSUM_ALGORITHMS",
     "DEFAULT_VERIFY",
     "OBJECT_KEY",
@@ -118,14 +126,20 @@ __all__ = [
     "CheckpointError",
     "ChecksumAlgorithm",
     "apply_model_weights",
+    "check_checkpoint_files",
+    "check_recorded_files_present",
+    "checkpoint_step",
+    "checkpoints_above",
     "check_param_groups_match",
     "checksum_in_background",
     "crc32",
     "decode_objects",
     "encode_objects",
     "file_checksum",
+    "file_present",
     "gc_paused",
     "get_last_checkpoint",
+    "holds_only_checkpoint_files",
     "is_complete_checkpoint",
     "list_checkpoints",
     "load_model_weights",
@@ -134,6 +148,7 @@ __all__ = [
     "load_trainer_state",
     "load_weights_and_read_optimizer",
     "make_durable",
+    "missing_recorded_files",
     "pack_small_tensors",
     "read_model_weights",
     "read_optimizer_state",
@@ -158,10 +173,30 @@ SCALER_NAME = "scaler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 RNG_STATE_NAME = "rng_state.pth"
-# OPTIMIZER_NAME and CHECKSUMS_NAME are imported above, from the modules that write those files
+CONFIG_NAME = "config.json"
+# OPTIMIZER_NAME, CHECKSUMS_NAME and PLAN_NAME are imported above, from the modules that write those files
 _TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _REQUIRED_FILES = (TRAINER_STATE_NAME, WEIGHTS_NAME)
+#: transformers' Trainer's own checkpoint files that optsched does not write (its constants of the same
+#: names in ``transformers.trainer``; FSDP and DeepSpeed write sub-directories, which are not files)
+_TRANSFORMERS_FILE_NAMES = frozenset({
+    "training_args.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors.index.json",
+    "optimizer.bin", "generation_config.json", "adapter_config.json", "adapter_model.safetensors",
+    "adapter_model.bin",
+})
+#: The names of the files a checkpoint directory holds when optsched or transformers' Trainer wrote it;
+#: ``rng_state_{rank}.pth`` and weight shards (``model-00001-of-00002.safetensors``) are matched by
+#: :data:`_CHECKPOINT_FILE_RE`. An existing ``checkpoint-N`` of these only is replaced by a save at step
+#: N; one holding anything else is renamed aside (:func:`staged_checkpoint`).
+CHECKPOINT_FILE_NAMES = frozenset({
+    WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME, CHECKSUMS_NAME, PLAN_NAME, CONFIG_NAME,
+}) | _TRANSFORMERS_FILE_NAMES
+_CHECKPOINT_FILE_RE = re.compile(r"^(rng_state_\d+\.pth|(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin))$")
+#: What a ``checkpoint-N`` holding other files than checkpoint files is renamed to: ``checkpoint-N.replaced-K``
+#: (not a ``checkpoint-N`` name, so neither resumed from nor rotated away)
+_ASIDE_SUFFIX = ".replaced-"
 
 
 # ---- finding and rotating checkpoints -------------------------------------------------------------
@@ -188,17 +223,72 @@ def get_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step ``N`` of a ``checkpoint-N`` path, or ``None`` for any other name (``checkpoint-4.replaced-1``)."""
+    found = _CHECKPOINT_RE.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def checkpoints_above(output_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Complete checkpoints in ``output_dir`` numbered above ``step``, oldest first.
+
+    Beside a run that has just saved at ``step`` these come from another run (one trained further in the
+    same ``output_dir``, or the newer checkpoints of a resume from an older one): ``resume_from_checkpoint=True``
+    would pick the highest of them, and :func:`rotate_checkpoints` never deletes them.
+    """
+    return [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+
+
+def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
+    """What a resume checks before it reads or applies anything: every file ``checksums.json`` lists is there.
+
+    A checkpoint that optsched wrote (it has ``optsched_plan.json``) but without ``checksums.json`` is
+    logged as a warning: its files cannot be verified, only parsed. A checkpoint of transformers (neither
+    file) is parsed as it is, and a file it lacks (``optimizer.pt`` of ``save_only_model``) is left out.
+
+    Raises:
+        CheckpointError: a file ``checksums.json`` lists is missing (named), or ``checksums.json`` is
+            unreadable.
+    """
+    directory = Path(checkpoint)
+    if (directory / CHECKSUMS_NAME).exists():
+        check_recorded_files_present(directory)
+    elif (directory / PLAN_NAME).is_file():
+        logger.warning(
+            "%s has %s (optsched wrote it) but no %s: its files cannot be verified, only parsed; a "
+            "truncated or corrupted file is caught only where torch, safetensors or JSON cannot read it, "
+            "and a missing %s, %s or %s is taken for one that was never written.",
+            directory, PLAN_NAME, CHECKSUMS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME,
+        )
+
+
 def rotate_checkpoints(
-    output_dir: str | os.PathLike, save_total_limit: int | None, best_model_checkpoint: str | None = None
+    output_dir: str | os.PathLike,
+    save_total_limit: int | None,
+    best_model_checkpoint: str | None = None,
+    current: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Delete the oldest checkpoints so that at most ``save_total_limit`` remain; return the deleted ones.
 
     ``None`` or ``0`` keeps everything. The best checkpoint (when tracked) is never deleted; as in
     transformers, with a limit of 1 and a best checkpoint that is not the newest, 2 are kept.
+
+    ``current`` is the checkpoint just written: it is never deleted, and it is the newest one counted.
+    Checkpoints numbered above it are not older but from another run (:func:`checkpoints_above`): they
+    are neither counted nor deleted (transformers sorts them in and deletes the run's new checkpoints
+    instead). ``current=None`` takes the highest-numbered checkpoint as the one just written.
     """
     if not save_total_limit or save_total_limit <= 0:
         return []
     found = list_checkpoints(output_dir)
+    if current is not None:
+        newest = checkpoint_step(current)
+        if newest is None:
+            raise ValueError(
+                f"current={str(current)!r} is not a checkpoint directory; accepted: a path named "
+                f"{PREFIX_CHECKPOINT_DIR}-<step>."
+            )
+        found = [p for p in found if checkpoint_step(p) <= newest]
     limit = save_total_limit
     best = Path(best_model_checkpoint).resolve() if best_model_checkpoint else None
     if best is not None and found and best != found[-1].resolve() and limit == 1:
@@ -206,11 +296,64 @@ def rotate_checkpoints(
     if best is not None:
         # move the best to the newest end so the oldest-first deletion passes it by
         found = [p for p in found if p.resolve() != best] + [p for p in found if p.resolve() == best]
-    doomed = found[: max(len(found) - limit, 0)]
+    keep = Path(current).resolve() if current is not None else None
+    doomed = [p for p in found[: max(len(found) - limit, 0)] if p.resolve() != keep]
     for path in doomed:
         logger.info("Deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def holds_only_checkpoint_files(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a directory (not a link to one) whose every entry is a regular file named
+    as optsched or transformers name checkpoint files (:data:`CHECKPOINT_FILE_NAMES`, ``rng_state_{rank}.pth``,
+    weight shards). True for an empty directory; False for a file, a link, a missing path, or a directory
+    holding a sub-directory or any other name (a user's file).
+    """
+    path = Path(directory)
+    return not path.is_symlink() and path.is_dir() and not _foreign_entries(path)
+
+
+def _is_checkpoint_file(entry: os.DirEntry) -> bool:
+    """A regular file (not a link) named as optsched or transformers name a checkpoint's files."""
+    name = entry.name
+    return entry.is_file(follow_symlinks=False) and (name in CHECKPOINT_FILE_NAMES or bool(_CHECKPOINT_FILE_RE.match(name)))
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """The sorted names of the entries of ``directory`` that are not checkpoint files (a directory's with "/")."""
+    with os.scandir(directory) as entries:
+        return sorted(
+            e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in entries if not _is_checkpoint_file(e)
+        )
+
+
+def _aside_path(final: Path) -> Path:
+    """``checkpoint-N.replaced-K`` beside ``final``, K the first from 1 that names nothing yet."""
+    k = 1
+    while os.path.lexists(final.parent / f"{final.name}{_ASIDE_SUFFIX}{k}"):
+        k += 1
+    return final.parent / f"{final.name}{_ASIDE_SUFFIX}{k}"
+
+
+def _move_aside(final: Path) -> Path:
+    """Rename ``final`` (a ``checkpoint-N`` that holds more than checkpoint files, or is no directory) to
+    :func:`_aside_path` and warn naming both paths; return the new path."""
+    aside = _aside_path(final)
+    if final.is_dir() and not final.is_symlink():
+        foreign = _foreign_entries(final)
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        what = f"holds more than checkpoint files ({shown})"
+    else:
+        what = "is not a directory"
+    os.replace(final, aside)
+    logger.warning(
+        "%s already existed and %s: it was renamed to %s, not deleted, and the new checkpoint took its "
+        "place. Nothing deletes %s (save_total_limit rotates checkpoint-N directories only, and a resume "
+        "never picks it): move your files out of it and delete it yourself.",
+        final, what, aside, aside.name,
+    )
+    return aside
 
 
 @contextmanager
@@ -219,7 +362,10 @@ def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | No
 
     Every process writes its files into the yielded directory (process 0 creates and renames it;
     barriers order the steps). On an exception the temporary directory is removed and ``final_dir`` is
-    untouched. An existing ``final_dir`` (the same step saved twice) is replaced.
+    untouched. An existing ``final_dir`` (the same step saved twice) is replaced when it holds checkpoint
+    files only (:func:`holds_only_checkpoint_files`); one that holds anything else (a user's file, a
+    sub-directory), or is not a directory, is renamed to ``checkpoint-N.replaced-K`` (the first free K)
+    with a warning, never deleted.
     """
     ctx = ctx or DistributedContext()
     final = Path(final_dir)
@@ -240,10 +386,12 @@ def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | No
         raise
     if ctx.is_main_process:
         old = None
-        if final.exists():
+        if holds_only_checkpoint_files(final):
             old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+        elif os.path.lexists(final):  # a link too: renamed, whatever it points to stays
+            _move_aside(final)
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -298,7 +446,7 @@ def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
     save_model(model, str(path), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and callable(getattr(config, "to_json_file", None)):
-        config.to_json_file(str(directory / "config.json"))
+        config.to_json_file(str(directory / CONFIG_NAME))
     return path
 
 
@@ -328,14 +476,15 @@ def read_model_weights(
 
     Raises:
         FileNotFoundError: no ``model.safetensors`` in ``directory``.
-        CheckpointError: the file is damaged (checksum, or not a readable safetensors file).
+        CheckpointError: the file is damaged (checksum, or not a readable safetensors file), or missing
+            while ``checksums.json`` lists it.
         ValueError: the file's tensors do not match the model (names missing or unexpected, shapes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
+    if not file_present(path):
         raise FileNotFoundError(f"{path} does not exist; a checkpoint needs {WEIGHTS_NAME}.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     verify_file(path, verify)
@@ -363,7 +512,8 @@ def load_weights_and_read_optimizer(
     from the bytes as ``torch.load`` reads them, the worker taking the records not yet read once the
     weights are in). The weights' check and copy thus cost no time of their own; memory bandwidth is
     the limit. Without an ``optimizer.pt`` (``save_only_model``) it is
-    :func:`load_model_weights`.
+    :func:`load_model_weights`; an ``optimizer.pt`` that ``checksums.json`` lists but that is missing
+    raises before the weights are touched.
 
     Returns:
         :func:`read_optimizer_state`'s dict for :func:`load_optimizer_state` (``saved=``), or ``None``
@@ -372,11 +522,12 @@ def load_weights_and_read_optimizer(
     Raises:
         FileNotFoundError: no ``model.safetensors``.
         CheckpointError: a damaged file (a damaged optimizer file after the weights were loaded leaves
-            the model with the checkpoint's weights, which passed their check).
+            the model with the checkpoint's weights, which passed their check); an ``optimizer.pt``
+            that ``checksums.json`` lists is missing (the model is left as it was).
         ValueError: the weights do not match the model.
     """
     verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
-    if not (Path(checkpoint) / OPTIMIZER_NAME).is_file():
+    if not file_present(Path(checkpoint) / OPTIMIZER_NAME):  # before the weights: a lost file changes nothing
         load_model_weights(model, checkpoint, verify)
         return None
     return read_optimizer_state(checkpoint, verify, beside=lambda: load_model_weights(model, checkpoint, verify))
@@ -450,9 +601,14 @@ def save_rng_state(directory: str | os.PathLike, ctx: DistributedContext) -> Pat
 
 
 def load_rng_state(directory: str | os.PathLike, ctx: DistributedContext, verify: str = DEFAULT_VERIFY) -> bool:
-    """Restore the RNG states saved by :func:`save_rng_state`; False (and a warning) when the file is absent."""
+    """Restore the RNG states saved by :func:`save_rng_state`; False (and a warning) when the file is absent.
+
+    Raises:
+        CheckpointError: the file is damaged or untrusted, or missing while ``checksums.json`` lists it
+            (the RNG states are left as they were).
+    """
     path = Path(directory) / rng_state_name(ctx)
-    if not path.is_file():
+    if not file_present(path):
         logger.warning(
             "No %s in %s: random states are not restored, so dropout masks after the resume will differ "
             "from an uninterrupted run (was the checkpoint saved with a different number of processes?).",

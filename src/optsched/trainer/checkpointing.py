@@ -34,8 +34,9 @@ class CheckpointMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``optimizer``, ``lr_scheduler``,
     ``scaler``, ``state``, ``control`` and ``callback_handler``, and ``_preemption`` when ``train()``
-    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by`` and
-    ``_save_finisher`` (the thread that flushes the last checkpoint and rotates older ones).
+    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by``,
+    ``_save_finisher`` (the thread that flushes the last checkpoint and rotates older ones) and
+    ``_warned_checkpoints_above`` (the output dirs already warned of another run's newer checkpoints).
     """
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
@@ -84,11 +85,29 @@ class CheckpointMixin:
                 state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
                 (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
         if main:
+            self._warn_of_checkpoints_above(run_dir, state.global_step)
             # flushed to disk on a worker thread, and only then are older checkpoints deleted: the
             # training goes on meanwhile, and a crash never leaves the run without a whole checkpoint
             self._finish_save_in_background(final, run_dir, args.save_total_limit, state.best_model_checkpoint)
         self._last_saved_step = state.global_step
         return final
+
+    def _warn_of_checkpoints_above(self, run_dir: Path, step: int) -> None:
+        """Warn, once per Trainer and ``output_dir``, when ``run_dir`` holds checkpoints numbered above the
+        step just saved: they are from another run, ``save_total_limit`` keeps them, and
+        ``resume_from_checkpoint=True`` would take the highest of them instead of this run's newest."""
+        above = ckpt.checkpoints_above(run_dir, step)
+        warned = getattr(self, "_warned_checkpoints_above", set())
+        if not above or str(run_dir) in warned:
+            return
+        self._warned_checkpoints_above = warned | {str(run_dir)}
+        logger.warning(
+            "%s holds checkpoints numbered above the step just saved (%d), from another run: %s. "
+            "save_total_limit never deletes them, and resume_from_checkpoint=True would resume from the "
+            "highest-numbered one, %s, not from this run's newest; pass this run's checkpoint path "
+            "explicitly, or move them out of the way.",
+            run_dir, step, ", ".join(p.name for p in above), above[-1],
+        )
 
     def _finish_save_in_background(
         self, final: Path, run_dir: Path, save_total_limit: int | None, best: str | None
@@ -139,6 +158,9 @@ class CheckpointMixin:
     # ---- resuming ------------------------------------------------------------------------------------
 
     def _resolve_checkpoint(self, resume_from_checkpoint: Any) -> Path | None:
+        """The checkpoint ``train(resume_from_checkpoint=...)`` resumes from, or ``None``; before anything
+        is read from it, every file its ``checksums.json`` lists is there
+        (:func:`~optsched.trainer.checkpoint.check_checkpoint_files`), so a lost file changes nothing."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
         if resume_from_checkpoint is True:
@@ -148,6 +170,10 @@ class CheckpointMixin:
                     f"resume_from_checkpoint=True but no complete checkpoint (checkpoint-N with "
                     f"{ckpt.TRAINER_STATE_NAME} and {ckpt.WEIGHTS_NAME}) is in output_dir={self.args.output_dir!r}."
                 )
+            try:
+                ckpt.check_checkpoint_files(found)
+            except ckpt.CheckpointError as exc:
+                raise self._with_previous_checkpoint_hint(exc, found) from None
             return found
         if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
             raise TypeError(
@@ -161,6 +187,7 @@ class CheckpointMixin:
                 f"({'no such directory' if not path.is_dir() else 'missing ' + ', '.join(missing)}); accepted: "
                 "a checkpoint-N directory written by the Trainer, or True for the newest one in output_dir."
             )
+        ckpt.check_checkpoint_files(path)
         return path
 
     def _with_previous_checkpoint_hint(self, error: ckpt.CheckpointError, checkpoint: Path) -> ckpt.CheckpointError:
@@ -206,22 +233,26 @@ class CheckpointMixin:
         resume = prepare_resume(
             self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify
         )
-        sched_file = checkpoint / ckpt.SCHEDULER_NAME
-        if (checkpoint / ckpt.OPTIMIZER_NAME).is_file():
+        # a file checksums.json lists but that is gone raises (file_present) instead of being taken for
+        # one never written (save_only_model, a transformers checkpoint): the Trainer checked them all
+        # before it loaded anything (_resolve_checkpoint); this is for a direct call
+        sched_file, scaler_file = checkpoint / ckpt.SCHEDULER_NAME, checkpoint / ckpt.SCALER_NAME
+        has_sched, has_scaler = ckpt.file_present(sched_file), ckpt.file_present(scaler_file)
+        if ckpt.file_present(checkpoint / ckpt.OPTIMIZER_NAME):
             ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify, saved=saved_optimizer)
         else:
             logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)
-        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if sched_file.is_file() else None
+        saved_sched = ckpt.safe_torch_load(sched_file, verify=verify) if has_sched else None
         restore_scheduler(self.lr_scheduler, self.optimizer, saved_sched, self.state.global_step, resume)
-        scaler_file = checkpoint / ckpt.SCALER_NAME
-        if self.scaler is not None and scaler_file.is_file():
+        if self.scaler is not None and has_scaler:
             self.scaler.load_state_dict(ckpt.safe_torch_load(scaler_file, verify=verify))
 
 
 def _flush_then_rotate(final: Path, run_dir: Path, save_total_limit: int | None, best: str | None) -> None:
     """:func:`~optsched.trainer.checkpoint.make_durable` on ``final``, then delete the checkpoints beyond
-    ``save_total_limit``; if the flush fails, nothing is deleted (the error is logged: the checkpoints
-    already on disk are the ones a resume will need)."""
+    ``save_total_limit`` (older than ``final``: never it, nor another run's numbered above it); if the
+    flush fails, nothing is deleted (the error is logged: the checkpoints already on disk are the ones a
+    resume will need)."""
     try:
         ckpt.make_durable(final)
     except OSError as exc:
@@ -230,4 +261,4 @@ def _flush_then_rotate(final: Path, run_dir: Path, save_total_limit: int | None,
             final, exc,
         )
         return
-    ckpt.rotate_checkpoints(run_dir, save_total_limit, best)
+    ckpt.rotate_checkpoints(run_dir, save_total_limit, best, current=final)

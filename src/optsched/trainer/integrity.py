@@ -6,7 +6,9 @@ complete (:func:`checksum_in_background`), so a save makes no pass of its own. A
 size and, with ``verify="full"`` (:data:`VERIFY_LEVELS`), every byte (:func:`verify_file`), for a large
 file beside the parser on a worker thread (:func:`verified_while_parsing`); a torch file that
 ``checksums.json`` does not list is checked through the CRC-32s of its own zip records
-(:func:`zip_records`). A file that fails raises :class:`CheckpointError` naming the file and the fault.
+(:func:`zip_records`). A file that fails raises :class:`CheckpointError` naming the file and the fault,
+and so does a file ``checksums.json`` lists that is gone (:func:`check_recorded_files_present`,
+:func:`file_present`): a loader never takes it for one that was not written.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ __all__ = [
     "VERIFY_LEVELS",
     "CheckpointError",
     "ChecksumAlgorithm",
+    "check_recorded_files_present",
     "checksum_in_background",
     "file_checksum",
+    "file_present",
+    "missing_recorded_files",
     "verified_while_parsing",
     "verify_file",
     "write_checksums",
@@ -321,6 +326,68 @@ def _recorded_checksums(directory: Path) -> tuple[str, dict[str, Any]] | None:
     return algorithm, files
 
 
+def missing_recorded_files(directory: str | os.PathLike) -> list[str]:
+    """The names that ``checksums.json`` of ``directory`` lists but that are not files in it, sorted.
+
+    Empty without a ``checksums.json`` (a transformers checkpoint): nothing records what was written.
+
+    Raises:
+        CheckpointError: ``checksums.json`` is unreadable.
+    """
+    directory = Path(directory)
+    recorded = _recorded_checksums(directory)
+    if recorded is None:
+        return []
+    return sorted(name for name in recorded[1] if not (directory / name).is_file())
+
+
+def _missing_error(directory: Path, names: Sequence[str]) -> CheckpointError:
+    """The error for files that ``checksums.json`` records as written but that are gone."""
+    what = f"{directory / names[0]} is missing" if len(names) == 1 else f"{directory} is missing {', '.join(names)}"
+    return CheckpointError(
+        f"{what}, but {CHECKSUMS_NAME} records {'it' if len(names) == 1 else 'them'} as written: the "
+        "checkpoint is incomplete (a file deleted or lost in a copy: truncated to nothing). Accepted: a "
+        f"checkpoint with every file its {CHECKSUMS_NAME} lists; resume from another checkpoint, or, to "
+        f"resume without {'it' if len(names) == 1 else 'them'} on purpose, remove the "
+        f"entr{'y' if len(names) == 1 else 'ies'} from {directory / CHECKSUMS_NAME}."
+    )
+
+
+def check_recorded_files_present(directory: str | os.PathLike) -> None:
+    """Raise unless every file that ``checksums.json`` of ``directory`` lists is there.
+
+    A resume calls this before it reads or applies anything: a loader that finds no ``optimizer.pt``,
+    ``scheduler.pt`` or ``rng_state.pth`` goes on without it (``save_only_model``, a transformers
+    checkpoint), which for a file that was written would silently resume a different run. Without a
+    ``checksums.json`` nothing is checked.
+
+    Raises:
+        CheckpointError: a listed file is missing (all of them named), or ``checksums.json`` is unreadable.
+    """
+    missing = missing_recorded_files(directory)
+    if missing:
+        raise _missing_error(Path(directory), missing)
+
+
+def file_present(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file; for a loader that goes on without a file that was never written.
+
+    Returns:
+        True for a file; False for a missing one that no ``checksums.json`` beside it lists.
+
+    Raises:
+        CheckpointError: ``path`` is missing but its directory's ``checksums.json`` lists it (it was
+            written, so it was lost), or ``checksums.json`` is unreadable.
+    """
+    path = Path(path)
+    if path.is_file():
+        return True
+    recorded = _recorded_checksums(path.parent)
+    if recorded is not None and path.name in recorded[1]:
+        raise _missing_error(path.parent, [path.name])
+    return False
+
+
 def _recorded_crc32(path: Path) -> str | None:
     """The whole-file CRC-32 that ``checksums.json`` lists for ``path``, or None (no entry, another
     algorithm, a legacy per-record entry)."""
@@ -364,8 +431,8 @@ def verify_file(path: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:
 
     Raises:
         ValueError: ``verify`` is not one of :data:`VERIFY_LEVELS`.
-        CheckpointError: ``checksums.json`` is unreadable, or the size, a record count or a checksum
-            differs (the message names the file and gives both values).
+        CheckpointError: ``checksums.json`` is unreadable, the file it lists is missing, or the size, a
+            record count or a checksum differs (the message names the file and gives both values).
     """
     verify = check_choice("verify", verify, VERIFY_LEVELS, what="verification level")
     path = Path(path)
@@ -381,6 +448,8 @@ def verify_file(path: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:
         return
     algorithm = recorded[0]
     expected_size = entry.get("size")
+    if not path.is_file():
+        raise _missing_error(path.parent, [path.name])
     size = path.stat().st_size
     if size != expected_size:
         how = "truncated" if isinstance(expected_size, int) and size < expected_size else "extended"

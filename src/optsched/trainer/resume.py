@@ -39,7 +39,7 @@ import torch
 from optsched._validation import check_choice
 from optsched.arguments import LR_RESUME_POLICIES
 from optsched.schedules.continuation import Continuation, Lerp, continue_schedule  # re-exported: old home
-from optsched.trainer.integrity import DEFAULT_VERIFY, CheckpointError, verify_file
+from optsched.trainer.integrity import DEFAULT_VERIFY, CheckpointError, file_present, verify_file
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +154,13 @@ def load_plan(directory: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> dic
     were the run's plan.
 
     Raises:
-        CheckpointError: the file's size or checksum differs from ``checksums.json``, or it is not UTF-8
-            JSON (a ``ValueError`` subclass; the message names the file).
+        CheckpointError: the file's size or checksum differs from ``checksums.json``, it is missing while
+            ``checksums.json`` lists it, or it is not UTF-8 JSON (a ``ValueError`` subclass; the message
+            names the file).
         ValueError: the file is JSON but not a plan this version reads (unknown format).
     """
     path = Path(directory) / PLAN_NAME
-    if not path.is_file():
+    if not file_present(path):
         return None
     verify_file(path, verify)
     try:
