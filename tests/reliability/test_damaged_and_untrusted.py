@@ -121,6 +121,31 @@ def test_a_lost_file_that_checksums_json_lists_is_named_and_nothing_changes(trai
     assert _snapshot(out) == before
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.json"])
+def test_a_newest_checkpoint_that_lost_what_makes_it_complete_is_not_passed_over_silently(trained, tmp_path, name):
+    # Without one of these, resume_from_checkpoint=True used to take checkpoint-2 without a word.
+    out = _copy(trained, tmp_path)
+    (out / "checkpoint-4" / name).unlink()
+    before = _snapshot(out)
+    with pytest.raises(CheckpointError) as info:
+        _resume(out)
+    message = str(info.value)
+    assert f"{out / 'checkpoint-4' / name} is missing, but checksums.json records it as written" in message
+    assert f"resume_from_checkpoint={str(out / 'checkpoint-2')!r}" in message  # the way to go on
+    assert _snapshot(out) == before
+
+
+def test_a_partial_copy_without_checksums_is_passed_over_with_a_warning(trained, tmp_path, caplog):
+    out = _copy(trained, tmp_path)
+    partial = out / "checkpoint-9"
+    partial.mkdir()
+    shutil.copy(out / "checkpoint-4" / "optimizer.pt", partial / "optimizer.pt")
+    with caplog.at_level("WARNING", logger="optsched"):
+        _resume(out)  # from checkpoint-4, the newest complete one
+    assert f"{partial} is passed over: it is not a complete checkpoint (no trainer_state.json or " in caplog.text
+    assert "resuming from checkpoint-4" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "optsched_plan.json"])
 def test_each_loader_refuses_a_lost_file_on_its_own(trained, tmp_path, monkeypatch, name):
     """Behind the check before the resume (switched off here), the loader of each file tells a lost file

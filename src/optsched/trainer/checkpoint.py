@@ -140,6 +140,7 @@ __all__ = [
     "gc_paused",
     "get_last_checkpoint",
     "holds_only_checkpoint_files",
+    "incomplete_checkpoints",
     "is_complete_checkpoint",
     "list_checkpoints",
     "load_model_weights",
@@ -221,6 +222,20 @@ def get_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step in ``output_dir``, or ``None``."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def incomplete_checkpoints(output_dir: str | os.PathLike, above: int = -1) -> list[Path]:
+    """``checkpoint-N`` directories in ``output_dir`` with ``N > above`` that lack ``trainer_state.json`` or
+    ``model.safetensors``, oldest first: what :func:`get_last_checkpoint` passes over. A save never leaves
+    one (it renames a complete directory into place), so each is damage or a partial copy."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir()
+        if (step := checkpoint_step(p)) is not None and step > above and p.is_dir() and not is_complete_checkpoint(p)
+    ]
+    return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:

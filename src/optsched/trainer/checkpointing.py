@@ -165,6 +165,7 @@ class CheckpointMixin:
             return None
         if resume_from_checkpoint is True:
             found = ckpt.get_last_checkpoint(self.args.output_dir)
+            self._check_passed_over(found)
             if found is None:
                 raise ValueError(
                     f"resume_from_checkpoint=True but no complete checkpoint (checkpoint-N with "
@@ -189,6 +190,25 @@ class CheckpointMixin:
             )
         ckpt.check_checkpoint_files(path)
         return path
+
+    def _check_passed_over(self, found: Path | None) -> None:
+        """Newer ``checkpoint-N`` directories that ``resume_from_checkpoint=True`` passes over because they
+        lack ``trainer_state.json`` or ``model.safetensors``: one whose ``checksums.json`` lists the missing
+        file lost it (a ``CheckpointError`` naming it, and the complete checkpoint to pass explicitly); any
+        other is skipped with a warning, never silently."""
+        above = -1 if found is None else ckpt.checkpoint_step(found)
+        for path in reversed(ckpt.incomplete_checkpoints(self.args.output_dir, above)):  # newest first
+            try:
+                ckpt.check_checkpoint_files(path)
+            except ckpt.CheckpointError as exc:
+                hint = (f" To resume from the newest complete checkpoint, pass resume_from_checkpoint={str(found)!r}."
+                        if found is not None else "")
+                raise ckpt.CheckpointError(f"{exc}{hint}") from None
+            missing = [f for f in (ckpt.TRAINER_STATE_NAME, ckpt.WEIGHTS_NAME) if not (path / f).is_file()]
+            logger.warning(
+                "%s is passed over: it is not a complete checkpoint (no %s)%s.",
+                path, " or ".join(missing), f"; resuming from {found.name}" if found is not None else "",
+            )
 
     def _with_previous_checkpoint_hint(self, error: ckpt.CheckpointError, checkpoint: Path) -> ckpt.CheckpointError:
         """``error`` (from the newest checkpoint, which ``resume_from_checkpoint=True`` took) with the way
