@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from optsched.optim._subclass import stand_in_for
+
 __all__ = ["with_standard_state"]
 
 _SUBCLASSES: dict[type, type] = {}
@@ -47,9 +49,6 @@ def with_standard_state(cls: type) -> type:
             for group in self.param_groups:
                 group["state"] = {p: self.state.pop(p) for p in group["params"] if p in self.state}
 
-    WithStandardState._optsched_wraps = cls  # what it stands for (optsched.memory infers the name from it)
-    WithStandardState.__name__ = cls.__name__
-    WithStandardState.__qualname__ = cls.__qualname__
-    WithStandardState.__doc__ = f"{cls.__module__}.{cls.__qualname__}, its per-parameter state saved by index."
+    stand_in_for(WithStandardState, cls, "its per-parameter state saved by index")
     _SUBCLASSES[cls] = WithStandardState
     return WithStandardState

@@ -19,6 +19,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from optsched.optim._subclass import stand_in_for
+
 __all__ = ["with_triton_resolved"]
 
 logger = logging.getLogger(__name__)
@@ -59,9 +61,6 @@ def with_triton_resolved(cls: type) -> type:
                         group["triton"] = bool(rule(list(group["params"])))
             return super().step(*args, **kwargs)
 
-    TritonResolved._optsched_wraps = cls  # what it stands for (optsched.memory infers the name from it)
-    TritonResolved.__name__ = cls.__name__
-    TritonResolved.__qualname__ = cls.__qualname__
-    TritonResolved.__doc__ = f"{cls.__module__}.{cls.__qualname__}, its Triton kernel chosen from the parameters."
+    stand_in_for(TritonResolved, cls, "its Triton kernel chosen from the parameters")
     _SUBCLASSES[cls] = TritonResolved
     return TritonResolved
