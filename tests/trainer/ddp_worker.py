@@ -54,3 +54,9 @@ if __name__ == "__main__":
     # other still holds the connection can abort it ("terminate called without an active exception").
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # Under load about 1 exit in 16 still aborts in C++ teardown after all of the above ("terminate called
+    # without an active exception", SIGABRT, with only the main Python thread left: one of gloo's threads
+    # torn down during interpreter finalization). The work is done and written: leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -541,9 +541,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         batches_per_epoch = plan.batches_per_epoch or plan.max_steps * ga
         # [sum, count] of the finite step losses since the last log, on the device (read back only
         # when logging); the logged loss is their mean.
-        self._tr_loss = torch.zeros(2, device=self.device)
+        self._tr_loss = torch.zeros((), device=self.device)  # summed on the device, read back when logging
+        self._tr_steps = 0  # the applied steps in _tr_loss: the logged loss is their mean
         self._total_loss_scalar = 0.0
-        self._total_loss_steps = 0.0
+        self._total_loss_steps = 0
         self._globalstep_last_logged = state.global_step
         initial_step = state.global_step
         start_time = time.time()
@@ -598,12 +599,11 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             if self.control.should_training_stop:
                 break
 
-        loss_sum, loss_count = self._reduced_loss()
-        self._total_loss_scalar += loss_sum
-        self._total_loss_steps += loss_count
+        self._total_loss_scalar += self._reduced_loss()
+        self._total_loss_steps += self._tr_steps
         steps_done = state.global_step - initial_step
         runtime = time.time() - start_time
-        # The mean of the finite step losses: a NaN / inf one is left out, not counted as 0.
+        # The mean over the applied steps: a skipped (NaN / inf) one is left out, not counted as 0.
         train_loss = self._total_loss_scalar / self._total_loss_steps if self._total_loss_steps else (
             float("nan") if steps_done else 0.0
         )
@@ -636,37 +636,40 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
                 self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
         self._grad_norm, stepped = self._clip_and_step(step_loss)
         self._last_lr = self._get_learning_rate()  # the lr this step used
-        if stepped and not self._metric_scheduler:
-            self._step_scheduler()
-        # A NaN / inf loss adds nothing: the logged loss is the mean of the finite ones. (transformers'
-        # logging_nan_inf_filter adds the window's running mean instead, which is 0 in a window that
-        # starts with it: it logs loss=0.0 and pulls train_loss down.) No sync: it stays on the device.
-        loss = step_loss.detach()
-        finite = torch.isfinite(loss)
-        self._tr_loss += torch.stack([torch.where(finite, loss, 0.0), finite]).to(self._tr_loss.dtype)
+        if stepped:
+            self._tr_loss += step_loss
+            self._tr_steps += 1
+            if not self._metric_scheduler:
+                self._step_scheduler()
+        # A skipped step (NaN / inf: the guard, or fp16's GradScaler) adds nothing: the logged loss is
+        # the mean of the applied steps. (transformers' logging_nan_inf_filter adds the window's running
+        # mean instead, which is 0 in a window that starts with the skip: it logs loss=0.0 and pulls
+        # train_loss down.)
         self._zero_grad()
 
-    def _reduced_loss(self) -> tuple[float, float]:
-        """``(sum, count)`` of the finite step losses since the last call, over all processes; resets."""
-        loss_sum, count = all_reduce_sum(self._tr_loss, self.dist).tolist()
+    def _reduced_loss(self) -> float:
+        """The accumulated training loss averaged over processes; resets the accumulator. Every process
+        applied the same steps (the skip decision is taken on the loss summed over them)."""
+        value = all_reduce_sum(self._tr_loss, self.dist).item() / self.dist.world_size
         self._tr_loss.zero_()
-        return loss_sum, count
+        return value
 
     def _maybe_log_save_evaluate(self, model: nn.Module) -> None:
         state = self.state
         if self.control.should_log and state.global_step > self._globalstep_last_logged:
-            loss_sum, loss_count = self._reduced_loss()
-            # No "loss" when every loss of the window was NaN / inf: none was measured (transformers
-            # logs 0.0 there); "nonfinite_skipped" says why.
-            logs: dict[str, float] = {"loss": loss_sum / loss_count} if loss_count else {}
+            loss = self._reduced_loss()
+            # No "loss" when every step of the window was skipped: none was applied (transformers logs
+            # 0.0 there); "nonfinite_skipped" says why.
+            logs: dict[str, float] = {"loss": loss / self._tr_steps} if self._tr_steps else {}
             if self._grad_norm is not None:
                 logs["grad_norm"] = float(self._grad_norm)
             logs["learning_rate"] = self._last_lr if self._last_lr is not None else self._get_learning_rate()
             skipped = getattr(getattr(self, "_nonfinite", None), "skipped_total", 0)
             if skipped:
                 logs["nonfinite_skipped"] = skipped  # steps skipped so far in this train() call
-            self._total_loss_scalar += loss_sum
-            self._total_loss_steps += loss_count
+            self._total_loss_scalar += loss
+            self._total_loss_steps += self._tr_steps
+            self._tr_steps = 0
             self._globalstep_last_logged = state.global_step
             self.log(logs)
         if self.control.should_evaluate:
