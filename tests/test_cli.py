@@ -178,6 +178,21 @@ def test_a_value_of_the_wrong_type_reads_like_the_other_errors(argv, expected, c
     assert captured.err == f"optsched: error: {expected}\n" and captured.out == ""
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["schedule", "linear"], "missing --steps"),  # argparse: "required: schedule.steps"
+        (["schedule", "linear", "--max_steps"], "--max_steps: expected a value after it"),
+        (["schedule", "linear", "--steps", "10", "--warmup-steps"], "--warmup-steps: expected a value after it"),
+        (["plan", "--steps"], "--steps: expected a value after it"),  # not the five spellings of the flag
+    ],
+)  # fmt: skip
+def test_a_missing_flag_or_value_is_named_as_typed(argv, expected, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err == f"optsched: error: {expected}\n" and captured.out == ""
+
+
 def test_a_wrong_type_in_the_config_file_says_so(tmp_path, capsys):
     config = tmp_path / "args.yaml"
     config.write_text("learning_rate: abc\n")

@@ -199,6 +199,32 @@ def type_error_message(message: str, command: str | None, argv: Sequence[str]) -
     return f"{flag}: expected {describe_type(hint)}{got}"
 
 
+_REQUIRED = re.compile(r"^the following arguments are required: (.+)$")
+_NO_VALUE = re.compile(r"^argument (\S+): expected one argument$")
+
+
+def argparse_message(message: str, command: str | None, argv: Sequence[str]) -> str:
+    """argparse's wording with the flags as the user types them: ``the following arguments are
+    required: schedule.steps`` becomes ``missing --steps``, and ``argument --steps/--num-training-steps/...:
+    expected one argument`` becomes ``--steps: expected a value after it`` (the spelling used); any other
+    message as it is."""
+    required = _REQUIRED.match(message)
+    if required and command in COMMANDS:
+        parser = importlib.import_module(COMMANDS[command]).build_parser()
+        flags = []
+        for key in required.group(1).split(", "):
+            dest = key.rpartition(".")[2]
+            options = [f for a in parser._actions if a.dest == dest for f in a.option_strings if f.startswith("--")]
+            flags.append(options[0] if options else key)
+        return f"missing {', '.join(flags)}"
+    no_value = _NO_VALUE.match(message)
+    if no_value:
+        spellings = no_value.group(1).split("/")
+        used = next((word for word in reversed(argv) if word in spellings), spellings[0])
+        return f"{used}: expected a value after it"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -234,7 +260,7 @@ def _run(argv: list[str], command: str | None) -> int:
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
-        message = type_error_message(str(exc), command, argv[1:])
+        message = argparse_message(type_error_message(str(exc), command, argv[1:]), command, argv[1:])
         print(f"optsched: error: {message}{unrecognized_hint(message, command)}", file=sys.stderr)
         return EXIT_USAGE
     from optsched.commands import UsageError
