@@ -79,10 +79,8 @@ _HF_NORM_NAME = re.compile(r"layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.
 
 _EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
-# type -> is it a norm layer. Models have few distinct classes, so this makes the type test O(1).
-_norm_type_cache: dict[type, bool] = {}
-# type -> (a torch norm layer, named like a norm, a transformers class, an nn.LayerNorm): the facts
-# the walk needs per module, cached per class for the same reason.
+# type -> (a torch norm layer, named like a norm, a transformers model, an nn.LayerNorm): the facts
+# the walk needs per module. Models have few distinct classes, so this makes the type tests O(1).
 _class_facts_cache: dict[type, tuple[bool, bool, bool, bool]] = {}
 
 
@@ -133,14 +131,8 @@ def is_norm_module(module: nn.Module | type) -> bool:
     True for every torch norm class and its subclasses, and for any class with a base class named
     ``...Norm`` or ``...Norm1d/2d/3d``. Cached per class, so calling it on every module is cheap.
     """
-    cls = module if isinstance(module, type) else type(module)
-    known = _norm_type_cache.get(cls)
-    if known is None:
-        known = issubclass(cls, NORM_LAYER_TYPES) or any(
-            _NORM_CLASS_NAME.search(base.__name__) for base in cls.__mro__
-        )
-        _norm_type_cache[cls] = known
-    return known
+    torch_norm, named_norm, _, _ = _class_facts(module if isinstance(module, type) else type(module))
+    return torch_norm or named_norm
 
 
 def _class_facts(cls: type) -> tuple[bool, bool, bool, bool]:
