@@ -539,8 +539,6 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         args, state = self.args, self.state
         ga = args.gradient_accumulation_steps
         batches_per_epoch = plan.batches_per_epoch or plan.max_steps * ga
-        # [sum, count] of the finite step losses since the last log, on the device (read back only
-        # when logging); the logged loss is their mean.
         self._tr_loss = torch.zeros((), device=self.device)  # summed on the device, read back when logging
         self._tr_steps = 0  # the applied steps in _tr_loss: the logged loss is their mean
         self._total_loss_scalar = 0.0
@@ -599,8 +597,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             if self.control.should_training_stop:
                 break
 
-        self._total_loss_scalar += self._reduced_loss()
-        self._total_loss_steps += self._tr_steps
+        loss, steps = self._take_loss_window()
+        self._total_loss_scalar += loss
+        self._total_loss_steps += steps
         steps_done = state.global_step - initial_step
         runtime = time.time() - start_time
         # The mean over the applied steps: a skipped (NaN / inf) one is left out, not counted as 0.
@@ -647,20 +646,23 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         # train_loss down.)
         self._zero_grad()
 
-    def _reduced_loss(self) -> float:
-        """The accumulated training loss averaged over processes; resets the accumulator. Every process
-        applied the same steps (the skip decision is taken on the loss summed over them)."""
+    def _take_loss_window(self) -> tuple[float, int]:
+        """``(loss summed over the applied steps since the last call, averaged over processes, those
+        steps)``; starts the next window. Every process applied the same steps (the skip decision is
+        taken on the loss summed over them)."""
         value = all_reduce_sum(self._tr_loss, self.dist).item() / self.dist.world_size
+        steps = self._tr_steps
         self._tr_loss.zero_()
-        return value
+        self._tr_steps = 0
+        return value, steps
 
     def _maybe_log_save_evaluate(self, model: nn.Module) -> None:
         state = self.state
         if self.control.should_log and state.global_step > self._globalstep_last_logged:
-            loss = self._reduced_loss()
+            loss, steps = self._take_loss_window()
             # No "loss" when every step of the window was skipped: none was applied (transformers logs
             # 0.0 there); "nonfinite_skipped" says why.
-            logs: dict[str, float] = {"loss": loss / self._tr_steps} if self._tr_steps else {}
+            logs: dict[str, float] = {"loss": loss / steps} if steps else {}
             if self._grad_norm is not None:
                 logs["grad_norm"] = float(self._grad_norm)
             logs["learning_rate"] = self._last_lr if self._last_lr is not None else self._get_learning_rate()
@@ -668,8 +670,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             if skipped:
                 logs["nonfinite_skipped"] = skipped  # steps skipped so far in this train() call
             self._total_loss_scalar += loss
-            self._total_loss_steps += self._tr_steps
-            self._tr_steps = 0
+            self._total_loss_steps += steps
             self._globalstep_last_logged = state.global_step
             self.log(logs)
         if self.control.should_evaluate:
