@@ -150,6 +150,7 @@ __all__ = [
     "load_weights_and_read_optimizer",
     "make_durable",
     "missing_recorded_files",
+    "missing_required_files",
     "pack_small_tensors",
     "read_model_weights",
     "read_optimizer_state",
@@ -203,10 +204,17 @@ _ASIDE_SUFFIX = ".replaced-"
 # ---- finding and rotating checkpoints -------------------------------------------------------------
 
 
+def missing_required_files(path: str | os.PathLike) -> list[str]:
+    """Which of ``trainer_state.json`` and ``model.safetensors``, the files that make a checkpoint
+    complete, are not files in ``path``."""
+    p = Path(path)
+    return [f for f in _REQUIRED_FILES if not (p / f).is_file()]
+
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A ``checkpoint-N`` directory holding at least ``trainer_state.json`` and ``model.safetensors``."""
     p = Path(path)
-    return bool(_CHECKPOINT_RE.match(p.name)) and p.is_dir() and all((p / f).is_file() for f in _REQUIRED_FILES)
+    return bool(_CHECKPOINT_RE.match(p.name)) and p.is_dir() and not missing_required_files(p)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -181,7 +181,7 @@ class CheckpointMixin:
                 f"resume_from_checkpoint must be a path, True or None, got {type(resume_from_checkpoint).__name__}."
             )
         path = Path(resume_from_checkpoint)
-        missing = [f for f in (ckpt.TRAINER_STATE_NAME, ckpt.WEIGHTS_NAME) if not (path / f).is_file()]
+        missing = ckpt.missing_required_files(path)
         if not path.is_dir() or missing:
             raise ValueError(
                 f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint "
@@ -204,10 +204,9 @@ class CheckpointMixin:
                 hint = (f" To resume from the newest complete checkpoint, pass resume_from_checkpoint={str(found)!r}."
                         if found is not None else "")
                 raise ckpt.CheckpointError(f"{exc}{hint}") from None
-            missing = [f for f in (ckpt.TRAINER_STATE_NAME, ckpt.WEIGHTS_NAME) if not (path / f).is_file()]
             logger.warning(
                 "%s is passed over: it is not a complete checkpoint (no %s)%s.",
-                path, " or ".join(missing), f"; resuming from {found.name}" if found is not None else "",
+                path, " or ".join(ckpt.missing_required_files(path)), f"; resuming from {found.name}" if found is not None else "",
             )
 
     def _with_previous_checkpoint_hint(self, error: ckpt.CheckpointError, checkpoint: Path) -> ckpt.CheckpointError:
