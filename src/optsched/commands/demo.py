@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,13 +165,13 @@ def prepare_output_dir(output_dir: Path) -> None:
         UsageError: it is a file, cannot be created, or cannot be written to (the system's reason).
     """
     from optsched.commands import UsageError
+    from optsched.trainer.checkpoint import make_writable_dir
 
     accepted = "a folder (new or existing) you can write to"
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # False for a bad path, no OSError
         raise UsageError(f"--output-dir={str(output_dir)!r} is a file, not a folder; accepted: {accepted}.")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".optsched-write-test-", dir=output_dir))
+        make_writable_dir(output_dir)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise UsageError(

@@ -53,6 +53,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,6 +150,7 @@ __all__ = [
     "load_trainer_state",
     "load_weights_and_read_optimizer",
     "make_durable",
+    "make_writable_dir",
     "missing_recorded_files",
     "missing_required_files",
     "pack_small_tensors",
@@ -419,6 +421,19 @@ def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | No
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)
+
+
+def make_writable_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (and its parents) and make and remove a probe folder in it, so that a path
+    that cannot hold a run's files (a file, a read-only place) fails now, not at the first save.
+
+    Raises:
+        OSError: it cannot be created or written to (``strerror`` says why, ``filename`` where).
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    os.rmdir(tempfile.mkdtemp(prefix=".optsched-write-test-", dir=path))  # unique: ranks probe at once
+    return path
 
 
 def make_durable(directory: str | os.PathLike) -> None:

@@ -477,15 +477,12 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             raise
 
     def _check_output_dir(self) -> None:
-        """Create ``output_dir`` and write a probe file in it, now: a path that cannot hold the run's
-        files (a file, a read-only place) would otherwise fail at the first save, after that much
-        training."""
+        """Create ``output_dir`` and probe it, now (:func:`~optsched.trainer.checkpoint.make_writable_dir`):
+        a path that cannot hold the run's files (a file, a read-only place) would otherwise fail at the
+        first save, after that much training."""
         path = Path(self.args.output_dir)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".optsched-probe-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
+            ckpt.make_writable_dir(path)
         except OSError as exc:
             raise ValueError(
                 f"output_dir={str(path)!r} cannot hold the run's logs and checkpoints "
