@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "cannot_write", "spellings"]
+__all__ = ["UsageError", "cannot_write", "spellings", "write_png"]
 
 
 def spellings(*names: str) -> list[str]:
@@ -39,3 +39,18 @@ def cannot_write(flag: str, path: object, exc: OSError, accepted: str) -> UsageE
     """
     reason = exc.strerror or str(exc) or type(exc).__name__
     return UsageError(f"{flag}={str(path)!r}: cannot write it ({reason}); accepted: {accepted}.")
+
+
+def write_png(curves, png, **kwargs):
+    """:func:`optsched.schedules.render.save_png` of ``curves`` to ``png`` (the path ``--png`` gave, see
+    ``render.png_path``); returns the path written.
+
+    Raises:
+        UsageError: the file cannot be written (:func:`cannot_write`, naming ``--png``).
+    """
+    from optsched.schedules.render import save_png
+
+    try:
+        return save_png(curves, png, **kwargs)
+    except OSError as exc:
+        raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None

@@ -138,11 +138,11 @@ def run(cfg: Any) -> int:
     from torch import nn
 
     from optsched._validation import check_int
-    from optsched.commands import cannot_write
+    from optsched.commands import write_png
     from optsched.optim import create_optimizer
     from optsched.plan import explain
     from optsched.schedules import create_scheduler
-    from optsched.schedules.render import ascii_chart, png_path, save_png
+    from optsched.schedules.render import ascii_chart, png_path
 
     args = training_arguments_from_cfg(cfg)
     steps = cfg.steps if cfg.steps is not None else (args.max_steps if args.max_steps > 0 else None)
@@ -169,11 +169,8 @@ def run(cfg: Any) -> int:
     if curves is not None:
         curves = _dedupe(curves)
         if png is not None:  # written first: a file that cannot be written is the only output
-            try:
-                written = save_png(curves, png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
-                                   num_warmup_steps=report.schedule.num_warmup_steps or None)
-            except OSError as exc:
-                raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
+            written = write_png(curves, png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
+                                num_warmup_steps=report.schedule.num_warmup_steps or None)
     print(f"optsched plan: model {cfg.model}, optim={args.optim}, lr_scheduler_type={args.lr_scheduler_type}, "
           f"{steps} steps")
     print(report)

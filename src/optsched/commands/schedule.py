@@ -86,10 +86,10 @@ def run(cfg: Any) -> int:
     import torch
 
     from optsched._validation import check_number
-    from optsched.commands import cannot_write
+    from optsched.commands import write_png
     from optsched.schedules import get_schedule_info, get_scheduler
     from optsched.schedules.registry import METRIC
-    from optsched.schedules.render import ascii_chart, format_key_points, png_path, save_png
+    from optsched.schedules.render import ascii_chart, format_key_points, png_path
 
     info = get_schedule_info(cfg.name)  # ValueError with "did you mean" for an unknown name
     if info.kind == METRIC:
@@ -112,15 +112,12 @@ def run(cfg: Any) -> int:
     lrs = [scheduler.lr_at(step)[0] for step in range(cfg.steps)]
     written = None
     if png is not None:  # written first: a file that cannot be written is the only output
-        try:
-            written = save_png(
-                {info.name: lrs},
-                png,
-                title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
-                num_warmup_steps=cfg.warmup_steps or None,
-            )
-        except OSError as exc:
-            raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
+        written = write_png(
+            {info.name: lrs},
+            png,
+            title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
+            num_warmup_steps=cfg.warmup_steps or None,
+        )
     spec = scheduler.spec
     kw_text = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(
