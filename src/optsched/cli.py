@@ -78,6 +78,21 @@ def _closest(flag: str, known: list[str]) -> list[str]:
     return closest(flag, candidates, n=1)
 
 
+def _command_parser(command: str):
+    """The subcommand's own parser, built again: reaching the one :func:`main` parsed with means going
+    through jsonargparse's private attributes. Used on error paths only."""
+    return importlib.import_module(COMMANDS[command]).build_parser()
+
+
+def _flags(parser, dest: str | None = None, long_only: bool = False) -> list[str]:
+    """The option strings of the option stored in ``dest`` (of every option with ``None``), in the
+    order declared; argparse keeps them in ``_actions`` (private, but unchanged since Python 3.2)."""
+    return [
+        flag for action in parser._actions if dest is None or action.dest == dest
+        for flag in action.option_strings if not long_only or flag.startswith("--")
+    ]
+
+
 def unrecognized_hint(message: str, command: str | None) -> str:
     """What to add to argparse's ``unrecognized arguments: ...``: the closest flag of ``command`` for each
     unknown one, and where the accepted flags are listed; ``""`` for any other message.
@@ -87,9 +102,7 @@ def unrecognized_hint(message: str, command: str | None) -> str:
     """
     if command not in COMMANDS or _UNRECOGNIZED not in message:
         return ""
-    parser = importlib.import_module(COMMANDS[command]).build_parser()
-    # argparse keeps a parser's options in `_actions` (private, but unchanged since Python 3.2)
-    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    known = _flags(_command_parser(command), long_only=True)
     unknown = [word.split("=")[0] for word in message.split(_UNRECOGNIZED, 1)[1].split() if word.startswith("--")]
     guesses = [f"{flag}: did you mean {' or '.join(close)}?" for flag in unknown if (close := _closest(flag, known))]
     return (f" ({'; '.join(guesses)})" if guesses else "") + f"; accepted flags: optsched {command} --help"
@@ -151,7 +164,7 @@ def _flag_and_value(parser, dest: str, argv: Sequence[str], reported: str | None
     """The flag for ``dest`` as the user spelled it, and the text given to it: of several occurrences,
     the one whose text is the value jsonargparse reported (it reports ``1e12`` as ``1000000000000.0``),
     else the first."""
-    options = [flag for action in parser._actions if action.dest == dest for flag in action.option_strings]
+    options = _flags(parser, dest)
     given: list[tuple[str, str]] = []
     for i, word in enumerate(argv):
         flag, eq, text = word.partition("=")
@@ -174,7 +187,7 @@ def _flag_and_value(parser, dest: str, argv: Sequence[str], reported: str | None
             return flag, text
     if given:
         return given[0]
-    long = [flag for flag in options if flag.startswith("--")]
+    long = _flags(parser, dest, long_only=True)
     return (long[0] if long else f"--{dest}"), reported
 
 
@@ -185,7 +198,7 @@ def type_error_message(message: str, command: str | None, argv: Sequence[str]) -
     if command not in COMMANDS or match is None:
         return _one_line(message)
     dest = match.group(1).rpartition(".")[2]
-    parser = importlib.import_module(COMMANDS[command]).build_parser()
+    parser = _command_parser(command)
     action = next((a for a in parser._actions if a.dest == dest), None)
     hint = getattr(action, "_typehint", None)  # jsonargparse's ActionTypeHint keeps the annotation there
     if hint is None:
@@ -210,11 +223,10 @@ def argparse_message(message: str, command: str | None, argv: Sequence[str]) -> 
     message as it is."""
     required = _REQUIRED.match(message)
     if required and command in COMMANDS:
-        parser = importlib.import_module(COMMANDS[command]).build_parser()
+        parser = _command_parser(command)
         flags = []
         for key in required.group(1).split(", "):
-            dest = key.rpartition(".")[2]
-            options = [f for a in parser._actions if a.dest == dest for f in a.option_strings if f.startswith("--")]
+            options = _flags(parser, key.rpartition(".")[2], long_only=True)
             flags.append(options[0] if options else key)
         return f"missing {', '.join(flags)}"
     no_value = _NO_VALUE.match(message)
