@@ -570,20 +570,24 @@ class TrainingArguments:
 
     @property
     def warmup(self) -> int | float:
-        """The warmup as given: ``warmup_steps`` when non-zero, else ``warmup_ratio`` (0 when neither)."""
+        """The warmup as given: ``warmup_steps`` when non-zero, else ``warmup_ratio`` (0 when neither).
+
+        A value of 1.0 is ambiguous here (one step, or all of ``warmup_ratio``): :meth:`get_warmup_steps`
+        gives the number of steps.
+        """
         return self.warmup_steps if self.warmup_steps != 0 else self.warmup_ratio
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Number of warmup steps for a run of ``num_training_steps`` optimizer steps.
 
-        With ``w`` = :attr:`warmup` and ``T`` = ``num_training_steps`` (transformers' formula)::
+        With ``w`` = ``warmup_steps``, ``r`` = ``warmup_ratio`` and ``T`` = ``num_training_steps``
+        (transformers' formulas, 5 and 4)::
 
-            warmup = int(w)          if w >= 1   (a step count)
-                     ceil(T * w)     otherwise   (a fraction; w = 0 gives 0)
+            warmup = int(w)          if w >= 1       (a step count)
+                     ceil(T * w)     if 0 < w < 1    (a fraction)
+                     ceil(T * r)     if w == 0       (always a fraction: r = 1.0 is T steps; r = 0 gives 0)
 
-        ``warmup_ratio`` is always a fraction: ``warmup_ratio=1.0`` is ``T`` steps, not one.
-
-        The fraction is rounded up, so any ``w > 0`` gives at least one step when ``T > 0``; the
+        The fraction is rounded up, so any ``w > 0`` (or ``r > 0``) gives at least one step when ``T > 0``; the
         product is computed in floating point exactly as transformers does (``ceil(100 * 0.07)`` is 8
         because ``100 * 0.07 == 7.000000000000001``). A warmup longer than ``T`` is returned as is.
 
