@@ -219,13 +219,18 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return bool(_CHECKPOINT_RE.match(p.name)) and p.is_dir() and not missing_required_files(p)
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (by step number, not by mtime)."""
+def _checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` directories in ``output_dir``, complete or not, oldest first (by step number,
+    not by mtime)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if is_complete_checkpoint(p)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir()), key=checkpoint_step)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (by step number, not by mtime)."""
+    return [p for p in _checkpoint_dirs(output_dir) if not missing_required_files(p)]
 
 
 def get_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -238,14 +243,7 @@ def incomplete_checkpoints(output_dir: str | os.PathLike, above: int = -1) -> li
     """``checkpoint-N`` directories in ``output_dir`` with ``N > above`` that lack ``trainer_state.json`` or
     ``model.safetensors``, oldest first: what :func:`get_last_checkpoint` passes over. A save never leaves
     one (it renames a complete directory into place), so each is damage or a partial copy."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir()
-        if (step := checkpoint_step(p)) is not None and step > above and p.is_dir() and not is_complete_checkpoint(p)
-    ]
-    return sorted(found, key=checkpoint_step)
+    return [p for p in _checkpoint_dirs(output_dir) if checkpoint_step(p) > above and missing_required_files(p)]
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
