@@ -695,7 +695,8 @@ def _set(args: TrainingArguments, name: str, value: Any) -> None:
 
 def _check_warmup(args: TrainingArguments) -> None:
     steps, ratio = args.warmup_steps, args.warmup_ratio
-    if steps != 0 and ratio != 0 and steps != ratio:
+    # Both set agree only as the same fraction: warmup_steps=1 is one step, warmup_ratio=1.0 the whole run.
+    if steps != 0 and ratio != 0 and (steps >= 1 or steps != ratio):
         raise ValueError(
             f"warmup_steps={steps!r} and warmup_ratio={ratio!r} conflict; accepted: one of them "
             "(warmup_steps as steps or a fraction in (0, 1), or warmup_ratio as a fraction), not both."
