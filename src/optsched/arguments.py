@@ -509,7 +509,8 @@ class TrainingArguments:
     decay_policy: str | Callable = _field(
         "hf", "Which parameters get weight decay: 'hf' (not biases and norms, as transformers), 'ndim' "
         "(not tensors of <= 1 dimension, as timm), either with '+no_embeddings' (also not embeddings, "
-        "positional embeddings, cls/register tokens), or a callable ParamInfo -> bool.", _decay_policy)
+        "positional embeddings, cls/register tokens), or a callable ParamInfo -> bool (from YAML/CLI: "
+        "its import path 'module:function').", _decay_policy)
     param_rules: list[dict] | str | None = _field(
         None, "Ordered parameter rules (a list of dicts; a JSON string from the CLI); the first rule whose "
         "pattern matches a full parameter name decides its settings. Keys: params (a glob such as "

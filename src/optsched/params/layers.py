@@ -53,6 +53,7 @@ __all__ = [
     "callable_path",
     "check_layerwise_lr_decay",
     "get_layer_ids",
+    "import_callable",
     "infer_block_index",
     "layer_lr_scale",
     "resolve_layer_id_fn",
@@ -143,6 +144,16 @@ def resolve_layer_id_fn(value: Any, field: str = "layer_id_fn") -> LayerIdFn | N
             f"{field} must be a callable name -> int | None, an import path 'module:function' or None, "
             f"got {type(value).__name__} {value!r}."
         )
+    return import_callable(value, field, "a callable name -> int | None")
+
+
+def import_callable(value: str, field: str, what: str) -> Callable[..., Any]:
+    """The callable an import path ``"module:function"`` (or ``"module.function"``) names.
+
+    Raises:
+        ValueError: a path that cannot be imported or names nothing (with "did you mean").
+        TypeError: the path names something that is not callable (``what`` says what was expected).
+    """
     module_name, sep, attr = value.partition(":")
     if not sep:
         module_name, _, attr = value.rpartition(".")
@@ -160,7 +171,7 @@ def resolve_layer_id_fn(value: Any, field: str = "layer_id_fn") -> LayerIdFn | N
             )
         target = getattr(target, part)
     if not callable(target):
-        raise TypeError(f"{field}={value!r} is a {type(target).__name__}, not a callable name -> int | None.")
+        raise TypeError(f"{field}={value!r} is a {type(target).__name__}, not {what}.")
     return target
 
 
