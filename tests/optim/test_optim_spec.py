@@ -92,7 +92,11 @@ def test_enum_values_are_accepted():
         ({"cls": None}, TypeError, "must be a class"),
         ({"needs_model": "yes"}, TypeError, "True or False"),
         ({"common": "lr"}, TypeError, r"common must be a tuple of str, e.g. \('lr', 'betas'\), got str 'lr'"),
-        ({"optim_args": ("momentum",)}, TypeError, r"optim_args must be a tuple of OptimArg.*got tuple \('momentum',\)"),
+        (
+            {"optim_args": ("momentum",)},
+            TypeError,
+            r"optim_args must be a tuple of OptimArg.*got tuple \('momentum',\)",
+        ),
         ({"optim_args": OptimArg("momentum")}, TypeError, "optim_args must be a tuple of OptimArg"),
     ],
 )
