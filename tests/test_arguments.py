@@ -248,6 +248,7 @@ BAD = [
     ({"warmup_ratio": -0.1}, ValueError, ["warmup_ratio", "-0.1"]),
     ({"warmup_steps": 10, "warmup_ratio": 0.1}, ValueError, ["warmup_steps=10", "warmup_ratio=0.1"]),
     ({"warmup_steps": 0.2, "warmup_ratio": 0.1}, ValueError, ["warmup_steps=0.2", "warmup_ratio=0.1"]),
+    ({"warmup_steps": 1, "warmup_ratio": 1.0}, ValueError, ["warmup_steps=1", "warmup_ratio=1.0"]),
     ({"logging_steps": -5}, ValueError, ["logging_steps", "-5"]),
     ({"logging_steps": 12.5}, ValueError, ["logging_steps", "12.5"]),
     ({"logging_steps": 0}, ValueError, ["logging_steps=0", "logging_strategy='steps'"]),

@@ -509,7 +509,8 @@ class TrainingArguments:
     decay_policy: str | Callable = _field(
         "hf", "Which parameters get weight decay: 'hf' (not biases and norms, as transformers), 'ndim' "
         "(not tensors of <= 1 dimension, as timm), either with '+no_embeddings' (also not embeddings, "
-        "positional embeddings, cls/register tokens), or a callable ParamInfo -> bool.", _decay_policy)
+        "positional embeddings, cls/register tokens), or a callable ParamInfo -> bool (from YAML/CLI: "
+        "its import path 'module:function').", _decay_policy)
     param_rules: list[dict] | str | None = _field(
         None, "Ordered parameter rules (a list of dicts; a JSON string from the CLI); the first rule whose "
         "pattern matches a full parameter name decides its settings. Keys: params (a glob such as "
@@ -695,7 +696,8 @@ def _set(args: TrainingArguments, name: str, value: Any) -> None:
 
 def _check_warmup(args: TrainingArguments) -> None:
     steps, ratio = args.warmup_steps, args.warmup_ratio
-    if steps != 0 and ratio != 0 and steps != ratio:
+    # Both set agree only as the same fraction: warmup_steps=1 is one step, warmup_ratio=1.0 the whole run.
+    if steps != 0 and ratio != 0 and (steps >= 1 or steps != ratio):
         raise ValueError(
             f"warmup_steps={steps!r} and warmup_ratio={ratio!r} conflict; accepted: one of them "
             "(warmup_steps as steps or a fraction in (0, 1), or warmup_ratio as a fraction), not both."

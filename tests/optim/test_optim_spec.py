@@ -91,12 +91,27 @@ def test_enum_values_are_accepted():
         ({"optim_args": (OptimArg("a"), OptimArg("a"))}, ValueError, "repeats a key"),
         ({"cls": None}, TypeError, "must be a class"),
         ({"needs_model": "yes"}, TypeError, "True or False"),
+        ({"common": "lr"}, TypeError, r"common must be a tuple of str, e.g. \('lr', 'betas'\), got str 'lr'"),
+        (
+            {"optim_args": ("momentum",)},
+            TypeError,
+            r"optim_args must be a tuple of OptimArg.*got tuple \('momentum',\)",
+        ),
+        ({"optim_args": OptimArg("momentum")}, TypeError, "optim_args must be a tuple of OptimArg"),
     ],
 )
 def test_bad_specs_are_refused(fields, error, fragment):
     base = {"name": "x", "cls": torch.optim.SGD, **fields}
     with pytest.raises(error, match=fragment):
         OptimizerSpec(**base)
+
+
+def test_a_user_spec_without_package_names_the_missing_module(scratch_name):
+    spec = register_optimizer(scratch_name, "no_such_package_xyz.optim.Fancy")
+    with pytest.raises(ImportError) as info:
+        spec.load_class()
+    message = str(info.value)
+    assert "'no_such_package_xyz'" in message and "None" not in message
 
 
 def test_bad_optim_arg_type_is_refused():

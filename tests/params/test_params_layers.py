@@ -184,6 +184,33 @@ def test_bad_decay_values(value, exc):
         TrainingArguments(layerwise_lr_decay=value)
 
 
+def test_frozen_blocks_count_so_freezing_changes_no_other_lr():
+    def lrs(model):
+        return {n: g["lr"] for g in build_param_groups(model, learning_rate=1.0, layerwise_lr_decay=0.5)
+                for n in g["param_names"]}
+
+    full = lrs(TinyViT(depth=3))
+    top_frozen = TinyViT(depth=3)
+    top_frozen.blocks[2].requires_grad_(False)
+    assert lrs(top_frozen) == {n: lr for n, lr in full.items() if not n.startswith("blocks.2.")}
+    assert full["head.weight"] == 1.0 and full["cls_token"] == 0.5**4
+    assert get_layer_ids(top_frozen)["head.weight"] == 4  # L = 3 blocks, frozen or not
+
+    all_frozen = TinyViT(depth=3)
+    all_frozen.blocks.requires_grad_(False)  # no trainable tensor in a block: the layers are still known
+    assert lrs(all_frozen) == {n: lr for n, lr in full.items() if not n.startswith("blocks.")}
+
+
+def test_a_freeze_rule_gives_the_same_groups_before_and_after_create_optimizer():
+    args = TrainingArguments(learning_rate=1.0, layerwise_lr_decay=0.5, optim="adamw_torch",
+                             param_rules=[{"params": "blocks.2.*", "freeze": True}])
+    model = TinyViT(depth=3)
+    before = [(g["name"], g["lr"], g["param_names"]) for g in build_param_groups(model, args)]
+    optimizer = create_optimizer(model, args)  # sets requires_grad=False on blocks.2
+    assert [(g["name"], g["lr"], g["param_names"]) for g in optimizer.param_groups] == before
+    assert [(g["name"], g["lr"], g["param_names"]) for g in build_param_groups(model, args)] == before
+
+
 def test_rule_lr_mult_multiplies_the_layer_decayed_lr_and_lr_replaces_it():
     groups = build_param_groups(TinyViT(depth=2), learning_rate=1.0, layerwise_lr_decay=0.5, param_rules=[
         {"params": "blocks.0.*", "lr_mult": 10.0, "name": "b0"},

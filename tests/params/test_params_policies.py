@@ -118,3 +118,36 @@ def test_bad_policy_names(policy, match):
 
 def test_combined_policy_is_named_for_explain():
     assert resolve_decay_policy("ndim + no_embeddings").__name__ == "ndim + no_embeddings"
+
+
+def no_decay_on_head(info) -> bool:
+    """A user's policy, importable as tests.params.test_params_policies:no_decay_on_head."""
+    return not info.name.startswith("head.")
+
+
+def test_a_callable_policy_round_trips_through_to_dict_as_its_import_path():
+    import json
+
+    from optsched import TrainingArguments
+
+    args = TrainingArguments(decay_policy=no_decay_on_head, weight_decay=0.1)
+    path = args.to_dict()["decay_policy"]
+    assert path == f"{__name__}:no_decay_on_head"
+    again = TrainingArguments.from_dict(json.loads(json.dumps(args.to_dict())))
+    assert resolve_decay_policy(again.decay_policy) is no_decay_on_head
+    names = [g["param_names"] for g in build_param_groups(TinyViT(), again)]
+    assert names == [g["param_names"] for g in build_param_groups(TinyViT(), args)]
+    assert "head.weight" in names[1] and "qkv.weight" in names[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "match"),
+    [
+        ("no_such_module_xyz:policy", ValueError, "decay_policy='no_such_module_xyz:policy': cannot import"),
+        (f"{__name__}:no_decay_on_hed", ValueError, "Did you mean 'no_decay_on_head'"),
+        (f"{__name__}:VIT_TABLE", TypeError, "is a dict, not a callable ParamInfo -> bool"),
+    ],
+)
+def test_bad_policy_import_paths(path, error, match):
+    with pytest.raises(error, match=match):
+        resolve_decay_policy(path)

@@ -18,7 +18,7 @@ from optsched.schedules import (
     resolve_schedule_name,
     validate_scheduler_kwargs,
 )
-from optsched.schedules.core import Decay, warmup_then
+from optsched.schedules.core import Constant, Decay, warmup_then
 from optsched.schedules.registry import CLOSED_FORM
 
 LR = 10.0
@@ -265,3 +265,14 @@ def test_register_schedule_user_factory():
         register_schedule("linear", cosine_to_floor)
     with pytest.raises(TypeError, match="callable"):
         register_schedule("test_bad", 3)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_alias_that_is_another_schedules_name_is_refused(overwrite):
+    def flat(num_warmup_steps, num_training_steps):
+        return Constant(1.0)
+
+    with pytest.raises(ValueError, match="alias 'linear' is the name of the registered schedule 'linear'"):
+        register_schedule("test_alias_clash", flat, aliases=("Linear",), overwrite=overwrite)
+    assert "test_alias_clash" not in list_schedulers()
+    assert get_schedule_info("linear").factory is not flat

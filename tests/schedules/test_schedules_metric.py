@@ -80,6 +80,17 @@ def test_greedy_state_dict_round_trip(kwargs):
     assert got == expected
 
 
+def test_greedy_state_for_another_group_count_is_refused_and_loads_nothing():
+    sched = GreedyLR(make_optimizer(), patience=0)
+    for m in metrics(5, 20):
+        sched.step(m)
+    one = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    fresh = GreedyLR(one, patience=0)
+    with pytest.raises(ValueError, match=r"min_lrs for 2 param group\(s\), but the optimizer has 1"):
+        fresh.load_state_dict(sched.state_dict())
+    assert fresh.last_epoch == 0 and fresh.min_lrs == [1e-3] and one.param_groups[0]["lr"] == 0.5
+
+
 def test_greedy_loads_a_transformers_state_dict():
     transformers_optimization = pytest.importorskip("transformers.optimization")
     opt_hf = make_optimizer()

@@ -98,6 +98,19 @@ def test_load_state_dict_sets_the_optimizer_lr_even_without_optimizer_state():
     assert [g["lr"] for g in fresh.param_groups] == sched.lr_at(5) == sched2.get_last_lr()
 
 
+def test_load_state_dict_with_another_group_count_is_refused_and_loads_nothing():
+    opt = make_optimizer()
+    sched = get_scheduler("linear", opt, 2, 10)
+    train(opt, sched, 5)
+    one_group = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    fresh = get_scheduler("linear", one_group, 2, 10)
+    with pytest.raises(ValueError, match=r"base_lrs for 2 param group\(s\), but the optimizer has 1"):
+        fresh.load_state_dict(sched.state_dict())
+    assert fresh.last_epoch == 0 and fresh.base_lrs == [1e-3]  # untouched: it still steps
+    fresh.step()
+    assert fresh.get_last_lr() == [5e-4]
+
+
 def test_spec_in_state_dict_and_from_spec():
     opt = make_optimizer()
     sched = get_scheduler("COSINE", opt, 3, 40, {"num_cycles": 0.4})

@@ -158,6 +158,16 @@ class OptimizerSpec:
             raise TypeError(f"OptimizerSpec.name must be a non-empty string, got {self.name!r}.")
         if self.cls is None:
             raise TypeError(f"OptimizerSpec({self.name!r}).cls must be a class, a factory or a dotted path.")
+        for field_name, item_type, example in (
+            ("common", str, "('lr', 'betas')"),
+            ("optim_args", OptimArg, "(OptimArg('momentum'),)"),
+        ):
+            value = getattr(self, field_name)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, item_type) for v in value):
+                raise TypeError(
+                    f"OptimizerSpec({self.name!r}).{field_name} must be a tuple of {item_type.__name__}, "
+                    f"e.g. {example}, got {type(value).__name__} {value!r}."
+                )
         for key in self.common:
             check_choice(f"OptimizerSpec({self.name!r}).common", key, COMMON_ARGS, what="common argument")
         keys = [a.name for a in self.optim_args]
@@ -221,7 +231,7 @@ class OptimizerSpec:
                 missing = exc.name or ""
                 root = module_name.split(".")[0]
                 if missing == root or _not_installed(root):
-                    raise self._missing() from exc
+                    raise self._missing(root) from exc
                 if module_name.startswith(missing + ".") or missing == module_name:
                     last_error = exc  # the package is there but this submodule is not: next path
                     continue
@@ -247,10 +257,15 @@ class OptimizerSpec:
             )
         ) from last_error
 
-    def _missing(self) -> ImportError:
+    def _missing(self, module: str) -> ImportError:
         needed_for = f"optim={self.name!r}"
         if self.extra:
-            return missing_package(self.package or "?", self.extra, needed_for)
+            return missing_package(self.package or module, self.extra, needed_for)
+        if self.package is None:  # a user's spec that does not say which package provides the class
+            return ImportError(
+                f"{needed_for} needs the module {module!r} (cls={self.cls!r}), which is not installed; "
+                "install the package that provides it."
+            )
         return ImportError(
             f"{needed_for} needs the package {self.package!r}, which is not installed "
             f"(it has no optsched extra: install it following its own instructions, "

@@ -25,6 +25,10 @@ registered before the first block; every other one is the head (layer ``L + 1``:
 pooler, ``lm_head``, classifier). A tied output head is decided by its first name (GPT-2's
 ``lm_head.weight`` is ``transformer.wte.weight``: layer 0).
 
+``L`` and the ids count every tensor of the model, frozen ones included (timm's layer decay does the
+same): freezing a block, or the top blocks, changes no other parameter's lr, and a model whose blocks
+are all frozen still has its embeddings at layer 0 and its head at ``L + 1``.
+
 A model in which no block is found is a ``ValueError``, never a silent no-op.
 """
 
@@ -49,6 +53,7 @@ __all__ = [
     "callable_path",
     "check_layerwise_lr_decay",
     "get_layer_ids",
+    "import_callable",
     "infer_block_index",
     "layer_lr_scale",
     "resolve_layer_id_fn",
@@ -139,6 +144,16 @@ def resolve_layer_id_fn(value: Any, field: str = "layer_id_fn") -> LayerIdFn | N
             f"{field} must be a callable name -> int | None, an import path 'module:function' or None, "
             f"got {type(value).__name__} {value!r}."
         )
+    return import_callable(value, field, "a callable name -> int | None")
+
+
+def import_callable(value: str, field: str, what: str) -> Callable[..., Any]:
+    """The callable an import path ``"module:function"`` (or ``"module.function"``) names.
+
+    Raises:
+        ValueError: a path that cannot be imported or names nothing (with "did you mean").
+        TypeError: the path names something that is not callable (``what`` says what was expected).
+    """
     module_name, sep, attr = value.partition(":")
     if not sep:
         module_name, _, attr = value.rpartition(".")
@@ -156,7 +171,7 @@ def resolve_layer_id_fn(value: Any, field: str = "layer_id_fn") -> LayerIdFn | N
             )
         target = getattr(target, part)
     if not callable(target):
-        raise TypeError(f"{field}={value!r} is a {type(target).__name__}, not a callable name -> int | None.")
+        raise TypeError(f"{field}={value!r} is a {type(target).__name__}, not {what}.")
     return target
 
 
@@ -247,6 +262,6 @@ def get_layer_ids(model: nn.Module, layer_id_fn: LayerIdFn | str | None = None) 
     Raises:
         ValueError: no layer found (see :func:`assign_layer_ids`); a bad ``layer_id_fn`` path.
     """
-    infos = [i for i in classify_parameters(model) if i.alias_of is None and not i.frozen]
-    ids, _ = assign_layer_ids(infos, resolve_layer_id_fn(layer_id_fn))
-    return {info.name: layer for info, layer in zip(infos, ids)}
+    infos = [i for i in classify_parameters(model) if i.alias_of is None]
+    ids, _ = assign_layer_ids(infos, resolve_layer_id_fn(layer_id_fn))  # frozen blocks count (module docstring)
+    return {info.name: layer for info, layer in zip(infos, ids) if not info.frozen}

@@ -9,7 +9,9 @@ by name in registries, so adding one is one entry, not a new branch in the group
   embeddings and cls / register / distillation / mask tokens. ``"ndim+no_embeddings"`` is timm's rule
   with its usual ``no_weight_decay()`` set (``pos_embed``, ``cls_token``, ...) applied by name.
 
-A callable ``ParamInfo -> bool`` is accepted wherever a name is.
+A callable ``ParamInfo -> bool`` is accepted wherever a name is, and so is its import path
+``"module:function"`` (what ``TrainingArguments.to_dict`` writes for a callable, and how YAML and the
+CLI name one).
 """
 
 from __future__ import annotations
@@ -92,14 +94,20 @@ def list_decay_policies() -> list[str]:
 
 
 def resolve_decay_policy(policy: str | DecayPolicy) -> DecayPolicy:
-    """Turn a policy name (``"hf"``, ``"ndim"``, ``"hf+no_embeddings"``, ...) or a callable into the callable.
+    """Turn a policy name (``"hf"``, ``"ndim"``, ``"hf+no_embeddings"``, ...), a callable or the import
+    path of one (``"mypkg.policies:no_decay_on_head"``: a string with ``:``) into the callable.
 
     Raises:
-        ValueError: an unknown base policy or exemption name (with the closest names).
-        TypeError: neither a string nor a callable.
+        ValueError: an unknown base policy or exemption name (with the closest names); an import path
+            that cannot be imported.
+        TypeError: neither a string nor a callable; an import path to something not callable.
     """
     if callable(policy):
         return policy
+    if isinstance(policy, str) and ":" in policy:  # no policy name has one: an import path
+        from optsched.params.layers import import_callable
+
+        return import_callable(policy, "decay_policy", "a callable ParamInfo -> bool")
     if not isinstance(policy, str):
         raise TypeError(
             f"decay_policy must be a name ({', '.join(list_decay_policies())}) or a callable "

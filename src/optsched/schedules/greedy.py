@@ -11,7 +11,9 @@ Differences from HF, none of which changes a learning rate:
   steps plateau schedulers with the eval metric (HF's Trainer, Lightning, accelerate) steps it
   correctly, not only the loops that know HF's class;
 * ``verbose`` logs through :mod:`logging` instead of printing;
-* ``state_dict()`` also carries :attr:`GreedyLR.spec`; HF's state dicts load unchanged.
+* ``state_dict()`` also carries :attr:`GreedyLR.spec`; HF's state dicts load unchanged;
+* a state saved for another number of param groups is a ``ValueError`` (HF loads it, and the groups
+  get the lrs and bounds saved for others, by position).
 """
 
 from __future__ import annotations
@@ -256,7 +258,20 @@ class GreedyLR(ReduceLROnPlateau):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state (ours or HF's GreedyLR's) and put the saved lrs back into the optimizer."""
+        """Load a state (ours or HF's GreedyLR's) and put the saved lrs back into the optimizer.
+
+        Raises:
+            ValueError: the state's per-group lists (``min_lrs``, ``max_lrs``, ``_last_lr``,
+                ``_init_lrs``) are for another number of param groups; nothing is loaded then.
+        """
+        groups = len(self.optimizer.param_groups)
+        for key in ("min_lrs", "max_lrs", "_last_lr", "_init_lrs"):
+            saved = state_dict.get(key)
+            if saved is not None and len(saved) != groups:
+                raise ValueError(
+                    f"the GreedyLR state has {key} for {len(saved)} param group(s), but the optimizer has "
+                    f"{groups}; accepted: a state saved with the same param groups."
+                )
         for key in _STATE_KEYS:
             if key in state_dict:
                 setattr(self, key, copy.copy(state_dict[key]))

@@ -142,7 +142,9 @@ def register_schedule(
         ['floor']
 
     Raises:
-        ValueError: the name (or an alias) is taken and ``overwrite`` is False, or ``kind`` is unknown.
+        ValueError: the name (or an alias) is taken and ``overwrite`` is False, an alias is the name of
+            another registered schedule (even with ``overwrite``: it could never resolve), or ``kind``
+            is unknown.
         TypeError: ``factory`` is not callable.
     """
     if not isinstance(name, str) or not name.strip():
@@ -153,6 +155,13 @@ def register_schedule(
         raise ValueError(f"kind={kind!r} is not known; accepted: {', '.join(_KINDS)}.")
     canonical = _normalise(name)
     names = [canonical, *(_normalise(a) for a in aliases)]
+    for alias in names[1:]:
+        if alias in _REGISTRY and alias != canonical:  # a name always resolves before an alias
+            raise ValueError(
+                f"alias {alias!r} is the name of the registered schedule {alias!r}, so it would never "
+                f"resolve to {canonical!r}; accepted: another alias, or register_schedule({alias!r}, ..., "
+                "overwrite=True) to replace that schedule."
+            )
     if not overwrite:
         for n in names:
             if n in _REGISTRY or n in _ALIASES:

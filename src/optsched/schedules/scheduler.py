@@ -232,8 +232,19 @@ class ScheduleLR(LRScheduler):
         that differs is logged (the checkpoint's spec is ``state_dict["spec"]``). The optimizer's
         group lrs are set to ``lr_at(last_epoch)`` so the next optimizer step uses the right lr even
         when the optimizer state was not reloaded.
+
+        Raises:
+            ValueError: the state has a ``base_lrs`` per param group and their number differs from
+                the optimizer's groups (the model or the rules changed); nothing is loaded then.
         """
         state = dict(state_dict)
+        saved_base = state.get("base_lrs")
+        if saved_base is not None and len(saved_base) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"the scheduler state has base_lrs for {len(saved_base)} param group(s), but the optimizer "
+                f"has {len(self.optimizer.param_groups)}; accepted: a state saved with the same param groups "
+                "(a changed model, param_rules or layerwise_lr_decay changes them)."
+            )
         saved_spec = state.pop("spec", None)
         state.pop("schedule", None)
         if saved_spec is not None and saved_spec != self.spec:
