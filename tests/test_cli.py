@@ -182,6 +182,7 @@ def test_a_value_of_the_wrong_type_reads_like_the_other_errors(argv, expected, c
     ("argv", "expected"),
     [
         (["schedule", "linear"], "missing --steps"),  # argparse: "required: schedule.steps"
+        (["schedule"], "missing name, --steps"),  # the positional as the usage line names it, not schedule.name
         (["schedule", "linear", "--max_steps"], "--max_steps: expected a value after it"),
         (["schedule", "linear", "--steps", "10", "--warmup-steps"], "--warmup-steps: expected a value after it"),
         (["plan", "--steps"], "--steps: expected a value after it"),  # not the five spellings of the flag

@@ -219,7 +219,7 @@ _NO_VALUE = re.compile(r"^argument (\S+): expected one argument$")
 
 def argparse_message(message: str, command: str | None, argv: Sequence[str]) -> str:
     """argparse's wording with the flags as the user types them: ``the following arguments are
-    required: schedule.steps`` becomes ``missing --steps``, and ``argument --steps/--num-training-steps/...:
+    required: schedule.name, schedule.steps`` becomes ``missing name, --steps``, and ``argument --steps/--num-training-steps/...:
     expected one argument`` becomes ``--steps: expected a value after it`` (the spelling used); any other
     message as it is."""
     required = _REQUIRED.match(message)
@@ -227,8 +227,9 @@ def argparse_message(message: str, command: str | None, argv: Sequence[str]) -> 
         parser = _command_parser(command)
         flags = []
         for key in required.group(1).split(", "):
-            options = _flags(parser, key.rpartition(".")[2], long_only=True)
-            flags.append(options[0] if options else key)
+            dest = key.rpartition(".")[2]
+            options = _flags(parser, dest, long_only=True)
+            flags.append(options[0] if options else dest)  # a positional: its name, as the usage line shows it
         return f"missing {', '.join(flags)}"
     no_value = _NO_VALUE.match(message)
     if no_value:
