@@ -357,6 +357,16 @@ def test_demo_epochs_flag(run_cli, tmp_path):
     assert _state(out_dir, 4)["global_step"] == 4  # 64 / 16 = 4 steps in one epoch
 
 
+def test_default_save_steps_is_a_quarter_of_an_epochs_run(tmp_path):
+    # --epochs 2 over 64 examples in batches of 16: 8 steps, a checkpoint every 2 (not every 100 // 4)
+    cfg = demo_cmd.build_parser().parse_args(["--epochs", "2", "--num-examples", "64", "--batch-size", "16"])
+    assert demo_cmd._training_arguments(cfg, tmp_path).save_steps == 2
+    cfg = demo_cmd.build_parser().parse_args(["--epochs", "0.5", "--num-examples", "70", "--batch-size", "16"])
+    assert demo_cmd._training_arguments(cfg, tmp_path).save_steps == 1  # ceil(0.5 * 5) = 3 steps
+    cfg = demo_cmd.build_parser().parse_args(["--max-steps", "40"])
+    assert demo_cmd._training_arguments(cfg, tmp_path).save_steps == 10
+
+
 def test_the_continue_command_repeats_the_flags_of_the_run(run_cli, tmp_path):
     # resuming without --task / --num-examples would train on other data from the checkpoint
     out_dir = tmp_path / "marker"

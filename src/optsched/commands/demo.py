@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -201,8 +202,10 @@ def _training_arguments(cfg: Any, output_dir: Path):
     from optsched import TrainingArguments
 
     max_steps = -1 if cfg.epochs is not None else cfg.max_steps
-    planned = cfg.max_steps if cfg.epochs is None else None
-    save_steps = cfg.save_steps or max(1, (planned or 100) // 4)
+    # the run's length in steps, for the default checkpoint interval (a quarter of it): --epochs counts
+    # as the Trainer will (one step per batch, a partial batch included)
+    planned = cfg.max_steps if cfg.epochs is None else math.ceil(cfg.epochs * math.ceil(cfg.num_examples / cfg.batch_size))
+    save_steps = cfg.save_steps or max(1, planned // 4)
     return TrainingArguments(
         output_dir=str(output_dir),
         # the seed's setup: AdamW, linear decay after a 10% warmup, weight decay on matrices only
