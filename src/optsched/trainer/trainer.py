@@ -155,7 +155,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         args: optsched's or transformers' ``TrainingArguments`` (``None``: defaults, output in
             ``trainer_output``).
         train_dataset / eval_dataset: map-style datasets (shuffled by ``data_seed``) or iterable ones
-            (read in order; need ``max_steps``).
+            (read in order; need ``max_steps``); ``eval_dataset`` may be a dict of them, evaluated one by
+            one under ``eval_<name>_...`` metrics (see :meth:`evaluate`).
         data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
         optimizers: ``(optimizer, lr_scheduler)``; either may be None to have it created.
         optimizer_cls_and_kwargs: ``(cls, kwargs)`` for :func:`optsched.optim.create_optimizer`; not
