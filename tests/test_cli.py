@@ -175,13 +175,14 @@ def test_a_closed_stdout_pipe_ends_quietly(argv):
 def test_a_value_of_the_wrong_type_reads_like_the_other_errors(argv, expected, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     captured = capsys.readouterr()
-    assert captured.err == f"optsched: error: {expected}\n" and captured.out == ""
+    assert captured.err == f"optsched {argv[0]}: error: {expected}\n" and captured.out == ""
 
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
         (["schedule", "linear"], "missing --steps"),  # argparse: "required: schedule.steps"
+        (["schedule"], "missing name, --steps"),  # the positional as the usage line names it, not schedule.name
         (["schedule", "linear", "--max_steps"], "--max_steps: expected a value after it"),
         (["schedule", "linear", "--steps", "10", "--warmup-steps"], "--warmup-steps: expected a value after it"),
         (["plan", "--steps"], "--steps: expected a value after it"),  # not the five spellings of the flag
@@ -190,7 +191,7 @@ def test_a_value_of_the_wrong_type_reads_like_the_other_errors(argv, expected, c
 def test_a_missing_flag_or_value_is_named_as_typed(argv, expected, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     captured = capsys.readouterr()
-    assert captured.err == f"optsched: error: {expected}\n" and captured.out == ""
+    assert captured.err == f"optsched {argv[0]}: error: {expected}\n" and captured.out == ""
 
 
 def test_a_wrong_type_in_the_config_file_says_so(tmp_path, capsys):
@@ -198,8 +199,41 @@ def test_a_wrong_type_in_the_config_file_says_so(tmp_path, capsys):
     config.write_text("learning_rate: abc\n")
     assert cli.main(["plan", "--steps", "5", "--config", str(config)]) == cli.EXIT_USAGE
     assert capsys.readouterr().err == (
-        "optsched: error: --learning_rate: expected a finite number, got 'abc' (in the --config file)\n"
+        "optsched plan: error: --learning_rate: expected a finite number, got 'abc' (in the --config file)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["schedule", "cosine", "--stepz", "10"], "schedule"),  # refused by the parser
+        (["schedule", "nope", "--steps", "10"], "schedule"),  # refused by the command
+        (["plan", "--steps", "abc"], "plan"),
+        (["plan", "--steps", "-1"], "plan"),
+        (["demo", "--nope"], "demo"),
+        (["demo", "--task", "nope"], "demo"),
+    ],
+)  # fmt: skip
+def test_every_error_of_a_command_starts_with_its_name(argv, command, capsys):
+    # argparse's convention for a subcommand's errors, whichever of the parser or the command refused
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"optsched {command}: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [[], ["foo"], ["--nope"]])
+def test_an_error_without_a_known_command_starts_with_optsched(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("optsched: error: ")
+
+
+def test_an_interrupted_command_says_which(monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(schedule_cmd, "run", interrupted)
+    assert cli.main(["schedule", "cosine", "--steps", "10"]) == 130
+    assert capsys.readouterr().err == "optsched schedule: interrupted\n"
 
 
 def test_describe_type_doctest():

@@ -357,6 +357,58 @@ def test_demo_epochs_flag(run_cli, tmp_path):
     assert _state(out_dir, 4)["global_step"] == 4  # 64 / 16 = 4 steps in one epoch
 
 
+def test_default_save_steps_is_a_quarter_of_an_epochs_run(tmp_path):
+    # --epochs 2 over 64 examples in batches of 16: 8 steps, a checkpoint every 2 (not every 100 // 4)
+    cfg = demo_cmd.build_parser().parse_args(["--epochs", "2", "--num-examples", "64", "--batch-size", "16"])
+    assert demo_cmd._training_arguments(cfg, tmp_path).save_steps == 2
+    cfg = demo_cmd.build_parser().parse_args(["--epochs", "0.5", "--num-examples", "70", "--batch-size", "16"])
+    assert demo_cmd._training_arguments(cfg, tmp_path).save_steps == 1  # ceil(0.5 * 5) = 3 steps
+    cfg = demo_cmd.build_parser().parse_args(["--max-steps", "40"])
+    assert demo_cmd._training_arguments(cfg, tmp_path).save_steps == 10
+
+
+def test_the_continue_command_repeats_the_flags_of_the_run(run_cli, tmp_path):
+    # resuming without --task / --num-examples would train on other data from the checkpoint
+    out_dir = tmp_path / "marker"
+    code, out, err = run_cli("--output-dir", str(out_dir), "--max-steps", "4", "--task", "marker",
+                             "--batch-size", "16", "--num-examples", "64", "--logging-steps", "2", "--no-progress")
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("continue with: ")]
+    assert line == (f"continue with: optsched demo --output-dir {out_dir} --task marker --num-examples 64 "
+                    "--batch-size 16 --logging-steps 2 --resume --max-steps 8")
+    code, out, err = run_cli(*line.split()[4:], "--no-progress")  # that command goes on from checkpoint-4
+    assert code == 0, err
+    assert f"resuming from {out_dir / 'checkpoint-4'}" in out and _state(out_dir, 8)["global_step"] == 8
+
+
+def test_an_interrupted_demo_says_how_to_finish_the_same_run(run_cli, tmp_path, monkeypatch):
+    import signal
+
+    import optsched
+    from optsched.trainer import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                signal.raise_signal(signal.SIGINT)
+
+    class Interrupted(optsched.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, callbacks=[CtrlC], **kwargs)
+
+    monkeypatch.setattr(optsched, "Trainer", Interrupted)
+    out_dir = tmp_path / "stopped"
+    code, out, err = run_cli("--output-dir", str(out_dir), "--max-steps", "10", "--num-examples", "64",
+                             "--batch-size", "16", "--no-progress")
+    assert code == 0, err
+    assert (out_dir / "checkpoint-3" / "trainer_state.json").is_file()
+    # the same plan (--max-steps 10), not twice the planned length, and not "done"
+    assert out.rstrip().splitlines()[-1] == (
+        f"stopped by SIGINT at step 3 of 10; continue with: optsched demo --output-dir {out_dir} "
+        "--num-examples 64 --batch-size 16 --resume --max-steps 10"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

@@ -578,6 +578,15 @@ class TrainingArguments:
         """
         return self.warmup_steps if self.warmup_steps != 0 else self.warmup_ratio
 
+    # ---- read by transformers' callbacks -----------------------------------------------------------
+
+    @property
+    def load_best_model_at_end(self) -> bool:
+        """Always False: optsched's Trainer ends with the last weights (the best checkpoint stays on disk,
+        ``state.best_model_checkpoint``). Not a field; transformers' ``EarlyStoppingCallback`` reads it
+        (and only warns that the best model is not loaded) and failed with an AttributeError without it."""
+        return False
+
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Number of warmup steps for a run of ``num_training_steps`` optimizer steps.
 

@@ -3,7 +3,8 @@
 Each subcommand module exposes ``HELP`` (one line), ``build_parser() -> jsonargparse.ArgumentParser``
 and ``run(cfg) -> int``; heavy imports (torch, matplotlib) stay inside ``run``. Bad input of any kind
 (an unknown flag, a bad value, a missing optional package) is answered with one line on stderr and
-exit code 2, never a traceback. A Python warning raised while a command runs (a warmup longer than the
+exit code 2, never a traceback: ``optsched <command>: error: <message>``, whether the parser or the
+command refused it (``optsched: error: ...`` only when no known command was given). A Python warning raised while a command runs (a warmup longer than the
 run, ...) is printed as one line, ``optsched <command>: warning: <message>``, without the source line
 Python would show; this formatter is installed by :func:`main` only, and removed when it returns.
 """
@@ -218,7 +219,7 @@ _NO_VALUE = re.compile(r"^argument (\S+): expected one argument$")
 
 def argparse_message(message: str, command: str | None, argv: Sequence[str]) -> str:
     """argparse's wording with the flags as the user types them: ``the following arguments are
-    required: schedule.steps`` becomes ``missing --steps``, and ``argument --steps/--num-training-steps/...:
+    required: schedule.name, schedule.steps`` becomes ``missing name, --steps``, and ``argument --steps/--num-training-steps/...:
     expected one argument`` becomes ``--steps: expected a value after it`` (the spelling used); any other
     message as it is."""
     required = _REQUIRED.match(message)
@@ -226,8 +227,9 @@ def argparse_message(message: str, command: str | None, argv: Sequence[str]) -> 
         parser = _command_parser(command)
         flags = []
         for key in required.group(1).split(", "):
-            options = _flags(parser, key.rpartition(".")[2], long_only=True)
-            flags.append(options[0] if options else key)
+            dest = key.rpartition(".")[2]
+            options = _flags(parser, dest, long_only=True)
+            flags.append(options[0] if options else dest)  # a positional: its name, as the usage line shows it
         return f"missing {', '.join(flags)}"
     no_value = _NO_VALUE.match(message)
     if no_value:
@@ -244,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the caller's filters stay as they are; only the way a shown warning is printed changes, and
     # catch_warnings puts the caller's printer back when main returns
     with warnings.catch_warnings():
-        warnings.showwarning = _warning_printer(f"optsched {command}" if command else "optsched")
+        warnings.showwarning = _warning_printer(prog(command))
         try:
             try:
                 return _run(argv, command)
@@ -267,13 +269,20 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+def prog(command: str | None) -> str:
+    """The name a message of ``command`` starts with: ``optsched schedule`` (argparse's convention for a
+    subcommand's errors), or ``optsched`` when no known command was given."""
+    return f"optsched {command}" if command in COMMANDS else "optsched"
+
+
 def _run(argv: list[str], command: str | None) -> int:
     parser = build_parser(only=command)
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
         message = argparse_message(type_error_message(str(exc), command, argv[1:]), command, argv[1:])
-        print(f"optsched: error: {message}{unrecognized_hint(message, command)}", file=sys.stderr)
+        # the same prefix as the command's own errors below: which command refused is known either way
+        print(f"{prog(command)}: error: {message}{unrecognized_hint(message, command)}", file=sys.stderr)
         return EXIT_USAGE
     from optsched.commands import UsageError
 
@@ -282,10 +291,10 @@ def _run(argv: list[str], command: str | None) -> int:
     try:
         return int(module.run(cfg[command]) or 0)
     except (ValueError, TypeError, ImportError, FileNotFoundError, UsageError) as exc:
-        print(f"optsched {command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prog(command)}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("optsched: interrupted", file=sys.stderr)
+        print(f"{prog(command)}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -168,6 +170,42 @@ def test_model_without_loss_is_a_clear_error(make_args):
     data = [{"x": torch.randn(2)} for _ in range(4)]
     t = Trainer(NoLoss(), make_args(max_steps=1), train_dataset=data)
     with pytest.raises(ValueError, match=r"returned no loss .*compute_loss_func"):
+        t.train()
+
+
+class _TupleRegressor(nn.Module):
+    """Returns ``(loss, logits)`` with labels and ``(logits,)`` without, as a transformers model with
+    ``return_dict=False``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x, labels=None):
+        logits = self.lin(x).squeeze(-1)
+        return (logits,) if labels is None else (((logits - labels) ** 2).mean(), logits)
+
+
+def test_a_tuple_output_gives_its_first_item_as_the_loss(make_args, regression_data):
+    # transformers' Trainer reads a tuple's loss as outputs[0]; the same model trains here
+    torch.manual_seed(0)
+    model = _TupleRegressor()
+    t = Trainer(model, make_args(max_steps=3), train_dataset=regression_data(12), eval_dataset=regression_data(8))
+    with torch.no_grad():
+        expected = ((model.lin(torch.stack([d["x"] for d in regression_data(8)])).squeeze(-1)
+                     - torch.stack([d["labels"] for d in regression_data(8)])) ** 2).mean()
+    assert t.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    out = t.train()
+    assert out.global_step == 3 and math.isfinite(out.training_loss)
+    loss, outputs = t.compute_loss(t.model, {"x": torch.randn(2, 4), "labels": torch.zeros(2)}, return_outputs=True)
+    assert loss is outputs[0]
+
+
+def test_a_tuple_whose_first_item_is_not_a_scalar_is_no_loss(make_args):
+    # without labels the tuple holds the logits: never taken for a loss (one with a single element
+    # would pass the scalar check of a batch of 1)
+    t = Trainer(_TupleRegressor(), make_args(max_steps=1), train_dataset=[{"x": torch.randn(4)}] * 4)
+    with pytest.raises(ValueError, match=r"returned no loss \(output type tuple\)"):
         t.train()
 
 

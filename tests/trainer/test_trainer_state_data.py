@@ -99,6 +99,31 @@ def test_sampler_shards_cover_the_epoch_permutation(n, world, seed, epoch, drop_
     assert interleaved == (order * world)[: per_rank * world]  # DistributedSampler's split of the same order
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 60), world=st.integers(1, 5), shuffle=st.booleans())
+def test_an_unpadded_sampler_takes_every_index_once(n, world, shuffle):
+    shards = [list(EpochSampler(n, seed=1, shuffle=shuffle, rank=r, world_size=world, pad=False)) for r in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert [len(shard) for shard in shards] == [len(EpochSampler(n, seed=1, rank=r, world_size=world, pad=False))
+                                                 for r in range(world)]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_the_eval_loader_of_each_rank_takes_its_share_once(model_factory, make_args, regression_data):
+    # 10 samples over 4 processes: the padded split gave ranks 2 and 3 samples 0 and 1 again, and the
+    # eval loss (summed over ranks) counted them twice
+    from optsched import Trainer
+    from optsched.trainer.distributed import DistributedContext
+
+    data = [dict(d, i=torch.tensor(i)) for i, d in enumerate(regression_data(10))]
+    t = Trainer(model_factory(), make_args(per_device_eval_batch_size=2), eval_dataset=data)
+    seen = []
+    for rank in range(4):
+        t.dist = DistributedContext(rank=rank, local_rank=rank, world_size=4)
+        seen += [int(i) for batch in t.get_eval_dataloader() for i in batch["i"]]
+    assert sorted(seen) == list(range(10))
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), skip=st.integers(0, 40))
 def test_sampler_skip_is_a_suffix_for_one_iteration(n, skip):

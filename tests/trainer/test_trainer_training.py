@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from optsched import Trainer, TrainerCallback
+from optsched import Trainer, TrainerCallback, TrainingArguments
+from trainer_helpers import TinyRegressor
 
 
 def test_tiny_bert_trains_and_loss_falls(tmp_path, make_args):
@@ -128,6 +129,22 @@ def test_eval_strategy_steps_and_plateau_scheduler_steps_on_eval_loss(model_fact
     assert [a[0] for a in steps] == [h["eval_loss"] for h in evals]
 
 
+def test_a_dict_of_eval_datasets_is_evaluated_one_by_one_with_its_names(model_factory, regression_data, make_args):
+    # transformers accepts eval_dataset={"name": dataset, ...}: each gets the prefix eval_<name>; the
+    # dict was indexed as one dataset (KeyError: 0 at the first evaluation, after eval_steps of training)
+    small, large = regression_data(4, seed=1), regression_data(12, seed=2)
+    t = Trainer(model_factory(), make_args(max_steps=4, eval_strategy="steps", eval_steps=2, metric_for_best_model="small_loss"),
+                train_dataset=regression_data(8), eval_dataset={"small": small, "large": large})
+    before = t.evaluate()
+    assert set(before) >= {"eval_small_loss", "eval_large_loss", "eval_small_runtime"} and "eval_loss" not in before
+    assert before["eval_small_loss"] == pytest.approx(t.evaluate(small)["eval_loss"])
+    assert before["eval_large_loss"] == pytest.approx(t.evaluate(large)["eval_loss"])
+    t.train()
+    evals = [h for h in t.state.log_history if "eval_small_loss" in h or "eval_large_loss" in h]
+    assert [(h["step"], "eval_small_loss" in h) for h in evals] == [(2, True), (2, False), (4, True), (4, False)]
+    assert t.state.best_metric == min(h["eval_small_loss"] for h in evals if "eval_small_loss" in h)
+
+
 def test_plateau_without_evaluation_is_a_clear_error(model_factory, regression_data, make_args):
     t = Trainer(model_factory(), make_args(max_steps=2, lr_scheduler_type="reduce_lr_on_plateau"),
                 train_dataset=regression_data(8))
@@ -193,6 +210,26 @@ def test_callback_can_stop_training(model_factory, regression_data, make_args):
 
     t = Trainer(model_factory(), make_args(max_steps=10), train_dataset=regression_data(8), callbacks=[StopAt3])
     assert t.train().global_step == 3
+
+
+def test_transformers_early_stopping_callback_stops_as_in_transformers(regression_data, tmp_path):
+    # It reads args.load_best_model_at_end, metric_for_best_model, greater_is_better and state.best_metric:
+    # the same patience stops both trainers at the same step.
+    transformers = pytest.importorskip("transformers")
+    kw = dict(max_steps=40, eval_strategy="steps", eval_steps=1, metric_for_best_model="loss", learning_rate=0.5,
+              logging_steps=100, save_strategy="no", disable_tqdm=True, use_cpu=True)
+    stopped = {}
+    for name, trainer_cls, args_cls, extra in [
+        ("hf", transformers.Trainer, transformers.TrainingArguments, {"report_to": "none"}),
+        ("optsched", Trainer, TrainingArguments, {}),
+    ]:
+        torch.manual_seed(0)
+        model = TinyRegressor()
+        args = args_cls(output_dir=str(tmp_path / name), **kw, **extra)
+        trainer = trainer_cls(model, args, train_dataset=regression_data(10), eval_dataset=regression_data(4, seed=1),
+                              callbacks=[transformers.EarlyStoppingCallback(early_stopping_patience=2)])
+        stopped[name] = (trainer.train().global_step, trainer.state.best_metric)
+    assert stopped["optsched"][0] < 40 and stopped["optsched"] == pytest.approx(stopped["hf"])
 
 
 def test_iterable_dataset_needs_max_steps(model_factory, regression_data, make_args):

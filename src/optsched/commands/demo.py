@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -179,12 +180,32 @@ def prepare_output_dir(output_dir: Path) -> None:
         ) from None
 
 
+#: flags that describe the run itself: a resume must repeat them, or it trains on other data or another
+#: plan from the checkpoint (the data is drawn from --num-examples, --task and --seed)
+_RUN_FLAGS = ("task", "seed", "num_examples", "batch_size", "learning_rate", "save_steps", "logging_steps")
+
+
+def continue_command(cfg: Any, output_dir: Path, duration: str) -> str:
+    """The ``optsched demo ... --resume`` line that continues this run: the run's own flags where they
+    differ from the defaults, then ``duration`` (``--max-steps 800``, ``--epochs 2``).
+
+    Example: a run with ``--task marker --max-steps 40`` goes on with ``optsched demo --output-dir
+    optsched-demo --task marker --resume --max-steps 80``, not on the default task.
+    """
+    defaults = build_parser().get_defaults()
+    flags = [f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in _RUN_FLAGS
+             if getattr(cfg, name) != defaults[name]]
+    return " ".join(["optsched demo --output-dir", str(output_dir), *flags, "--resume", duration])
+
+
 def _training_arguments(cfg: Any, output_dir: Path):
     from optsched import TrainingArguments
 
     max_steps = -1 if cfg.epochs is not None else cfg.max_steps
-    planned = cfg.max_steps if cfg.epochs is None else None
-    save_steps = cfg.save_steps or max(1, (planned or 100) // 4)
+    # the run's length in steps, for the default checkpoint interval (a quarter of it): --epochs counts
+    # as the Trainer will (one step per batch, a partial batch included)
+    planned = cfg.max_steps if cfg.epochs is None else math.ceil(cfg.epochs * math.ceil(cfg.num_examples / cfg.batch_size))
+    save_steps = cfg.save_steps or max(1, planned // 4)
     return TrainingArguments(
         output_dir=str(output_dir),
         # the seed's setup: AdamW, linear decay after a 10% warmup, weight decay on matrices only
@@ -229,7 +250,8 @@ def run(cfg: Any) -> int:
         done = checkpoint_step(resume_from)
         if cfg.epochs is None and done >= cfg.max_steps:
             print(f"{resume_from} is already at step {done} of --max-steps {cfg.max_steps}; "
-                  f"pass a larger --max-steps (e.g. --max-steps {2 * cfg.max_steps}) to train further.")
+                  f"pass a larger --max-steps to train further: "
+                  f"{continue_command(cfg, output_dir, f'--max-steps {2 * cfg.max_steps}')}")
             return 0
     elif checkpoints:
         print(f"note: {output_dir} holds {checkpoints[-1].name}; training from scratch "
@@ -301,5 +323,10 @@ def _train(cfg: Any, task: str, output_dir: Path, resume_from: Path | None) -> i
         print(f"lr curve: {png}")
     except ImportError as exc:
         print(f"lr curve: skipped ({exc})")
-    print(f"continue with: optsched demo --output-dir {output_dir} --resume --max-steps {2 * total_steps}")
+    if trainer.preempted_by is not None:  # Ctrl-C / SIGTERM: the same plan again, from where it stopped
+        duration = f"--max-steps {cfg.max_steps}" if cfg.epochs is None else f"--epochs {cfg.epochs:g}"
+        print(f"stopped by {trainer.preempted_by} at step {trainer.state.global_step} of {total_steps}; "
+              f"continue with: {continue_command(cfg, output_dir, duration)}")
+    else:
+        print(f"continue with: {continue_command(cfg, output_dir, f'--max-steps {2 * total_steps}')}")
     return 0

@@ -3,7 +3,8 @@
 A callback receives ``(args, state, control, **kwargs)`` (kwargs: ``model``, ``optimizer``,
 ``lr_scheduler``, ``train_dataloader``, ``eval_dataloader``, and ``logs`` / ``metrics`` for ``on_log`` /
 ``on_evaluate``) and may return a changed :class:`~optsched.trainer.state.TrainerControl`. A callback
-written for ``transformers.TrainerCallback`` works unchanged.
+written for ``transformers.TrainerCallback`` works unchanged (transformers' ``EarlyStoppingCallback``
+included) as long as it reads only ``TrainingArguments`` fields that optsched has.
 """
 
 from __future__ import annotations

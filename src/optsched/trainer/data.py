@@ -116,6 +116,9 @@ class EpochSampler(Sampler[int]):
     shuffling), padded by wrapping around to a multiple of ``world_size`` (or cut down with
     ``drop_last``), then rank ``r`` takes positions ``r, r + world_size, ...``. ``set_skip(k)`` drops the
     first ``k`` indices of this rank's share for the next iteration only (a resume).
+
+    ``pad=False`` (evaluation) neither pads nor cuts: every index is taken exactly once, and the ranks'
+    shares differ by at most one (a padded index would be counted twice in a metric summed over ranks).
     """
 
     def __init__(
@@ -127,8 +130,10 @@ class EpochSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        pad: bool = True,
     ) -> None:
         self.num_samples = num_samples
+        self.pad = pad
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
@@ -144,6 +149,8 @@ class EpochSampler(Sampler[int]):
         self._skip = num_indices
 
     def _per_rank(self) -> int:
+        if not self.pad:
+            return len(range(self.rank, self.num_samples, self.world_size))
         if self.drop_last:
             return self.num_samples // self.world_size
         return math.ceil(self.num_samples / self.world_size)
@@ -159,6 +166,8 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
+        if not self.pad:
+            return order[self.rank :: self.world_size]
         total = self._per_rank() * self.world_size
         if total > len(order) and order:
             order = (order * math.ceil(total / len(order)))[:total]

@@ -72,7 +72,7 @@ class DataLoaderMixin:
         return self._new_train_loader()
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
-        """The evaluation DataLoader: dataset order, split over processes under DDP.
+        """The evaluation DataLoader: dataset order, split over processes under DDP (each sample once).
 
         Raises:
             ValueError: no eval dataset given here or to the Trainer.
@@ -82,8 +82,9 @@ class DataLoaderMixin:
             raise ValueError("Trainer: evaluation needs an eval_dataset; pass eval_dataset= to the Trainer or evaluate().")
         sampler = None
         if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+            # no padding: a sample repeated to even out the ranks' shares would count twice in the loss
             sampler = EpochSampler(
-                len(ds), seed=0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size
+                len(ds), seed=0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size, pad=False
             )
         elif self.dist.enabled:
             ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)

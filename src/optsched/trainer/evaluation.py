@@ -45,10 +45,20 @@ class EvaluationMixin:
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Average loss over the eval dataset (sample-weighted, over all processes), logged and returned.
 
+        A ``dict`` of datasets (here or as the Trainer's ``eval_dataset``, as transformers accepts) is
+        evaluated one dataset at a time, each under the prefix ``<prefix>_<name>`` (``eval_a_loss``), and
+        the metrics are merged; ``metric_for_best_model`` then names one of them (``"a_loss"``).
+
         Returns:
             ``{"<prefix>_loss", "<prefix>_runtime", "<prefix>_samples_per_second",
             "<prefix>_steps_per_second"}``.
         """
+        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(datasets, dict):
+            metrics: dict[str, float] = {}
+            for name, dataset in datasets.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
         loader = self.get_eval_dataloader(eval_dataset)
         self.callback_handler.eval_dataloader = loader
         model = self.model

@@ -118,6 +118,10 @@ def set_seed(seed: int) -> None:
 
 
 def _extract_loss(outputs: Any) -> torch.Tensor | None:
+    """The loss in a model's output: ``["loss"]``, ``.loss``, a 0-dim tensor, or the first item of a
+    tuple / list when it is a 0-dim tensor (a transformers model with ``return_dict=False`` returns
+    ``(loss, logits, ...)``, which transformers' Trainer reads as ``outputs[0]``). A first item with
+    dimensions (the logits of a model given no labels) is not taken for a loss; ``None`` then."""
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
         loss = outputs.get("loss") if hasattr(outputs, "get") else None
         if loss is not None:
@@ -127,6 +131,10 @@ def _extract_loss(outputs: Any) -> torch.Tensor | None:
         return loss
     if isinstance(outputs, torch.Tensor) and outputs.ndim == 0:
         return outputs
+    if isinstance(outputs, (tuple, list)) and outputs:
+        first = outputs[0]
+        if isinstance(first, torch.Tensor) and first.ndim == 0:
+            return first
     return None
 
 
@@ -141,12 +149,14 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
     arguments and then reads ``self.optimizer``.
 
     Args:
-        model: the ``torch.nn.Module`` to train; its forward returns the loss (``.loss`` or ``["loss"]``)
-            unless ``compute_loss_func`` is given.
+        model: the ``torch.nn.Module`` to train; its forward returns the loss (``.loss``, ``["loss"]``,
+            or first in a tuple, as a transformers model with ``return_dict=False``) unless
+            ``compute_loss_func`` is given.
         args: optsched's or transformers' ``TrainingArguments`` (``None``: defaults, output in
             ``trainer_output``).
         train_dataset / eval_dataset: map-style datasets (shuffled by ``data_seed``) or iterable ones
-            (read in order; need ``max_steps``).
+            (read in order; need ``max_steps``); ``eval_dataset`` may be a dict of them, evaluated one by
+            one under ``eval_<name>_...`` metrics (see :meth:`evaluate`).
         data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
         optimizers: ``(optimizer, lr_scheduler)``; either may be None to have it created.
         optimizer_cls_and_kwargs: ``(cls, kwargs)`` for :func:`optsched.optim.create_optimizer`; not
@@ -370,7 +380,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
     def compute_loss(
         self, model: nn.Module, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The loss of one batch: the model's ``.loss`` / ``["loss"]``, or ``compute_loss_func``'s.
+        """The loss of one batch: the model's ``.loss`` / ``["loss"]`` / ``outputs[0]`` of a tuple, or
+        ``compute_loss_func``'s.
 
         Raises:
             ValueError: the model returned no loss and no ``compute_loss_func`` was given.
@@ -387,7 +398,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
                 raise ValueError(
                     f"the model ({type(unwrap_model(model)).__name__}) returned no loss (output type "
                     f"{type(outputs).__name__}) for a batch with keys {keys}. Accepted: a model that returns "
-                    "a loss (`.loss` or `['loss']`, e.g. when the batch has 'labels'), or "
+                    "a loss (`.loss`, `['loss']` or a tuple (loss, ...), e.g. when the batch has 'labels'), or "
                     "Trainer(compute_loss_func=f) with f(outputs, labels, num_items_in_batch) -> loss."
                 )
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
