@@ -114,8 +114,8 @@ def test_with_a_limit_of_one_the_flushed_checkpoint_survives_until_the_next_is_f
     from contextlib import contextmanager
 
     @contextmanager
-    def staged(final, ctx=None):
-        with real_staged(final, ctx) as tmp:
+    def staged(final, ctx=None, **kwargs):
+        with real_staged(final, ctx, **kwargs) as tmp:
             yield tmp
         on_disk_when_published.append(sorted(p.name for p in ckpt.list_checkpoints(Path(final).parent)))
         # every checkpoint that remains, except the one just published, is a flushed one

@@ -87,6 +87,7 @@ def test_staged_checkpoint_replaces_an_existing_checkpoint_of_checkpoint_files(t
     for content in (b"old", b"new"):
         with ckpt.staged_checkpoint(final) as tmp:
             (tmp / ckpt.WEIGHTS_NAME).write_bytes(content)
+            (tmp / ckpt.TRAINER_STATE_NAME).write_bytes(content)  # complete and intact: replaced
             (tmp / "rng_state_1.pth").write_bytes(content)  # a rank's RNG file, one of transformers' names
             (tmp / "training_args.bin").write_bytes(content)
     assert (final / ckpt.WEIGHTS_NAME).read_bytes() == b"new" and os.listdir(tmp_path) == ["checkpoint-1"]
@@ -155,6 +156,128 @@ def test_a_save_at_an_existing_step_keeps_the_users_file(model_factory, regressi
     assert (Path(out) / "checkpoint-4.replaced-1" / "my_important_file").read_text() == "precious"
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4"]
     assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-4.replaced-1", "log_history.jsonl"]
+
+
+def _save_files(final, **files):
+    """A checkpoint-N as staged_checkpoint publishes it (checksums.json listing every file)."""
+    with ckpt.staged_checkpoint(final) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# what a save finds at its step, left by another run: (damage done to a good checkpoint, words of the warning)
+DAMAGE = {
+    "lost-optimizer": (lambda d: (d / ckpt.OPTIMIZER_NAME).unlink(), "is incomplete (no optimizer.pt)"),
+    "lost-trainer-state": (lambda d: (d / ckpt.TRAINER_STATE_NAME).unlink(), "is incomplete (no trainer_state.json)"),
+    "flipped-weights": (lambda d: _flip_last_byte(d / ckpt.WEIGHTS_NAME), "model.safetensors is damaged: its CRC-32"),
+    "truncated-optimizer": (lambda d: (d / ckpt.OPTIMIZER_NAME).write_bytes(b"opt"), "optimizer.pt is damaged: 3 bytes"),
+    "unreadable-checksums": (lambda d: (d / ckpt.CHECKSUMS_NAME).write_text("{"), "checksums.json is damaged"),
+    "lost-checksums": (lambda d: (d / ckpt.CHECKSUMS_NAME).unlink(), "is incomplete (no checksums.json"),
+    "partial-copy": (lambda d: [(d / n).unlink() for n in (ckpt.CHECKSUMS_NAME, ckpt.PLAN_NAME, ckpt.TRAINER_STATE_NAME)],
+                     "is incomplete (no trainer_state.json)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_another_run_left_is_renamed_aside_not_replaced(tmp_path, caplog, damage):
+    """It was deleted: its intact files (the weights, say) may be the only copy left of them."""
+    final = tmp_path / "checkpoint-5"
+    _save_files(final, **{ckpt.WEIGHTS_NAME: b"weights", ckpt.OPTIMIZER_NAME: b"optimizer",
+                          ckpt.TRAINER_STATE_NAME: b"{}", ckpt.PLAN_NAME: b"{}"})
+    hurt, words = DAMAGE[damage]
+    hurt(final)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        _save_files(final, **{ckpt.WEIGHTS_NAME: b"new", ckpt.TRAINER_STATE_NAME: b"{}"})
+    aside = tmp_path / "checkpoint-5.replaced-1"
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before  # every byte kept, as it was
+    assert (final / ckpt.WEIGHTS_NAME).read_bytes() == b"new"
+    message = caplog.records[-1].getMessage()
+    for part in (str(final), str(aside), words, "this run did not write it", *before):
+        assert part in message, (part, message)
+    # the aside folder is never resumed from, passed over (a warning) or rotated away
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-5"]
+    assert ckpt.incomplete_checkpoints(tmp_path) == [] and ckpt.get_last_checkpoint(tmp_path) == final
+    assert ckpt.rotate_checkpoints(tmp_path, 1, current=final) == [] and aside.is_dir()
+
+
+@pytest.mark.parametrize("damage", ["lost-optimizer", "flipped-weights"])
+def test_a_damaged_checkpoint_the_same_run_wrote_is_replaced(tmp_path, damage):
+    final = tmp_path / "checkpoint-5"
+    _save_files(final, **{ckpt.WEIGHTS_NAME: b"weights", ckpt.OPTIMIZER_NAME: b"optimizer",
+                          ckpt.TRAINER_STATE_NAME: b"{}"})
+    DAMAGE[damage][0](final)
+    with ckpt.staged_checkpoint(final, own=True) as tmp:
+        (tmp / ckpt.WEIGHTS_NAME).write_bytes(b"new")
+        (tmp / ckpt.TRAINER_STATE_NAME).write_bytes(b"{}")
+    assert os.listdir(tmp_path) == ["checkpoint-5"] and (final / ckpt.WEIGHTS_NAME).read_bytes() == b"new"
+
+
+def test_an_empty_checkpoint_folder_is_replaced_without_a_word(tmp_path, caplog):
+    (tmp_path / "checkpoint-5").mkdir()
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        _save_files(tmp_path / "checkpoint-5", **{ckpt.WEIGHTS_NAME: b"new"})
+    assert os.listdir(tmp_path) == ["checkpoint-5"] and not caplog.records  # nothing in it to keep
+
+
+def test_a_foreign_file_beside_the_runs_own_checkpoint_is_still_kept(tmp_path):
+    final = tmp_path / "checkpoint-5"
+    _checkpoint_with(final, mine="precious")
+    with ckpt.staged_checkpoint(final, own=True) as tmp:
+        (tmp / ckpt.WEIGHTS_NAME).write_text("new")
+    assert (tmp_path / "checkpoint-5.replaced-1" / "mine").read_text() == "precious"
+
+
+@pytest.mark.parametrize("auto", [False, True], ids=["explicit", "newest"])
+def test_a_resume_from_an_older_checkpoint_keeps_the_damaged_newer_one(model_factory, regression_data, make_args,
+                                                                        caplog, auto):
+    """The audit's case: checkpoint-4 lost optimizer.pt (or is a partial copy, passed over by
+    resume_from_checkpoint=True); a resume from checkpoint-2 deleted it when it saved at step 4, its
+    intact model.safetensors with it."""
+    args = make_args(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
+    Trainer(model_factory(), make_args(max_steps=4, save_strategy="steps", save_steps=2),
+            train_dataset=regression_data(16)).train()
+    out = Path(args.output_dir)
+    damaged = out / "checkpoint-4"
+    (damaged / ckpt.OPTIMIZER_NAME).unlink()
+    if auto:  # a partial copy: nothing records what was written, so a resume passes over it with a warning
+        (damaged / ckpt.TRAINER_STATE_NAME).unlink()
+        (damaged / ckpt.CHECKSUMS_NAME).unlink()
+    weights = (damaged / ckpt.WEIGHTS_NAME).read_bytes()
+    with caplog.at_level("WARNING", logger="optsched"):
+        Trainer(model_factory(), args, train_dataset=regression_data(16)).train(
+            resume_from_checkpoint=True if auto else str(out / "checkpoint-2"))
+    aside = out / "checkpoint-4.replaced-1"
+    assert (aside / ckpt.WEIGHTS_NAME).read_bytes() == weights
+    assert f"{damaged} already existed and is incomplete" in caplog.text and str(aside) in caplog.text
+    # save_total_limit=1 rotated checkpoint-2 away, not the aside folder; a resume takes the new checkpoint-4
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-4.replaced-1", "log_history.jsonl"]
+    assert ckpt.get_last_checkpoint(out) == damaged and not ckpt.incomplete_checkpoints(out)
+    ckpt.check_checkpoint_files(damaged)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optsched"):
+        Trainer(model_factory(), make_args(max_steps=6), train_dataset=regression_data(16)).train(
+            resume_from_checkpoint=True)
+    assert "replaced-1" not in caplog.text and "passed over" not in caplog.text
+
+
+def test_the_same_step_saved_twice_replaces_the_runs_own_damaged_checkpoint(model_factory, regression_data,
+                                                                           make_args):
+    t = Trainer(model_factory(), make_args(max_steps=4, save_strategy="steps", save_steps=4),
+                train_dataset=regression_data(16))
+    t.train()
+    saved = Path(t.args.output_dir) / "checkpoint-4"
+    (saved / ckpt.OPTIMIZER_NAME).unlink()
+    assert t._save_checkpoint() == saved  # what a signal at the step of the last save does when it is incomplete
+    t._finish_saves()
+    assert sorted(os.listdir(t.args.output_dir)) == ["checkpoint-4", "log_history.jsonl"]
+    ckpt.check_checkpoint_files(saved)
 
 
 @pytest.mark.parametrize(

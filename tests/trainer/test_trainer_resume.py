@@ -166,3 +166,52 @@ def test_grokadamw_resumes_bitwise(model_factory, regression_data, make_args):
     for k in a:
         assert a[k]["step"] == b[k]["step"] == 8  # a Python int in grokadamw's state
         assert all(torch.equal(a[k][name], b[k][name]) for name in ("exp_avg", "exp_avg_sq", "grok_ema")), k
+
+
+def _as_a_triton_run_saves_it(checkpoint, optimizer) -> None:
+    """Rewrite ``checkpoint``'s optimizer.pt and plan as a CUDA run with Triton writes them: ``triton=True``
+    in every group, and the scratch tensors Triton's kernel keeps per parameter."""
+    import json
+
+    from optsched.trainer import checkpoint as ckpt
+
+    ckpt.load_optimizer_state(optimizer, checkpoint)
+    for group in optimizer.param_groups:
+        group["triton"] = True
+    for state in optimizer.state.values():
+        state.update(kahan_comp=torch.zeros(1, dtype=torch.uint8), mean_square=torch.zeros(1))
+    ckpt.save_optimizer_state(optimizer, checkpoint)
+    plan_file = checkpoint / ckpt.PLAN_NAME
+    plan = json.loads(plan_file.read_text())
+    for group in plan["param_groups"]:
+        group["settings"]["triton"] = True
+    plan_file.write_text(json.dumps(plan))
+    ckpt.write_checksums(checkpoint)
+
+
+@pytest.mark.parametrize("policy", ["replan", "strict"])
+@pytest.mark.parametrize("saved_on", ["cpu", "triton"])
+def test_stable_adamw_resumes_bitwise(model_factory, regression_data, make_args, caplog, policy, saved_on):
+    """optimi's groups carry ``setup`` and ``triton``, which a new optimizer holds unset: as plan settings
+    they made every resume a changed plan ('strict' refused it), and 'replan' set setup=False again, so
+    the next step restarted the group's step count from 0. A checkpoint of a run where Triton ran
+    (``triton=True``) failed at the first step on the CPU."""
+    pytest.importorskip("optimi")
+    data = regression_data(16)
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, optim="stable_adamw", learning_rate=1e-2,
+                weight_decay=0.01, lr_resume_policy=policy)
+    straight = Trainer(model_factory(), make_args(**args), train_dataset=data)
+    straight.train()
+    resumed = Trainer(model_factory(seed=123), make_args(**args), train_dataset=data)
+    checkpoint = resumed.args.output_dir + "/checkpoint-4"
+    if saved_on == "triton":
+        from pathlib import Path
+
+        _as_a_triton_run_saves_it(Path(checkpoint), Trainer(model_factory(), make_args(**args)).optimizer)
+    with caplog.at_level(logging.WARNING, logger="optsched.trainer.resume"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # the plan is unchanged
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert [int(g["step"]) for g in resumed.optimizer.param_groups] == [8, 8]
+    assert [g["triton"] for g in resumed.optimizer.param_groups] == [False, False]

@@ -10,7 +10,10 @@ is installed, CPU parameters go to the Triton kernel too. PyPI's Linux torch whe
 
 :func:`with_triton_resolved` returns a subclass that makes the same call upstream meant, on the
 group's parameters, before the group's first step: Triton on supported GPUs as before, the for-loop
-kernel on CPU (what a CPU-only torch runs). Everything else, the update included, is upstream's.
+kernel on CPU (what a CPU-only torch runs). A state dict brings the choice of the machine that saved
+it (``triton=True`` from a CUDA run), which upstream's step then runs whatever the parameters are now:
+the subclass re-decides it after ``load_state_dict`` where Triton cannot run. Everything else, the
+update included, is upstream's.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ def with_triton_resolved(cls: type) -> type:
     (or any device Triton does not support). An explicit ``triton=`` or ``foreach=`` is left alone,
     and so is a group that already stepped (or was restored from a state dict). One subclass per
     ``cls``: ``isinstance(optimizer, cls)`` holds and the class keeps its name.
+
+    ``load_state_dict`` then revisits each group whose loaded ``triton`` is true (saved where Triton ran):
+    a choice the group held before the load (an explicit ``triton=`` or ``foreach=`` of this optimizer,
+    or what its first step resolved here) replaces it; without one, where Triton cannot run on the
+    group's parameters (``_default_to_triton`` false: CPU, a GPU without bf16, no Triton), ``triton``
+    becomes false, upstream's own choice for them. Either change is logged (info). A loaded ``triton``
+    that is false or unset is kept: switching to Triton would need the scratch tensors Triton's state
+    has and the others' lack. Switching away is safe: the for-loop and foreach kernels ignore those
+    (``mean_square``, and ``kahan_comp`` of one element beside full-precision parameters), which stay.
     """
     if cls in _SUBCLASSES:
         return _SUBCLASSES[cls]
@@ -60,6 +72,30 @@ def with_triton_resolved(cls: type) -> type:
                     if not group.get("setup", True) and group.get("triton") is None and group.get("foreach") is None:
                         group["triton"] = bool(rule(list(group["params"])))
             return super().step(*args, **kwargs)
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            """Upstream's load, then the kernel of each group loaded with ``triton`` true re-decided here."""
+            held = [(group.get("triton"), group.get("foreach")) for group in self.param_groups]
+            super().load_state_dict(state_dict)
+            for index, (group, (triton, foreach)) in enumerate(zip(self.param_groups, held)):
+                if not group.get("triton"):
+                    continue
+                params = list(group["params"])
+                if triton is not None or foreach is not None:
+                    why = "the choice this optimizer held before the load"
+                elif rule is not None and not rule(params):
+                    triton, why = False, "upstream's _default_to_triton: Triton cannot run on them"
+                else:
+                    continue  # Triton runs here too: the loaded choice stands
+                if (group.get("triton"), group.get("foreach")) == (triton, foreach):
+                    continue
+                logger.info(
+                    "StableAdamW group %d%s was loaded with triton=True (the kernel of the machine that saved "
+                    "it); its parameters are on %s: now triton=%r, foreach=%r (%s).",
+                    index, f" ({group['name']!r})" if group.get("name") is not None else "",
+                    ", ".join(sorted({str(p.device) for p in params})) or "no device", triton, foreach, why,
+                )
+                group["triton"], group["foreach"] = triton, foreach
 
     stand_in_for(TritonResolved, cls, "its Triton kernel chosen from the parameters")
     _SUBCLASSES[cls] = TritonResolved

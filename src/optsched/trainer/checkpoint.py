@@ -16,8 +16,9 @@
 A checkpoint is first written to ``output_dir/.tmp-checkpoint-{step}`` and renamed into place when every
 file is there, so an interrupted save leaves no half checkpoint under a ``checkpoint-*`` name; a
 directory without ``trainer_state.json`` and ``model.safetensors`` is never picked for a resume. A save
-replaces an existing ``checkpoint-N`` only when it holds checkpoint files alone; one holding anything else
-is renamed to ``checkpoint-N.replaced-K``, never deleted (:func:`staged_checkpoint`).
+replaces an existing ``checkpoint-N`` only when it holds checkpoint files alone and, unless the same run
+wrote it, they are intact; one holding anything else, or damaged files, is renamed to
+``checkpoint-N.replaced-K``, never deleted (:func:`staged_checkpoint`).
 Every load goes through ``torch.load(weights_only=True)``, safetensors or JSON: a checkpoint file is
 data, never code. A file that cannot be read (truncated, corrupted, a pickle that asks for code, a
 size or checksum that differs from ``checksums.json``, missing while ``checksums.json`` lists it) raises
@@ -191,15 +192,15 @@ _TRANSFORMERS_FILE_NAMES = frozenset({
 })
 #: The names of the files a checkpoint directory holds when optsched or transformers' Trainer wrote it;
 #: ``rng_state_{rank}.pth`` and weight shards (``model-00001-of-00002.safetensors``) are matched by
-#: :data:`_CHECKPOINT_FILE_RE`. An existing ``checkpoint-N`` of these only is replaced by a save at step
-#: N; one holding anything else is renamed aside (:func:`staged_checkpoint`).
+#: :data:`_CHECKPOINT_FILE_RE`. An existing ``checkpoint-N`` of these only (and intact, or written by the
+#: same run) is replaced by a save at step N; any other is renamed aside (:func:`staged_checkpoint`).
 CHECKPOINT_FILE_NAMES = frozenset({
     WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME, CHECKSUMS_NAME, PLAN_NAME, CONFIG_NAME,
 }) | _TRANSFORMERS_FILE_NAMES
 _CHECKPOINT_FILE_RE = re.compile(r"^(rng_state_\d+\.pth|(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin))$")
-#: What a ``checkpoint-N`` holding other files than checkpoint files is renamed to: ``checkpoint-N.replaced-K``
-#: (not a ``checkpoint-N`` name, so neither resumed from nor rotated away)
+#: What a ``checkpoint-N`` that a save must not delete is renamed to: ``checkpoint-N.replaced-K`` (not a
+#: ``checkpoint-N`` name, so neither resumed from nor rotated away)
 _ASIDE_SUFFIX = ".replaced-"
 
 
@@ -359,36 +360,80 @@ def _aside_path(final: Path) -> Path:
     return final.parent / f"{final.name}{_ASIDE_SUFFIX}{k}"
 
 
-def _move_aside(final: Path) -> Path:
-    """Rename ``final`` (a ``checkpoint-N`` that holds more than checkpoint files, or is no directory) to
-    :func:`_aside_path` and warn naming both paths; return the new path."""
-    aside = _aside_path(final)
-    if final.is_dir() and not final.is_symlink():
-        foreign = _foreign_entries(final)
+def _damage(directory: Path) -> str | None:
+    """Why the checkpoint files in ``directory`` are not a checkpoint as a save leaves one, in words, or
+    ``None`` when they are (or when there are none: an empty folder holds nothing to keep).
+
+    Incomplete: no ``trainer_state.json`` or ``model.safetensors``, a file that ``checksums.json`` lists is
+    gone, or ``optsched_plan.json`` (optsched wrote it) without ``checksums.json``. Damaged: an unreadable
+    ``checksums.json``, or a file whose size or CRC-32 differs from it (:func:`verify_file` at ``"full"``;
+    a torch file it does not list, as in a transformers checkpoint, against its records' CRC-32s). This
+    reads every byte of the folder once; a save pays it only where it meets a checkpoint it did not write.
+    """
+    names = sorted(p.name for p in directory.iterdir())
+    if not names:
+        return None
+    try:
+        missing = sorted(set(missing_required_files(directory)) | set(missing_recorded_files(directory)))
+        if missing:
+            return f"is incomplete (no {', '.join(missing)})"
+        if PLAN_NAME in names and CHECKSUMS_NAME not in names:
+            return f"is incomplete (no {CHECKSUMS_NAME}, which optsched writes beside {PLAN_NAME})"
+        for name in names:
+            if name != CHECKSUMS_NAME:
+                verify_file(directory / name, "full")
+    except (CheckpointError, OSError) as exc:
+        return f"is damaged ({str(exc).rstrip('.')})"
+    return None
+
+
+def _reason_to_keep(final: Path, own: bool) -> str | None:
+    """Why a save must rename the existing ``final`` aside rather than replace it, in words; ``None`` when
+    it may be replaced: a directory of checkpoint files only (:func:`holds_only_checkpoint_files`) that
+    this run wrote (``own``) or that is intact (:func:`_damage`). A checkpoint another run left is replaced
+    when intact (a copy of what the new one supersedes) but kept when damaged or incomplete: its intact
+    files (weights, say) may be the only copy left of them."""
+    if final.is_symlink() or not final.is_dir():
+        return "is not a directory"
+    foreign = _foreign_entries(final)
+    if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        what = f"holds more than checkpoint files ({shown})"
-    else:
-        what = "is not a directory"
+        return f"holds more than checkpoint files ({shown})"
+    damage = None if own else _damage(final)
+    if damage is None:
+        return None
+    names = sorted(p.name for p in final.iterdir())
+    return f"{damage}, and this run did not write it; it holds {', '.join(names)}"
+
+
+def _move_aside(final: Path, reason: str) -> Path:
+    """Rename ``final`` to :func:`_aside_path` and warn naming both paths and ``reason`` (from
+    :func:`_reason_to_keep`); return the new path."""
+    aside = _aside_path(final)
     os.replace(final, aside)
     logger.warning(
         "%s already existed and %s: it was renamed to %s, not deleted, and the new checkpoint took its "
         "place. Nothing deletes %s (save_total_limit rotates checkpoint-N directories only, and a resume "
-        "never picks it): move your files out of it and delete it yourself.",
-        final, what, aside, aside.name,
+        "never picks it): take what you need out of it and delete it yourself.",
+        final, reason, aside, aside.name,
     )
     return aside
 
 
 @contextmanager
-def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | None = None) -> Iterator[Path]:
+def staged_checkpoint(
+    final_dir: str | os.PathLike, ctx: DistributedContext | None = None, *, own: bool = False
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``final_dir``; on success rename it to ``final_dir``.
 
     Every process writes its files into the yielded directory (process 0 creates and renames it;
     barriers order the steps). On an exception the temporary directory is removed and ``final_dir`` is
-    untouched. An existing ``final_dir`` (the same step saved twice) is replaced when it holds checkpoint
-    files only (:func:`holds_only_checkpoint_files`); one that holds anything else (a user's file, a
-    sub-directory), or is not a directory, is renamed to ``checkpoint-N.replaced-K`` (the first free K)
-    with a warning, never deleted.
+    untouched. An existing ``final_dir`` is replaced when it holds checkpoint files only
+    (:func:`holds_only_checkpoint_files`) and they are intact (every file as ``checksums.json`` records
+    it, see :func:`_damage`), or when ``own`` says this run wrote it (the same step saved twice: its
+    damage is the run's own). Any other (a user's file or a sub-directory in it, not a directory, or a
+    damaged or incomplete checkpoint of another run) is renamed to ``checkpoint-N.replaced-K`` (the first
+    free K) with a warning naming both paths and what it holds, never deleted.
     """
     ctx = ctx or DistributedContext()
     final = Path(final_dir)
@@ -409,12 +454,14 @@ def staged_checkpoint(final_dir: str | os.PathLike, ctx: DistributedContext | No
         raise
     if ctx.is_main_process:
         old = None
-        if holds_only_checkpoint_files(final):
-            old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        elif os.path.lexists(final):  # a link too: renamed, whatever it points to stays
-            _move_aside(final)
+        if os.path.lexists(final):  # a link too: renamed, whatever it points to stays
+            reason = _reason_to_keep(final, own)
+            if reason is not None:
+                _move_aside(final, reason)
+            else:
+                old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -65,7 +65,10 @@ class CheckpointMixin:
         with self._optimizer_eval_mode():
             # never publish NaN / inf weights: raise before anything is written (every process checks)
             check_finite_weights(self.model, f"checkpoint {final}")
-        with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist) as tmp:
+        # a checkpoint-N this run already wrote (the same step saved again) is replaced whatever became of
+        # it; another run's is replaced only when intact, else renamed aside (staged_checkpoint)
+        own = getattr(self, "_last_saved_step", None) == state.global_step
+        with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist, own=own) as tmp:
             # the weights' CRC runs on a worker thread while optimizer.pt is written (its own CRC is
             # computed as torch writes it): neither is a pass of its own in write_checksums
             if main:

@@ -65,10 +65,14 @@ PLAN_NAME = "optsched_plan.json"
 PLAN_FORMAT = 1
 #: Param-group keys that are not settings of the plan: the tensors and their names, the lr (stored as
 #: the group's base lr) and running state some optimizers keep in their groups (schedule-free's step
-#: count ``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``, ``train_mode``; a group ``step``).
+#: count ``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``, ``train_mode``; a group ``step``;
+#: torch-optimi's ``setup``, true once the group stepped, and ``triton``, the kernel its first step chose
+#: for the machine it ran on). As settings, the last two differed from a new optimizer's (``True`` and
+#: ``False`` against ``False`` and ``None``) at every resume: ``replan`` put them back after the load, and
+#: the next step re-initialised the group, its step count from 0; ``strict`` refused every resume.
 NON_SETTING_KEYS = frozenset(
     {"params", "param_names", "name", "lr", "initial_lr", "k", "weight_sum", "lr_max", "scheduled_lr",
-     "train_mode", "step"}
+     "train_mode", "step", "setup", "triton"}
 )
 _SKIP = object()
 
@@ -247,7 +251,7 @@ def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -
     if old.get("lr") != new.get("lr"):
         diffs.append(PlanDifference("lr", f"{label}.lr", old.get("lr"), new.get("lr"), i, "lr"))
     old_set, new_set = old.get("settings") or {}, new.get("settings") or {}
-    for key in sorted(set(old_set) | set(new_set)):
+    for key in sorted((set(old_set) | set(new_set)) - NON_SETTING_KEYS):  # older plan files list some
         if old_set.get(key) != new_set.get(key):
             old_value, new_value = old_set.get(key), new_set.get(key)
             diffs.append(PlanDifference("setting", f"{label}.{key}", old_value, new_value, i, key))
