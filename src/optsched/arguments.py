@@ -446,11 +446,17 @@ class TrainingArguments:
         _steps_or_ratio(allow_none=False))
     logging_strategy: str = _field("steps", "When to log: 'no', 'steps' or 'epoch'.",
                                    _choice(INTERVAL_STRATEGIES, "logging strategy"))
+    logging_first_step: bool = _field(
+        False, "Also log after the first optimizer step (global_step 1), whatever logging_strategy says.",
+        _bool())
     eval_strategy: str = _field("no", "When to evaluate: 'no', 'steps' or 'epoch'.",
                                 _choice(INTERVAL_STRATEGIES, "evaluation strategy"))
     eval_steps: int | float | None = _field(
         None, "Evaluate every N steps (or a fraction in (0, 1)); None: logging_steps.",
         _steps_or_ratio(allow_none=True))
+    eval_delay: float = _field(
+        0, "No evaluation before this global step (eval_strategy='steps') or epoch (eval_strategy='epoch'); "
+        "a number >= 0. 0: from the first due evaluation on.", _float(low=0))
     save_strategy: str = _field("steps", "When to save: 'no', 'steps', 'epoch' or 'best'.",
                                 _choice(SAVE_STRATEGIES, "save strategy"))
     save_steps: int | float = _field(

@@ -232,6 +232,59 @@ def test_transformers_early_stopping_callback_stops_as_in_transformers(regressio
     assert stopped["optsched"][0] < 40 and stopped["optsched"] == pytest.approx(stopped["hf"])
 
 
+def _train_both(tmp_path, regression_data, callbacks=(), **kw):
+    """Train a TinyRegressor with transformers' Trainer and with optsched's on the same data and settings;
+    returns ``{"hf": trainer, "optsched": trainer}``."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(dict(learning_rate=0.1, per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
+                   use_cpu=True), **kw)
+    trainers = {}
+    for name, trainer_cls, args_cls, extra in [
+        ("hf", transformers.Trainer, transformers.TrainingArguments, {"report_to": "none"}),
+        ("optsched", Trainer, TrainingArguments, {}),
+    ]:
+        torch.manual_seed(0)
+        args = args_cls(output_dir=str(tmp_path / name), **kw, **extra)
+        trainer = trainer_cls(TinyRegressor(), args, train_dataset=regression_data(8),
+                              eval_dataset=regression_data(4, seed=1), callbacks=[cb() for cb in callbacks])
+        trainer.train()
+        trainers[name] = trainer
+    return trainers
+
+
+def _steps_with(trainer, key):
+    return [h["step"] for h in trainer.state.log_history if key in h]
+
+
+@pytest.mark.parametrize(("kw", "log_steps", "eval_steps"), [
+    (dict(max_steps=10, logging_steps=4, logging_first_step=True), [1, 4, 8], []),
+    (dict(max_steps=10, logging_steps=100, eval_strategy="steps", eval_steps=2, eval_delay=5), [], [6, 8, 10]),
+    (dict(max_steps=9, logging_steps=100, eval_strategy="steps", eval_steps=4, eval_delay=3.5), [], [4, 8, 9]),
+    (dict(num_train_epochs=4, logging_strategy="epoch", eval_strategy="epoch", eval_delay=2), [2, 4, 6, 8],
+     [4, 6, 8]),
+])
+def test_logging_first_step_and_eval_delay_log_and_evaluate_at_transformers_steps(
+        regression_data, tmp_path, kw, log_steps, eval_steps):
+    # 8 samples in batches of 4: 2 steps per epoch; eval_delay counts steps, or epochs with eval_strategy="epoch"
+    both = _train_both(tmp_path, regression_data, **kw)
+    for key, expected in (("loss", log_steps), ("eval_loss", eval_steps)):
+        assert _steps_with(both["optsched"], key) == _steps_with(both["hf"], key) == expected, key
+
+
+def test_transformers_own_flow_printer_and_progress_callbacks_run_under_optsched(regression_data, make_args, capsys):
+    # transformers' DefaultFlowCallback reads args.logging_first_step and args.eval_delay: with it added
+    # beside optsched's own flow, the same steps are logged and evaluated
+    transformers = pytest.importorskip("transformers")
+    args = make_args(max_steps=6, logging_steps=4, logging_first_step=True, eval_strategy="steps", eval_steps=2,
+                     eval_delay=3)
+    t = Trainer(TinyRegressor(), args, train_dataset=regression_data(8), eval_dataset=regression_data(4, seed=1),
+                callbacks=[transformers.DefaultFlowCallback, transformers.PrinterCallback,
+                           transformers.ProgressCallback])
+    t.train()
+    assert _steps_with(t, "loss") == [1, 4] and _steps_with(t, "eval_loss") == [4, 6]
+    assert "'eval_loss'" in capsys.readouterr().out  # PrinterCallback printed the evaluations
+
+
 def test_iterable_dataset_needs_max_steps(model_factory, regression_data, make_args):
     items = regression_data(8)
 
