@@ -488,6 +488,9 @@ class TrainingArguments:
     greater_is_better: bool | None = _field(
         None, "Whether a larger metric is better (None: False for metrics named '*loss').",
         _bool(allow_none=True))
+    run_name: str | None = _field(
+        None, "A name for the run, for the logging callbacks that read it (transformers' wandb, mlflow, comet, "
+        "swanlab and trackio integrations); the Trainer itself does not use it.", _optional_str)
 
     # ---- optsched's own fields (transformers has none of these; see OPTSCHED_ONLY_FIELDS) ----------
     lr_resume_policy: str = _field(
@@ -585,6 +588,11 @@ class TrainingArguments:
         return self.warmup_steps if self.warmup_steps != 0 else self.warmup_ratio
 
     # ---- read by transformers' callbacks -----------------------------------------------------------
+    # A read-only property answers only for a behaviour optsched has fixed (load_best_model_at_end:
+    # the Trainer never loads the best model). A setting that callbacks read and users choose is a
+    # field (run_name, logging_first_step, eval_delay); the integrations' own settings (trackio's
+    # project, hub_private_repo, ...) are left out: a default the user could not change would log to
+    # the wrong place without a word, where the AttributeError names what is missing.
 
     @property
     def load_best_model_at_end(self) -> bool:
@@ -931,7 +939,7 @@ def as_training_arguments(args: Any = None) -> TrainingArguments:
 #: transformers fields set in its ``__post_init__`` from others (``do_eval`` from ``eval_strategy``), and
 #: ``do_train`` / ``do_predict``, which its Trainer does not read either (they are for scripts).
 _DERIVED_FOREIGN_FIELDS = frozenset(
-    {"accelerator_config", "logging_dir", "run_name", "hub_model_id", "do_eval", "do_train", "do_predict"}
+    {"accelerator_config", "logging_dir", "hub_model_id", "do_eval", "do_train", "do_predict"}
 )
 
 
