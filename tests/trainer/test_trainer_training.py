@@ -271,6 +271,17 @@ def test_logging_first_step_and_eval_delay_log_and_evaluate_at_transformers_step
         assert _steps_with(both["optsched"], key) == _steps_with(both["hf"], key) == expected, key
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_grad_norm_is_logged_as_transformers_logs_it_with_and_without_clipping(regression_data, tmp_path,
+                                                                               max_grad_norm):
+    # transformers logs the pre-clip norm, also with max_grad_norm=0 (clip_grad_norm_ with an infinite
+    # bound); optsched logs the norm its non-finite check computes there
+    both = _train_both(tmp_path, regression_data, max_steps=4, logging_steps=1, max_grad_norm=max_grad_norm)
+    norms = {name: [h["grad_norm"] for h in t.state.log_history if "loss" in h] for name, t in both.items()}
+    assert len(norms["optsched"]) == 4 and min(norms["optsched"]) > max_grad_norm
+    assert norms["optsched"] == pytest.approx(norms["hf"], rel=1e-5)
+
+
 def test_transformers_own_flow_printer_and_progress_callbacks_run_under_optsched(regression_data, make_args, capsys):
     # transformers' DefaultFlowCallback reads args.logging_first_step and args.eval_delay: with it added
     # beside optsched's own flow, the same steps are logged and evaluated
