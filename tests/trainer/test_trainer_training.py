@@ -271,6 +271,25 @@ def test_logging_first_step_and_eval_delay_log_and_evaluate_at_transformers_step
         assert _steps_with(both["optsched"], key) == _steps_with(both["hf"], key) == expected, key
 
 
+def test_an_evaluate_without_training_logs_epoch_0_as_transformers_does(regression_data, tmp_path):
+    # transformers 5.23's TrainerState starts at epoch=0 (not None), so its log() adds epoch 0 to an
+    # evaluate() before any training; optsched logs and returns the same keys
+    transformers = pytest.importorskip("transformers")
+    logged = {}
+    for name, trainer_cls, args_cls, extra in [
+        ("hf", transformers.Trainer, transformers.TrainingArguments, {"report_to": "none"}),
+        ("optsched", Trainer, TrainingArguments, {}),
+    ]:
+        args = args_cls(output_dir=str(tmp_path / name), use_cpu=True, disable_tqdm=True, **extra)
+        trainer = trainer_cls(TinyRegressor(), args, eval_dataset=regression_data(4))
+        metrics = trainer.evaluate()
+        ((entry,),) = [trainer.state.log_history]
+        logged[name] = (metrics["epoch"], entry["epoch"], entry["step"],
+                        set(entry) - {"eval_model_preparation_time"})  # transformers' timing of its model setup
+    assert logged["optsched"] == logged["hf"]
+    assert logged["hf"][:3] == (0, 0, 0)
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
 def test_grad_norm_is_logged_as_transformers_logs_it_with_and_without_clipping(regression_data, tmp_path,
                                                                                max_grad_norm):
