@@ -212,6 +212,65 @@ def test_callback_can_stop_training(model_factory, regression_data, make_args):
     assert t.train().global_step == 3
 
 
+class _StopInsideStep3(TrainerCallback):
+    """Sets ``control.<flag>`` after the first micro-batch of step 3 (global_step 2 done), once; records
+    the optimizer steps and whether gradients are left at each epoch end."""
+
+    flag = "should_training_stop"
+
+    def __init__(self):
+        self.optimizer_steps = 0
+        self.grads_at_epoch_end = []
+        self.fired = False
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if state.global_step == 2 and not self.fired:
+            setattr(control, self.flag, True)
+            self.fired = True
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_steps += 1
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.grads_at_epoch_end.append(any(p.grad is not None and p.grad.any() for p in model.parameters()))
+
+
+class _StopEpochInsideStep3(_StopInsideStep3):
+    flag = "should_epoch_stop"
+
+
+def test_a_stop_inside_an_accumulation_stops_before_the_step_as_in_transformers(regression_data, tmp_path):
+    # transformers breaks right after on_substep_end: the accumulated micro-batch is never stepped on.
+    # 8 samples, batches of 2, 2 micro-batches per step: 2 steps per epoch; the stop comes in step 3
+    both = _train_both(tmp_path, regression_data, callbacks=[_StopInsideStep3], max_steps=6,
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
+    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, _StopInsideStep3)]
+                            for t in both.values())
+    assert both["optsched"].state.global_step == both["hf"].state.global_step == 2
+    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == 2
+    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == [1, 2]
+    hf_weights = dict(both["hf"].model.named_parameters())
+    for name, p in both["optsched"].model.named_parameters():
+        torch.testing.assert_close(p, hf_weights[name], msg=name)
+    # the stopped step's partial gradient is dropped (transformers leaves it in .grad)
+    assert ours_cb.grads_at_epoch_end == [False, False] and hf_cb.grads_at_epoch_end[-1]
+
+
+def test_an_epoch_stop_inside_an_accumulation_ends_the_epoch_before_the_step(regression_data, tmp_path):
+    # the second epoch ends after its first micro-batch: no step; the third epoch runs in full
+    both = _train_both(tmp_path, regression_data, callbacks=[_StopEpochInsideStep3], num_train_epochs=3,
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
+    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, _StopInsideStep3)]
+                            for t in both.values())
+    assert both["optsched"].state.global_step == both["hf"].state.global_step == 4
+    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == 4
+    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == [1, 2, 3, 4]
+    # transformers carries the dropped micro-batch's gradient into the next epoch's first step; optsched
+    # starts that step from zero
+    assert ours_cb.grads_at_epoch_end == [False, False, False] and hf_cb.grads_at_epoch_end[1]
+
+
 def test_transformers_early_stopping_callback_stops_as_in_transformers(regression_data, tmp_path):
     # It reads args.load_best_model_at_end, metric_for_best_model, greater_is_better and state.best_metric:
     # the same patience stops both trainers at the same step.

@@ -85,7 +85,9 @@ class TrainerCallback:
         """After ``optimizer.step()``, before the gradients are zeroed."""
 
     def on_substep_end(self, args, state, control, **kwargs):
-        """After each micro-batch that is not the last of its accumulation."""
+        """After each micro-batch that is not the last of its accumulation. Setting
+        ``control.should_training_stop`` (or ``should_epoch_stop``) here stops before the optimizer step,
+        whose partial gradients are dropped, as transformers stops."""
 
     def on_step_end(self, args, state, control, **kwargs):
         """After an optimizer step (``state.global_step`` already counts it)."""
