@@ -43,10 +43,11 @@ def test_defaults_match_transformers_5():
         "gradient_accumulation_steps": 1, "optim": DEFAULT_OPTIM, "optim_args": None,
         "optim_target_modules": None, "lr_scheduler_type": "linear", "lr_scheduler_kwargs": {},
         "warmup_steps": 0, "warmup_ratio": 0.0, "logging_steps": 500, "logging_strategy": "steps",
-        "eval_strategy": "no", "eval_steps": None, "save_strategy": "steps", "save_steps": 500,
+        "logging_first_step": False, "eval_strategy": "no", "eval_steps": None, "eval_delay": 0.0, "save_strategy": "steps", "save_steps": 500,
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
         "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
+        "run_name": None,
         # optsched's own (OPTSCHED_ONLY_FIELDS)
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,
         "lr_resume_policy": "replan",
@@ -118,6 +119,10 @@ GOOD = [
     ({"metric_for_best_model": "eval_loss", "greater_is_better": True}, {"greater_is_better": True}),
     ({"seed": 0, "data_seed": 2**32 - 1}, {"seed": 0, "data_seed": 2**32 - 1}),
     ({"bf16": True, "use_cpu": True}, {"bf16": True}),
+    ({"logging_first_step": True}, {"logging_first_step": True}),
+    ({"run_name": "exp-1"}, {"run_name": "exp-1"}),
+    ({"eval_delay": 2}, {"eval_delay": 2.0}),
+    ({"eval_delay": 0.5, "eval_strategy": "epoch"}, {"eval_delay": 0.5}),
     ({"disable_tqdm": True}, {"disable_tqdm": True}),
     ({"max_grad_norm": 0}, {"max_grad_norm": 0.0}),
 ]
@@ -260,6 +265,12 @@ BAD = [
     ({"eval_strategy": "steps", "logging_strategy": "no", "logging_steps": 0}, ValueError,
      ["eval_steps=None", "logging_steps=0"]),
     ({"eval_steps": -1}, ValueError, ["eval_steps", "-1"]),
+    ({"eval_delay": -1}, ValueError, ["eval_delay=-1", "[0, inf)"]),
+    ({"eval_delay": float("inf")}, ValueError, ["eval_delay=inf", "finite"]),
+    ({"eval_delay": "5"}, TypeError, ["eval_delay", "'5'"]),
+    ({"logging_first_step": 1}, TypeError, ["logging_first_step", "1"]),
+    ({"run_name": ""}, ValueError, ["run_name=''", "non-empty string or None"]),
+    ({"run_name": 1}, TypeError, ["run_name", "string or None"]),
     ({"save_total_limit": 0}, ValueError, ["save_total_limit", "0"]),
     ({"seed": -1}, ValueError, ["seed", "-1"]),
     ({"seed": 2**32}, ValueError, ["seed", str(2**32)]),
@@ -534,7 +545,7 @@ def test_as_training_arguments_from_transformers(tmp_path):
         learning_rate=3e-4, weight_decay=0.01, optim="sgd", adam_beta1=0.8, lr_scheduler_type="cosine",
         lr_scheduler_kwargs={"num_cycles": 0.5}, warmup_steps=0.1, eval_strategy="steps", logging_steps=20,
         save_total_limit=2, seed=7, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        report_to="none", max_steps=100,
+        report_to="none", max_steps=100, logging_first_step=True, eval_delay=30, run_name="exp-1",
     )
     hf = transformers.TrainingArguments(output_dir=str(tmp_path), **given_kwargs)
     ours = as_training_arguments(hf)

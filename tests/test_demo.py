@@ -381,7 +381,8 @@ def test_the_continue_command_repeats_the_flags_of_the_run(run_cli, tmp_path):
     assert f"resuming from {out_dir / 'checkpoint-4'}" in out and _state(out_dir, 8)["global_step"] == 8
 
 
-def test_an_interrupted_demo_says_how_to_finish_the_same_run(run_cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("name", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_demo_says_how_to_finish_the_same_run(run_cli, tmp_path, monkeypatch, name, status):
     import signal
 
     import optsched
@@ -390,7 +391,7 @@ def test_an_interrupted_demo_says_how_to_finish_the_same_run(run_cli, tmp_path, 
     class CtrlC(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.Signals[name])
 
     class Interrupted(optsched.Trainer):
         def __init__(self, *args, **kwargs):
@@ -400,11 +401,13 @@ def test_an_interrupted_demo_says_how_to_finish_the_same_run(run_cli, tmp_path, 
     out_dir = tmp_path / "stopped"
     code, out, err = run_cli("--output-dir", str(out_dir), "--max-steps", "10", "--num-examples", "64",
                              "--batch-size", "16", "--no-progress")
-    assert code == 0, err
+    # the shell's status for the signal (128 + its number), not 0: a job scheduler must not take the
+    # preempted run for a finished one
+    assert code == status, err
     assert (out_dir / "checkpoint-3" / "trainer_state.json").is_file()
     # the same plan (--max-steps 10), not twice the planned length, and not "done"
     assert out.rstrip().splitlines()[-1] == (
-        f"stopped by SIGINT at step 3 of 10; continue with: optsched demo --output-dir {out_dir} "
+        f"stopped by {name} at step 3 of 10; continue with: optsched demo --output-dir {out_dir} "
         "--num-examples 64 --batch-size 16 --resume --max-steps 10"
     )
 

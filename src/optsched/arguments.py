@@ -446,11 +446,17 @@ class TrainingArguments:
         _steps_or_ratio(allow_none=False))
     logging_strategy: str = _field("steps", "When to log: 'no', 'steps' or 'epoch'.",
                                    _choice(INTERVAL_STRATEGIES, "logging strategy"))
+    logging_first_step: bool = _field(
+        False, "Also log after the first optimizer step (global_step 1), whatever logging_strategy says.",
+        _bool())
     eval_strategy: str = _field("no", "When to evaluate: 'no', 'steps' or 'epoch'.",
                                 _choice(INTERVAL_STRATEGIES, "evaluation strategy"))
     eval_steps: int | float | None = _field(
         None, "Evaluate every N steps (or a fraction in (0, 1)); None: logging_steps.",
         _steps_or_ratio(allow_none=True))
+    eval_delay: float = _field(
+        0, "No evaluation before this global step (eval_strategy='steps') or epoch (eval_strategy='epoch'); "
+        "a number >= 0. 0: from the first due evaluation on.", _float(low=0))
     save_strategy: str = _field("steps", "When to save: 'no', 'steps', 'epoch' or 'best'.",
                                 _choice(SAVE_STRATEGIES, "save strategy"))
     save_steps: int | float = _field(
@@ -482,6 +488,9 @@ class TrainingArguments:
     greater_is_better: bool | None = _field(
         None, "Whether a larger metric is better (None: False for metrics named '*loss').",
         _bool(allow_none=True))
+    run_name: str | None = _field(
+        None, "A name for the run, for the logging callbacks that read it (transformers' wandb, mlflow, comet, "
+        "swanlab and trackio integrations); the Trainer itself does not use it.", _optional_str)
 
     # ---- optsched's own fields (transformers has none of these; see OPTSCHED_ONLY_FIELDS) ----------
     lr_resume_policy: str = _field(
@@ -579,6 +588,11 @@ class TrainingArguments:
         return self.warmup_steps if self.warmup_steps != 0 else self.warmup_ratio
 
     # ---- read by transformers' callbacks -----------------------------------------------------------
+    # A read-only property answers only for a behaviour optsched has fixed (load_best_model_at_end:
+    # the Trainer never loads the best model). A setting that callbacks read and users choose is a
+    # field (run_name, logging_first_step, eval_delay); the integrations' own settings (trackio's
+    # project, hub_private_repo, ...) are left out: a default the user could not change would log to
+    # the wrong place without a word, where the AttributeError names what is missing.
 
     @property
     def load_best_model_at_end(self) -> bool:
@@ -925,7 +939,7 @@ def as_training_arguments(args: Any = None) -> TrainingArguments:
 #: transformers fields set in its ``__post_init__`` from others (``do_eval`` from ``eval_strategy``), and
 #: ``do_train`` / ``do_predict``, which its Trainer does not read either (they are for scripts).
 _DERIVED_FOREIGN_FIELDS = frozenset(
-    {"accelerator_config", "logging_dir", "run_name", "hub_model_id", "do_eval", "do_train", "do_predict"}
+    {"accelerator_config", "logging_dir", "hub_model_id", "do_eval", "do_train", "do_predict"}
 )
 
 

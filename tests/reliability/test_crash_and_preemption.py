@@ -107,6 +107,15 @@ def test_save_on_signal_false_leaves_the_handlers_alone(tmp_path):
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_signal_exit_status_is_what_the_shell_reports_for_the_signal():
+    from optsched.trainer.signals import signal_exit_status
+
+    assert (signal_exit_status("SIGINT"), signal_exit_status("SIGTERM"), signal_exit_status("usr1")) == (
+        130, 143, 128 + signal.SIGUSR1)
+    with pytest.raises(ValueError, match="'SIGBOGUS' is not a signal"):
+        signal_exit_status("SIGBOGUS")
+
+
 def test_handlers_are_not_installed_outside_the_main_thread(tmp_path):
     import threading
 

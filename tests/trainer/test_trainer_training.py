@@ -212,6 +212,65 @@ def test_callback_can_stop_training(model_factory, regression_data, make_args):
     assert t.train().global_step == 3
 
 
+class _StopInsideStep3(TrainerCallback):
+    """Sets ``control.<flag>`` after the first micro-batch of step 3 (global_step 2 done), once; records
+    the optimizer steps and whether gradients are left at each epoch end."""
+
+    flag = "should_training_stop"
+
+    def __init__(self):
+        self.optimizer_steps = 0
+        self.grads_at_epoch_end = []
+        self.fired = False
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if state.global_step == 2 and not self.fired:
+            setattr(control, self.flag, True)
+            self.fired = True
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_steps += 1
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.grads_at_epoch_end.append(any(p.grad is not None and p.grad.any() for p in model.parameters()))
+
+
+class _StopEpochInsideStep3(_StopInsideStep3):
+    flag = "should_epoch_stop"
+
+
+def test_a_stop_inside_an_accumulation_stops_before_the_step_as_in_transformers(regression_data, tmp_path):
+    # transformers breaks right after on_substep_end: the accumulated micro-batch is never stepped on.
+    # 8 samples, batches of 2, 2 micro-batches per step: 2 steps per epoch; the stop comes in step 3
+    both = _train_both(tmp_path, regression_data, callbacks=[_StopInsideStep3], max_steps=6,
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
+    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, _StopInsideStep3)]
+                            for t in both.values())
+    assert both["optsched"].state.global_step == both["hf"].state.global_step == 2
+    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == 2
+    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == [1, 2]
+    hf_weights = dict(both["hf"].model.named_parameters())
+    for name, p in both["optsched"].model.named_parameters():
+        torch.testing.assert_close(p, hf_weights[name], msg=name)
+    # the stopped step's partial gradient is dropped (transformers leaves it in .grad)
+    assert ours_cb.grads_at_epoch_end == [False, False] and hf_cb.grads_at_epoch_end[-1]
+
+
+def test_an_epoch_stop_inside_an_accumulation_ends_the_epoch_before_the_step(regression_data, tmp_path):
+    # the second epoch ends after its first micro-batch: no step; the third epoch runs in full
+    both = _train_both(tmp_path, regression_data, callbacks=[_StopEpochInsideStep3], num_train_epochs=3,
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
+    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, _StopInsideStep3)]
+                            for t in both.values())
+    assert both["optsched"].state.global_step == both["hf"].state.global_step == 4
+    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == 4
+    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == [1, 2, 3, 4]
+    # transformers carries the dropped micro-batch's gradient into the next epoch's first step; optsched
+    # starts that step from zero
+    assert ours_cb.grads_at_epoch_end == [False, False, False] and hf_cb.grads_at_epoch_end[1]
+
+
 def test_transformers_early_stopping_callback_stops_as_in_transformers(regression_data, tmp_path):
     # It reads args.load_best_model_at_end, metric_for_best_model, greater_is_better and state.best_metric:
     # the same patience stops both trainers at the same step.
@@ -230,6 +289,89 @@ def test_transformers_early_stopping_callback_stops_as_in_transformers(regressio
                               callbacks=[transformers.EarlyStoppingCallback(early_stopping_patience=2)])
         stopped[name] = (trainer.train().global_step, trainer.state.best_metric)
     assert stopped["optsched"][0] < 40 and stopped["optsched"] == pytest.approx(stopped["hf"])
+
+
+def _train_both(tmp_path, regression_data, callbacks=(), **kw):
+    """Train a TinyRegressor with transformers' Trainer and with optsched's on the same data and settings;
+    returns ``{"hf": trainer, "optsched": trainer}``."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(dict(learning_rate=0.1, per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
+                   use_cpu=True), **kw)
+    trainers = {}
+    for name, trainer_cls, args_cls, extra in [
+        ("hf", transformers.Trainer, transformers.TrainingArguments, {"report_to": "none"}),
+        ("optsched", Trainer, TrainingArguments, {}),
+    ]:
+        torch.manual_seed(0)
+        args = args_cls(output_dir=str(tmp_path / name), **kw, **extra)
+        trainer = trainer_cls(TinyRegressor(), args, train_dataset=regression_data(8),
+                              eval_dataset=regression_data(4, seed=1), callbacks=[cb() for cb in callbacks])
+        trainer.train()
+        trainers[name] = trainer
+    return trainers
+
+
+def _steps_with(trainer, key):
+    return [h["step"] for h in trainer.state.log_history if key in h]
+
+
+@pytest.mark.parametrize(("kw", "log_steps", "eval_steps"), [
+    (dict(max_steps=10, logging_steps=4, logging_first_step=True), [1, 4, 8], []),
+    (dict(max_steps=10, logging_steps=100, eval_strategy="steps", eval_steps=2, eval_delay=5), [], [6, 8, 10]),
+    (dict(max_steps=9, logging_steps=100, eval_strategy="steps", eval_steps=4, eval_delay=3.5), [], [4, 8, 9]),
+    (dict(num_train_epochs=4, logging_strategy="epoch", eval_strategy="epoch", eval_delay=2), [2, 4, 6, 8],
+     [4, 6, 8]),
+])
+def test_logging_first_step_and_eval_delay_log_and_evaluate_at_transformers_steps(
+        regression_data, tmp_path, kw, log_steps, eval_steps):
+    # 8 samples in batches of 4: 2 steps per epoch; eval_delay counts steps, or epochs with eval_strategy="epoch"
+    both = _train_both(tmp_path, regression_data, **kw)
+    for key, expected in (("loss", log_steps), ("eval_loss", eval_steps)):
+        assert _steps_with(both["optsched"], key) == _steps_with(both["hf"], key) == expected, key
+
+
+def test_an_evaluate_without_training_logs_epoch_0_as_transformers_does(regression_data, tmp_path):
+    # transformers 5.23's TrainerState starts at epoch=0 (not None), so its log() adds epoch 0 to an
+    # evaluate() before any training; optsched logs and returns the same keys
+    transformers = pytest.importorskip("transformers")
+    logged = {}
+    for name, trainer_cls, args_cls, extra in [
+        ("hf", transformers.Trainer, transformers.TrainingArguments, {"report_to": "none"}),
+        ("optsched", Trainer, TrainingArguments, {}),
+    ]:
+        args = args_cls(output_dir=str(tmp_path / name), use_cpu=True, disable_tqdm=True, **extra)
+        trainer = trainer_cls(TinyRegressor(), args, eval_dataset=regression_data(4))
+        metrics = trainer.evaluate()
+        ((entry,),) = [trainer.state.log_history]
+        logged[name] = (metrics["epoch"], entry["epoch"], entry["step"],
+                        set(entry) - {"eval_model_preparation_time"})  # transformers' timing of its model setup
+    assert logged["optsched"] == logged["hf"]
+    assert logged["hf"][:3] == (0, 0, 0)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_grad_norm_is_logged_as_transformers_logs_it_with_and_without_clipping(regression_data, tmp_path,
+                                                                               max_grad_norm):
+    # transformers logs the pre-clip norm, also with max_grad_norm=0 (clip_grad_norm_ with an infinite
+    # bound); optsched logs the norm its non-finite check computes there
+    both = _train_both(tmp_path, regression_data, max_steps=4, logging_steps=1, max_grad_norm=max_grad_norm)
+    norms = {name: [h["grad_norm"] for h in t.state.log_history if "loss" in h] for name, t in both.items()}
+    assert len(norms["optsched"]) == 4 and min(norms["optsched"]) > max_grad_norm
+    assert norms["optsched"] == pytest.approx(norms["hf"], rel=1e-5)
+
+
+def test_transformers_own_flow_printer_and_progress_callbacks_run_under_optsched(regression_data, make_args, capsys):
+    # transformers' DefaultFlowCallback reads args.logging_first_step and args.eval_delay: with it added
+    # beside optsched's own flow, the same steps are logged and evaluated
+    transformers = pytest.importorskip("transformers")
+    args = make_args(max_steps=6, logging_steps=4, logging_first_step=True, eval_strategy="steps", eval_steps=2,
+                     eval_delay=3)
+    t = Trainer(TinyRegressor(), args, train_dataset=regression_data(8), eval_dataset=regression_data(4, seed=1),
+                callbacks=[transformers.DefaultFlowCallback, transformers.PrinterCallback,
+                           transformers.ProgressCallback])
+    t.train()
+    assert _steps_with(t, "loss") == [1, 4] and _steps_with(t, "eval_loss") == [4, 6]
+    assert "'eval_loss'" in capsys.readouterr().out  # PrinterCallback printed the evaluations
 
 
 def test_iterable_dataset_needs_max_steps(model_factory, regression_data, make_args):

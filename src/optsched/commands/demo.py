@@ -7,6 +7,10 @@ and the learning-rate curve as a PNG (when matplotlib is installed). Everything 
 ``--output-dir`` (``./optsched-demo``); ``optsched demo --resume`` continues from the newest
 checkpoint there, e.g. after Ctrl-C, or with a larger ``--max-steps``.
 
+Ctrl-C or SIGTERM while it trains saves a checkpoint at the current step, prints how to continue, and
+exits with the shell's status for that signal (130 for SIGINT, 143 for SIGTERM), not 0: a script or a
+job scheduler must not take a preempted run for a finished one.
+
 Nothing is downloaded: the model (:mod:`optsched.demo`) and the data are built in code.
 """
 
@@ -230,7 +234,11 @@ def _training_arguments(cfg: Any, output_dir: Path):
 
 
 def run(cfg: Any) -> int:
-    """Train (or resume) the demo; prints what happens. Returns 0."""
+    """Train (or resume) the demo; prints what happens.
+
+    Returns:
+        0, or 128 + the signal's number (130, 143) when SIGINT / SIGTERM stopped training early.
+    """
     import torch
 
     from optsched._validation import check_choice
@@ -324,9 +332,11 @@ def _train(cfg: Any, task: str, output_dir: Path, resume_from: Path | None) -> i
     except ImportError as exc:
         print(f"lr curve: skipped ({exc})")
     if trainer.preempted_by is not None:  # Ctrl-C / SIGTERM: the same plan again, from where it stopped
+        from optsched.trainer.signals import signal_exit_status
+
         duration = f"--max-steps {cfg.max_steps}" if cfg.epochs is None else f"--epochs {cfg.epochs:g}"
         print(f"stopped by {trainer.preempted_by} at step {trainer.state.global_step} of {total_steps}; "
               f"continue with: {continue_command(cfg, output_dir, duration)}")
-    else:
-        print(f"continue with: {continue_command(cfg, output_dir, f'--max-steps {2 * total_steps}')}")
+        return signal_exit_status(trainer.preempted_by)  # not finished: 130 / 143, as the shell reports
+    print(f"continue with: {continue_command(cfg, output_dir, f'--max-steps {2 * total_steps}')}")
     return 0

@@ -3,8 +3,9 @@
 A callback receives ``(args, state, control, **kwargs)`` (kwargs: ``model``, ``optimizer``,
 ``lr_scheduler``, ``train_dataloader``, ``eval_dataloader``, and ``logs`` / ``metrics`` for ``on_log`` /
 ``on_evaluate``) and may return a changed :class:`~optsched.trainer.state.TrainerControl`. A callback
-written for ``transformers.TrainerCallback`` works unchanged (transformers' ``EarlyStoppingCallback``
-included) as long as it reads only ``TrainingArguments`` fields that optsched has.
+written for ``transformers.TrainerCallback`` works unchanged (transformers' ``EarlyStoppingCallback``,
+``DefaultFlowCallback``, ``PrinterCallback`` and ``ProgressCallback`` included) as long as it reads only
+``TrainingArguments`` fields that optsched has.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class TrainerCallback:
         """After ``optimizer.step()``, before the gradients are zeroed."""
 
     def on_substep_end(self, args, state, control, **kwargs):
-        """After each micro-batch that is not the last of its accumulation."""
+        """After each micro-batch that is not the last of its accumulation. Setting
+        ``control.should_training_stop`` (or ``should_epoch_stop``) here stops before the optimizer step,
+        whose partial gradients are dropped, as transformers stops."""
 
     def on_step_end(self, args, state, control, **kwargs):
         """After an optimizer step (``state.global_step`` already counts it)."""
@@ -189,11 +192,17 @@ class CallbackHandler:
 
 
 class DefaultFlowCallback(TrainerCallback):
-    """Decides when to log, evaluate, save and stop (transformers' rules)."""
+    """Decides when to log, evaluate, save and stop (transformers' rules).
+
+    Logs every ``logging_steps`` and after step 1 with ``logging_first_step``; evaluates every
+    ``eval_steps`` or at each epoch end, never before ``eval_delay`` (a step, or an epoch for
+    ``eval_strategy="epoch"``); saves every ``save_steps`` or at each epoch end. The last step of a
+    ``"steps"`` run also evaluates (unless before ``eval_delay``) and saves off the interval.
+    """
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if step == 1 and getattr(args, "logging_first_step", False):
+        if step == 1 and args.logging_first_step:
             control.should_log = True
         if strategy_name(args.logging_strategy) == "steps" and state.logging_steps > 0:
             control.should_log = control.should_log or step % state.logging_steps == 0
@@ -201,7 +210,7 @@ class DefaultFlowCallback(TrainerCallback):
             strategy_name(args.eval_strategy) == "steps"
             and state.eval_steps > 0
             and step % state.eval_steps == 0
-            and getattr(args, "eval_delay", 0) <= step
+            and args.eval_delay <= step
         )
         if eval_steps_due:
             control.should_evaluate = True
@@ -210,8 +219,9 @@ class DefaultFlowCallback(TrainerCallback):
         if step >= state.max_steps:
             control.should_training_stop = True
             # a step-based run ends with an evaluation and a checkpoint even off the interval
-            if strategy_name(args.eval_strategy) == "steps" and not eval_steps_due:
-                control.should_evaluate = getattr(args, "eval_delay", 0) <= step
+            # (only ever set here, as transformers: a request another hook made this step is kept)
+            if strategy_name(args.eval_strategy) == "steps" and args.eval_delay <= step:
+                control.should_evaluate = True
             if strategy_name(args.save_strategy) == "steps":
                 control.should_save = True
         return control
@@ -219,7 +229,7 @@ class DefaultFlowCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if strategy_name(args.logging_strategy) == "epoch":
             control.should_log = True
-        if strategy_name(args.eval_strategy) == "epoch" and getattr(args, "eval_delay", 0) <= state.epoch:
+        if strategy_name(args.eval_strategy) == "epoch" and args.eval_delay <= state.epoch:
             control.should_evaluate = True
         if strategy_name(args.save_strategy) == "epoch":
             control.should_save = True

@@ -32,7 +32,24 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreemptionHandler", "parse_signals"]
+__all__ = ["PreemptionHandler", "parse_signals", "signal_exit_status"]
+
+
+def signal_exit_status(signal_name: str) -> int:
+    """The exit status a shell gives a process ended by ``signal_name``: 128 + the signal's number.
+
+    A program whose training a signal stopped early (with a checkpoint) exits with it rather than 0, so
+    that a shell script or a job scheduler does not take the preempted run for a finished one.
+
+    Example:
+        >>> signal_exit_status("SIGINT"), signal_exit_status("SIGTERM")
+        (130, 143)
+
+    Raises:
+        ValueError: a name that is not a signal here (see :func:`parse_signals`).
+    """
+    (sig,) = parse_signals([signal_name])
+    return 128 + int(sig)
 
 
 def parse_signals(names: str | Iterable[str]) -> list[signal.Signals]:

@@ -585,7 +585,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
                     rng_pending = False
                 stepped = True
                 self.control = self.callback_handler.on_step_begin(args, state, self.control)
-                self._run_group(model, group)
+                if not self._run_group(model, group):
+                    break  # stopped inside the accumulation: no step, the epoch ends here (transformers)
                 batches_done += len(group)
                 state.global_step += 1
                 state.epoch = epoch + batches_done / batches_per_epoch
@@ -624,11 +625,19 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         self.control = self.callback_handler.on_train_end(args, state, self.control)
         return TrainOutput(state.global_step, train_loss, metrics)
 
-    def _run_group(self, model: nn.Module, group: list[Any]) -> None:
+    def _run_group(self, model: nn.Module, group: list[Any]) -> bool:
         """Forward/backward every micro-batch of one optimizer step, then clip, step and schedule.
 
         A step whose loss or gradient norm is NaN / inf is skipped, optimizer and scheduler both (see
         :mod:`optsched.trainer.nonfinite`); its loss is left out of the logged average.
+
+        A callback that sets ``should_training_stop`` or ``should_epoch_stop`` in ``on_substep_end`` stops
+        the step there, as transformers' loop breaks right after that hook: the optimizer does not step,
+        ``global_step`` does not count it (a resume from the last checkpoint reads these batches again),
+        and the partial gradients are dropped (transformers leaves them in ``.grad``).
+
+        Returns:
+            False when a callback stopped the step inside its accumulation, else True.
         """
         self._current_accumulation = len(group)
         num_items = self._num_items(group)
@@ -640,7 +649,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
                 loss = self.training_step(model, batch, num_items)
             step_loss = loss if step_loss is None else step_loss + loss
             if not last:
-                self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
+                control = self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
+                if control.should_training_stop or control.should_epoch_stop:
+                    self._zero_grad()
+                    return False
         self._grad_norm, stepped = self._clip_and_step(step_loss)
         self._last_lr = self._get_learning_rate()  # the lr this step used
         if stepped:
@@ -653,6 +665,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         # mean instead, which is 0 in a window that starts with the skip: it logs loss=0.0 and pulls
         # train_loss down.)
         self._zero_grad()
+        return True
 
     def _take_loss_window(self) -> tuple[float, int]:
         """``(loss summed over the applied steps since the last call, averaged over processes, those

@@ -137,7 +137,9 @@ class UpdateMixin:
         """Unscale (fp16), clip to ``max_grad_norm``, step the optimizer unless the step is non-finite.
 
         Returns:
-            ``(pre-clip gradient norm or None, whether the optimizer stepped)``. Under fp16 the
+            ``(pre-clip gradient norm or None, whether the optimizer stepped)``. The norm is the one the
+            non-finite check computes when ``max_grad_norm=0`` (logged as ``grad_norm``, as transformers
+            does); None only under fp16 without clipping, where no norm is computed. Under fp16 the
             ``GradScaler`` decides (it skips a step with inf / NaN gradients and lowers the scale);
             otherwise :class:`~optsched.trainer.nonfinite.NonFiniteGuard` does, on the step's loss
             (summed over processes) and gradient norm.
@@ -156,9 +158,10 @@ class UpdateMixin:
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
         if self.scaler is None and step_loss is not None and hasattr(self, "_nonfinite"):
-            norm = grad_norm if grad_norm is not None else grad_total_norm(params)
+            if grad_norm is None:  # not clipped: the guard needs the norm anyway, and it is logged too
+                grad_norm = grad_total_norm(params)
             loss = all_reduce_sum(step_loss.detach().clone(), self.dist) if self.dist.enabled else step_loss
-            if self._nonfinite.should_skip(float(loss), float(norm), self.state.global_step + 1):
+            if self._nonfinite.should_skip(float(loss), float(grad_norm), self.state.global_step + 1):
                 return grad_norm, False
         self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
         stepped = True
