@@ -215,3 +215,33 @@ def test_stable_adamw_resumes_bitwise(model_factory, regression_data, make_args,
         assert torch.equal(p, q), n
     assert [int(g["step"]) for g in resumed.optimizer.param_groups] == [8, 8]
     assert [g["triton"] for g in resumed.optimizer.param_groups] == [False, False]
+
+
+def test_a_resume_by_another_number_of_processes_says_it_is_not_exact(model_factory, regression_data, make_args, caplog):
+    # a checkpoint of 2 processes (rng_state_0.pth, rng_state_1.pth) resumed by one: each step's samples
+    # are split anew and the RNG states are per process. 4 processes resumed by 2 said nothing at all
+    # (each found its RNG file), 2 by 1 only that dropout masks would differ
+    import os
+    import shutil
+    from pathlib import Path
+
+    from optsched.trainer import checkpoint as ckpt
+
+    data = regression_data(16)
+    Trainer(model_factory(), make_args(max_steps=2, save_strategy="steps", save_steps=2), train_dataset=data).train()
+    t = Trainer(model_factory(), make_args(max_steps=4, save_strategy="steps", save_steps=2), train_dataset=data)
+    path = Path(t.args.output_dir) / "checkpoint-2"
+    assert ckpt.saved_process_count(path) == 1
+    shutil.copy(path / "rng_state.pth", path / "rng_state_0.pth")
+    os.replace(path / "rng_state.pth", path / "rng_state_1.pth")
+    ckpt.write_checksums(path)
+    assert ckpt.saved_process_count(path) == 2
+    with caplog.at_level(logging.WARNING, logger="optsched.trainer.checkpointing"):
+        t.train(resume_from_checkpoint=str(path))
+    messages = " ".join(r.getMessage() for r in caplog.records if r.name == "optsched.trainer.checkpointing")
+    assert "was saved by 2 processes and is resumed by 1: the resume is not exact" in messages
+    assert "saved: per-device batch 4 over 2 processes; now: 4 over 1" in messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optsched.trainer.checkpointing"):
+        Trainer(model_factory(), make_args(max_steps=6), train_dataset=data).train(resume_from_checkpoint=True)
+    assert not [r for r in caplog.records if "is resumed by" in r.getMessage()]  # checkpoint-4: one process, as now

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from optsched.trainer.data import (
     EpochSampler,
+    ShardedIterable,
     count_label_items,
     iter_update_groups,
     move_to_device,
@@ -122,6 +123,43 @@ def test_the_eval_loader_of_each_rank_takes_its_share_once(model_factory, make_a
         t.dist = DistributedContext(rank=rank, local_rank=rank, world_size=4)
         seen += [int(i) for batch in t.get_eval_dataloader() for i in batch["i"]]
     assert sorted(seen) == list(range(10))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), world=st.integers(1, 5), drop_last=st.booleans())
+def test_a_padded_iterable_shard_is_the_samplers_split_of_the_stream(n, world, drop_last):
+    # every rank the same number of items (hence of batches and steps under DDP), split as EpochSampler
+    # splits range(n): a rank with an item more ran a step of its own and the ranks' collectives diverged
+    shards = [list(ShardedIterable(range(n), r, world, pad=True, drop_last=drop_last)) for r in range(world)]
+    expected = [list(EpochSampler(n, seed=0, shuffle=False, rank=r, world_size=world, drop_last=drop_last))
+                for r in range(world)]
+    assert shards == expected
+    assert len({len(shard) for shard in shards}) == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), world=st.integers(1, 5))
+def test_an_unpadded_iterable_shard_takes_every_item_once(n, world):
+    shards = [list(ShardedIterable(range(n), r, world)) for r in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+
+
+def test_every_rank_gets_as_many_batches_of_an_iterable_dataset(model_factory, make_args, regression_data):
+    # 9 samples over 2 processes, batch 2: rank 0 had 3 batches and rank 1 two; from then on rank 0 was a
+    # step behind in each epoch, state.epoch differed, and a save or evaluation at an epoch's end hung
+    from optsched import Trainer
+    from optsched.trainer.distributed import DistributedContext
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([dict(d, i=torch.tensor(i)) for i, d in enumerate(regression_data(9))])
+
+    t = Trainer(model_factory(), make_args(per_device_train_batch_size=2, max_steps=4), train_dataset=Stream())
+    seen = []
+    for rank in range(2):
+        t.dist = DistributedContext(rank=rank, local_rank=rank, world_size=2)
+        seen.append([int(i) for batch in t.get_train_dataloader() for i in batch["i"]])
+    assert seen == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]  # sample 0 completes the last round, as a sampler pads
 
 
 @settings(max_examples=40, deadline=None)

@@ -162,6 +162,7 @@ __all__ = [
     "save_model_weights",
     "save_optimizer_state",
     "save_rng_state",
+    "saved_process_count",
     "staged_checkpoint",
     "trusted_packages",
     "unpack_small_tensors",
@@ -665,6 +666,17 @@ def load_trainer_state(checkpoint: str | os.PathLike, verify: str = DEFAULT_VERI
 def rng_state_name(ctx: DistributedContext) -> str:
     """``rng_state.pth`` for one process, ``rng_state_{rank}.pth`` under several."""
     return f"rng_state_{ctx.rank}.pth" if ctx.enabled else RNG_STATE_NAME
+
+
+def saved_process_count(directory: str | os.PathLike) -> int | None:
+    """How many processes saved the checkpoint in ``directory``, read from its RNG files: the highest
+    ``N`` of ``rng_state_{N}.pth`` plus one (DDP; transformers names them so too), 1 for ``rng_state.pth``
+    alone, ``None`` when it holds neither (``save_only_model``)."""
+    directory = Path(directory)
+    ranks = [int(m.group(1)) for p in directory.glob("rng_state_*.pth") if (m := re.fullmatch(r"rng_state_(\d+)\.pth", p.name))]
+    if ranks:
+        return max(ranks) + 1
+    return 1 if (directory / RNG_STATE_NAME).is_file() else None
 
 
 def save_rng_state(directory: str | os.PathLike, ctx: DistributedContext) -> Path:

@@ -232,6 +232,7 @@ class CheckpointMixin:
             state = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify())
             if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
                 state.best_model_checkpoint = None
+            self._warn_of_another_process_count(checkpoint, state.train_batch_size)
         else:
             state = TrainerState()
         state.compute_steps(self.args, plan.max_steps)
@@ -241,6 +242,25 @@ class CheckpointMixin:
         state.is_local_process_zero = self.dist.local_rank == 0
         state.is_world_process_zero = self.dist.is_main_process
         return state
+
+    def _warn_of_another_process_count(self, checkpoint: Path, saved_batch_size: Any) -> None:
+        """Warn (process 0) when ``checkpoint`` was saved by another number of processes than resume it
+        (:func:`~optsched.trainer.checkpoint.saved_process_count`): such a resume is not exact, and with
+        another global batch per step it does not even start where the run stopped in the data. Without a
+        word, 4 processes resumed by 2 (each finding its RNG file) looked like an exact resume."""
+        saved = ckpt.saved_process_count(checkpoint)
+        now = self.dist.world_size
+        if saved is None or saved == now or not self.dist.is_main_process:
+            return
+        logger.warning(
+            "%s was saved by %d process%s and is resumed by %d: the resume is not exact. The RNG states are "
+            "per process (dropout masks differ from the uninterrupted run's), and each step's samples are "
+            "split anew: the data continues where the run stopped only if the global batch per step "
+            "(per_device_train_batch_size x gradient_accumulation_steps x processes) is the one the checkpoint "
+            "was trained with (saved: per-device batch %s over %d process%s; now: %d over %d).",
+            checkpoint, saved, "es" if saved > 1 else "", now, saved_batch_size, saved, "es" if saved > 1 else "",
+            self.args.per_device_train_batch_size, now,
+        )
 
     def _checkpoint_verify(self) -> str:
         """How much a resume checks the checkpoint's files against ``checksums.json``

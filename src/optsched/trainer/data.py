@@ -180,17 +180,46 @@ class EpochSampler(Sampler[int]):
 
 
 class ShardedIterable(IterableDataset):
-    """Rank ``r`` of ``N`` keeps items ``r, r + N, ...`` of an iterable dataset (each process its share)."""
+    """Rank ``r`` of ``N`` keeps items ``r, r + N, ...`` of an iterable dataset (each process its share).
 
-    def __init__(self, dataset: Iterable[Any], rank: int, world_size: int) -> None:
+    The items are read in rounds of ``N``, one item of each round per rank. With ``pad`` (training), a
+    last round the stream leaves incomplete is completed from the stream's first items, as
+    :class:`EpochSampler` wraps around (or dropped with ``drop_last``), so every rank gets the same
+    number of items: ``ceil(n / N)`` (``n // N``). DDP needs it: a rank with a batch more than the others
+    ran a step of its own, and the ranks' epochs, evaluations and checkpoints (whose collectives must
+    match) went out of step, a hang at the first save or evaluation at an epoch's end. ``pad=False``
+    (evaluation, whose loop has no collective) takes every item once; the shares differ by at most one.
+    """
+
+    def __init__(
+        self, dataset: Iterable[Any], rank: int, world_size: int, *, pad: bool = False, drop_last: bool = False
+    ) -> None:
         self.dataset = dataset
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
+        self.drop_last = drop_last
 
     def __iter__(self) -> Iterator[Any]:
-        for i, item in enumerate(self.dataset):
-            if i % self.world_size == self.rank:
-                yield item
+        if not self.pad:
+            for i, item in enumerate(self.dataset):
+                if i % self.world_size == self.rank:
+                    yield item
+            return
+        # a rank's item is yielded once its round is complete: only then is it known not to be the last,
+        # incomplete one (dropped or padded); the first round is kept to pad that one
+        first: list[Any] = []
+        current: list[Any] = []
+        for item in self.dataset:
+            if len(first) < self.world_size:
+                first.append(item)
+            current.append(item)
+            if len(current) == self.world_size:
+                yield current[self.rank]
+                current = []
+        if current and not self.drop_last:
+            padded = current + [first[i % len(first)] for i in range(self.world_size - len(current))]
+            yield padded[self.rank]
 
 
 def iter_update_groups(batches: Iterator[Any], gradient_accumulation_steps: int) -> Iterator[list[Any]]:

@@ -50,7 +50,10 @@ class DataLoaderMixin:
                 drop_last=args.dataloader_drop_last and self.dist.enabled,
             )
         elif self.dist.enabled:
-            ds = ShardedIterable(ds, self.dist.rank, self.dist.world_size)
+            # every rank the same number of items, hence of batches and steps (see ShardedIterable)
+            ds = ShardedIterable(
+                ds, self.dist.rank, self.dist.world_size, pad=True, drop_last=args.dataloader_drop_last
+            )
         return build_dataloader(
             ds,
             batch_size=args.per_device_train_batch_size,
