@@ -46,7 +46,8 @@ def test_defaults_match_transformers_5():
         "logging_first_step": False, "eval_strategy": "no", "eval_steps": None, "eval_delay": 0.0, "save_strategy": "steps", "save_steps": 500,
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
-        "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
+        "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
+        "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
         "run_name": None,
         # optsched's own (OPTSCHED_ONLY_FIELDS)
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,
@@ -83,6 +84,8 @@ GOOD = [
     ({"max_steps": 100}, {"max_steps": 100}),
     ({"adam_beta1": 0.0, "adam_beta2": 0.0}, {"adam_beta1": 0.0, "adam_beta2": 0.0}),
     ({"warmup_steps": 10.0}, {"warmup_steps": 10}),
+    ({"ddp_find_unused_parameters": False, "ddp_bucket_cap_mb": 50},
+     {"ddp_find_unused_parameters": False, "ddp_bucket_cap_mb": 50}),
     ({"warmup_steps": 0.1}, {"warmup_steps": 0.1}),
     ({"warmup_steps": 0.0}, {"warmup_steps": 0}),
     ({"warmup_ratio": 0.1}, {"warmup_ratio": 0.1, "warmup_steps": 0}),
@@ -211,6 +214,8 @@ NAN, INF = float("nan"), float("inf")
 BAD = [
     # (kwargs, exception, fragments the message must contain)
     ({"learning_rate": -1e-3}, ValueError, ["learning_rate", "-0.001"]),
+    ({"ddp_find_unused_parameters": "yes"}, TypeError, ["ddp_find_unused_parameters", "'yes'"]),
+    ({"ddp_bucket_cap_mb": 0}, ValueError, ["ddp_bucket_cap_mb", "0"]),
     ({"learning_rate": NAN}, ValueError, ["learning_rate", "nan"]),
     ({"learning_rate": INF}, ValueError, ["learning_rate", "inf"]),
     ({"learning_rate": "1e-3"}, TypeError, ["learning_rate", "'1e-3'"]),

@@ -477,6 +477,16 @@ class TrainingArguments:
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete batch.", _bool())
+    ddp_find_unused_parameters: bool | None = _field(
+        None, "DDP's find_unused_parameters (None: transformers' rule, True unless the model is a "
+        "transformers model with gradient checkpointing on: a trainable parameter that a step does not "
+        "use then trains instead of stopping DDP at the second step).", _bool(allow_none=True))
+    ddp_broadcast_buffers: bool | None = _field(
+        None, "DDP's broadcast_buffers (None: DDP's default, True).", _bool(allow_none=True))
+    ddp_bucket_cap_mb: int | None = _field(
+        None, "DDP's bucket_cap_mb (None: DDP's default, 25).", _int(low=1, allow_none=True))
+    ddp_static_graph: bool | None = _field(
+        None, "DDP's static_graph (None: DDP's default, False).", _bool(allow_none=True))
     report_to: str | list[str] | None = _field(
         "none", "Integrations to report to ('none', a name, or a list of names).", _report_to)
     disable_tqdm: bool | None = _field(

@@ -20,10 +20,19 @@ from optsched import Trainer, TrainingArguments  # noqa: E402
 DDP_STEPS = 6
 
 
+class RegressorWithAnUnusedLayer(TinyRegressor):
+    """A trainable layer that no step uses (a head for another task, say): DDP stops at the second step
+    unless it finds unused parameters (transformers' default for such a model; ``ddp_kwargs``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Linear(2, 2)
+
+
 def run(output_dir: str, batch_size: int) -> Trainer:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = TinyRegressor()
+    model = RegressorWithAnUnusedLayer()
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=DDP_STEPS, learning_rate=1e-2,
         logging_steps=1, save_strategy="steps", save_steps=DDP_STEPS, disable_tqdm=True, use_cpu=True,

@@ -46,3 +46,62 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     # rank 0 wrote the checkpoint, each rank its RNG state
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(ddp["files"])
     assert "rng_state.pth" in single["files"]
+
+
+# ---- DDP's keyword arguments (no process group needed) --------------------------------------------
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=50)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _transformers_ddp_kwargs(model, tmp_path, **fields) -> dict:
+    """What transformers' Trainer hands accelerate for DDP (its ``_build_accelerator_args``)."""
+    import transformers
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **fields)
+    trainer = transformers.Trainer(model=model, args=args)
+    handler = trainer._build_accelerator_args()["kwargs_handlers"][0]
+    return handler.to_kwargs() | {"find_unused_parameters": handler.find_unused_parameters}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"ddp_find_unused_parameters": False}, {"ddp_find_unused_parameters": True},
+     {"ddp_broadcast_buffers": False, "ddp_bucket_cap_mb": 50, "ddp_static_graph": True}],
+    ids=["defaults", "find-false", "find-true", "buffers-bucket-static"],
+)
+@pytest.mark.parametrize("kind", ["plain", "transformers"])
+def test_ddp_kwargs_are_transformers(tmp_path, kind, checkpointing, fields):
+    from optsched import TrainingArguments
+    from optsched.trainer.distributed import ddp_kwargs
+
+    if kind == "plain":
+        from trainer_helpers import TinyRegressor
+
+        model = TinyRegressor()
+        if checkpointing:  # a user's flag of the same name on a plain module: transformers ignores it
+            model.inp.gradient_checkpointing = True
+    else:
+        model = _tiny_bert()
+        if checkpointing:
+            # transformers 5 renamed it; 4.x has gradient_checkpointing_enable only
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+    ours = ddp_kwargs(model, TrainingArguments(output_dir=str(tmp_path), **fields))
+    theirs = _transformers_ddp_kwargs(model, tmp_path, **fields)
+    expected_find = fields.get("ddp_find_unused_parameters", not (kind == "transformers" and checkpointing))
+    assert ours["find_unused_parameters"] is expected_find
+    assert ours == {k: v for k, v in theirs.items() if k in ours}
+    # what optsched leaves to DDP's own defaults, transformers does too (accelerate drops default values)
+    assert set(theirs) - set(ours) <= {"find_unused_parameters"}
+
+
+def test_ddp_kwargs_without_args_find_unused_parameters():
+    from optsched.trainer.distributed import ddp_kwargs
+
+    assert ddp_kwargs(torch.nn.Linear(2, 2)) == {"find_unused_parameters": True}

@@ -51,6 +51,7 @@ __all__ = [
     "is_bias_name",
     "is_norm_module",
     "is_norm_name",
+    "is_transformers_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,12 @@ def is_norm_module(module: nn.Module | type) -> bool:
     """
     torch_norm, named_norm, _, _ = _class_facts(module if isinstance(module, type) else type(module))
     return torch_norm or named_norm
+
+
+def is_transformers_model(module: nn.Module | type) -> bool:
+    """Whether ``module`` (an instance or a class) is a transformers model: a subclass of
+    ``transformers.PreTrainedModel``, recognised by name (transformers is not imported). Cached per class."""
+    return _class_facts(module if isinstance(module, type) else type(module))[2]
 
 
 def _class_facts(cls: type) -> tuple[bool, bool, bool, bool]:

@@ -17,12 +17,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from optsched.params.classify import is_transformers_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedContext",
     "all_reduce_sum",
     "barrier",
+    "ddp_kwargs",
     "init_distributed",
     "no_sync",
     "resolve_device",
@@ -93,14 +96,41 @@ def init_distributed(use_cpu: bool = False, env: Mapping[str, str] | None = None
     return ctx
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistributedContext, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` under more than one process (gradients averaged), else ``model``."""
+def ddp_kwargs(model: torch.nn.Module, args: Any = None) -> dict[str, Any]:
+    """The keyword arguments of ``DistributedDataParallel`` that ``args`` sets, by transformers' rules.
+
+    ``find_unused_parameters`` is ``args.ddp_find_unused_parameters`` when set, else transformers'
+    default: True, except for a transformers model (``PreTrainedModel``) with gradient checkpointing on
+    (a module with ``gradient_checkpointing`` true), where finding unused parameters breaks the
+    re-computed backward. True costs a walk of the autograd graph per step; it lets a model with a
+    trainable parameter that a step does not use train, where DDP would stop at the second step.
+    ``broadcast_buffers``, ``bucket_cap_mb`` and ``static_graph`` are passed only when set (not None).
+    ``args`` without these fields (or None) gets the defaults.
+    """
+    find_unused = getattr(args, "ddp_find_unused_parameters", None)
+    if find_unused is None:
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        find_unused = not (is_transformers_model(model) and checkpointing)
+    kwargs: dict[str, Any] = {"find_unused_parameters": bool(find_unused)}
+    for field, key in (("ddp_broadcast_buffers", "broadcast_buffers"), ("ddp_bucket_cap_mb", "bucket_cap_mb"),
+                       ("ddp_static_graph", "static_graph")):
+        value = getattr(args, field, None)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def wrap_model(
+    model: torch.nn.Module, ctx: DistributedContext, device: torch.device, args: Any = None
+) -> torch.nn.Module:
+    """``DistributedDataParallel(model, **ddp_kwargs(model, args))`` under more than one process
+    (gradients averaged), else ``model``."""
     if not ctx.enabled:
         return model
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs(model, args))
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

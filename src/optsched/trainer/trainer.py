@@ -526,7 +526,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         self.state = self._initial_state(plan, checkpoint)
         if checkpoint is not None:
             self._load_optimizer_and_scheduler(checkpoint, saved_optimizer)
-        model = wrap_model(self.model, self.dist, self.device)
+        model = wrap_model(self.model, self.dist, self.device, self.args)
         self.model_wrapped = model
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
