@@ -103,6 +103,16 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message) -> None:
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--width", "1"), ("--height", "0"), ("--width", "-3")])
+def test_a_chart_size_too_small_is_refused_before_anything_is_printed(capsys, tmp_path, flag, value) -> None:
+    # the whole report (and the PNG) came out before ascii_chart refused 'width=1' at the end
+    png = tmp_path / "plan.png"
+    code, out, err = _run(capsys, "--steps", "5", flag, value, "--png", str(png))
+    assert code == 2
+    assert out == "" and not png.exists()
+    assert f"{flag}={value}" in err and len(err.strip().splitlines()) == 1
+
+
 def test_png_without_matplotlib_names_the_extra(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = _run(capsys, "--steps", "5", "--png", str(tmp_path / "x.png"))

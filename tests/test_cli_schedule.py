@@ -47,6 +47,8 @@ def test_kwargs_alias_and_png(tmp_path, capsys):
         (["schedule", "greedy", "--steps", "10"], "metric-driven"),
         (["schedule", "linear", "--steps", "abc"], "steps"),
         (["schedule", "linear", "--steps", "10", "--lr", "0"], "--lr=0.0"),
+        (["schedule", "linear", "--steps", "10", "--width", "1"], "--width=1"),
+        (["schedule", "linear", "--steps", "10", "--height", "0"], "--height=0"),
     ],
 )
 def test_bad_input_one_line_exit_2(argv, fragment, capsys):

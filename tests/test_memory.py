@@ -98,6 +98,29 @@ def test_estimate_matches_state_after_one_step(name: str) -> None:
     assert from_optimizer.total_bytes == pytest.approx(actual.total_bytes, rel=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list_optimizers())
+def test_estimate_is_exact_for_other_parameter_dtypes(name: str, dtype: torch.dtype) -> None:
+    # Adafactor (and GaLore's) keep fp32 state for bf16 parameters; stable_adamw's eps_sq and APOLLO's
+    # scaled_grad are 0-dim tensors of the parameter's dtype: every formula is exact, not only in fp32
+    reason = _skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    args = _args(name)
+    estimate = estimate_optimizer_memory(model, name, args=args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = create_optimizer(model, args, num_training_steps=10)
+        _step(model, optimizer, name)
+    actual = measure_optimizer_state(optimizer)
+    assert estimate.total_bytes == actual.total_bytes, (estimate.by_kind, actual.by_kind)
+    assert estimate.by_kind == {k: v for k, v in actual.by_kind.items() if k in estimate.by_kind}
+    from_optimizer = estimate_from_optimizer(optimizer, model)
+    assert from_optimizer is not None and from_optimizer.total_bytes == actual.total_bytes
+
+
 def test_every_registered_name_has_a_formula() -> None:
     missing = sorted(set(list_optimizers()) - set(list_state_formulas()))
     assert missing == []

@@ -85,6 +85,34 @@ def test_sampled_hf_scheduler_matches_stepping_and_ours(name: str) -> None:
         assert s1 == s2 and a[0] == pytest.approx(b[0], abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("linear", {}),
+        ("cosine", {}),
+        ("cosine_with_restarts", {"num_cycles": 2}),
+        ("polynomial", {"power": 2.0}),
+        ("constant_with_warmup", {}),
+        ("inverse_sqrt", {}),
+        ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+        ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1}),
+        ("warmup_stable_decay", {"num_decay_steps": 10}),
+    ],
+)
+def test_a_transformers_schedule_is_named_by_its_lr_scheduler_type(name: str, kwargs: dict) -> None:
+    # the type was the lambda's name cut down: constant_with_warmup showed as 'constant', cosine_with_min_lr
+    # as 'cosine', warmup_stable_decay as 'wsd_scheduler_lambda' (and its length as unknown)
+    transformers = pytest.importorskip("transformers")
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = transformers.get_scheduler(name, optimizer, num_warmup_steps=5, num_training_steps=40,
+                                           scheduler_specific_kwargs=kwargs)
+    schedule = explain(optimizer, scheduler).schedule
+    assert schedule.type == name
+    assert schedule.num_warmup_steps == 5
+    if name != "constant_with_warmup" and name != "inverse_sqrt":  # these two do not bind the total
+        assert schedule.num_training_steps == 40 and schedule.method == "sampled"
+
+
 def test_plain_torch_optimizer_and_scheduler() -> None:
     a, b = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1.0, momentum=0.9)

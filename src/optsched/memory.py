@@ -18,7 +18,8 @@ Formulas (``n`` elements of ``s`` bytes; see docs/memory.md for the full table):
 * SGD: ``n*s`` with momentum, nothing without. Adagrad ``n*s + 4``. RMSprop ``n*s + 4`` (+``n*s``
   with momentum, +``n*s`` centered).
 * Adafactor: rows ``prod(shape[:-1])`` + columns ``prod(shape[:-2]) * shape[-1]`` elements for
-  tensors of 2 or more dimensions, ``n`` for vectors; ``+ n`` with ``beta1``.
+  tensors of 2 or more dimensions, ``n`` for vectors; ``+ n`` with ``beta1``; fp32 elements for fp16 /
+  bf16 parameters (it steps them through an fp32 gradient).
 * bitsandbytes 8-bit: per buffer ``n`` bytes + ``4*ceil(n/256)`` (fp32 absmax per block of 256),
   plus one 1 KiB quantization map per buffer kind, shared by all tensors; tensors with fewer than
   ``min_8bit_size`` (4096) elements and ``nn.Embedding`` weights (transformers' override) keep
@@ -248,7 +249,15 @@ def _factored(shape: tuple[int, ...]) -> tuple[int, int] | None:
     return math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
 
 
+def _fp32_state_size(s: int) -> int:
+    """Bytes per state element of an optimizer that steps 16-bit parameters through fp32 (Adafactor:
+    transformers' and optsched's cast an fp16 / bf16 gradient to fp32, and the state follows it)."""
+    return 4 if s == 2 else s
+
+
 def _adafactor_bytes(shape: tuple[int, ...], s: int, hyper: Mapping[str, Any]) -> dict[str, int]:
+    """Adafactor's state for a gradient of ``shape``; ``s`` is the state's element size (fp32 for a
+    16-bit parameter, see :func:`_fp32_state_size`)."""
     out: dict[str, int] = {}
     factored = _factored(shape)
     if factored is None:
@@ -261,7 +270,7 @@ def _adafactor_bytes(shape: tuple[int, ...], s: int, hyper: Mapping[str, Any]) -
 
 
 def _adafactor(t: TensorView, hyper: Mapping[str, Any]) -> dict[str, int]:
-    return _adafactor_bytes(t.shape, t.element_size, hyper)
+    return _adafactor_bytes(t.shape, _fp32_state_size(t.element_size), hyper)
 
 
 def _bnb(slots: Sequence[int]) -> tuple[TensorFormula, SharedFormula]:
@@ -329,8 +338,11 @@ def _galore(inner: str) -> TensorFormula:
         shape = t.shape if low is None else low[0]
         s = t.element_size
         if inner == "adafactor":
+            # GaLore's Adafactor casts a 16-bit gradient to fp32 before projecting it: the projector, the
+            # moments and the RMS (a 0-dim tensor of the parameter's fp32 copy) are fp32 then
+            s = _fp32_state_size(s)
             out = _adafactor_bytes(shape, s, hyper)
-            out["RMS"] = 4
+            out["RMS"] = s
         elif inner == "adamw_8bit":
             n = math.prod(shape)
             out = {"state1": n, "state2": n, "absmax": 2 * 4 * -(-n // BNB_BLOCK_SIZE)}
@@ -339,7 +351,7 @@ def _galore(inner: str) -> TensorFormula:
         if low is not None:
             out["projector"] = low[1] * s
             if inner == "apollo":
-                out["scaled_grad"] = 4
+                out["scaled_grad"] = s  # the norm of the scaled gradient: 0-dim, the gradient's dtype
         return out
 
     return per_tensor
@@ -358,7 +370,8 @@ def _muon(t: TensorView, hyper: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _stable_adamw(t: TensorView, hyper: Mapping[str, Any]) -> dict[str, int]:
-    out = {"exp_avg": t.numel * t.element_size, "exp_avg_sq": t.numel * t.element_size, "eps_sq": 4}
+    # optimi keeps eps**2 as a 0-dim tensor of the parameter's dtype
+    out = {"exp_avg": t.numel * t.element_size, "exp_avg_sq": t.numel * t.element_size, "eps_sq": t.element_size}
     kahan = hyper.get("kahan_sum")
     if kahan or (kahan is None and t.element_size < 4):  # optimi: Kahan summation by default in low precision
         out["kahan_comp"] = t.numel * t.element_size
@@ -500,7 +513,8 @@ def _builtin_formulas() -> None:
                            overwrite=True)
     register_state_formula(
         "adafactor", _adafactor, overwrite=True,
-        formula="factored (>=2-D): (prod(shape[:-1]) + prod(shape[:-2])*shape[-1])*s, vectors n*s; beta1: +n*s",
+        formula="factored (>=2-D): (prod(shape[:-1]) + prod(shape[:-2])*shape[-1])*s, vectors n*s; beta1: +n*s "
+                "(s = 4 for fp16/bf16 parameters: the state is fp32)",
     )
     for names, slots, what in (
         (("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"), (1, 1), "AdamW"),
@@ -533,7 +547,7 @@ def _builtin_formulas() -> None:
                            formula="3*n*s (exp_avg, exp_avg_sq, grok_ema; kept in param_groups[i]['state'])",
                            overwrite=True)
     register_state_formula("stable_adamw", _stable_adamw, overwrite=True,
-                           formula="2*n*s + 4 (eps_sq); Kahan summation (default below fp32): +n*s")
+                           formula="2*n*s + s (eps_sq); Kahan summation (default below fp32): +n*s")
     register_state_formula("lomo", _nothing, formula="0 (the update is fused into backward; no state)", overwrite=True)
     register_state_formula("adalomo", _adalomo, approximate=True, overwrite=True,
                            formula="fp32 factored second moment: (rows + columns)*4 for matrices, 4*n for vectors")

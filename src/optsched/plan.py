@@ -247,17 +247,42 @@ def key_steps(num_training_steps: int, num_warmup_steps: int | None) -> list[tup
     return key_points(num_training_steps, int(num_warmup_steps or 0))
 
 
+#: transformers' lr-lambda functions -> the ``lr_scheduler_type`` that binds them
+_HF_LAMBDA_TYPES = {
+    "_get_linear_schedule_with_warmup_lr_lambda": "linear",
+    "_get_cosine_schedule_with_warmup_lr_lambda": "cosine",  # cosine_with_min_lr when it binds min_lr_rate
+    "_get_cosine_with_hard_restarts_schedule_with_warmup_lr_lambda": "cosine_with_restarts",
+    "_get_polynomial_decay_schedule_with_warmup_lr_lambda": "polynomial",
+    "_get_constant_schedule_with_warmup_lr_lambda": "constant_with_warmup",
+    "_get_inverse_sqrt_schedule_lr_lambda": "inverse_sqrt",
+    "_get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda": "cosine_warmup_with_min_lr",
+    "_get_wsd_scheduler_lambda": "warmup_stable_decay",
+}
+
+
 def _hf_partial(scheduler: Any) -> dict[str, Any] | None:
-    """transformers' ``LambdaLR`` schedules bind warmup and total into a ``functools.partial``."""
+    """transformers' ``LambdaLR`` schedules bind warmup and total into a ``functools.partial``; the name
+    is the ``lr_scheduler_type`` that builds it (the function's name, shortened, for another partial)."""
     import functools
 
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if not lambdas or not isinstance(lambdas[0], functools.partial):
         return None
     fn = lambdas[0]
-    name = getattr(fn.func, "__name__", "lambda").removeprefix("_get_").removesuffix("_lr_lambda")
-    name = name.removesuffix("_schedule_with_warmup").removesuffix("_with_warmup").removeprefix("get_")
-    return {"name": name, **fn.keywords}
+    func_name = getattr(fn.func, "__name__", "lambda")
+    name = _HF_LAMBDA_TYPES.get(func_name)
+    if name is None:
+        name = func_name.removeprefix("_get_").removesuffix("_lr_lambda")
+        name = name.removesuffix("_schedule_with_warmup").removesuffix("_with_warmup").removeprefix("get_")
+    elif name == "cosine" and "min_lr_rate" in fn.keywords:
+        name = "cosine_with_min_lr"
+    out = {"name": name, **fn.keywords}
+    if name == "warmup_stable_decay" and "num_training_steps" not in out:
+        # transformers binds the three phases, not the total: the run is their sum
+        phases = [out.get(k) for k in ("num_warmup_steps", "num_stable_steps", "num_decay_steps")]
+        if all(isinstance(v, int) for v in phases):
+            out["num_training_steps"] = sum(phases)
+    return out
 
 
 def sample_lrs(optimizer: torch.optim.Optimizer, scheduler: Any, steps: Sequence[int]) -> dict[int, list[float]]:

@@ -60,6 +60,19 @@ def test_png_written(tmp_path):
         save_png([1.0], tmp_path / "missing" / "x.png")
 
 
+@pytest.mark.parametrize(("warmup", "lines"), [(2, [2]), (5, []), (9, []), (0, [])])
+def test_png_marks_the_end_of_warmup_only_inside_the_run(tmp_path, monkeypatch, warmup, lines):
+    # a 5-step run with 9 warmup steps has no end of warmup: its line made the x axis run to step 9
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real_axvline = Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda self, x, *a, **kw: drawn.append(x) or real_axvline(self, x, *a, **kw))
+    save_png({"lr": [0.0, 0.25, 0.5, 0.75, 1.0]}, tmp_path / "warmup.png", num_warmup_steps=warmup)
+    assert drawn == lines
+
+
 def test_png_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     real_import = builtins.__import__
 

@@ -152,6 +152,8 @@ def run(cfg: Any) -> int:
             f"{args.max_steps!r}; accepted: --steps T or --max_steps T (an integer >= 1)."
         )
     steps = check_int("--steps", steps, low=1)
+    check_int("--width", cfg.width, low=2)  # ascii_chart's limits, checked before anything is printed
+    check_int("--height", cfg.height, low=2)
     png = png_path(cfg.png, "--png") if cfg.png is not None else None  # refused before any work
     model = load_factory(cfg.model)()
     if not isinstance(model, nn.Module):

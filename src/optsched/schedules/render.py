@@ -202,6 +202,10 @@ def save_png(
     """Write the curves to a PNG with matplotlib (non-interactive backend); returns the path written,
     which is :func:`png_path` of ``path`` (``"lr"`` writes ``lr.png``).
 
+    ``num_warmup_steps`` draws a dotted "end of warmup" line at that step, only where the run reaches it
+    (``0 < num_warmup_steps < len(curve)``, as :func:`key_points`): a warmup longer than the run has no
+    end of warmup in it, and its line would stretch the x axis past the last step.
+
     Raises:
         ImportError: matplotlib is not installed (``pip install 'optsched[plot]'``).
         ValueError, FileNotFoundError: ``path`` is refused by :func:`png_path`.
@@ -209,6 +213,9 @@ def save_png(
     """
     curves = _as_series(series)
     path = png_path(path)
+    num_steps = max(len(values) for values in curves.values())
+    if not (num_warmup_steps and 0 < num_warmup_steps < num_steps):
+        num_warmup_steps = None
     try:
         import matplotlib
 
