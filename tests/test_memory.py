@@ -330,3 +330,22 @@ def test_properties_per_tensor(shape: tuple[int, ...]) -> None:
         assert factored <= 4 * n  # rows + columns never exceed the full matrix
     eight = sum(get_state_formula("adamw_8bit").per_tensor(view, {"optim_bits": 8, "min_8bit_size": 1}).values())
     assert eight < adam
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"beta1": 0.9}, {"lr": 1e-3, "relative_step": False}],
+                         ids=["defaults", "beta1", "external-lr"])
+def test_an_adafactor_built_with_its_own_defaults_is_explained_exactly(kwargs) -> None:
+    # "adafactor" fixes scale_parameter=False / relative_step=False; an Adafactor built by hand with
+    # transformers' defaults (scale_parameter=True) keeps a 0-dim RMS per tensor as well, and is still
+    # the class of that name: explain estimated nothing ("no memory formula") before
+    from optsched.optim import Adafactor
+
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = Adafactor(model.parameters(), **kwargs)
+    _step(model, optimizer, "adafactor")
+    actual = measure_optimizer_state(optimizer)
+    estimate = estimate_from_optimizer(optimizer, model)
+    assert estimate is not None and estimate.optim == "adafactor"
+    assert estimate.total_bytes == actual.total_bytes, (estimate.by_kind, actual.by_kind)
+    assert "RMS" in actual.by_kind

@@ -270,7 +270,11 @@ def _adafactor_bytes(shape: tuple[int, ...], s: int, hyper: Mapping[str, Any]) -
 
 
 def _adafactor(t: TensorView, hyper: Mapping[str, Any]) -> dict[str, int]:
-    return _adafactor_bytes(t.shape, _fp32_state_size(t.element_size), hyper)
+    s = _fp32_state_size(t.element_size)
+    out = _adafactor_bytes(t.shape, s, hyper)
+    if hyper.get("scale_parameter"):  # the parameter's RMS, a 0-dim tensor kept for the step size
+        out["RMS"] = s
+    return out
 
 
 def _bnb(slots: Sequence[int]) -> tuple[TensorFormula, SharedFormula]:
@@ -513,8 +517,8 @@ def _builtin_formulas() -> None:
                            overwrite=True)
     register_state_formula(
         "adafactor", _adafactor, overwrite=True,
-        formula="factored (>=2-D): (prod(shape[:-1]) + prod(shape[:-2])*shape[-1])*s, vectors n*s; beta1: +n*s "
-                "(s = 4 for fp16/bf16 parameters: the state is fp32)",
+        formula="factored (>=2-D): (prod(shape[:-1]) + prod(shape[:-2])*shape[-1])*s, vectors n*s; beta1: +n*s; "
+                "scale_parameter: +s (RMS) (s = 4 for fp16/bf16 parameters: the state is fp32)",
     )
     for names, slots, what in (
         (("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"), (1, 1), "AdamW"),
@@ -859,7 +863,10 @@ def infer_optimizer_name(optimizer: torch.optim.Optimizer) -> str | None:
     any other, among the names whose class is the optimizer's (the inner class for a layer-wise
     optimizer), the one whose fixed kwargs (``fused``, ``optim_bits``, ``is_paged``) all agree with the
     optimizer wins, most agreeing keys first, then transformers' names (``adamw_torch`` before
-    torch's ``adamw``, which builds the same class).
+    torch's ``adamw``, which builds the same class). When none agrees on all of them (an
+    ``Adafactor(params)`` with its own defaults, where ``"adafactor"`` fixes ``scale_parameter=False``),
+    the name of its class with the fewest disagreeing keys: the formulas read the hyper-parameters from
+    the groups, so the estimate is still the optimizer's.
     """
     from optsched.optim.catalog import BUILTIN_NAMES
     from optsched.optim.spec import list_optimizers, get_optimizer_spec
@@ -871,23 +878,19 @@ def infer_optimizer_name(optimizer: torch.optim.Optimizer) -> str | None:
     cls = inner if inner is not None else type(optimizer)
     facts = _facts(optimizer)
     rank = {name: i for i, name in enumerate(BUILTIN_NAMES)}  # transformers' names come first there
-    best: tuple[int, int, str] | None = None
+    best: tuple[int, int, int, str] | None = None
     for name in list_optimizers():
         spec = get_optimizer_spec(name)
         if (inner is not None) != name.endswith("_layerwise"):
             continue
         if not _is_spec_class(spec.cls, cls):
             continue
-        agree = 0
-        for key, value in spec.fixed.items():
-            if key in facts and facts[key] != value:
-                break
-            agree += key in facts
-        else:
-            candidate = (agree, -rank.get(name, len(rank)), name)
-            if best is None or candidate[:2] > best[:2]:
-                best = candidate
-    return None if best is None else best[2]
+        known = [key for key in spec.fixed if key in facts]
+        disagree = sum(facts[key] != spec.fixed[key] for key in known)
+        candidate = (-disagree, len(known) - disagree, -rank.get(name, len(rank)), name)
+        if best is None or candidate[:3] > best[:3]:
+            best = candidate
+    return None if best is None else best[3]
 
 
 def estimate_from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> MemoryEstimate | None:
