@@ -240,16 +240,25 @@ class _StopEpochInsideStep3(_StopInsideStep3):
     flag = "should_epoch_stop"
 
 
+def _train_both_stopping(tmp_path, data, callback, logged_steps, **kwargs):
+    """Both trainers with ``callback`` (batches of 2, 2 micro-batches per step, a log per step): they end
+    at the same step, after as many optimizer steps, logging at ``logged_steps``; ``(both, hf's callback,
+    optsched's)``."""
+    both = _train_both(tmp_path, data, callbacks=[callback], per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2, logging_steps=1, **kwargs)
+    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, callback)]
+                            for t in both.values())
+    last = logged_steps[-1]
+    assert both["optsched"].state.global_step == both["hf"].state.global_step == last
+    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == last
+    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == logged_steps
+    return both, hf_cb, ours_cb
+
+
 def test_a_stop_inside_an_accumulation_stops_before_the_step_as_in_transformers(regression_data, tmp_path):
     # transformers breaks right after on_substep_end: the accumulated micro-batch is never stepped on.
     # 8 samples, batches of 2, 2 micro-batches per step: 2 steps per epoch; the stop comes in step 3
-    both = _train_both(tmp_path, regression_data, callbacks=[_StopInsideStep3], max_steps=6,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
-    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, _StopInsideStep3)]
-                            for t in both.values())
-    assert both["optsched"].state.global_step == both["hf"].state.global_step == 2
-    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == 2
-    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == [1, 2]
+    both, hf_cb, ours_cb = _train_both_stopping(tmp_path, regression_data, _StopInsideStep3, [1, 2], max_steps=6)
     hf_weights = dict(both["hf"].model.named_parameters())
     for name, p in both["optsched"].model.named_parameters():
         torch.testing.assert_close(p, hf_weights[name], msg=name)
@@ -259,13 +268,9 @@ def test_a_stop_inside_an_accumulation_stops_before_the_step_as_in_transformers(
 
 def test_an_epoch_stop_inside_an_accumulation_ends_the_epoch_before_the_step(regression_data, tmp_path):
     # the second epoch ends after its first micro-batch: no step; the third epoch runs in full
-    both = _train_both(tmp_path, regression_data, callbacks=[_StopEpochInsideStep3], num_train_epochs=3,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
-    (hf_cb,), (ours_cb,) = ([c for c in t.callback_handler.callbacks if isinstance(c, _StopInsideStep3)]
-                            for t in both.values())
-    assert both["optsched"].state.global_step == both["hf"].state.global_step == 4
-    assert ours_cb.optimizer_steps == hf_cb.optimizer_steps == 4
-    assert _steps_with(both["optsched"], "loss") == _steps_with(both["hf"], "loss") == [1, 2, 3, 4]
+    _, hf_cb, ours_cb = _train_both_stopping(
+        tmp_path, regression_data, _StopEpochInsideStep3, [1, 2, 3, 4], num_train_epochs=3
+    )
     # transformers carries the dropped micro-batch's gradient into the next epoch's first step; optsched
     # starts that step from zero
     assert ours_cb.grads_at_epoch_end == [False, False, False] and hf_cb.grads_at_epoch_end[1]
