@@ -367,9 +367,10 @@ def _damage(directory: Path) -> str | None:
 
     Incomplete: no ``trainer_state.json`` or ``model.safetensors``, a file that ``checksums.json`` lists is
     gone, or ``optsched_plan.json`` (optsched wrote it) without ``checksums.json``. Damaged: an unreadable
-    ``checksums.json``, or a file whose size or CRC-32 differs from it (:func:`verify_file` at ``"full"``;
-    a torch file it does not list, as in a transformers checkpoint, against its records' CRC-32s). This
-    reads every byte of the folder once; a save pays it only where it meets a checkpoint it did not write.
+    ``checksums.json``, or a file whose size differs from it (:func:`verify_file` at ``"size"``: a
+    truncated or partial copy). Only sizes, never the bytes: this runs in the save, and another run's
+    checkpoint at this step may be hundreds of GB, so its CRCs would cost minutes of the new run's time;
+    a flipped byte in it is no reason to keep it, as the new checkpoint supersedes it.
     """
     names = sorted(p.name for p in directory.iterdir())
     if not names:
@@ -382,7 +383,7 @@ def _damage(directory: Path) -> str | None:
             return f"is incomplete (no {CHECKSUMS_NAME}, which optsched writes beside {PLAN_NAME})"
         for name in names:
             if name != CHECKSUMS_NAME:
-                verify_file(directory / name, "full")
+                verify_file(directory / name, "size")
     except (CheckpointError, OSError) as exc:
         return f"is damaged ({str(exc).rstrip('.')})"
     return None
