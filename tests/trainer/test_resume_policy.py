@@ -248,3 +248,60 @@ def test_docs_example_runs_and_prints_what_the_docs_show(tmp_path, capsys):
     printed = [line for line in capsys.readouterr().out.splitlines() if "lr of steps" in line]
     shown = [line for line in doc.splitlines() if line.startswith(("replan: lr of", "continue: lr of"))]
     assert printed == shown and len(shown) == 2
+
+
+# ---- a checkpoint of transformers' own Trainer: no plan file, a scheduler.pt without a spec --------
+
+
+@pytest.fixture
+def transformers_run(regression_data, tmp_path):
+    """transformers' Trainer on the same model and data: 3 epochs of 4 steps, linear, a checkpoint per epoch."""
+    transformers = pytest.importorskip("transformers")
+    from trainer_helpers import TinyRegressor
+
+    data = regression_data(16)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), num_train_epochs=3, save_strategy="epoch", per_device_train_batch_size=4,
+        learning_rate=LR, warmup_steps=2, logging_steps=1, disable_tqdm=True, use_cpu=True, report_to="none")
+    torch.manual_seed(0)
+    hf = transformers.Trainer(TinyRegressor(), args, train_dataset=data)
+    hf.train()
+    assert not Path(args.output_dir, "checkpoint-8", PLAN_NAME).exists()
+    return hf, data
+
+
+@pytest.mark.parametrize("policy", ["replan", "continue", "strict"])
+def test_a_transformers_checkpoint_with_an_unchanged_plan_continues_its_lrs(transformers_run, model_factory,
+                                                                           make_args, caplog, policy):
+    hf, data = transformers_run
+    t = _resume(model_factory, make_args, data, caplog, num_train_epochs=3, lr_resume_policy=policy)
+    assert _resume_warnings(caplog) == []
+    assert [_logged_lr(t)[k] for k in range(9, 13)] == pytest.approx([_logged_lr(hf)[k] for k in range(9, 13)],
+                                                                      rel=1e-12)
+
+
+def test_a_transformers_checkpoint_with_a_changed_plan_follows_each_policy(transformers_run, model_factory,
+                                                                          make_args, caplog):
+    """Its scheduler.pt holds no spec and the same base lrs: the changed total was taken for the same plan,
+    so every policy silently re-planned (continue jumped, strict accepted it) and nothing was logged."""
+    hf, data = transformers_run
+    saved = _logged_lr(hf)[9]  # the lr the checkpoint's next step would have used: 0.004
+    assert saved == pytest.approx(LR * 4 / 10, rel=1e-12)
+
+    t = _resume(model_factory, make_args, data, caplog)  # replan: the new plan from step 8
+    assert [_logged_lr(t)[s + 1] for s in range(8, 20)] == [t.lr_scheduler.lr_at(s)[0] for s in range(8, 20)]
+    (msg,) = _resume_warnings(caplog)
+    new = t.lr_scheduler.lr_at(8)[0]
+    assert f"lr at step 8: [{saved:.6g}, {saved:.6g}] -> [{new:.6g}, {new:.6g}]" in msg
+
+    caplog.clear()
+    t = _resume(model_factory, make_args, data, caplog, lr_resume_policy="continue")
+    lrs = _logged_lr(t)
+    for s in range(8, 20):  # continuous, then linear to 0 at the new end
+        assert math.isclose(lrs[s + 1], saved * (20 - s) / 12, rel_tol=1e-12, abs_tol=1e-18), s
+    (msg,) = _resume_warnings(caplog)
+    assert "lr_resume_policy='continue'" in msg and "lr at step 8" in msg
+
+    with pytest.raises(ValueError, match=r"(?s)lr_resume_policy='strict'.*scheduler\.pt.*lr at step 8: "
+                                         r"\[0\.004, 0\.004\] -> \[0\.00666667, 0\.00666667\]"):
+        _resume(model_factory, make_args, data, caplog, lr_resume_policy="strict")

@@ -59,6 +59,7 @@ __all__ = [
     "resolve_plan",
     "restore_scheduler",
     "save_plan",
+    "saved_lr_differences",
 ]
 
 PLAN_NAME = "optsched_plan.json"
@@ -293,6 +294,32 @@ def plan_differences(new_state: dict[str, Any], saved_state: dict[str, Any]) -> 
     return diffs
 
 
+def saved_lr_differences(scheduler: Any, saved_state: Mapping[str, Any]) -> list[str]:
+    """The lrs a saved scheduler state gives its next step against the new plan's at that step.
+
+    A checkpoint without a plan file and whose ``scheduler.pt`` has no ``spec`` (transformers' Trainer
+    writes a ``LambdaLR`` state: step, base lrs and last lrs only) cannot be compared plan to plan; its
+    ``_last_lr`` (the lr of the step after ``last_epoch``) is compared with ``scheduler``'s closed form at
+    ``last_epoch`` instead, so a changed total, warmup, type or kwarg is seen wherever it changes the lr
+    the run continues with.
+
+    Returns:
+        ``["lr at step N: [old] -> [new]"]`` when some group's lr differs (relative tolerance 1e-9), else
+        ``[]``: the same lrs, a state without ``_last_lr`` / ``last_epoch``, another number of groups or a
+        scheduler without a closed form (``ReduceLROnPlateau``).
+    """
+    saved_lrs, step = saved_state.get("_last_lr"), saved_state.get("last_epoch")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(saved_lrs, (list, tuple)):
+        return []
+    new_lrs = _lrs_at(scheduler, step)
+    if new_lrs is None or len(new_lrs) != len(saved_lrs):
+        return []
+    old_lrs = [_float(lr) for lr in saved_lrs]
+    if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in zip(old_lrs, new_lrs)):
+        return []
+    return [f"lr at step {step}: {_fmt(old_lrs)} -> {_fmt(new_lrs)}"]
+
+
 # ---- the resume ------------------------------------------------------------------------------------
 
 
@@ -444,8 +471,9 @@ def restore_scheduler(
 
     Call after ``optimizer.load_state_dict`` (which restores the checkpoint's lrs and settings into the
     groups), with the :class:`ResumeContext` from :func:`prepare_resume` (``None``: policy ``"replan"``,
-    the plan compared on the scheduler state only). ``saved_state=None`` (a checkpoint saved with
-    ``save_only_model``) moves the plan to ``global_step``.
+    the plan compared on the scheduler state only: :func:`plan_differences`, then
+    :func:`saved_lr_differences`). ``saved_state=None`` (a checkpoint saved with ``save_only_model``)
+    moves the plan to ``global_step``.
 
     Raises:
         ValueError: ``"strict"`` and a changed schedule state (checkpoints without a plan file);
@@ -464,7 +492,7 @@ def restore_scheduler(
     elif saved_state is None:
         diffs = ["scheduler.pt: missing -> the new plan at the resumed step"]
     else:
-        diffs = plan_differences(scheduler.state_dict(), saved_state)
+        diffs = plan_differences(scheduler.state_dict(), saved_state) or saved_lr_differences(scheduler, saved_state)
         if diffs and policy == "strict":
             raise _strict_error(diffs, "the checkpoint's scheduler.pt (it has no plan file)")
     settings_applied = _apply_group_settings(optimizer, context) if context is not None else []
