@@ -62,7 +62,7 @@ def test_checkpoint_stores_the_resolved_plan(first_run):
     first, _ = first_run
     plan = json.loads(Path(first.args.output_dir, "checkpoint-8", PLAN_NAME).read_text())
     assert plan["schedule"] == {"name": "linear", "num_warmup_steps": 2, "num_training_steps": 12, "kwargs": {}}
-    assert plan["step"] == 8 and plan["continuation"] is None
+    assert plan["step"] == 8 and plan["continuation"] is None and plan["optimizer"] == "AdamW"
     names = [g["name"] for g in plan["param_groups"]]
     assert names == ["decay", "no_decay"]
     assert plan["param_groups"][0]["param_names"] == ["inp.weight", "out.weight"]
@@ -160,6 +160,38 @@ def test_replan_applies_new_group_settings(first_run, model_factory, make_args, 
     assert groups["decay"]["weight_decay"] == 0.1  # torch's load_state_dict alone would restore 0.0
     assert groups["no_decay"]["weight_decay"] == 0.0
     assert "group 0 ('decay').weight_decay: 0.0 -> 0.1" in _resume_warnings(caplog)[0]
+
+
+@pytest.mark.parametrize("policy", ["replan", "continue", "strict"])
+@pytest.mark.parametrize("optim", ["sgd", "adafactor"])
+def test_another_optimizer_is_refused_before_its_state_is_loaded(first_run, model_factory, make_args, caplog,
+                                                                  policy, optim):
+    """AdamW's state went into SGD's groups without a word (replacing momentum / dampening, its moments
+    carried along into the next checkpoint) and into Adafactor's until its first step's KeyError 'beta1'."""
+    _, data = first_run
+    t = Trainer(model_factory(), make_args(num_train_epochs=3, optim=optim, lr_resume_policy=policy),
+                train_dataset=data)
+    settings = lambda: [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}  # noqa: E731
+                        for g in t.optimizer.param_groups]
+    fresh = settings()
+    with pytest.raises(ValueError) as err:
+        t.train(resume_from_checkpoint=f"{t.args.output_dir}/checkpoint-8")
+    cls = type(t.optimizer).__name__
+    assert f"saved by AdamW, but the arguments now build {cls}" in str(err.value)
+    assert "the checkpoint's optim" in str(err.value) and "fresh optimizer" in str(err.value)
+    assert t.optimizer.state_dict()["state"] == {}  # nothing of AdamW's was loaded
+    assert settings() == fresh and "betas" not in fresh[0]
+    assert _resume_warnings(caplog) == []
+
+
+def test_another_optimizer_resumes_a_checkpoint_without_optimizer_state(model_factory, regression_data, make_args,
+                                                                        caplog):
+    data = regression_data(16)
+    Trainer(model_factory(), make_args(num_train_epochs=3, save_strategy="epoch", warmup_steps=2,
+                                       save_only_model=True), train_dataset=data).train()
+    t = _resume(model_factory, make_args, data, caplog, num_train_epochs=3, optim="sgd")
+    assert t.state.global_step == 12 and type(t.optimizer).__name__ == "SGD"
+    assert "optimizer: 'AdamW' -> 'SGD'" in _resume_warnings(caplog)[0]
 
 
 def test_continue_without_optimizer_state_uses_the_plan_file(model_factory, regression_data, make_args, caplog):

@@ -103,8 +103,9 @@ def _float(value: Any) -> float:
 def resolve_plan(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, Any]:
     """The plan an optimizer and its scheduler carry out, as a JSON-able dict.
 
-    ``{"format": 1, "step": int | None, "schedule": spec | None, "continuation": {...} | None,
-    "param_groups": [{"name", "param_names", "num_params", "lr", "current_lr", "settings"}]}``.
+    ``{"format": 1, "optimizer": class name, "step": int | None, "schedule": spec | None,
+    "continuation": {...} | None, "param_groups": [{"name", "param_names", "num_params", "lr", "current_lr",
+    "settings"}]}``.
     A group's ``lr`` is its base lr (``initial_lr`` once a scheduler is attached), ``current_lr`` the lr
     its next step uses; ``settings`` holds every other hyperparameter that has a JSON value (tensors are
     left out, 0-d tensors become numbers), without the keys in :data:`NON_SETTING_KEYS`.
@@ -132,6 +133,7 @@ def resolve_plan(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dic
     schedule = getattr(scheduler, "schedule", None)
     plan = {
         "format": PLAN_FORMAT,
+        "optimizer": type(optimizer).__name__,
         "step": getattr(scheduler, "last_epoch", None),
         "schedule": _jsonable(dict(spec)) if isinstance(spec, Mapping) else None,
         "continuation": schedule.record() if isinstance(schedule, Continuation) else None,
@@ -191,8 +193,8 @@ class PlanDifference:
     """One difference between the checkpoint's plan and the new one.
 
     Attributes:
-        kind: ``"schedule"`` (spec), ``"lr"`` (a group's base lr), ``"setting"`` (another group
-            hyperparameter) or ``"membership"`` (groups or their parameters).
+        kind: ``"optimizer"`` (its class), ``"schedule"`` (spec), ``"lr"`` (a group's base lr),
+            ``"setting"`` (another group hyperparameter) or ``"membership"`` (groups or their parameters).
         where: what differs, e.g. ``"schedule.num_training_steps"`` or ``"group 0 ('decay').weight_decay"``.
         old / new: the checkpoint's value and the new one.
         group / key: the group index and setting key for ``"lr"`` / ``"setting"``.
@@ -260,13 +262,19 @@ def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -
 
 
 def compare_plans(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[PlanDifference]:
-    """Every difference between two plans (:func:`resolve_plan`), schedule first, then group by group.
+    """Every difference between two plans (:func:`resolve_plan`): the optimizer class, the schedule, then
+    group by group.
 
     Groups are matched by position (as torch's ``load_state_dict`` does). The ``step``, the groups'
     ``current_lr`` and a saved ``continuation`` are the run's position, not its plan: they are not
-    differences.
+    differences. The optimizer class is compared only when both plans record it (a plan file written
+    before it was recorded has none).
     """
-    diffs = _schedule_differences(saved.get("schedule"), new.get("schedule"))
+    diffs = []
+    old_cls, new_cls = saved.get("optimizer"), new.get("optimizer")
+    if old_cls is not None and new_cls is not None and old_cls != new_cls:
+        diffs.append(PlanDifference("optimizer", "optimizer", old_cls, new_cls))
+    diffs += _schedule_differences(saved.get("schedule"), new.get("schedule"))
     old_groups, new_groups = saved.get("param_groups") or [], new.get("param_groups") or []
     if len(old_groups) != len(new_groups):
         names = lambda groups: [g.get("name") or str(i) for i, g in enumerate(groups)]  # noqa: E731
@@ -379,19 +387,34 @@ def prepare_resume(
     checkpoint: str | os.PathLike,
     policy: str = "replan",
     verify: str = DEFAULT_VERIFY,
+    *,
+    loads_optimizer_state: bool = True,
 ) -> ResumeContext:
     """Read the checkpoint's plan and compare it with the new one, *before* ``optimizer.load_state_dict``.
 
     ``verify`` is how much the plan file is checked against ``checksums.json`` (see :func:`load_plan`).
+    ``loads_optimizer_state``: the caller loads the checkpoint's optimizer state next (``False``: the
+    checkpoint has none, e.g. ``save_only_model``, and the new optimizer starts fresh, so it may be another
+    class).
 
     Raises:
-        ValueError: an unknown ``policy`` (with "did you mean"); ``policy="strict"`` and any difference
-            (all of them listed); an unreadable plan file.
+        ValueError: an unknown ``policy`` (with "did you mean"); under every policy, an optimizer of another
+            class than the one that saved the state to load (its state cannot be loaded into this one);
+            ``policy="strict"`` and any difference (all of them listed); an unreadable plan file.
     """
     policy = check_choice("lr_resume_policy", policy, LR_RESUME_POLICIES, what="lr resume policy")
     new_plan = resolve_plan(optimizer, scheduler)
     saved_plan = load_plan(checkpoint, verify)
     diffs = compare_plans(saved_plan, new_plan) if saved_plan is not None else []
+    other_class = [d for d in diffs if d.kind == "optimizer"]
+    if other_class and loads_optimizer_state:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its optimizer state was saved by {other_class[0].old}, but the "
+            f"arguments now build {other_class[0].new} (optim changed), and one optimizer's state cannot be "
+            "loaded into another; nothing was loaded into the optimizer. Accepted: the checkpoint's optim, or "
+            "its weights with a fresh optimizer (load model.safetensors yourself and call train() without "
+            "resume_from_checkpoint)."
+        )
     if policy == "strict" and diffs:
         raise _strict_error(diffs, str(Path(checkpoint) / PLAN_NAME))
     settings = [
