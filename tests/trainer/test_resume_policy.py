@@ -194,6 +194,27 @@ def test_another_optimizer_resumes_a_checkpoint_without_optimizer_state(model_fa
     assert "optimizer: 'AdamW' -> 'SGD'" in _resume_warnings(caplog)[0]
 
 
+@pytest.mark.parametrize("policy", ["replan", "strict"])
+def test_a_parameter_moved_to_another_group_is_named_as_moved(first_run, model_factory, make_args, policy):
+    """param_rules giving out.weight a group of its own: both messages said it was frozen or removed, and
+    strict listed the checkpoint's groups as 'in the checkpoint only (frozen or removed since)'."""
+    _, data = first_run
+    rules = [{"params": "out.weight", "weight_decay": 0.3}]
+    t = Trainer(model_factory(), make_args(num_train_epochs=3, param_rules=rules, lr_resume_policy=policy),
+                train_dataset=data)
+    with pytest.raises(ValueError) as err:
+        t.train(resume_from_checkpoint=f"{t.args.output_dir}/checkpoint-8")
+    msg = str(err.value)
+    assert "frozen or removed" not in msg and "out.weight" in msg
+    if policy == "strict":
+        assert "param_groups: ['decay', 'no_decay'] -> ['decay', 'no_decay', 'out.weight']" in msg
+        assert "group 0 ('decay') parameters: moved to another group since: ['out.weight']" in msg
+        assert "once the parameter groups are as in the checkpoint" in msg
+    else:
+        assert "group 0 ('decay'): in another group now: ['out.weight']" in msg
+        assert "param_rules" in msg
+
+
 def test_continue_without_optimizer_state_uses_the_plan_file(model_factory, regression_data, make_args, caplog):
     data = regression_data(16)
     first = Trainer(model_factory(), make_args(num_train_epochs=3, save_strategy="epoch", warmup_steps=2,

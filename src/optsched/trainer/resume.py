@@ -198,6 +198,9 @@ class PlanDifference:
         where: what differs, e.g. ``"schedule.num_training_steps"`` or ``"group 0 ('decay').weight_decay"``.
         old / new: the checkpoint's value and the new one.
         group / key: the group index and setting key for ``"lr"`` / ``"setting"``.
+        moved: for a group's ``"membership"``, the parameters of ``old`` / ``new`` that are in another group
+            on the other side (regrouped, e.g. by ``param_rules`` or ``layerwise_lr_decay``), not removed
+            or added.
     """
 
     kind: str
@@ -206,14 +209,21 @@ class PlanDifference:
     new: Any
     group: int | None = None
     key: str | None = None
+    moved: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        if self.kind == "membership" and isinstance(self.old, list) and isinstance(self.new, list):
+        if (self.kind == "membership" and self.group is not None and isinstance(self.old, list)
+                and isinstance(self.new, list)):
             parts = []
-            if self.old:
-                parts.append(f"in the checkpoint only (frozen or removed since): {self.old}")
-            if self.new:
-                parts.append(f"new (unfrozen or added since): {self.new}")
+            moved = set(self.moved)
+            if [n for n in self.old if n not in moved]:
+                parts.append(f"in the checkpoint only (frozen or removed since): {[n for n in self.old if n not in moved]}")
+            if [n for n in self.new if n not in moved]:
+                parts.append(f"new (unfrozen or added since): {[n for n in self.new if n not in moved]}")
+            if [n for n in self.old if n in moved]:
+                parts.append(f"moved to another group since: {[n for n in self.old if n in moved]}")
+            if [n for n in self.new if n in moved]:
+                parts.append(f"moved here from another group: {[n for n in self.new if n in moved]}")
             return f"{self.where}: " + ("; ".join(parts) or "same parameters in another order")
         return f"{self.where}: {self.old!r} -> {self.new!r}"
 
@@ -237,7 +247,11 @@ def _schedule_differences(old: Any, new: Any) -> list[PlanDifference]:
     return diffs
 
 
-def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[PlanDifference]:
+def _group_differences(
+    i: int, old: Mapping[str, Any], new: Mapping[str, Any], old_all: set[str], new_all: set[str]
+) -> list[PlanDifference]:
+    """``old_all`` / ``new_all``: every parameter name of the checkpoint's / the new groups (to tell a
+    parameter moved to another group from one removed or added)."""
     label = _group_label(i, new)
     diffs = []
     if old.get("name") != new.get("name"):
@@ -247,7 +261,8 @@ def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -
         if old_names != new_names:
             removed = [n for n in old_names if n not in set(new_names)]
             added = [n for n in new_names if n not in set(old_names)]
-            diffs.append(PlanDifference("membership", f"{label} parameters", removed, added, i))
+            moved = tuple([n for n in removed if n in new_all] + [n for n in added if n in old_all])
+            diffs.append(PlanDifference("membership", f"{label} parameters", removed, added, i, moved=moved))
     elif old.get("num_params") != new.get("num_params"):
         where = f"{label} number of parameters"
         diffs.append(PlanDifference("membership", where, old.get("num_params"), new.get("num_params"), i))
@@ -279,8 +294,10 @@ def compare_plans(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[Plan
     if len(old_groups) != len(new_groups):
         names = lambda groups: [g.get("name") or str(i) for i, g in enumerate(groups)]  # noqa: E731
         diffs.append(PlanDifference("membership", "param_groups", names(old_groups), names(new_groups)))
+    old_all = {n for g in old_groups for n in g.get("param_names") or ()}
+    new_all = {n for g in new_groups for n in g.get("param_names") or ()}
     for i, (old, grp) in enumerate(zip(old_groups, new_groups)):
-        diffs.extend(_group_differences(i, old, grp))
+        diffs.extend(_group_differences(i, old, grp, old_all, new_all))
     return diffs
 
 
@@ -372,12 +389,16 @@ class ScheduleResume:
 
 
 def _strict_error(diffs: Sequence[Any], source: str) -> ValueError:
+    regrouped = any(getattr(d, "kind", None) == "membership" for d in diffs)
     return ValueError(
         f"lr_resume_policy='strict': the plan in {source} differs from the one the arguments describe "
         f"({len(diffs)} difference{'s' if len(diffs) != 1 else ''}, checkpoint -> now):\n  - "
         + "\n  - ".join(str(d) for d in diffs)
         + "\nAccepted: the checkpoint's arguments, or lr_resume_policy='replan' (the new schedule from the "
-        "resumed step) or 'continue' (the lr continuous, the rest of the decay re-planned)."
+        "resumed step) or 'continue' (the lr continuous, the rest of the decay re-planned)"
+        + (", once the parameter groups are as in the checkpoint: no policy resumes the optimizer state into "
+           "other groups (restore the trainable parameters and param_rules / layerwise_lr_decay)."
+           if regrouped else ".")
     )
 
 
