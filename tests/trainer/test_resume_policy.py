@@ -215,6 +215,19 @@ def test_a_parameter_moved_to_another_group_is_named_as_moved(first_run, model_f
         assert "param_rules" in msg
 
 
+def test_continue_from_a_finished_run_says_the_lr_stays_0(first_run, model_factory, make_args, caplog):
+    """The documented edge: the continuous lr of a run whose schedule ended is 0; the warning said only
+    're-planned from multiplier 0', and the 8 extra steps trained at lr 0."""
+    _, data = first_run
+    t = _resume(model_factory, make_args, data, caplog, step=12, lr_resume_policy="continue")
+    assert set(_logged_lr(t)[k] for k in range(13, 21)) == {0.0}
+    (msg,) = _resume_warnings(caplog)
+    assert "every remaining step keeps lr 0" in msg and "lr_resume_policy='replan'" in msg
+    caplog.clear()
+    _resume(model_factory, make_args, data, caplog, lr_resume_policy="continue")  # from step 8: lr 0.004
+    assert "keeps lr 0" not in _resume_warnings(caplog)[0]
+
+
 def test_continue_without_optimizer_state_uses_the_plan_file(model_factory, regression_data, make_args, caplog):
     data = regression_data(16)
     first = Trainer(model_factory(), make_args(num_train_epochs=3, save_strategy="epoch", warmup_steps=2,

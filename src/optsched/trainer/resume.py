@@ -577,11 +577,15 @@ def restore_scheduler(
         lrs = _lrs_at(scheduler, global_step)
     _move_to(scheduler, optimizer, global_step, lrs)
     if policy == "continue":
+        stuck = ""
+        if scheduler.schedule.multiplier == 0.0 and any(float(x) > 0 for x in scheduler.base_lrs):
+            stuck = (" The checkpoint's lr is 0 (its schedule had ended), so every remaining step keeps lr 0; "
+                     "to train them on the new plan, resume with lr_resume_policy='replan'.")
         logger.warning(
             "Resuming at step %d with a changed plan (%s), lr_resume_policy='continue': lr %s -> %s "
             "(continuous); the rest of the schedule is re-planned from multiplier %.6g to the new plan's "
-            "end.",
-            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier,
+            "end.%s",
+            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier, stuck,
         )
     else:
         logger.warning(
