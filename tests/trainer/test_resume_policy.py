@@ -62,7 +62,7 @@ def test_checkpoint_stores_the_resolved_plan(first_run):
     first, _ = first_run
     plan = json.loads(Path(first.args.output_dir, "checkpoint-8", PLAN_NAME).read_text())
     assert plan["schedule"] == {"name": "linear", "num_warmup_steps": 2, "num_training_steps": 12, "kwargs": {}}
-    assert plan["step"] == 8 and plan["continuation"] is None
+    assert plan["step"] == 8 and plan["continuation"] is None and plan["optimizer"] == "AdamW"
     names = [g["name"] for g in plan["param_groups"]]
     assert names == ["decay", "no_decay"]
     assert plan["param_groups"][0]["param_names"] == ["inp.weight", "out.weight"]
@@ -162,6 +162,72 @@ def test_replan_applies_new_group_settings(first_run, model_factory, make_args, 
     assert "group 0 ('decay').weight_decay: 0.0 -> 0.1" in _resume_warnings(caplog)[0]
 
 
+@pytest.mark.parametrize("policy", ["replan", "continue", "strict"])
+@pytest.mark.parametrize("optim", ["sgd", "adafactor"])
+def test_another_optimizer_is_refused_before_its_state_is_loaded(first_run, model_factory, make_args, caplog,
+                                                                  policy, optim):
+    """AdamW's state went into SGD's groups without a word (replacing momentum / dampening, its moments
+    carried along into the next checkpoint) and into Adafactor's until its first step's KeyError 'beta1'."""
+    _, data = first_run
+    t = Trainer(model_factory(), make_args(num_train_epochs=3, optim=optim, lr_resume_policy=policy),
+                train_dataset=data)
+    settings = lambda: [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}  # noqa: E731
+                        for g in t.optimizer.param_groups]
+    fresh = settings()
+    with pytest.raises(ValueError) as err:
+        t.train(resume_from_checkpoint=f"{t.args.output_dir}/checkpoint-8")
+    cls = type(t.optimizer).__name__
+    assert f"saved by AdamW, but the arguments now build {cls}" in str(err.value)
+    assert "the checkpoint's optim" in str(err.value) and "fresh optimizer" in str(err.value)
+    assert t.optimizer.state_dict()["state"] == {}  # nothing of AdamW's was loaded
+    assert settings() == fresh and "betas" not in fresh[0]
+    assert _resume_warnings(caplog) == []
+
+
+def test_another_optimizer_resumes_a_checkpoint_without_optimizer_state(model_factory, regression_data, make_args,
+                                                                        caplog):
+    data = regression_data(16)
+    Trainer(model_factory(), make_args(num_train_epochs=3, save_strategy="epoch", warmup_steps=2,
+                                       save_only_model=True), train_dataset=data).train()
+    t = _resume(model_factory, make_args, data, caplog, num_train_epochs=3, optim="sgd")
+    assert t.state.global_step == 12 and type(t.optimizer).__name__ == "SGD"
+    assert "optimizer: 'AdamW' -> 'SGD'" in _resume_warnings(caplog)[0]
+
+
+@pytest.mark.parametrize("policy", ["replan", "strict"])
+def test_a_parameter_moved_to_another_group_is_named_as_moved(first_run, model_factory, make_args, policy):
+    """param_rules giving out.weight a group of its own: both messages said it was frozen or removed, and
+    strict listed the checkpoint's groups as 'in the checkpoint only (frozen or removed since)'."""
+    _, data = first_run
+    rules = [{"params": "out.weight", "weight_decay": 0.3}]
+    t = Trainer(model_factory(), make_args(num_train_epochs=3, param_rules=rules, lr_resume_policy=policy),
+                train_dataset=data)
+    with pytest.raises(ValueError) as err:
+        t.train(resume_from_checkpoint=f"{t.args.output_dir}/checkpoint-8")
+    msg = str(err.value)
+    assert "frozen or removed" not in msg and "out.weight" in msg
+    if policy == "strict":
+        assert "param_groups: ['decay', 'no_decay'] -> ['decay', 'no_decay', 'out.weight']" in msg
+        assert "group 0 ('decay') parameters: moved to another group since: ['out.weight']" in msg
+        assert "once the parameter groups are as in the checkpoint" in msg
+    else:
+        assert "group 0 ('decay'): in another group now: ['out.weight']" in msg
+        assert "param_rules" in msg
+
+
+def test_continue_from_a_finished_run_says_the_lr_stays_0(first_run, model_factory, make_args, caplog):
+    """The documented edge: the continuous lr of a run whose schedule ended is 0; the warning said only
+    're-planned from multiplier 0', and the 8 extra steps trained at lr 0."""
+    _, data = first_run
+    t = _resume(model_factory, make_args, data, caplog, step=12, lr_resume_policy="continue")
+    assert set(_logged_lr(t)[k] for k in range(13, 21)) == {0.0}
+    (msg,) = _resume_warnings(caplog)
+    assert "every remaining step keeps lr 0" in msg and "lr_resume_policy='replan'" in msg
+    caplog.clear()
+    _resume(model_factory, make_args, data, caplog, lr_resume_policy="continue")  # from step 8: lr 0.004
+    assert "keeps lr 0" not in _resume_warnings(caplog)[0]
+
+
 def test_continue_without_optimizer_state_uses_the_plan_file(model_factory, regression_data, make_args, caplog):
     data = regression_data(16)
     first = Trainer(model_factory(), make_args(num_train_epochs=3, save_strategy="epoch", warmup_steps=2,
@@ -248,3 +314,60 @@ def test_docs_example_runs_and_prints_what_the_docs_show(tmp_path, capsys):
     printed = [line for line in capsys.readouterr().out.splitlines() if "lr of steps" in line]
     shown = [line for line in doc.splitlines() if line.startswith(("replan: lr of", "continue: lr of"))]
     assert printed == shown and len(shown) == 2
+
+
+# ---- a checkpoint of transformers' own Trainer: no plan file, a scheduler.pt without a spec --------
+
+
+@pytest.fixture
+def transformers_run(regression_data, tmp_path):
+    """transformers' Trainer on the same model and data: 3 epochs of 4 steps, linear, a checkpoint per epoch."""
+    transformers = pytest.importorskip("transformers")
+    from trainer_helpers import TinyRegressor
+
+    data = regression_data(16)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), num_train_epochs=3, save_strategy="epoch", per_device_train_batch_size=4,
+        learning_rate=LR, warmup_steps=2, logging_steps=1, disable_tqdm=True, use_cpu=True, report_to="none")
+    torch.manual_seed(0)
+    hf = transformers.Trainer(TinyRegressor(), args, train_dataset=data)
+    hf.train()
+    assert not Path(args.output_dir, "checkpoint-8", PLAN_NAME).exists()
+    return hf, data
+
+
+@pytest.mark.parametrize("policy", ["replan", "continue", "strict"])
+def test_a_transformers_checkpoint_with_an_unchanged_plan_continues_its_lrs(transformers_run, model_factory,
+                                                                           make_args, caplog, policy):
+    hf, data = transformers_run
+    t = _resume(model_factory, make_args, data, caplog, num_train_epochs=3, lr_resume_policy=policy)
+    assert _resume_warnings(caplog) == []
+    assert [_logged_lr(t)[k] for k in range(9, 13)] == pytest.approx([_logged_lr(hf)[k] for k in range(9, 13)],
+                                                                      rel=1e-12)
+
+
+def test_a_transformers_checkpoint_with_a_changed_plan_follows_each_policy(transformers_run, model_factory,
+                                                                          make_args, caplog):
+    """Its scheduler.pt holds no spec and the same base lrs: the changed total was taken for the same plan,
+    so every policy silently re-planned (continue jumped, strict accepted it) and nothing was logged."""
+    hf, data = transformers_run
+    saved = _logged_lr(hf)[9]  # the lr the checkpoint's next step would have used: 0.004
+    assert saved == pytest.approx(LR * 4 / 10, rel=1e-12)
+
+    t = _resume(model_factory, make_args, data, caplog)  # replan: the new plan from step 8
+    assert [_logged_lr(t)[s + 1] for s in range(8, 20)] == [t.lr_scheduler.lr_at(s)[0] for s in range(8, 20)]
+    (msg,) = _resume_warnings(caplog)
+    new = t.lr_scheduler.lr_at(8)[0]
+    assert f"lr at step 8: [{saved:.6g}, {saved:.6g}] -> [{new:.6g}, {new:.6g}]" in msg
+
+    caplog.clear()
+    t = _resume(model_factory, make_args, data, caplog, lr_resume_policy="continue")
+    lrs = _logged_lr(t)
+    for s in range(8, 20):  # continuous, then linear to 0 at the new end
+        assert math.isclose(lrs[s + 1], saved * (20 - s) / 12, rel_tol=1e-12, abs_tol=1e-18), s
+    (msg,) = _resume_warnings(caplog)
+    assert "lr_resume_policy='continue'" in msg and "lr at step 8" in msg
+
+    with pytest.raises(ValueError, match=r"(?s)lr_resume_policy='strict'.*scheduler\.pt.*lr at step 8: "
+                                         r"\[0\.004, 0\.004\] -> \[0\.00666667, 0\.00666667\]"):
+        _resume(model_factory, make_args, data, caplog, lr_resume_policy="strict")

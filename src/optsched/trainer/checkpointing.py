@@ -271,16 +271,18 @@ class CheckpointMixin:
         """Restore optimizer, scheduler and scaler; ``saved_optimizer``: ``optimizer.pt`` already read
         (:func:`~optsched.trainer.checkpoint.load_weights_and_read_optimizer`), else it is read here."""
         verify = self._checkpoint_verify()
+        has_optimizer = ckpt.file_present(checkpoint / ckpt.OPTIMIZER_NAME)
         # the checkpoint's plan vs the new one, before the optimizer state overwrites the new settings
         resume = prepare_resume(
-            self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify
+            self.optimizer, self.lr_scheduler, checkpoint, self.args.lr_resume_policy, verify=verify,
+            loads_optimizer_state=has_optimizer,
         )
         # a file checksums.json lists but that is gone raises (file_present) instead of being taken for
         # one never written (save_only_model, a transformers checkpoint): the Trainer checked them all
         # before it loaded anything (_resolve_checkpoint); this is for a direct call
         sched_file, scaler_file = checkpoint / ckpt.SCHEDULER_NAME, checkpoint / ckpt.SCALER_NAME
         has_sched, has_scaler = ckpt.file_present(sched_file), ckpt.file_present(scaler_file)
-        if ckpt.file_present(checkpoint / ckpt.OPTIMIZER_NAME):
+        if has_optimizer:
             ckpt.load_optimizer_state(self.optimizer, checkpoint, verify=verify, saved=saved_optimizer)
         else:
             logger.warning("%s has no %s (save_only_model=True?): the optimizer state starts fresh.", checkpoint, ckpt.OPTIMIZER_NAME)

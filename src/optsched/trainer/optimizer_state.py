@@ -346,6 +346,9 @@ def check_param_groups_match(
         cur = [g.get("name", str(i)) for i, g in enumerate(current_groups)]
         old = [g.get("name", str(i)) for i, g in enumerate(saved_groups)]
         problems.append(f"the checkpoint has {len(saved_groups)} groups {old}, the optimizer has {len(current_groups)} {cur}")
+    cur_all = {n for g in current_groups for n in g.get("param_names") or ()}
+    old_all = {n for g in saved_groups for n in g.get("param_names") or ()}
+    regrouped = False
     for i, (cur, old) in enumerate(zip(current_groups, saved_groups)):
         if "name" in cur and "name" in old and cur["name"] != old["name"]:
             problems.append(f"group {i} is named {cur['name']!r} now but {old['name']!r} in the checkpoint")
@@ -356,10 +359,15 @@ def check_param_groups_match(
             added = [n for n in cur_names if n not in set(old_names)]
             removed = [n for n in old_names if n not in set(cur_names)]
             parts = []
-            if removed:
-                parts.append(f"in the checkpoint but not trained now (frozen or removed): {removed}")
-            if added:
-                parts.append(f"trained now but not in the checkpoint (unfrozen or added): {added}")
+            if [n for n in removed if n not in cur_all]:
+                parts.append(f"in the checkpoint but not trained now (frozen or removed): {[n for n in removed if n not in cur_all]}")
+            if [n for n in added if n not in old_all]:
+                parts.append(f"trained now but not in the checkpoint (unfrozen or added): {[n for n in added if n not in old_all]}")
+            if [n for n in removed if n in cur_all]:
+                parts.append(f"in another group now: {[n for n in removed if n in cur_all]}")
+            if [n for n in added if n in old_all]:
+                parts.append(f"in another group in the checkpoint: {[n for n in added if n in old_all]}")
+            regrouped = regrouped or any(n in cur_all for n in removed) or any(n in old_all for n in added)
             if not parts:
                 parts.append("same parameters in a different order")
             problems.append(f"{label(cur, i)}: " + "; ".join(parts))
@@ -368,10 +376,15 @@ def check_param_groups_match(
                 f"{label(cur, i)} has {len(cur['params'])} parameters now but {len(old['params'])} in the checkpoint"
             )
     if problems:
+        cause, restore = "a parameter was frozen, unfrozen, added or removed", "the model's trainable parameters"
+        if regrouped:
+            cause = ("parameters moved between groups (param_rules, layerwise_lr_decay or the decay policy "
+                     "changed), or were frozen, unfrozen, added or removed")
+            restore = "the model's trainable parameters and the arguments that group them (param_rules, layerwise_lr_decay)"
         raise ValueError(
             f"Cannot resume the optimizer from {source}: its parameter groups no longer match the model "
-            "(a parameter was frozen, unfrozen, added or removed since the checkpoint was saved):\n  - "
+            f"({cause} since the checkpoint was saved):\n  - "
             + "\n  - ".join(problems)
-            + "\nRestore the model's trainable parameters as they were, or start from the checkpoint's weights "
+            + f"\nRestore {restore} as they were, or start from the checkpoint's weights "
             "with a fresh optimizer (load model.safetensors yourself and call train() without resume_from_checkpoint)."
         )

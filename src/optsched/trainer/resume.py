@@ -59,6 +59,7 @@ __all__ = [
     "resolve_plan",
     "restore_scheduler",
     "save_plan",
+    "saved_lr_differences",
 ]
 
 PLAN_NAME = "optsched_plan.json"
@@ -102,8 +103,9 @@ def _float(value: Any) -> float:
 def resolve_plan(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, Any]:
     """The plan an optimizer and its scheduler carry out, as a JSON-able dict.
 
-    ``{"format": 1, "step": int | None, "schedule": spec | None, "continuation": {...} | None,
-    "param_groups": [{"name", "param_names", "num_params", "lr", "current_lr", "settings"}]}``.
+    ``{"format": 1, "optimizer": class name, "step": int | None, "schedule": spec | None,
+    "continuation": {...} | None, "param_groups": [{"name", "param_names", "num_params", "lr", "current_lr",
+    "settings"}]}``.
     A group's ``lr`` is its base lr (``initial_lr`` once a scheduler is attached), ``current_lr`` the lr
     its next step uses; ``settings`` holds every other hyperparameter that has a JSON value (tensors are
     left out, 0-d tensors become numbers), without the keys in :data:`NON_SETTING_KEYS`.
@@ -131,6 +133,7 @@ def resolve_plan(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dic
     schedule = getattr(scheduler, "schedule", None)
     plan = {
         "format": PLAN_FORMAT,
+        "optimizer": type(optimizer).__name__,
         "step": getattr(scheduler, "last_epoch", None),
         "schedule": _jsonable(dict(spec)) if isinstance(spec, Mapping) else None,
         "continuation": schedule.record() if isinstance(schedule, Continuation) else None,
@@ -190,11 +193,14 @@ class PlanDifference:
     """One difference between the checkpoint's plan and the new one.
 
     Attributes:
-        kind: ``"schedule"`` (spec), ``"lr"`` (a group's base lr), ``"setting"`` (another group
-            hyperparameter) or ``"membership"`` (groups or their parameters).
+        kind: ``"optimizer"`` (its class), ``"schedule"`` (spec), ``"lr"`` (a group's base lr),
+            ``"setting"`` (another group hyperparameter) or ``"membership"`` (groups or their parameters).
         where: what differs, e.g. ``"schedule.num_training_steps"`` or ``"group 0 ('decay').weight_decay"``.
         old / new: the checkpoint's value and the new one.
         group / key: the group index and setting key for ``"lr"`` / ``"setting"``.
+        moved: for a group's ``"membership"``, the parameters of ``old`` / ``new`` that are in another group
+            on the other side (regrouped, e.g. by ``param_rules`` or ``layerwise_lr_decay``), not removed
+            or added.
     """
 
     kind: str
@@ -203,14 +209,21 @@ class PlanDifference:
     new: Any
     group: int | None = None
     key: str | None = None
+    moved: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        if self.kind == "membership" and isinstance(self.old, list) and isinstance(self.new, list):
+        if (self.kind == "membership" and self.group is not None and isinstance(self.old, list)
+                and isinstance(self.new, list)):
             parts = []
-            if self.old:
-                parts.append(f"in the checkpoint only (frozen or removed since): {self.old}")
-            if self.new:
-                parts.append(f"new (unfrozen or added since): {self.new}")
+            moved = set(self.moved)
+            if [n for n in self.old if n not in moved]:
+                parts.append(f"in the checkpoint only (frozen or removed since): {[n for n in self.old if n not in moved]}")
+            if [n for n in self.new if n not in moved]:
+                parts.append(f"new (unfrozen or added since): {[n for n in self.new if n not in moved]}")
+            if [n for n in self.old if n in moved]:
+                parts.append(f"moved to another group since: {[n for n in self.old if n in moved]}")
+            if [n for n in self.new if n in moved]:
+                parts.append(f"moved here from another group: {[n for n in self.new if n in moved]}")
             return f"{self.where}: " + ("; ".join(parts) or "same parameters in another order")
         return f"{self.where}: {self.old!r} -> {self.new!r}"
 
@@ -234,7 +247,11 @@ def _schedule_differences(old: Any, new: Any) -> list[PlanDifference]:
     return diffs
 
 
-def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[PlanDifference]:
+def _group_differences(
+    i: int, old: Mapping[str, Any], new: Mapping[str, Any], old_all: set[str], new_all: set[str]
+) -> list[PlanDifference]:
+    """``old_all`` / ``new_all``: every parameter name of the checkpoint's / the new groups (to tell a
+    parameter moved to another group from one removed or added)."""
     label = _group_label(i, new)
     diffs = []
     if old.get("name") != new.get("name"):
@@ -244,7 +261,8 @@ def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -
         if old_names != new_names:
             removed = [n for n in old_names if n not in set(new_names)]
             added = [n for n in new_names if n not in set(old_names)]
-            diffs.append(PlanDifference("membership", f"{label} parameters", removed, added, i))
+            moved = tuple([n for n in removed if n in new_all] + [n for n in added if n in old_all])
+            diffs.append(PlanDifference("membership", f"{label} parameters", removed, added, i, moved=moved))
     elif old.get("num_params") != new.get("num_params"):
         where = f"{label} number of parameters"
         diffs.append(PlanDifference("membership", where, old.get("num_params"), new.get("num_params"), i))
@@ -259,19 +277,27 @@ def _group_differences(i: int, old: Mapping[str, Any], new: Mapping[str, Any]) -
 
 
 def compare_plans(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[PlanDifference]:
-    """Every difference between two plans (:func:`resolve_plan`), schedule first, then group by group.
+    """Every difference between two plans (:func:`resolve_plan`): the optimizer class, the schedule, then
+    group by group.
 
     Groups are matched by position (as torch's ``load_state_dict`` does). The ``step``, the groups'
     ``current_lr`` and a saved ``continuation`` are the run's position, not its plan: they are not
-    differences.
+    differences. The optimizer class is compared only when both plans record it (a plan file written
+    before it was recorded has none).
     """
-    diffs = _schedule_differences(saved.get("schedule"), new.get("schedule"))
+    diffs = []
+    old_cls, new_cls = saved.get("optimizer"), new.get("optimizer")
+    if old_cls is not None and new_cls is not None and old_cls != new_cls:
+        diffs.append(PlanDifference("optimizer", "optimizer", old_cls, new_cls))
+    diffs += _schedule_differences(saved.get("schedule"), new.get("schedule"))
     old_groups, new_groups = saved.get("param_groups") or [], new.get("param_groups") or []
     if len(old_groups) != len(new_groups):
         names = lambda groups: [g.get("name") or str(i) for i, g in enumerate(groups)]  # noqa: E731
         diffs.append(PlanDifference("membership", "param_groups", names(old_groups), names(new_groups)))
+    old_all = {n for g in old_groups for n in g.get("param_names") or ()}
+    new_all = {n for g in new_groups for n in g.get("param_names") or ()}
     for i, (old, grp) in enumerate(zip(old_groups, new_groups)):
-        diffs.extend(_group_differences(i, old, grp))
+        diffs.extend(_group_differences(i, old, grp, old_all, new_all))
     return diffs
 
 
@@ -291,6 +317,32 @@ def plan_differences(new_state: dict[str, Any], saved_state: dict[str, Any]) -> 
     if new_base is not None and old_base is not None and list(new_base) != list(old_base):
         diffs.append(f"base_lrs: {list(old_base)!r} -> {list(new_base)!r}")
     return diffs
+
+
+def saved_lr_differences(scheduler: Any, saved_state: Mapping[str, Any]) -> list[str]:
+    """The lrs a saved scheduler state gives its next step against the new plan's at that step.
+
+    A checkpoint without a plan file and whose ``scheduler.pt`` has no ``spec`` (transformers' Trainer
+    writes a ``LambdaLR`` state: step, base lrs and last lrs only) cannot be compared plan to plan; its
+    ``_last_lr`` (the lr of the step after ``last_epoch``) is compared with ``scheduler``'s closed form at
+    ``last_epoch`` instead, so a changed total, warmup, type or kwarg is seen wherever it changes the lr
+    the run continues with.
+
+    Returns:
+        ``["lr at step N: [old] -> [new]"]`` when some group's lr differs (relative tolerance 1e-9), else
+        ``[]``: the same lrs, a state without ``_last_lr`` / ``last_epoch``, another number of groups or a
+        scheduler without a closed form (``ReduceLROnPlateau``).
+    """
+    saved_lrs, step = saved_state.get("_last_lr"), saved_state.get("last_epoch")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(saved_lrs, (list, tuple)):
+        return []
+    new_lrs = _lrs_at(scheduler, step)
+    if new_lrs is None or len(new_lrs) != len(saved_lrs):
+        return []
+    old_lrs = [_float(lr) for lr in saved_lrs]
+    if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in zip(old_lrs, new_lrs)):
+        return []
+    return [f"lr at step {step}: {_fmt(old_lrs)} -> {_fmt(new_lrs)}"]
 
 
 # ---- the resume ------------------------------------------------------------------------------------
@@ -337,12 +389,16 @@ class ScheduleResume:
 
 
 def _strict_error(diffs: Sequence[Any], source: str) -> ValueError:
+    regrouped = any(getattr(d, "kind", None) == "membership" for d in diffs)
     return ValueError(
         f"lr_resume_policy='strict': the plan in {source} differs from the one the arguments describe "
         f"({len(diffs)} difference{'s' if len(diffs) != 1 else ''}, checkpoint -> now):\n  - "
         + "\n  - ".join(str(d) for d in diffs)
         + "\nAccepted: the checkpoint's arguments, or lr_resume_policy='replan' (the new schedule from the "
-        "resumed step) or 'continue' (the lr continuous, the rest of the decay re-planned)."
+        "resumed step) or 'continue' (the lr continuous, the rest of the decay re-planned)"
+        + (", once the parameter groups are as in the checkpoint: no policy resumes the optimizer state into "
+           "other groups (restore the trainable parameters and param_rules / layerwise_lr_decay)."
+           if regrouped else ".")
     )
 
 
@@ -352,19 +408,34 @@ def prepare_resume(
     checkpoint: str | os.PathLike,
     policy: str = "replan",
     verify: str = DEFAULT_VERIFY,
+    *,
+    loads_optimizer_state: bool = True,
 ) -> ResumeContext:
     """Read the checkpoint's plan and compare it with the new one, *before* ``optimizer.load_state_dict``.
 
     ``verify`` is how much the plan file is checked against ``checksums.json`` (see :func:`load_plan`).
+    ``loads_optimizer_state``: the caller loads the checkpoint's optimizer state next (``False``: the
+    checkpoint has none, e.g. ``save_only_model``, and the new optimizer starts fresh, so it may be another
+    class).
 
     Raises:
-        ValueError: an unknown ``policy`` (with "did you mean"); ``policy="strict"`` and any difference
-            (all of them listed); an unreadable plan file.
+        ValueError: an unknown ``policy`` (with "did you mean"); under every policy, an optimizer of another
+            class than the one that saved the state to load (its state cannot be loaded into this one);
+            ``policy="strict"`` and any difference (all of them listed); an unreadable plan file.
     """
     policy = check_choice("lr_resume_policy", policy, LR_RESUME_POLICIES, what="lr resume policy")
     new_plan = resolve_plan(optimizer, scheduler)
     saved_plan = load_plan(checkpoint, verify)
     diffs = compare_plans(saved_plan, new_plan) if saved_plan is not None else []
+    other_class = [d for d in diffs if d.kind == "optimizer"]
+    if other_class and loads_optimizer_state:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its optimizer state was saved by {other_class[0].old}, but the "
+            f"arguments now build {other_class[0].new} (optim changed), and one optimizer's state cannot be "
+            "loaded into another; nothing was loaded into the optimizer. Accepted: the checkpoint's optim, or "
+            "its weights with a fresh optimizer (load model.safetensors yourself and call train() without "
+            "resume_from_checkpoint)."
+        )
     if policy == "strict" and diffs:
         raise _strict_error(diffs, str(Path(checkpoint) / PLAN_NAME))
     settings = [
@@ -444,8 +515,9 @@ def restore_scheduler(
 
     Call after ``optimizer.load_state_dict`` (which restores the checkpoint's lrs and settings into the
     groups), with the :class:`ResumeContext` from :func:`prepare_resume` (``None``: policy ``"replan"``,
-    the plan compared on the scheduler state only). ``saved_state=None`` (a checkpoint saved with
-    ``save_only_model``) moves the plan to ``global_step``.
+    the plan compared on the scheduler state only: :func:`plan_differences`, then
+    :func:`saved_lr_differences`). ``saved_state=None`` (a checkpoint saved with ``save_only_model``)
+    moves the plan to ``global_step``.
 
     Raises:
         ValueError: ``"strict"`` and a changed schedule state (checkpoints without a plan file);
@@ -464,7 +536,7 @@ def restore_scheduler(
     elif saved_state is None:
         diffs = ["scheduler.pt: missing -> the new plan at the resumed step"]
     else:
-        diffs = plan_differences(scheduler.state_dict(), saved_state)
+        diffs = plan_differences(scheduler.state_dict(), saved_state) or saved_lr_differences(scheduler, saved_state)
         if diffs and policy == "strict":
             raise _strict_error(diffs, "the checkpoint's scheduler.pt (it has no plan file)")
     settings_applied = _apply_group_settings(optimizer, context) if context is not None else []
@@ -505,11 +577,15 @@ def restore_scheduler(
         lrs = _lrs_at(scheduler, global_step)
     _move_to(scheduler, optimizer, global_step, lrs)
     if policy == "continue":
+        stuck = ""
+        if scheduler.schedule.multiplier == 0.0 and any(float(x) > 0 for x in scheduler.base_lrs):
+            stuck = (" The checkpoint's lr is 0 (its schedule had ended), so every remaining step keeps lr 0; "
+                     "to train them on the new plan, resume with lr_resume_policy='replan'.")
         logger.warning(
             "Resuming at step %d with a changed plan (%s), lr_resume_policy='continue': lr %s -> %s "
             "(continuous); the rest of the schedule is re-planned from multiplier %.6g to the new plan's "
-            "end.",
-            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier,
+            "end.%s",
+            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier, stuck,
         )
     else:
         logger.warning(
