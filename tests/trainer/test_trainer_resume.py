@@ -239,9 +239,25 @@ def test_a_resume_by_another_number_of_processes_says_it_is_not_exact(model_fact
     with caplog.at_level(logging.WARNING, logger="optsched.trainer.checkpointing"):
         t.train(resume_from_checkpoint=str(path))
     messages = " ".join(r.getMessage() for r in caplog.records if r.name == "optsched.trainer.checkpointing")
-    assert "was saved by 2 processes and is resumed by 1: the resume is not exact" in messages
-    assert "saved: per-device batch 4 over 2 processes; now: 4 over 1" in messages
+    assert "was trained with processes=2 and is resumed with processes=1: the resume is not exact" in messages
+    assert "dropout masks differ" in messages
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="optsched.trainer.checkpointing"):
         Trainer(model_factory(), make_args(max_steps=6), train_dataset=data).train(resume_from_checkpoint=True)
-    assert not [r for r in caplog.records if "is resumed by" in r.getMessage()]  # checkpoint-4: one process, as now
+    assert not [r for r in caplog.records if "is resumed with" in r.getMessage()]  # checkpoint-4: one process, as now
+
+
+@pytest.mark.parametrize(("field", "value"), [("per_device_train_batch_size", 2), ("gradient_accumulation_steps", 2)])
+def test_a_resume_with_another_batch_per_step_says_it_is_not_exact(model_factory, regression_data, make_args, caplog,
+                                                                     field, value):
+    # halving the batch recomputed the epoch (2.0 at step 8, then 1.125 at step 9) and trained epochs again,
+    # without a word
+    data = regression_data(16)
+    Trainer(model_factory(), make_args(max_steps=2, save_strategy="steps", save_steps=2), train_dataset=data).train()
+    with caplog.at_level(logging.WARNING, logger="optsched.trainer.checkpointing"):
+        Trainer(model_factory(), make_args(max_steps=4, **{field: value}), train_dataset=data).train(
+            resume_from_checkpoint=True)
+    messages = " ".join(r.getMessage() for r in caplog.records if r.name == "optsched.trainer.checkpointing")
+    saved = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}[field]
+    assert f"was trained with {field}={saved} and is resumed with {field}={value}: the resume is not exact" in messages
+    assert "samples are seen again or skipped" in messages and "dropout" not in messages

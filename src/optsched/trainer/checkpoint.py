@@ -163,6 +163,7 @@ __all__ = [
     "save_optimizer_state",
     "save_rng_state",
     "saved_process_count",
+    "saved_training_argument",
     "staged_checkpoint",
     "trusted_packages",
     "unpack_small_tensors",
@@ -667,6 +668,17 @@ def load_trainer_state(checkpoint: str | os.PathLike, verify: str = DEFAULT_VERI
 def rng_state_name(ctx: DistributedContext) -> str:
     """``rng_state.pth`` for one process, ``rng_state_{rank}.pth`` under several."""
     return f"rng_state_{ctx.rank}.pth" if ctx.enabled else RNG_STATE_NAME
+
+
+def saved_training_argument(directory: str | os.PathLike, name: str) -> Any:
+    """The value of ``name`` in the ``training_args.json`` optsched saved in ``directory``, or ``None``
+    (no such file, as in a transformers checkpoint, which pickles its arguments; unreadable; no such key).
+    For messages only: nothing is restored from it."""
+    try:
+        values = json.loads((Path(directory) / TRAINING_ARGS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values.get(name) if isinstance(values, dict) else None
 
 
 def saved_process_count(directory: str | os.PathLike) -> int | None:

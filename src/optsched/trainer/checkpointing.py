@@ -232,7 +232,7 @@ class CheckpointMixin:
             state = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify())
             if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
                 state.best_model_checkpoint = None
-            self._warn_of_another_process_count(checkpoint, state.train_batch_size)
+            self._warn_of_another_batch(checkpoint, state.train_batch_size)
         else:
             state = TrainerState()
         state.compute_steps(self.args, plan.max_steps)
@@ -243,23 +243,38 @@ class CheckpointMixin:
         state.is_world_process_zero = self.dist.is_main_process
         return state
 
-    def _warn_of_another_process_count(self, checkpoint: Path, saved_batch_size: Any) -> None:
-        """Warn (process 0) when ``checkpoint`` was saved by another number of processes than resume it
-        (:func:`~optsched.trainer.checkpoint.saved_process_count`): such a resume is not exact, and with
-        another global batch per step it does not even start where the run stopped in the data. Without a
-        word, 4 processes resumed by 2 (each finding its RNG file) looked like an exact resume."""
-        saved = ckpt.saved_process_count(checkpoint)
-        now = self.dist.world_size
-        if saved is None or saved == now or not self.dist.is_main_process:
+    def _warn_of_another_batch(self, checkpoint: Path, saved_batch_size: Any) -> None:
+        """Warn (process 0) when ``checkpoint`` was trained with another batch per step than resumes it:
+        another number of processes (:func:`~optsched.trainer.checkpoint.saved_process_count`), another
+        ``per_device_train_batch_size`` (``trainer_state.json``) or ``gradient_accumulation_steps``
+        (optsched's ``training_args.json``). Such a resume is not exact: the epoch and the position in the
+        data are recomputed for the new batch (samples are seen again or skipped), and with other processes
+        the RNG states differ too. Without a word, 4 processes resumed by 2 (each finding its RNG file), or
+        a halved batch (which trains epochs again), looked like an exact resume."""
+        if not self.dist.is_main_process:
             return
+        saved = {
+            "per_device_train_batch_size": saved_batch_size,
+            "gradient_accumulation_steps": ckpt.saved_training_argument(checkpoint, "gradient_accumulation_steps"),
+            "processes": ckpt.saved_process_count(checkpoint),
+        }
+        now = {
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "processes": self.dist.world_size,
+        }
+        changed = [k for k in saved if saved[k] is not None and saved[k] != now[k]]
+        if not changed:
+            return
+        rng = ""
+        if "processes" in changed:
+            rng = " The RNG states are per process: dropout masks differ from the uninterrupted run's."
         logger.warning(
-            "%s was saved by %d process%s and is resumed by %d: the resume is not exact. The RNG states are "
-            "per process (dropout masks differ from the uninterrupted run's), and each step's samples are "
-            "split anew: the data continues where the run stopped only if the global batch per step "
-            "(per_device_train_batch_size x gradient_accumulation_steps x processes) is the one the checkpoint "
-            "was trained with (saved: per-device batch %s over %d process%s; now: %d over %d).",
-            checkpoint, saved, "es" if saved > 1 else "", now, saved_batch_size, saved, "es" if saved > 1 else "",
-            self.args.per_device_train_batch_size, now,
+            "%s was trained with %s and is resumed with %s: the resume is not exact. The epoch and the "
+            "position in the data are recomputed for the new batch per step (per_device_train_batch_size x "
+            "gradient_accumulation_steps x processes), so samples are seen again or skipped.%s Resume with "
+            "the checkpoint's values for an exact continuation.",
+            checkpoint, ", ".join(f"{k}={saved[k]}" for k in changed), ", ".join(f"{k}={now[k]}" for k in changed), rng,
         )
 
     def _checkpoint_verify(self) -> str:
