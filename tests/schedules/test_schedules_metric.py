@@ -91,6 +91,18 @@ def test_greedy_state_for_another_group_count_is_refused_and_loads_nothing():
     assert fresh.last_epoch == 0 and fresh.min_lrs == [1e-3] and one.param_groups[0]["lr"] == 0.5
 
 
+def test_greedy_fills_a_tensor_lr_in_place():
+    # an optimizer that keeps lr as a tensor (torchao's low-bit AdamW) refuses a float in its group
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor(0.1), foreach=False)
+    lr = opt.param_groups[0]["lr"]
+    sched = get_scheduler("greedy", opt, scheduler_specific_kwargs={"patience": 1, "min_lr": 0.01})
+    for m in [1.0] + [2.0] * 6:
+        sched.step(m)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() < 0.1
+    sched.load_state_dict(sched.state_dict())
+    assert opt.param_groups[0]["lr"] is lr
+
+
 def test_greedy_loads_a_transformers_state_dict():
     transformers_optimization = pytest.importorskip("transformers.optimization")
     opt_hf = make_optimizer()

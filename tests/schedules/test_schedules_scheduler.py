@@ -98,6 +98,21 @@ def test_load_state_dict_sets_the_optimizer_lr_even_without_optimizer_state():
     assert [g["lr"] for g in fresh.param_groups] == sched.lr_at(5) == sched2.get_last_lr()
 
 
+def test_load_state_dict_fills_a_tensor_lr_in_place():
+    # torchao's low-bit AdamW keeps each group's lr as a tensor and its step() refuses a float put there:
+    # a resumed run crashed at its first step. torch's schedulers fill the tensor; so does this one.
+    def make():
+        return torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=torch.tensor(1e-3), foreach=False)
+
+    opt = make()
+    sched = get_scheduler("linear", opt, 2, 10)
+    train(opt, sched, 5)
+    fresh = make()
+    lr = fresh.param_groups[0]["lr"]
+    get_scheduler("linear", fresh, 2, 10).load_state_dict(sched.state_dict())
+    assert fresh.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(sched.lr_at(5)[0])
+
+
 def test_load_state_dict_with_another_group_count_is_refused_and_loads_nothing():
     opt = make_optimizer()
     sched = get_scheduler("linear", opt, 2, 10)

@@ -123,6 +123,29 @@ def test_a_packed_file_loads_with_plain_torch_like_transformers_does(tmp_path):
     assert steps == [5.0] * len(steps)  # each view counted its own steps
 
 
+@pytest.mark.parametrize("cls_name", ["AdamW8bit", "AdamW4bit"])
+def test_a_tensor_subclass_state_saves_and_loads_back_exactly(tmp_path, cls_name):
+    """torchao's low-bit moments are wrapper tensor subclasses without a storage of their own: sizing the
+    file's records read their storage and optim='adamw_torch_8bit' / '_4bit' crashed at the first save."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    make = getattr(torchao_optim, cls_name)
+    model = nn.Linear(64, 128)  # 8192 elements: quantized moments (torchao keeps small tensors' plain)
+    optimizer = make(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 64)).square().mean().backward()
+    optimizer.step()
+    assert any(type(v) is not torch.Tensor for s in optimizer.state.values() for v in s.values())
+    ckpt.save_optimizer_state(optimizer, tmp_path)
+    fresh = make(nn.Linear(64, 128).parameters(), lr=1e-2)
+    ckpt.load_optimizer_state(fresh, tmp_path)
+    def plain(value):
+        return value.dequantize() if type(value) is not torch.Tensor else value
+
+    for saved, loaded in zip(optimizer.state.values(), fresh.state.values()):
+        assert saved.keys() == loaded.keys()
+        for key in saved:
+            assert type(loaded[key]) is type(saved[key]) and torch.equal(plain(saved[key]), plain(loaded[key])), key
+
+
 def test_pack_leaves_other_layouts_alone():
     odd = {"state": [1, 2], "param_groups": []}
     assert ckpt.pack_small_tensors(odd) is odd

@@ -48,6 +48,30 @@ def test_straight_vs_resumed_is_bitwise_identical(model_factory, regression_data
     assert resumed.lr_scheduler.state_dict()["last_epoch"] == straight.lr_scheduler.state_dict()["last_epoch"] == 20
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_torch_4bit"])
+def test_torchao_low_bit_adamw_resumes_bitwise(regression_data, make_args, tmp_path, optim):
+    # torchao's quantized moments (wrapper tensor subclasses) crashed the first save, and its tensor lr,
+    # replaced by a float when the scheduler state loaded, the first step after a resume
+    pytest.importorskip("torchao.optim")
+    from trainer_helpers import TinyRegressor
+
+    data = regression_data(16, in_features=16)
+    args = dict(max_steps=6, per_device_train_batch_size=2, optim=optim, save_strategy="steps", save_steps=3,
+                warmup_steps=2, lr_scheduler_type="cosine")
+    runs = []
+    for resume in (None, "checkpoint-3"):
+        torch.manual_seed(0)
+        model = TinyRegressor(in_features=16, hidden=256)  # a 256 x 16 weight: torchao quantizes its moments
+        trainer = Trainer(model, make_args(**args), train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume and f"{trainer.args.output_dir}/{resume}")
+        runs.append(trainer)
+    straight, resumed = runs
+    assert any(type(v) is not torch.Tensor for s in resumed.optimizer.state.values() for v in s.values())
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert _lr_history(resumed, 3) == _lr_history(straight, 3)
+
+
 def test_resume_true_picks_newest_complete_checkpoint(model_factory, regression_data, make_args):
     data = regression_data(16)
     args = make_args(max_steps=6, save_strategy="steps", save_steps=2)

@@ -174,6 +174,22 @@ def test_schedule_free_optimizer_is_switched_around_eval_and_save(model_factory,
     assert saved["param_groups"][0]["train_mode"] is False  # saved in eval mode (averaged weights)
 
 
+def test_a_checkpoint_switches_a_schedule_free_optimizer_to_eval_once(model_factory, regression_data, make_args):
+    # each eval() / train() pair rounds the training point (x and y are lerps of each other): the finite
+    # check and the files were two pairs, so a run that saved drifted twice as far from one that did not
+    pytest.importorskip("schedulefree")
+    t = Trainer(model_factory(), make_args(max_steps=4, optim="schedule_free_adamw", lr_scheduler_type="constant",
+                                           save_strategy="steps", save_steps=2), train_dataset=regression_data(8))
+    t.create_optimizer()
+    calls = []
+    for mode in ("eval", "train"):
+        method = getattr(t.optimizer, mode)
+        setattr(t.optimizer, mode, lambda method=method, mode=mode: (calls.append(mode), method())[1])
+    t.train()
+    assert calls.count("eval") == 2  # checkpoint-2 and checkpoint-4
+    assert t.optimizer.param_groups[0]["train_mode"] is True
+
+
 def test_bf16_autocast_on_cpu(model_factory, regression_data, make_args):
     dtypes = []
     model = model_factory()

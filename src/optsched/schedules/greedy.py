@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from optsched._validation import check_number
+from optsched.schedules.scheduler import set_group_lr
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class GreedyLR(ReduceLROnPlateau):
             old_lr = float(group["lr"])
             new_lr = max(old_lr * self.factor, self.min_lrs[i])
             if old_lr - new_lr > self.eps:
-                group["lr"] = new_lr
+                set_group_lr(group, new_lr)
                 if self.verbose:
                     logger.info("Epoch %s: reducing learning rate of group %d to %.4e.", epoch, i, new_lr)
             if group["lr"] > self.min_lrs[i]:
@@ -220,7 +221,7 @@ class GreedyLR(ReduceLROnPlateau):
             old_lr = float(group["lr"])
             new_lr = min(old_lr / self.factor, self.max_lrs[i])
             if new_lr - old_lr > self.eps:
-                group["lr"] = new_lr
+                set_group_lr(group, new_lr)
                 if self.verbose:
                     logger.info("Epoch %s: increasing learning rate of group %d to %.4e.", epoch, i, new_lr)
         self.reset_start = self.reset_start_original
@@ -233,7 +234,7 @@ class GreedyLR(ReduceLROnPlateau):
 
     def _reset_to_initial(self) -> None:
         for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self._init_lrs[i]
+            set_group_lr(group, self._init_lrs[i])
         self.best = float("inf") if self.mode == "min" else float("-inf")
         self.num_bad_epochs = 0
         self.num_good_epochs = 0
@@ -282,4 +283,4 @@ class GreedyLR(ReduceLROnPlateau):
             self._streaming_avg.load_state_dict(state_dict["_streaming_avg"])
         if "_last_lr" in state_dict:
             for group, lr in zip(self.optimizer.param_groups, self._last_lr):
-                group["lr"] = lr
+                set_group_lr(group, lr)

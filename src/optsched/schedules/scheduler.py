@@ -38,10 +38,29 @@ __all__ = [
     "create_scheduler",
     "get_scheduler",
     "is_metric_scheduler",
+    "applied_lrs",
     "make_spec",
+    "set_group_lr",
 ]
 
 CUSTOM = "custom"
+
+
+def set_group_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a param group's ``lr`` as torch's own schedulers do: in place when the optimizer keeps it as a
+    tensor (torchao's low-bit AdamW does; so does a torch optimizer given ``lr=torch.tensor(...)``), whose
+    ``step()`` refuses a float put there; otherwise replaced."""
+    current = group.get("lr")
+    if isinstance(current, torch.Tensor):
+        current.fill_(float(lr))
+    else:
+        group["lr"] = lr
+
+
+def applied_lrs(optimizer: Optimizer) -> list[Any]:
+    """Each group's lr as torch's schedulers record it in ``_last_lr`` (``get_last_lr()``): a tensor lr as a
+    copy of the value the optimizer applies (rounded to its dtype), a number as it is."""
+    return [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
 
 
 def make_spec(
@@ -256,8 +275,8 @@ class ScheduleLR(LRScheduler):
         self.__dict__.update(state)
         lrs = self.lr_at(self.last_epoch)
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self._last_lr = lrs
+            set_group_lr(group, lr)
+        self._last_lr = applied_lrs(self.optimizer)
 
 
 def is_metric_scheduler(scheduler: Any) -> bool:

@@ -62,31 +62,33 @@ class CheckpointMixin:
             best = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
             if best == final or best.is_dir():
                 state.best_model_checkpoint = str(best)
-        with self._optimizer_eval_mode():
-            # never publish NaN / inf weights: raise before anything is written (every process checks)
-            check_finite_weights(self.model, f"checkpoint {final}")
         # a checkpoint-N this run already wrote (the same step saved again) is replaced whatever became of
         # it; another run's is replaced only when intact, else renamed aside (staged_checkpoint)
         own = getattr(self, "_last_saved_step", None) == state.global_step
-        with self._optimizer_eval_mode(), ckpt.staged_checkpoint(final, self.dist, own=own) as tmp:
-            # the weights' CRC runs on a worker thread while optimizer.pt is written (its own CRC is
-            # computed as torch writes it): neither is a pass of its own in write_checksums
-            if main:
-                ckpt.checksum_in_background(ckpt.save_model_weights(self.model, tmp))
-                save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
-            if main and not args.save_only_model:
-                # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
-                ckpt.save_optimizer_state(self.optimizer, tmp)
-            if not args.save_only_model:
+        # one switch to a schedule-free optimizer's averaged weights for the check and the files: each
+        # eval() / train() pair is two passes over the weights and moves the training point by rounding
+        with self._optimizer_eval_mode():
+            # never publish NaN / inf weights: raise before anything is written (every process checks)
+            check_finite_weights(self.model, f"checkpoint {final}")
+            with ckpt.staged_checkpoint(final, self.dist, own=own) as tmp:
+                # the weights' CRC runs on a worker thread while optimizer.pt is written (its own CRC is
+                # computed as torch writes it): neither is a pass of its own in write_checksums
                 if main:
-                    torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
-                    if self.scaler is not None:
-                        torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
-                ckpt.save_rng_state(tmp, self.dist)
-            if main:
-                state.stateful_callbacks["TrainerControl"] = self.control.state()
-                state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
-                (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
+                    ckpt.checksum_in_background(ckpt.save_model_weights(self.model, tmp))
+                    save_plan(tmp, self.optimizer, self.lr_scheduler)  # optsched_plan.json: lr_resume_policy compares it
+                if main and not args.save_only_model:
+                    # projector objects (GaLore / APOLLO) as class path + attributes: weights_only loads them
+                    ckpt.save_optimizer_state(self.optimizer, tmp)
+                if not args.save_only_model:
+                    if main:
+                        torch.save(self.lr_scheduler.state_dict(), tmp / ckpt.SCHEDULER_NAME)
+                        if self.scaler is not None:
+                            torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
+                    ckpt.save_rng_state(tmp, self.dist)
+                if main:
+                    state.stateful_callbacks["TrainerControl"] = self.control.state()
+                    state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
+                    (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
         if main:
             self._warn_of_checkpoints_above(run_dir, state.global_step)
             # flushed to disk on a worker thread, and only then are older checkpoints deleted: the

@@ -275,13 +275,31 @@ WRITER_CRC_MIN_BYTES = 64 << 10
 
 
 def _state_tensor_sizes(state_dict: dict[str, Any]) -> tuple[int, int]:
-    """Number and total bytes of the storages (``torch.save`` records) of an optimizer state's tensors."""
+    """Number and total bytes of the storages (``torch.save`` records) of an optimizer state's tensors.
+
+    A wrapper tensor subclass (torchao's 4-/8-bit moments, a ``DTensor``) has no storage of its own:
+    its inner tensors' storages are counted (``__tensor_flatten__``).
+    """
     storages: dict[tuple[str, int], int] = {}
     state = state_dict.get("state")
     for _, _, value in _state_tensors(state) if isinstance(state, dict) else ():
-        storage = value.untyped_storage()
-        storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
+        for tensor in _storage_tensors(value):
+            storage = tensor.untyped_storage()
+            storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
     return len(storages), sum(storages.values())
+
+
+def _storage_tensors(value: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``value``, or for a traceable wrapper subclass the plain tensors it is made of, recursively."""
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if type(value) is torch.Tensor or not callable(flatten):
+        yield value
+        return
+    names, _ = flatten()
+    for name in names:
+        inner = getattr(value, name)
+        if isinstance(inner, torch.Tensor):
+            yield from _storage_tensors(inner)
 
 
 def read_optimizer_state(

@@ -39,6 +39,7 @@ import torch
 from optsched._validation import check_choice
 from optsched.arguments import LR_RESUME_POLICIES
 from optsched.schedules.continuation import Continuation, Lerp, continue_schedule  # re-exported: old home
+from optsched.schedules.scheduler import applied_lrs, set_group_lr
 from optsched.trainer.integrity import DEFAULT_VERIFY, CheckpointError, file_present, verify_file
 
 logger = logging.getLogger(__name__)
@@ -486,11 +487,11 @@ def _apply_group_settings(optimizer: torch.optim.Optimizer, context: ResumeConte
 def _move_to(scheduler: Any, optimizer: torch.optim.Optimizer, step: int, lrs: Sequence[float]) -> None:
     base_lrs = list(getattr(scheduler, "base_lrs", []))
     for i, (group, lr) in enumerate(zip(optimizer.param_groups, lrs)):
-        group["lr"] = lr
+        set_group_lr(group, lr)
         if i < len(base_lrs):
             group["initial_lr"] = base_lrs[i]  # the optimizer state restored the old plan's value
     scheduler.last_epoch = step
-    scheduler._last_lr = list(lrs)
+    scheduler._last_lr = applied_lrs(optimizer)
 
 
 def _continue(scheduler: Any, step: int, multiplier: float) -> None:
