@@ -131,3 +131,60 @@ def test_an_unknown_decay_policy_lists_the_plus_forms_too(capsys, policy, expect
     code, out, err = _run(capsys, "--steps", "5", "--decay_policy", policy)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert expected in err
+
+
+def test_a_short_run_draws_what_it_drew_before_sampling(capsys) -> None:
+    # taken before the lr was sampled: a run of at most FULL_STEPS steps is evaluated at every step
+    code, out, err = _run(capsys, "--steps", "50", "--warmup_steps", "5", "--layerwise_lr_decay", "0.5",
+                          "--width", "20", "--height", "5")
+    assert code == 0, err
+    assert out[out.index("Learning rate per group"):] == """\
+Learning rate per group
+5.000e-05 |  xxx
+          | xx xxxxxx
+2.500e-05 | x++++++ xxxxx
+          |xxooooo++++++xxxxxx
+0.000e+00 |x+*********oooo+++xx
+          +--------------------
+           0                 49
+           * decay/layer_0 = no_decay/layer_0  o decay/layer_1 = no_decay/layer_1  + decay/layer_2 = no_decay/layer_2  x decay/layer_3 = no_decay/layer_3
+"""  # noqa: E501
+
+
+@pytest.mark.parametrize("steps", [10**6, 10**9])
+def test_a_long_run_evaluates_a_bounded_number_of_steps(capsys, tmp_path, monkeypatch, steps) -> None:
+    from optsched.schedules import ScheduleLR
+    from optsched.schedules.sampling import GRID_STEPS
+
+    pytest.importorskip("matplotlib")
+    calls = [0]
+    lr_at = ScheduleLR.lr_at
+
+    def counted(self, step):
+        calls[0] += 1
+        return lr_at(self, step)
+
+    monkeypatch.setattr(ScheduleLR, "lr_at", counted)
+    png = tmp_path / "plan.png"
+    code, out, err = _run(capsys, "--steps", str(steps), "--warmup_steps", "100", "--layerwise_lr_decay", "0.5",
+                          "--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",
+                          '{"num_decay_steps": 1000}', "--png", str(png))
+    assert code == 0, err
+    # one evaluation gives every group's lr: the sample (grid, 60 columns' edges, three steps around each
+    # key and critical step) and the report's key steps, whatever the number of steps and groups
+    assert 0 < calls[0] <= GRID_STEPS + 2 * 60 + 3 * 7 + 2 + 5
+    assert out.rstrip().endswith(f"wrote {png}") and f" {steps - 1}\n" in out
+
+
+def test_a_stepped_scheduler_keeps_only_the_sampled_lrs() -> None:
+    import torch
+
+    from optsched.plan import explain
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    report = explain(optimizer, scheduler, num_training_steps=20_000)
+    assert report.schedule.method == "sampled"
+    steps, curves = plan_command._curves(report, optimizer, scheduler, 20_000, 60)
+    assert len(steps) < 5000 and steps[-1] == 19_999  # stepped through every step, kept at the sampled ones
+    assert curves["group 0"] == pytest.approx([1.0 / (1 + s) for s in steps])

@@ -149,3 +149,98 @@ def test_end_of_warmup_is_shown_only_where_the_peak_is(name, warmup, steps, caps
         assert marked == [f"{f'end of warmup (step {warmup})':<26} lr = 5.000000e-05"]  # the peak
     else:
         assert marked == [] and lines[-1].startswith(f"last (step {int(steps) - 1})")
+
+
+# Outputs of short runs, taken before the lr was sampled: a run of at most FULL_STEPS steps is still
+# evaluated at every step, so its output is the same to the byte.
+SNAPSHOTS = {
+    ("cosine_with_restarts", "--steps", "97", "--warmup-steps", "5", "--kw", "num_cycles=3", "--width", "24",
+     "--height", "6"): """\
+cosine_with_restarts: warmup 5 steps, 97 steps, lr 5e-05, num_cycles=3
+5.000e-05 | ***     **     ***
+          | * **    ***    * **
+2.500e-05 |**  **   * **   *  **
+          |*    **  *  *** *   **
+          |*     ** *    ***    **
+0.000e+00 |*      ***     **     **
+          +------------------------
+           0                     96
+start (step 0)             lr = 0.000000e+00
+end of warmup (step 5)     lr = 5.000000e-05
+middle (step 48)           lr = 3.256286e-05
+last (step 96)             lr = 1.310680e-07
+""",
+    ("warmup_stable_decay", "--steps", "40", "--warmup-steps", "4", "--kw", "num_decay_steps=10", "--width", "30",
+     "--height", "5"): """\
+warmup_stable_decay: warmup 4 steps, 40 steps, lr 5e-05, num_decay_steps=10
+5.000e-05 |   ***********************
+          |  **                     **
+2.500e-05 |  *                       **
+          | **                        ***
+0.000e+00 |**                           *
+          +------------------------------
+           0                           39
+start (step 0)             lr = 0.000000e+00
+end of warmup (step 4)     lr = 5.000000e-05
+middle (step 20)           lr = 5.000000e-05
+last (step 39)             lr = 1.223587e-06
+""",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("argv", list(SNAPSHOTS))
+def test_a_short_run_prints_what_it_printed_before_sampling(argv, capsys):
+    assert main(["schedule", *argv]) == 0
+    assert capsys.readouterr().out == SNAPSHOTS[argv]
+
+
+def _count_lr_evaluations(monkeypatch) -> list[int]:
+    """Count the steps at which a ScheduleLR is evaluated (lr_at), for the rest of the test."""
+    from optsched.schedules import ScheduleLR
+
+    calls = [0]
+    lr_at = ScheduleLR.lr_at
+
+    def counted(self, step):
+        calls[0] += 1
+        return lr_at(self, step)
+
+    monkeypatch.setattr(ScheduleLR, "lr_at", counted)
+    return calls
+
+
+@pytest.mark.parametrize("steps", [10**6, 10**9])
+def test_a_long_run_evaluates_a_bounded_number_of_steps(steps, monkeypatch, capsys, tmp_path):
+    from optsched.schedules.sampling import GRID_STEPS
+
+    pytest.importorskip("matplotlib")
+    calls = _count_lr_evaluations(monkeypatch)
+    argv = ["schedule", "cosine_with_restarts", "--steps", str(steps), "--warmup-steps", "1000", "--kw",
+            "num_cycles=3", "--png", str(tmp_path / "lr.png")]  # fmt: skip
+    assert main(argv) == 0
+    # the grid, each of the 60 columns' first and last step, three steps around each of the key steps
+    # and the critical steps (the end of warmup, two restarts)
+    assert 0 < calls[0] <= GRID_STEPS + 2 * 60 + 3 * 7 + 2
+    out = capsys.readouterr().out
+    assert f"last (step {steps - 1})" in out and (tmp_path / "lr.png").exists()
+
+
+def test_the_chart_of_a_billion_steps_shows_the_restarts_and_exact_key_lrs(capsys):
+    import torch
+
+    from optsched.schedules import get_scheduler
+
+    steps, warmup = 10**9, 3
+    assert main(["schedule", "cosine_with_restarts", "--steps", str(steps), "--warmup-steps", str(warmup), "--kw",
+                 "num_cycles=3", "--lr", "1", "--height", "8"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    grid = [line.split("|", 1)[1].ljust(60) for line in lines[1:9]]
+    assert lines[1].startswith("1.000e+00 |") and lines[8].startswith("0.000e+00 |")
+    for column in (0, 20, 40):  # the warmup's rise, then each restart: a vertical line over every row
+        assert all(row[column] == "*" for row in grid), column
+    assert grid[-1][19] == "*" and grid[-1][59] == "*"  # each cycle reaches 0 before its restart
+    # the key steps' lrs are evaluated at exactly those steps
+    scheduler = get_scheduler("cosine_with_restarts", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                              warmup, steps, {"num_cycles": 3})  # fmt: skip
+    for label, step in (("end of warmup", warmup), ("middle", steps // 2), ("last", steps - 1)):
+        assert f"{label + ' (step ' + str(step) + ')':<26} lr = {scheduler.lr_at(step)[0]:.6e}" in lines

@@ -84,3 +84,41 @@ def test_png_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install 'optsched\[plot\]'"):
         save_png([1.0, 0.5], tmp_path / "x.png")
+
+
+def test_a_chart_of_every_step_given_as_steps_is_the_same_chart():
+    values = sample(build_schedule("cosine_with_restarts", 5, 97, {"num_cycles": 3}), 97)
+    assert ascii_chart(values, width=24, height=6, steps=range(97)) == ascii_chart(values, width=24, height=6)
+    assert ascii_chart(values, width=24, height=6, steps=list(range(97))) == ascii_chart(values, width=24, height=6)
+
+
+def test_a_sampled_chart_spans_the_whole_run():
+    # three values of a 1001-step run: the x axis ends at step 1000; the jump at step 500 is a vertical
+    # line, a column without a sampled step holds the last value before it, the last one goes to 0.5
+    chart = ascii_chart([0.0, 1.0, 0.5], width=10, height=3, steps=[0, 500, 1000]).splitlines()
+    assert chart[:3] == ["1.000e+00 |     *****", "5.000e-01 |     *   *", "0.000e+00 |******"]
+    assert chart[-1].split() == ["0", "1000"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "match"),
+    [([0, 1], "3 values for 2 steps"), ([1, 2, 3], "ascend strictly from step 0"), ([0, 2, 2], "ascend strictly")],
+)
+def test_chart_bad_steps(steps, match):
+    with pytest.raises(ValueError, match=match):
+        ascii_chart([1.0, 2.0, 3.0], steps=steps)
+
+
+def test_key_points_of_a_sampled_run():
+    text = format_key_points({0: 0.0, 10: 1.0, 500: 0.5, 999: 0.001}, 10, num_steps=1000)
+    assert "end of warmup (step 10)" in text and "middle (step 500)" in text and "lr = 1.000000e-03" in text
+    with pytest.raises(ValueError, match="num_steps is required"):
+        format_key_points({0: 1.0}, 0)
+    with pytest.raises(KeyError):
+        format_key_points({0: 1.0}, 0, num_steps=1000)  # the middle and last steps were not sampled
+
+
+def test_png_of_a_sampled_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = save_png([0.0, 1.0, 0.5], tmp_path / "sampled.png", num_warmup_steps=500, steps=[0, 500, 1000])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

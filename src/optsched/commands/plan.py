@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import importlib
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 HELP = "Explain the param groups, lr schedule and optimizer memory a setup gives (and draw the lr curves)."
@@ -101,20 +102,33 @@ def load_factory(spec: str):
     return target
 
 
-def _curves(report: Any, optimizer: Any, scheduler: Any, steps: int) -> dict[str, list[float]] | None:
-    """lr per group for steps 0..steps-1 (closed form, or sampled on a copy), None when unknown."""
+def _curves(
+    report: Any, optimizer: Any, scheduler: Any, steps: int, width: int
+) -> tuple[Sequence[int], dict[str, list[float]]] | None:
+    """The sampled steps and each group's lr at them (closed form, or stepped on a copy), None when
+    unknown.
+
+    The steps are :func:`~optsched.schedules.sampling.sample_steps`: every step of a short run, else a
+    bounded sample that draws the same chart (a ``ScheduleLR``'s critical steps are known). A scheduler
+    that is not closed form is stepped through every step up to the last one, which is linear in time
+    (and limited to ``MAX_SAMPLED_STEPS`` by ``describe_schedule``), but only the sampled lrs are kept.
+    """
     from optsched.plan import sample_lrs
     from optsched.schedules import ScheduleLR
+    from optsched.schedules.sampling import critical_steps, sample_steps
 
+    keys = [step for _, step, _ in report.schedule.key_steps]
     if isinstance(scheduler, ScheduleLR):
-        per_step = [scheduler.lr_at(s) for s in range(steps)]
+        at_steps = sample_steps(steps, width=width, critical=critical_steps(scheduler.schedule, steps) + keys)
+        per_step = [scheduler.lr_at(s) for s in at_steps]
     elif report.schedule.method == "sampled":
-        at = sample_lrs(optimizer, scheduler, range(steps))
-        per_step = [at[s] for s in range(steps)]
+        at_steps = sample_steps(steps, width=width, critical=keys)
+        at = sample_lrs(optimizer, scheduler, at_steps)
+        per_step = [at[s] for s in at_steps]
     else:
         return None
     names = [g.name for g in report.groups]
-    return {name: [lrs[i] for lrs in per_step] for i, name in enumerate(names)}
+    return at_steps, {name: [lrs[i] for lrs in per_step] for i, name in enumerate(names)}
 
 
 def _dedupe(curves: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -161,7 +175,8 @@ def run(cfg: Any) -> int:
     optimizer = create_optimizer(model, args, num_training_steps=steps)
     scheduler = create_scheduler(optimizer, args, steps)
     report = explain(optimizer, scheduler, model, num_training_steps=steps)
-    curves = _curves(report, optimizer, scheduler, steps)
+    sampled = _curves(report, optimizer, scheduler, steps, cfg.width)
+    at_steps, curves = sampled if sampled is not None else (None, None)
     if curves is None and png is not None:
         raise ValueError(
             f"--png={cfg.png!r}: the {report.schedule.type!r} schedule has no curve to draw "
@@ -172,7 +187,7 @@ def run(cfg: Any) -> int:
         curves = _dedupe(curves)
         if png is not None:  # written first: a file that cannot be written is the only output
             written = write_png(curves, png, title=f"{report.schedule.type}: lr per param group ({steps} steps)",
-                                num_warmup_steps=report.schedule.num_warmup_steps or None)
+                                num_warmup_steps=report.schedule.num_warmup_steps or None, steps=at_steps)
     print(f"optsched plan: model {cfg.model}, optim={args.optim}, lr_scheduler_type={args.lr_scheduler_type}, "
           f"{steps} steps")
     print(report)
@@ -180,7 +195,7 @@ def run(cfg: Any) -> int:
         print("\n(no lr curve: the schedule cannot be evaluated in advance)")
     else:
         print("\nLearning rate per group")
-        print(ascii_chart(curves, width=cfg.width, height=cfg.height))
+        print(ascii_chart(curves, width=cfg.width, height=cfg.height, steps=at_steps))
         if written is not None:
             print(f"wrote {written}")
     return 0

@@ -6,7 +6,10 @@ Example::
     optsched schedule warmup_stable_decay --warmup-steps 50 --steps 500 --kw num_decay_steps=100 --png wsd.png
 
 The schedule is built exactly as training builds it (``get_scheduler`` on a one-parameter optimizer
-with ``lr``), so a name, warmup, total or kwarg that training would refuse is refused here too.
+with ``lr``), so a name, warmup, total or kwarg that training would refuse is refused here too. A run
+of any length costs about the same: past a few thousand steps the lr is evaluated at a bounded sample
+of steps that draws the same chart (:func:`optsched.schedules.sampling.sample_steps`), and at the key
+steps exactly.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def run(cfg: Any) -> int:
     from optsched.commands import write_png
     from optsched.schedules import get_schedule_info, get_scheduler
     from optsched.schedules.registry import METRIC
-    from optsched.schedules.render import ascii_chart, format_key_points, png_path
+    from optsched.schedules.render import ascii_chart, format_key_points, key_points, png_path
+    from optsched.schedules.sampling import critical_steps, sample_steps
 
     info = get_schedule_info(cfg.name)  # ValueError with "did you mean" for an unknown name
     if info.kind == METRIC:
@@ -111,7 +115,10 @@ def run(cfg: Any) -> int:
         num_training_steps=cfg.steps,
         scheduler_specific_kwargs=kwargs,
     )
-    lrs = [scheduler.lr_at(step)[0] for step in range(cfg.steps)]
+    # a bounded sample that draws the chart of every step (every step of a short run), key steps exact
+    keys = [step for _, step in key_points(cfg.steps, cfg.warmup_steps)]
+    steps = sample_steps(cfg.steps, width=cfg.width, critical=critical_steps(scheduler.schedule, cfg.steps) + keys)
+    lrs = [scheduler.lr_at(step)[0] for step in steps]
     written = None
     if png is not None:  # written first: a file that cannot be written is the only output
         written = write_png(
@@ -119,6 +126,7 @@ def run(cfg: Any) -> int:
             png,
             title=f"{info.name} (warmup {cfg.warmup_steps}, {cfg.steps} steps)",
             num_warmup_steps=cfg.warmup_steps or None,
+            steps=steps,
         )
     spec = scheduler.spec
     kw_text = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
@@ -126,8 +134,8 @@ def run(cfg: Any) -> int:
         f"{info.name}: warmup {cfg.warmup_steps} steps, {cfg.steps} steps, lr {lr:g}"
         + (f", {kw_text}" if kw_text else "")
     )
-    print(ascii_chart(lrs, width=cfg.width, height=cfg.height))
-    print(format_key_points(lrs, cfg.warmup_steps))
+    print(ascii_chart(lrs, width=cfg.width, height=cfg.height, steps=steps))
+    print(format_key_points(dict(zip(steps, lrs)), cfg.warmup_steps, num_steps=cfg.steps))
     if written is not None:
         print(f"wrote {written}")
     return 0

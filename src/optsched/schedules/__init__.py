@@ -7,6 +7,7 @@
 * :mod:`.continuation` -- ``continue_schedule``: a plan re-planned from a given multiplier (resume).
 * :mod:`.plateau`, :mod:`.greedy` -- the metric-driven ones (imported when used).
 * :mod:`.render` -- terminal chart and PNG of a curve.
+* :mod:`.sampling` -- which steps to evaluate to draw a run of any length (``sample_steps``).
 """
 
 from __future__ import annotations

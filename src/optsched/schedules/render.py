@@ -2,10 +2,13 @@
 
 Reusable by every command that shows a schedule (``optsched schedule``, ``plan``, ``demo``): the
 inputs are plain ``{label: [lr at step 0, 1, ...]}`` mappings, one curve per param group if wanted.
+A long run is drawn from a sample of its steps (``steps=``, chosen by
+:func:`optsched.schedules.sampling.sample_steps`), which gives the chart of every step at a bounded cost.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -38,17 +41,37 @@ def _as_series(series: Mapping[str, Sequence[float]] | Sequence[float]) -> dict[
     return out
 
 
-def _columns(values: list[float], width: int) -> list[tuple[float, float]]:
+def _check_steps(steps: Sequence[int], curves: Mapping[str, list[float]]) -> Sequence[int]:
+    """``steps`` of sampled curves: as many as each curve has values, ascending, from step 0."""
+    steps = steps if isinstance(steps, range) else [int(s) for s in steps]
+    for label, values in curves.items():
+        if len(values) != len(steps):
+            raise ValueError(
+                f"curve {label!r} has {len(values)} values for {len(steps)} steps; accepted: one value per step."
+            )
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError("steps must ascend strictly from step 0 (the run's first step).")
+    return steps
+
+
+def _columns(values: Sequence[float], width: int, steps: Sequence[int] | None = None) -> list[tuple[float, float]]:
     """(low, high) per column: each column covers a bucket of steps; joined to the previous column
-    so steep drops (restarts) are drawn as a vertical line instead of leaving gaps."""
-    n = len(values)
+    so steep drops (restarts) are drawn as a vertical line instead of leaving gaps.
+
+    ``values`` are at ``steps`` (default ``0, 1, ...``) of a run of ``steps[-1] + 1`` steps; a bucket is
+    the values at the sampled steps in its range, so a sample holding each bucket's first and last step
+    and the steps where the curve turns draws the chart of every step. A bucket with no sampled step
+    (a sample without them) holds the previous column's last value."""
+    if steps is None:
+        steps = range(len(values))
+    n = steps[-1] + 1
     cols = min(width, n)
     out: list[tuple[float, float]] = []
     previous: float | None = None
     for c in range(cols):
-        lo_i = c * n // cols
-        hi_i = max(lo_i + 1, (c + 1) * n // cols)
-        bucket = values[lo_i:hi_i]
+        lo_i = bisect.bisect_left(steps, c * n // cols)
+        hi_i = bisect.bisect_left(steps, max(c * n // cols + 1, (c + 1) * n // cols))
+        bucket = values[lo_i:hi_i] or [previous if previous is not None else values[0]]
         low, high = min(bucket), max(bucket)
         if previous is not None:
             low, high = min(low, previous), max(high, previous)
@@ -64,6 +87,7 @@ def ascii_chart(
     *,
     y_min: float | None = None,
     y_max: float | None = None,
+    steps: Sequence[int] | None = None,
 ) -> str:
     """A plain-ASCII line chart of one or more curves sampled at steps ``0..n-1``.
 
@@ -71,6 +95,16 @@ def ascii_chart(
     one). The y axis runs from ``y_min`` (default: 0 or the lowest value if negative) to ``y_max``
     (default: the highest value), labelled at the top, middle and bottom; the x axis shows the first
     and last step.
+
+    ``steps`` gives the step of each value when the curves are a sample of a run of ``steps[-1] + 1``
+    steps (every curve has one value per step; default ``0, 1, ...`` and curves of other lengths are
+    stretched over the longest). The chart is the one of every step when the sample holds each
+    column's first and last step and the steps where the curves jump or turn, as
+    :func:`optsched.schedules.sampling.sample_steps` does.
+
+    Raises:
+        ValueError: ``width`` or ``height`` below 2, an empty or non-finite curve, or ``steps`` not
+            ascending from 0 or not one per value.
 
     Example:
         >>> print(ascii_chart([0, 1, 2, 3], width=4, height=3))  # doctest: +NORMALIZE_WHITESPACE
@@ -83,12 +117,14 @@ def ascii_chart(
     check_int("width", width, low=2)
     check_int("height", height, low=2)
     curves = _as_series(series)
+    if steps is not None:
+        steps = _check_steps(steps, curves)
     everything = [v for vals in curves.values() for v in vals]
     lo = min(0.0, min(everything)) if y_min is None else float(y_min)
     hi = max(everything) if y_max is None else float(y_max)
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0)
-    n = max(len(v) for v in curves.values())
+    n = max(len(v) for v in curves.values()) if steps is None else steps[-1] + 1
     cols = min(width, n)
     grid = [[" "] * cols for _ in range(height)]
 
@@ -100,8 +136,8 @@ def ascii_chart(
         marker = MARKERS[index % len(MARKERS)]
         # stretch shorter curves over the same x range
         m = len(values)
-        padded = values if m == n else [values[min(m - 1, i * m // n)] for i in range(n)]
-        for c, (low, high) in enumerate(_columns(padded, cols)):
+        padded = values if m == n or steps is not None else [values[min(m - 1, i * m // n)] for i in range(n)]
+        for c, (low, high) in enumerate(_columns(padded, cols, steps)):
             top, bottom = row_of(high), row_of(low)
             for r in range(top, bottom + 1):
                 grid[r][c] = marker
@@ -150,11 +186,24 @@ def key_points(num_steps: int, num_warmup_steps: int = 0) -> list[tuple[str, int
     return sorted(out, key=lambda item: item[1])
 
 
-def format_key_points(values: Sequence[float], num_warmup_steps: int = 0) -> str:
-    """``"end of warmup (step 10)   lr = 5.000000e-05"``-style lines for :func:`key_points` of one curve."""
+def format_key_points(
+    values: Sequence[float] | Mapping[int, float], num_warmup_steps: int = 0, *, num_steps: int | None = None
+) -> str:
+    """``"end of warmup (step 10)   lr = 5.000000e-05"``-style lines for :func:`key_points` of one curve.
+
+    ``values`` is the lr at every step, or a mapping ``{step: lr}`` of a sampled run of ``num_steps``
+    steps that holds the key steps (:func:`optsched.schedules.sampling.sample_steps` of them does).
+
+    Raises:
+        ValueError: a mapping without ``num_steps``.
+        KeyError: a mapping without one of the key steps.
+    """
+    if isinstance(values, Mapping) and num_steps is None:
+        raise ValueError("num_steps is required with a mapping of sampled lrs; accepted: the run's step count.")
+    total = len(values) if num_steps is None else num_steps
     return "\n".join(
         f"{label + ' (step ' + str(step) + ')':<26} lr = {values[step]:.6e}"
-        for label, step in key_points(len(values), num_warmup_steps)
+        for label, step in key_points(total, num_warmup_steps)
     )
 
 
@@ -198,9 +247,13 @@ def save_png(
     title: str = "",
     *,
     num_warmup_steps: int | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Path:
     """Write the curves to a PNG with matplotlib (non-interactive backend); returns the path written,
     which is :func:`png_path` of ``path`` (``"lr"`` writes ``lr.png``).
+
+    ``steps`` gives the step of each value of sampled curves, as for :func:`ascii_chart` (default
+    ``0, 1, ...``); the line is drawn through the sampled points.
 
     ``num_warmup_steps`` draws a dotted "end of warmup" line at that step, only where the run reaches it
     (``0 < num_warmup_steps < len(curve)``, as :func:`key_points`): a warmup longer than the run has no
@@ -212,8 +265,10 @@ def save_png(
         OSError: the file cannot be written (no permission, read-only file system, disk full, ...).
     """
     curves = _as_series(series)
+    if steps is not None:
+        steps = _check_steps(steps, curves)
     path = png_path(path)
-    num_steps = max(len(values) for values in curves.values())
+    num_steps = max(len(values) for values in curves.values()) if steps is None else steps[-1] + 1
     if not (num_warmup_steps and 0 < num_warmup_steps < num_steps):
         num_warmup_steps = None
     try:
@@ -226,7 +281,7 @@ def save_png(
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
         for label, values in curves.items():
-            ax.plot(range(len(values)), values, label=label)
+            ax.plot(range(len(values)) if steps is None else steps, values, label=label)
         if num_warmup_steps:
             ax.axvline(num_warmup_steps, color="gray", linestyle=":", linewidth=1, label="end of warmup")
         ax.set_xlabel("optimizer step")
