@@ -45,3 +45,19 @@ def _seed_and_one_thread():
     # A test that changes the thread count (the benchmarks' --threads, the demo) leaves the next
     # one the single thread it expects.
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def lr_evaluations(monkeypatch) -> list[int]:
+    """``[n]``: the number of steps at which any ``ScheduleLR`` is evaluated (``lr_at``) during the test."""
+    from optsched.schedules import ScheduleLR
+
+    calls = [0]
+    lr_at = ScheduleLR.lr_at
+
+    def counted(self, step):
+        calls[0] += 1
+        return lr_at(self, step)
+
+    monkeypatch.setattr(ScheduleLR, "lr_at", counted)
+    return calls

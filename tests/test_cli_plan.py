@@ -152,19 +152,11 @@ Learning rate per group
 
 
 @pytest.mark.parametrize("steps", [10**6, 10**9])
-def test_a_long_run_evaluates_a_bounded_number_of_steps(capsys, tmp_path, monkeypatch, steps) -> None:
-    from optsched.schedules import ScheduleLR
+def test_a_long_run_evaluates_a_bounded_number_of_steps(capsys, tmp_path, lr_evaluations, steps) -> None:
     from optsched.schedules.sampling import GRID_STEPS
 
     pytest.importorskip("matplotlib")
-    calls = [0]
-    lr_at = ScheduleLR.lr_at
-
-    def counted(self, step):
-        calls[0] += 1
-        return lr_at(self, step)
-
-    monkeypatch.setattr(ScheduleLR, "lr_at", counted)
+    calls = lr_evaluations
     png = tmp_path / "plan.png"
     code, out, err = _run(capsys, "--steps", str(steps), "--warmup_steps", "100", "--layerwise_lr_decay", "0.5",
                           "--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",

@@ -194,27 +194,12 @@ def test_a_short_run_prints_what_it_printed_before_sampling(argv, capsys):
     assert capsys.readouterr().out == SNAPSHOTS[argv]
 
 
-def _count_lr_evaluations(monkeypatch) -> list[int]:
-    """Count the steps at which a ScheduleLR is evaluated (lr_at), for the rest of the test."""
-    from optsched.schedules import ScheduleLR
-
-    calls = [0]
-    lr_at = ScheduleLR.lr_at
-
-    def counted(self, step):
-        calls[0] += 1
-        return lr_at(self, step)
-
-    monkeypatch.setattr(ScheduleLR, "lr_at", counted)
-    return calls
-
-
 @pytest.mark.parametrize("steps", [10**6, 10**9])
-def test_a_long_run_evaluates_a_bounded_number_of_steps(steps, monkeypatch, capsys, tmp_path):
+def test_a_long_run_evaluates_a_bounded_number_of_steps(steps, lr_evaluations, capsys, tmp_path):
     from optsched.schedules.sampling import GRID_STEPS
 
     pytest.importorskip("matplotlib")
-    calls = _count_lr_evaluations(monkeypatch)
+    calls = lr_evaluations
     argv = ["schedule", "cosine_with_restarts", "--steps", str(steps), "--warmup-steps", "1000", "--kw",
             "num_cycles=3", "--png", str(tmp_path / "lr.png")]  # fmt: skip
     assert main(argv) == 0
