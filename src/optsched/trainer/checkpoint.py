@@ -2,7 +2,7 @@
 
 ``output_dir/checkpoint-{global_step}/`` holds::
 
-    model.safetensors      weights (tied tensors stored once; safetensors refuses shared storage)
+    model.safetensors      weights (tied tensors stored once, under the name transformers keeps)
     optimizer.pt           optimizer.state_dict()       (param groups carry ``name`` / ``param_names``;
                                                          small tensors share one record)
     scheduler.pt           lr_scheduler.state_dict()
@@ -169,6 +169,7 @@ __all__ = [
     "unpack_small_tensors",
     "verified_while_parsing",
     "verify_file",
+    "weights_to_save",
     "write_checksums",
     "zip_records",
 ]
@@ -523,17 +524,64 @@ def make_durable(directory: str | os.PathLike) -> None:
 
 
 def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` (tied weights once) and, for a transformers model, ``config.json``."""
-    from safetensors.torch import save_model
+    """Write ``model.safetensors`` (tied weights once) and, for a transformers model, ``config.json``.
+
+    The file holds what transformers' ``save_pretrained`` writes: the names of
+    :func:`weights_to_save` and the metadata ``{"format": "pt"}``.
+    """
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / WEIGHTS_NAME
-    save_model(model, str(path), metadata={"format": "pt"})
+    save_file(weights_to_save(model), str(path), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and callable(getattr(config, "to_json_file", None)):
         config.to_json_file(str(directory / CONFIG_NAME))
     return path
+
+
+def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each tensor once: safetensors refuses tensors that share memory.
+
+    Of the names that share one tensor (tied weights, a parameter or module used twice), the one kept
+    is the first in ``state_dict()`` order that covers the whole memory and that a transformers model
+    does not declare as tied to another (the keys of its ``all_tied_weights_keys``): GPT-2's
+    ``transformer.wte.weight``, not ``lm_head.weight``, as ``save_pretrained`` keeps it. The others are
+    left out; loading the kept one fills them, since they share its memory in the model too
+    (:func:`read_model_weights`). safetensors' own ``save_model`` kept the alphabetically first name
+    (``lm_head.weight``), which transformers 5 loads too, but a tool that reads the file by the names
+    of transformers' own checkpoints finds no ``transformer.wte.weight`` in it. Tensors that share memory without either covering all of it (two
+    halves of one buffer) are left to safetensors, which refuses them.
+    """
+    state = model.state_dict()
+    declared = getattr(model, "all_tied_weights_keys", None)
+    tied_targets = set(declared) if isinstance(declared, dict) else set()
+    groups: dict[tuple[torch.device, int], list[str]] = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage()
+        if tensor.device.type != "meta" and storage.data_ptr() != 0 and storage.nbytes() != 0:
+            groups.setdefault((tensor.device, storage.data_ptr()), []).append(name)
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        complete = [n for n in names if _covers_storage(state[n])]
+        if not complete:
+            continue
+        keep = next((n for n in complete if n not in tied_targets), complete[0])
+        for name in names:
+            if name != keep:
+                del state[name]
+    return state
+
+
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    storage = tensor.untyped_storage()
+    return (
+        tensor.data_ptr() == storage.data_ptr()
+        and tensor.is_contiguous()
+        and tensor.numel() * tensor.element_size() == storage.nbytes()
+    )
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:

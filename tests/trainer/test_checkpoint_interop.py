@@ -1,0 +1,102 @@
+"""optsched's checkpoints as transformers reads them, and transformers' as optsched reads them: the
+tensor names and tied weights of model.safetensors, the config files, a resume across the two Trainers
+(optsched.trainer.checkpoint, optsched.schedules.scheduler)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optsched.trainer import checkpoint as ckpt
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                                                n_positions=16))
+
+
+def _t5():
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50, decoder_start_token_id=0))
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+        vocab_size=50, tie_word_embeddings=True))
+
+
+def _bert():
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+
+
+TIED = {"gpt2": _gpt2, "t5": _t5, "llama": _llama}
+
+
+def _tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys()), f.metadata()
+
+
+@pytest.mark.parametrize("make", [*TIED.values(), _bert], ids=[*TIED, "bert"])
+def test_weights_have_the_names_and_metadata_of_save_pretrained_and_load_exactly(tmp_path, make):
+    # tied embeddings are stored under the name transformers keeps (GPT-2's transformer.wte.weight, T5's
+    # shared.weight), not safetensors' alphabetical pick (lm_head.weight) with its alias metadata
+    torch.manual_seed(0)
+    model = make()
+    ckpt.save_model_weights(model, tmp_path / "ours")
+    model.save_pretrained(tmp_path / "hf")
+    assert _tensors(tmp_path / "ours" / ckpt.WEIGHTS_NAME) == _tensors(tmp_path / "hf" / ckpt.WEIGHTS_NAME)
+    loaded = type(model).from_pretrained(tmp_path / "ours")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    if make in TIED.values():
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+class _SharedTwice(nn.Module):
+    """A plain module whose tensors share memory without transformers' tying: ``wte`` registered first,
+    ``lm_head`` (alphabetically first) using its Parameter, a module used twice, a buffer's view."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(10, 4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.block = nn.Linear(4, 4)
+        self.again = self.block
+        self.register_buffer("stats", torch.arange(8.0))
+        self.register_buffer("first_half", self.stats[:4])
+
+
+def test_a_plain_module_with_shared_tensors_keeps_each_once_under_its_first_name_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = _SharedTwice()
+    ckpt.save_model_weights(model, tmp_path)
+    assert _tensors(tmp_path / ckpt.WEIGHTS_NAME) == ({"wte.weight", "block.weight", "block.bias", "stats"},
+                                                      {"format": "pt"})
+    assert not (tmp_path / ckpt.CONFIG_NAME).exists()  # no config to write for a plain module
+    torch.manual_seed(1)
+    fresh = _SharedTwice()
+    ckpt.load_model_weights(fresh, tmp_path)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    assert fresh.lm_head.weight is fresh.wte.weight and fresh.again is fresh.block
+    assert fresh.first_half.untyped_storage().data_ptr() == fresh.stats.untyped_storage().data_ptr()
+
+
+def test_the_name_a_transformers_model_declares_tied_is_left_out_whatever_the_order(tmp_path):
+    # a head registered before the embedding it is tied to: transformers keeps the embedding's name
+    # (all_tied_weights_keys maps the tied name to its source), so optsched does too
+    model = nn.Module()
+    model.lm_head = nn.Linear(4, 10, bias=False)
+    model.embed = nn.Embedding(10, 4)
+    model.lm_head.weight = model.embed.weight
+    model.all_tied_weights_keys = {"lm_head.weight": "embed.weight"}
+    ckpt.save_model_weights(model, tmp_path)
+    assert _tensors(tmp_path / ckpt.WEIGHTS_NAME)[0] == {"embed.weight"}
