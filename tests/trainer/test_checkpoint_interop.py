@@ -60,6 +60,35 @@ def test_weights_have_the_names_and_metadata_of_save_pretrained_and_load_exactly
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
 
 
+
+@pytest.mark.parametrize("make", [_gpt2, _t5, _bert], ids=["gpt2", "t5", "bert"])
+def test_config_files_are_those_save_pretrained_writes(tmp_path, make):
+    # config.json names the architecture and dtype (vLLM picks the model by architectures); a model that
+    # generates also gets generation_config.json, with what its own generation config holds
+    import json
+
+    torch.manual_seed(0)
+    model = make()
+    if model.can_generate():
+        model.generation_config.eos_token_id = [2, 7]
+        model.generation_config.max_new_tokens = 5
+    config_before = model.config.to_dict()
+    ckpt.save_model_weights(model, tmp_path / "ours")
+    assert model.config.to_dict() == config_before  # written from a copy
+    model.save_pretrained(tmp_path / "hf")
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {p.name for p in (tmp_path / "ours").iterdir()} == files
+    assert (ckpt.GENERATION_CONFIG_NAME in files) == model.can_generate()
+    for name in files - {ckpt.WEIGHTS_NAME}:
+        ours, hf = (json.loads((tmp_path / d / name).read_text()) for d in ("ours", "hf"))
+        ours.pop("transformers_version", None), hf.pop("transformers_version", None)
+        assert ours == hf, name
+    assert json.loads((tmp_path / "ours" / ckpt.CONFIG_NAME).read_text())["architectures"] == [type(model).__name__]
+    if model.can_generate():
+        generation = transformers.GenerationConfig.from_pretrained(tmp_path / "ours")
+        assert generation.eos_token_id == [2, 7] and generation.max_new_tokens == 5
+
+
 class _SharedTwice(nn.Module):
     """A plain module whose tensors share memory without transformers' tying: ``wte`` registered first,
     ``lm_head`` (alphabetically first) using its Parameter, a module used twice, a buffer's view."""
