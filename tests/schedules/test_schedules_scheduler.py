@@ -87,6 +87,33 @@ def test_state_dict_round_trip_mid_run_continues_identically(name, stop):
     assert first + rest == reference
 
 
+
+def test_state_dict_loads_into_torchs_lambdalr_which_continues_from_the_saved_step():
+    # transformers' Trainer resumes an optsched checkpoint's scheduler.pt with its own LambdaLR, whose
+    # load_state_dict needs lr_lambdas (a KeyError without it); a LambdaLR state loads back into ScheduleLR
+    transformers = pytest.importorskip("transformers")
+    opt = make_optimizer()
+    sched = get_scheduler("cosine", opt, 4, 30)
+    train(opt, sched, 7)
+    fresh = make_optimizer()
+    theirs = transformers.get_scheduler("cosine", fresh, num_warmup_steps=4, num_training_steps=30)
+    fresh.load_state_dict(opt.state_dict())  # the group lrs come back with optimizer.pt, as in a resume
+    theirs.load_state_dict(torch.load(_saved(sched.state_dict()), weights_only=True))
+    assert theirs.last_epoch == 7 and theirs.get_last_lr() == sched.get_last_lr()
+    flat = lambda lrs: [lr for step in lrs for lr in step]  # noqa: E731
+    assert flat(train(fresh, theirs, 5)) == pytest.approx(flat(train(opt, sched, 5)), rel=1e-12)
+    again = get_scheduler("cosine", make_optimizer(), 4, 30)
+    again.load_state_dict(theirs.state_dict())
+    assert again.last_epoch == 12 and not hasattr(again, "lr_lambdas")
+
+
+def _saved(state) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 def test_load_state_dict_sets_the_optimizer_lr_even_without_optimizer_state():
     opt = make_optimizer()
     sched = get_scheduler("linear", opt, 2, 10)

@@ -239,9 +239,16 @@ class ScheduleLR(LRScheduler):
         return self.lr_at(self.last_epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state (step, base lrs, last lrs) plus ``spec``; the function itself is not stored."""
+        """torch's state (step, base lrs, last lrs) plus ``spec``; the function itself is not stored.
+
+        ``lr_lambdas`` (``None`` per group: no function state to restore) makes it a state that torch's
+        ``LambdaLR.load_state_dict`` accepts, so transformers' Trainer, whose schedules are ``LambdaLR``,
+        resumes an optsched checkpoint (it failed with ``KeyError: 'lr_lambdas'``); its own functions
+        then continue from the saved step.
+        """
         state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "schedule")}
         state["spec"] = copy.deepcopy(self.spec)
+        state["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -266,6 +273,7 @@ class ScheduleLR(LRScheduler):
             )
         saved_spec = state.pop("spec", None)
         state.pop("schedule", None)
+        state.pop("lr_lambdas", None)  # LambdaLR's (transformers' schedules), or this class's placeholder
         if saved_spec is not None and saved_spec != self.spec:
             logger.warning(
                 "loading scheduler state saved with spec %s into one built with spec %s",

@@ -2,7 +2,8 @@
 
 ``output_dir/checkpoint-{global_step}/`` holds::
 
-    model.safetensors      weights (tied tensors stored once; safetensors refuses shared storage)
+    model.safetensors      weights (tied tensors stored once, under the name transformers keeps)
+    config.json            a transformers model's config (and generation_config.json where it generates)
     optimizer.pt           optimizer.state_dict()       (param groups carry ``name`` / ``param_names``;
                                                          small tensors share one record)
     scheduler.pt           lr_scheduler.state_dict()
@@ -48,6 +49,7 @@ and RNG states; :mod:`optsched.trainer.integrity` holds the checksums and the ch
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -110,6 +112,7 @@ __all__ = [
     "CHECKSUMS_NAME",
     "CHECKSUM_ALGORITHM",
     "CONFIG_NAME",
+    "GENERATION_CONFIG_NAME",
     "CHECKSUM_ALGORITHMS",
     "DEFAULT_VERIFY",
     "OBJECT_KEY",
@@ -169,6 +172,7 @@ __all__ = [
     "unpack_small_tensors",
     "verified_while_parsing",
     "verify_file",
+    "weights_to_save",
     "write_checksums",
     "zip_records",
 ]
@@ -181,6 +185,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 RNG_STATE_NAME = "rng_state.pth"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 # OPTIMIZER_NAME, CHECKSUMS_NAME and PLAN_NAME are imported above, from the modules that write those files
 _TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -189,7 +194,7 @@ _REQUIRED_FILES = (TRAINER_STATE_NAME, WEIGHTS_NAME)
 #: names in ``transformers.trainer``; FSDP and DeepSpeed write sub-directories, which are not files)
 _TRANSFORMERS_FILE_NAMES = frozenset({
     "training_args.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors.index.json",
-    "optimizer.bin", "generation_config.json", "adapter_config.json", "adapter_model.safetensors",
+    "optimizer.bin", "adapter_config.json", "adapter_model.safetensors",
     "adapter_model.bin",
 })
 #: The names of the files a checkpoint directory holds when optsched or transformers' Trainer wrote it;
@@ -198,7 +203,7 @@ _TRANSFORMERS_FILE_NAMES = frozenset({
 #: same run) is replaced by a save at step N; any other is renamed aside (:func:`staged_checkpoint`).
 CHECKPOINT_FILE_NAMES = frozenset({
     WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME,
-    TRAINING_ARGS_NAME, CHECKSUMS_NAME, PLAN_NAME, CONFIG_NAME,
+    TRAINING_ARGS_NAME, CHECKSUMS_NAME, PLAN_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME,
 }) | _TRANSFORMERS_FILE_NAMES
 _CHECKPOINT_FILE_RE = re.compile(r"^(rng_state_\d+\.pth|(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin))$")
 #: What a ``checkpoint-N`` that a save must not delete is renamed to: ``checkpoint-N.replaced-K`` (not a
@@ -523,17 +528,79 @@ def make_durable(directory: str | os.PathLike) -> None:
 
 
 def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` (tied weights once) and, for a transformers model, ``config.json``."""
-    from safetensors.torch import save_model
+    """Write ``model.safetensors`` (tied weights once) and, for a transformers model, ``config.json`` and,
+    for one that generates, ``generation_config.json``.
+
+    The files hold what transformers' ``save_pretrained`` writes: the weights under the names of
+    :func:`weights_to_save` with the metadata ``{"format": "pt"}``; the config with ``architectures``
+    (the model's class, which inference servers such as vLLM read to pick the model) and ``dtype`` set
+    as ``save_pretrained`` sets them (on a copy: the model's own config is left as it is); the
+    generation config (end-of-sequence ids, sampling defaults) where ``model.can_generate()``, which
+    ``from_pretrained`` would otherwise rebuild from the config, losing what the model's own held. A
+    plain ``nn.Module`` gets the weights alone.
+    """
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / WEIGHTS_NAME
-    save_model(model, str(path), metadata={"format": "pt"})
+    save_file(weights_to_save(model), str(path), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and callable(getattr(config, "to_json_file", None)):
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__]
+        dtype = getattr(model, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            config.dtype = str(dtype).removeprefix("torch.")
         config.to_json_file(str(directory / CONFIG_NAME))
+        generation_config = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", None)
+        if generation_config is not None and callable(can_generate) and can_generate():
+            generation_config.save_pretrained(str(directory))
     return path
+
+
+def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each tensor once: safetensors refuses tensors that share memory.
+
+    Of the names that share one tensor (tied weights, a parameter or module used twice), the one kept
+    is the first in ``state_dict()`` order that covers the whole memory and that a transformers model
+    does not declare as tied to another (the keys of its ``all_tied_weights_keys``): GPT-2's
+    ``transformer.wte.weight``, not ``lm_head.weight``, as ``save_pretrained`` keeps it. The others are
+    left out; loading the kept one fills them, since they share its memory in the model too
+    (:func:`read_model_weights`). safetensors' own ``save_model`` kept the alphabetically first name
+    (``lm_head.weight``), which transformers 5 loads too, but a tool that reads the file by the names
+    of transformers' own checkpoints finds no ``transformer.wte.weight`` in it. Tensors that share memory without either covering all of it (two
+    halves of one buffer) are left to safetensors, which refuses them.
+    """
+    state = model.state_dict()
+    declared = getattr(model, "all_tied_weights_keys", None)
+    tied_targets = set(declared) if isinstance(declared, dict) else set()
+    groups: dict[tuple[torch.device, int], list[str]] = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage()
+        if tensor.device.type != "meta" and storage.data_ptr() != 0 and storage.nbytes() != 0:
+            groups.setdefault((tensor.device, storage.data_ptr()), []).append(name)
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        complete = [n for n in names if _covers_storage(state[n])]
+        if not complete:
+            continue
+        keep = next((n for n in complete if n not in tied_targets), complete[0])
+        for name in names:
+            if name != keep:
+                del state[name]
+    return state
+
+
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    storage = tensor.untyped_storage()
+    return (
+        tensor.data_ptr() == storage.data_ptr()
+        and tensor.is_contiguous()
+        and tensor.numel() * tensor.element_size() == storage.nbytes()
+    )
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike, verify: str = DEFAULT_VERIFY) -> None:

@@ -40,7 +40,8 @@ class CheckpointMixin:
     """
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
-        """Write ``model.safetensors`` (and ``config.json`` for a transformers model) on process 0.
+        """Write ``model.safetensors`` (and a transformers model's ``config.json``, and
+        ``generation_config.json`` where it generates) on process 0.
 
         Schedule-free optimizers are switched to ``eval()`` so the averaged weights are saved.
         """
