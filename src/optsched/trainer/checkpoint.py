@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from optsched._validation import check_choice
+from optsched.params.classify import unwrap_compiled
 from optsched.trainer.crc import crc32
 from optsched.trainer.distributed import DistributedContext, barrier
 from optsched.trainer.integrity import (
@@ -523,9 +524,15 @@ def make_durable(directory: str | os.PathLike) -> None:
 
 
 def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` (tied weights once) and, for a transformers model, ``config.json``."""
+    """Write ``model.safetensors`` (tied weights once) and, for a transformers model, ``config.json``.
+
+    A ``torch.compile``'d model is saved as the module it wraps, as transformers' Trainer saves it: the
+    keys have no ``_orig_mod.`` prefix, so the uncompiled model loads them (and a compiled one, through
+    :func:`read_model_weights`).
+    """
     from safetensors.torch import save_model
 
+    model = unwrap_compiled(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / WEIGHTS_NAME
@@ -569,6 +576,7 @@ def read_model_weights(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    model = unwrap_compiled(model)  # the keys save_model_weights writes
     path = Path(directory) / WEIGHTS_NAME
     if not file_present(path):
         raise FileNotFoundError(f"{path} does not exist; a checkpoint needs {WEIGHTS_NAME}.")
@@ -584,7 +592,8 @@ def read_model_weights(
 
 def apply_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy ``weights`` (from :func:`read_model_weights`) into ``model``'s tensors, in place."""
-    model.load_state_dict(weights, strict=False)  # the names left out are tied to loaded ones (checked)
+    # the names left out are tied to loaded ones (checked); a compiled model's keys are its wrapped module's
+    unwrap_compiled(model).load_state_dict(weights, strict=False)
 
 
 def load_weights_and_read_optimizer(
