@@ -134,8 +134,9 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     A compiled model holds the same parameter tensors as the module it wraps, under names prefixed with
     ``_orig_mod.``. Param groups (their ``param_names``, ``param_rules`` globs, layer ids) and checkpoint
     weights are named after the wrapped module, so that a compiled and an uncompiled model get the same
-    groups, the same optimizer state and the same ``model.safetensors`` keys (transformers' Trainer
-    saves the unwrapped model too), and a checkpoint moves between them. torch is not asked to import
+    groups, the same optimizer state and the same ``model.safetensors`` keys (those of transformers'
+    Trainer with ``torch_compile=True``, which compiles a copy and saves the model), and a checkpoint
+    moves between them. torch is not asked to import
     its compiler here: a model can only be compiled once ``torch._dynamo`` is imported.
     """
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
