@@ -202,3 +202,13 @@ def test_errors() -> None:
 def test_format_table_aligns_numbers_right() -> None:
     text = format_table(["name", "n"], [["a", 1], ["bbb", 100]])
     assert text.splitlines() == ["name    n", "----  ---", "a       1", "bbb   100"]
+
+
+def test_explain_names_a_compiled_model_as_its_groups_do() -> None:
+    # the model's totals named torch.compile's wrapper ("OptimizedModule") and its tensors "_orig_mod.<name>",
+    # while create_optimizer names the groups' parameters after the model itself
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD([model[0].weight], lr=0.1)  # the other tensors are in no group
+    report = explain(optimizer, model=torch.compile(model, backend="eager"))
+    assert report.model["class"] == "Sequential"
+    assert report.model["not_optimized"] == ["0.bias", "1.weight", "1.bias"]

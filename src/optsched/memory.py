@@ -709,9 +709,9 @@ def estimate_optimizer_memory(
     hyper = resolve_hyperparameters(name, optim_args, args)
     notes: list[str] = []
     if isinstance(model_or_groups, nn.Module):
-        from optsched.params import build_param_groups
+        from optsched.params import build_param_groups, unwrap_compiled
 
-        model = model_or_groups
+        model = unwrap_compiled(model_or_groups)
         groups = build_param_groups(model, args)
     else:
         groups = _as_groups(model_or_groups)

@@ -404,6 +404,9 @@ def explain(
     notes: list[str] = []
     model_info = None
     if model is not None:
+        from optsched.params import unwrap_compiled
+
+        model = unwrap_compiled(model)  # named as its param groups are (no "_orig_mod." prefix)
         model_info, model_notes = describe_model(model, optimizer)
         notes.extend(model_notes)
     estimate = estimate_from_optimizer(optimizer, model)

@@ -256,3 +256,17 @@ def test_schedule_free_radam_takes_no_warmup():
 def test_num_training_steps_is_checked():
     with pytest.raises(ValueError, match="num_training_steps=0"):
         get_optimizer_cls_and_kwargs(TrainingArguments(), num_training_steps=0)
+
+
+def test_a_compiled_model_gets_the_optimizer_of_the_uncompiled_one():
+    # param_rules matched the "_orig_mod."-prefixed names of a torch.compile'd model (a ValueError for
+    # a rule written for the model), and the groups' param_names carried the prefix
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="eager")
+    args = TrainingArguments(weight_decay=0.1, optim="adamw_torch", param_rules=[{"params": "2.*", "lr_mult": 0.5}])
+    plain_groups, compiled_groups = (create_optimizer(m, args).state_dict()["param_groups"] for m in (model, compiled))
+    assert compiled_groups == plain_groups
+    assert [g["param_names"] for g in compiled_groups] == [["0.weight"], ["0.bias", "1.weight", "1.bias"],
+                                                            ["2.weight"], ["2.bias"]]
+

@@ -15,6 +15,7 @@ from optsched.params import (
     assemble_groups,
     build_param_groups,
     classify_parameters,
+    freeze_parameters,
     get_decay_parameter_names,
     list_decay_policies,
     resolve_weight_decay,
@@ -254,3 +255,35 @@ def test_groups_partition_the_trainable_parameters(layout, wd):
     assert all(n.endswith("weight") and model.get_submodule(n[:-7]).__class__ is nn.Linear
                for n in decay["param_names"])
     assert decay["weight_decay"] == wd and no_decay["weight_decay"] == 0.0
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, num_labels=2))
+
+
+def _plain_groups(groups):
+    return [({k: v for k, v in g.items() if k != "params"}, [id(p) for p in g["params"]]) for g in groups]
+
+
+def test_a_compiled_model_is_grouped_by_its_own_names():
+    # torch.compile's OptimizedModule names every parameter "_orig_mod.<name>": param_rules written for
+    # the model matched nothing (a ValueError), and param_names, the plan and the optimizer state
+    # differed from the uncompiled model's, so a checkpoint could not move between the two
+    pytest.importorskip("transformers")
+    model = _tiny_bert()
+    compiled = torch.compile(model, backend="eager")
+    assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
+    settings = dict(weight_decay=0.1, learning_rate=1e-3, layerwise_lr_decay=0.8,
+                    param_rules=[{"params": "classifier.*", "lr_mult": 2.0}, {"params": "bert.pooler.*", "freeze": True}])
+    for kwargs in ({"weight_decay": 0.1}, settings):
+        expected = _plain_groups(build_param_groups(model, **kwargs))
+        assert _plain_groups(build_param_groups(compiled, **kwargs)) == expected
+    assert freeze_parameters(compiled, param_rules=settings["param_rules"]) == ["bert.pooler.dense.weight",
+                                                                                "bert.pooler.dense.bias"]
+    # get_decay_parameter_names keeps the names of the model it is given, as transformers' does
+    assert get_decay_parameter_names(compiled) == [f"_orig_mod.{n}" for n in get_decay_parameter_names(model)]

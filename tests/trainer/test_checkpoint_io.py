@@ -443,3 +443,18 @@ def test_saving_and_loading_a_state_leave_the_collector_on(tmp_path):
     ckpt.write_checksums(tmp_path)
     ckpt.load_optimizer_state(optimizer, tmp_path)
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["into_the_model", "into_the_compiled_model"])
+def test_weights_saved_with_the_compiled_prefix_load(tmp_path, compiled):
+    # transformers' Trainer given a torch.compile'd model writes its state_dict() keys: "_orig_mod.<name>"
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    save_file({f"_orig_mod.{k}": v for k, v in saved.state_dict().items()}, tmp_path / ckpt.WEIGHTS_NAME)
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    ckpt.load_model_weights(torch.compile(fresh, backend="eager") if compiled else fresh, tmp_path)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in saved.state_dict().items())
+    with pytest.raises(ValueError, match=r"not in the model: \['_orig_mod.1.bias', '_orig_mod.1.weight'\]"):  # still checked
+        ckpt.load_model_weights(nn.Sequential(nn.Linear(4, 4)), tmp_path)

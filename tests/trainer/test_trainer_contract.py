@@ -90,6 +90,19 @@ def test_get_decay_parameter_names_override_decides_the_groups(model_factory, ma
     assert "out.weight" in Trainer(model_factory(), make_args(weight_decay=0.1)).optimizer.param_groups[0]["param_names"]
 
 
+
+def test_get_decay_parameter_names_override_names_a_compiled_models_own_parameters(model_factory, make_args):
+    # the override is given the model the groups are built from: a torch.compile'd model's wrapped
+    # module, whose names are the ones the groups carry (not "_orig_mod.<name>")
+    class OutWeightDoesNotDecay(Trainer):
+        def get_decay_parameter_names(self, model):
+            return [n for n in super().get_decay_parameter_names(model) if n != "out.weight"]
+
+    compiled = torch.compile(model_factory(), backend="eager")
+    decay, no_decay = OutWeightDoesNotDecay(compiled, make_args(weight_decay=0.1)).optimizer.param_groups
+    assert decay["param_names"] == ["inp.weight"] and decay["weight_decay"] == 0.1
+    assert no_decay["param_names"] == ["inp.bias", "norm.weight", "norm.bias", "out.weight", "out.bias"]
+
 def test_optimizer_cls_and_kwargs(model_factory, make_args):
     t = Trainer(model_factory(), make_args(), optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.3}))
     assert isinstance(t.optimizer, torch.optim.SGD) and t.optimizer.param_groups[0]["lr"] == 0.3

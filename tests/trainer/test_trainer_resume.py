@@ -285,3 +285,30 @@ def test_a_resume_with_another_batch_per_step_says_it_is_not_exact(model_factory
     saved = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}[field]
     assert f"was trained with {field}={saved} and is resumed with {field}={value}: the resume is not exact" in messages
     assert "samples are seen again or skipped" in messages and "dropout" not in messages
+
+
+def test_a_checkpoint_moves_between_the_compiled_and_the_uncompiled_model(model_factory, regression_data, make_args,
+                                                                          tmp_path):
+    # A torch.compile'd model saved its weights as "_orig_mod.<name>" and its groups' param_names so:
+    # the uncompiled model could not load the checkpoint ("missing in the file"), nor the reverse
+    from safetensors.torch import load_file
+
+    data = regression_data(16)
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, weight_decay=0.1, lr_scheduler_type="cosine",
+                    param_rules=[{"params": "out.*", "lr_mult": 0.5}])
+    runs = {}
+    for label, compiled, resume in [("plain", False, None), ("compiled", True, None),
+                                    ("compiled_from_plain", True, "plain"), ("plain_from_compiled", False, "compiled")]:
+        model = model_factory(dropout=0.2)
+        if compiled:
+            model = torch.compile(model, backend="eager")
+        trainer = Trainer(model, make_args(output_dir=str(tmp_path / label), **settings), train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume and str(tmp_path / resume / "checkpoint-3"))
+        runs[label] = trainer
+    assert set(load_file(tmp_path / "compiled" / "checkpoint-3" / "model.safetensors")) == {
+        name for name, _ in model_factory().named_parameters()}
+    straight = runs["plain"]
+    for label in ("compiled", "compiled_from_plain", "plain_from_compiled"):
+        for (n, p), (_, q) in zip(straight.model.named_parameters(), runs[label].model.named_parameters()):
+            assert torch.equal(p, q), (label, n)
+        _assert_same_optimizer_state(straight.optimizer, runs[label].optimizer)

@@ -260,7 +260,9 @@ def create_optimizer(
     ``param_names`` in ``optimizer.param_groups``. ``args.param_rules``, ``args.decay_policy``,
     ``args.layerwise_lr_decay`` and ``args.layer_id_fn`` shape them (docs/param_groups.md); the
     parameters a ``freeze`` rule matches get ``requires_grad=False`` here (the model is changed),
-    and a rule hyperparameter the optimizer does not take is a ``ValueError``.
+    and a rule hyperparameter the optimizer does not take is a ``ValueError``. A ``torch.compile``'d
+    model is optimized as the module it wraps (the same tensors; names without ``_orig_mod.``), so it
+    gets the groups and the optimizer state of the uncompiled model.
 
     Args:
         model: the model to optimize.
@@ -277,10 +279,11 @@ def create_optimizer(
         ValueError, ImportError: see :func:`get_optimizer_cls_and_kwargs`; also an optimizer that
             needs a device the model is not on (``adalomo`` needs CUDA).
     """
-    from optsched.params import build_param_groups, freeze_parameters
+    from optsched.params import build_param_groups, freeze_parameters, unwrap_compiled
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrap_compiled(model)  # torch.compile'd: the same tensors, grouped by their own names
     args = _as_args(args)
     freeze_parameters(model, args)  # param_rules' freeze=True: requires_grad=False, before any grouping
     if optimizer_cls_and_kwargs is not None:

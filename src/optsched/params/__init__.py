@@ -14,6 +14,7 @@ from optsched.params.classify import (
     is_bias_name,
     is_norm_module,
     is_norm_name,
+    unwrap_compiled,
 )
 from optsched.params.groups import (
     DECAY_GROUP,
@@ -81,4 +82,5 @@ __all__ = [
     "resolve_decay_policy",
     "resolve_layer_id_fn",
     "resolve_weight_decay",
+    "unwrap_compiled",
 ]

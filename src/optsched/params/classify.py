@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "is_norm_module",
     "is_norm_name",
     "is_transformers_model",
+    "unwrap_compiled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,24 @@ class ParamInfo(NamedTuple):
     index: int
     in_transformers_model: bool = False
     transformers_exempt: bool = False
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), or ``model`` itself.
+
+    A compiled model holds the same parameter tensors as the module it wraps, under names prefixed with
+    ``_orig_mod.``. Param groups (their ``param_names``, ``param_rules`` globs, layer ids) and checkpoint
+    weights are named after the wrapped module, so that a compiled and an uncompiled model get the same
+    groups, the same optimizer state and the same ``model.safetensors`` keys (those of transformers'
+    Trainer with ``torch_compile=True``, which compiles a copy and saves the model), and a checkpoint
+    moves between them. torch is not asked to import
+    its compiler here: a model can only be compiled once ``torch._dynamo`` is imported.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
 
 
 def is_norm_module(module: nn.Module | type) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from optsched._validation import check_number
-from optsched.params.classify import ParamInfo, classify_parameters
+from optsched.params.classify import ParamInfo, classify_parameters, unwrap_compiled
 from optsched.params.layers import (
     LayerIdFn,
     assign_layer_ids,
@@ -200,6 +200,11 @@ def build_param_groups(
     ``"<rule name>/no_decay"`` (when the policy did), ``"decay"`` / ``"no_decay"`` for tensors no rule
     matched, plus ``"/layer_<i>"`` under layer decay. Empty groups are left out.
 
+    A ``torch.compile``'d model (an ``OptimizedModule``) is grouped as the module it wraps: its
+    ``param_names``, and the names ``param_rules`` and layer decay match, are those of the uncompiled
+    model, without the ``_orig_mod.`` prefix, so both get the same groups and optimizer state
+    (:func:`~optsched.params.classify.unwrap_compiled`).
+
     Frozen tensors (``requires_grad=False``) and tensors a ``freeze`` rule matches are in no group
     (this function never changes the model; :func:`freeze_parameters`, which ``create_optimizer``
     calls, also sets ``requires_grad=False`` on the latter). A tied tensor is in one group once,
@@ -246,6 +251,7 @@ def build_param_groups(
     rules = parse_param_rules(_setting(param_rules, args, "param_rules", None))
     decay = check_layerwise_lr_decay("layerwise_lr_decay", _setting(layerwise_lr_decay, args, "layerwise_lr_decay", None))
     id_fn = resolve_layer_id_fn(_setting(layer_id_fn, args, "layer_id_fn", None))
+    model = unwrap_compiled(model)  # the names of the model itself, not "_orig_mod.<name>"
     infos = classify_parameters(model)
     trainable = [info for info in infos if info.alias_of is None and not info.frozen]
     if not trainable:
@@ -397,6 +403,7 @@ def freeze_parameters(model: nn.Module, args: Any = None, *, param_rules: Any = 
     rules = parse_param_rules(_setting(param_rules, args, "param_rules", None))
     if not any(rule.freeze for rule in rules):
         return []
+    model = unwrap_compiled(model)  # rules match the names of the model itself (build_param_groups)
     infos = classify_parameters(model)
     trainable = [info for info in infos if info.alias_of is None and not info.frozen]
     matched = match_rules(

@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from optsched._validation import check_choice
+from optsched.params.classify import unwrap_compiled
 from optsched.trainer.crc import crc32
 from optsched.trainer.distributed import DistributedContext, barrier
 from optsched.trainer.integrity import (
@@ -538,9 +539,15 @@ def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
     generation config (end-of-sequence ids, sampling defaults) where ``model.can_generate()``, which
     ``from_pretrained`` would otherwise rebuild from the config, losing what the model's own held. A
     plain ``nn.Module`` gets the weights alone.
+
+    A ``torch.compile``'d model is saved as the module it wraps, as transformers' Trainer saves a model
+    it compiles itself (``torch_compile=True``): the keys have no ``_orig_mod.`` prefix, so the
+    uncompiled model and ``from_pretrained`` load them (and a compiled one, through
+    :func:`read_model_weights`).
     """
     from safetensors.torch import save_file
 
+    model = unwrap_compiled(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / WEIGHTS_NAME
@@ -625,7 +632,9 @@ def read_model_weights(
 
     The file is checked first (:func:`verify_file` at level ``verify``; safetensors only maps it, so
     there is no parse to run the check beside), then mapped, then every name and shape is compared
-    with ``model.state_dict()``. A tied tensor (saved once) may be missing under its other names.
+    with ``model.state_dict()``. A tied tensor (saved once) may be missing under its other names. Names
+    written with torch.compile's ``_orig_mod.`` prefix (transformers' Trainer given a compiled model) are
+    read as the model's own.
 
     Raises:
         FileNotFoundError: no ``model.safetensors`` in ``directory``.
@@ -636,6 +645,7 @@ def read_model_weights(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    model = unwrap_compiled(model)  # the keys save_model_weights writes
     path = Path(directory) / WEIGHTS_NAME
     if not file_present(path):
         raise FileNotFoundError(f"{path} does not exist; a checkpoint needs {WEIGHTS_NAME}.")
@@ -645,13 +655,33 @@ def read_model_weights(
         saved = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({exc}).") from None
-    _check_weights_match(model.state_dict(), saved, path)
+    current = model.state_dict()
+    saved = _without_compiled_prefix(saved, current)
+    _check_weights_match(current, saved, path)
     return saved
+
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _without_compiled_prefix(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``saved`` with the ``_orig_mod.`` prefix taken off the names the model has without it: transformers'
+    Trainer, given a ``torch.compile``'d model, writes its ``state_dict()`` keys as they are."""
+    if not any(key.startswith(_COMPILED_PREFIX) and key not in current for key in saved):
+        return saved
+    renamed = {}
+    for key, tensor in saved.items():
+        name = key
+        while name.startswith(_COMPILED_PREFIX) and name not in current:
+            name = name[len(_COMPILED_PREFIX):]
+        renamed[name if name in current else key] = tensor
+    return renamed
 
 
 def apply_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy ``weights`` (from :func:`read_model_weights`) into ``model``'s tensors, in place."""
-    model.load_state_dict(weights, strict=False)  # the names left out are tied to loaded ones (checked)
+    # the names left out are tied to loaded ones (checked); a compiled model's keys are its wrapped module's
+    unwrap_compiled(model).load_state_dict(weights, strict=False)
 
 
 def load_weights_and_read_optimizer(

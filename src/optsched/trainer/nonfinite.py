@@ -55,6 +55,9 @@ def check_finite_weights(model: nn.Module, where: str = "the checkpoint") -> Non
         model: the module about to be saved.
         where: what would have been written (for the message).
     """
+    from optsched.params.classify import unwrap_compiled
+
+    model = unwrap_compiled(model)  # named as in the checkpoint (no "_orig_mod." prefix)
     tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
     if not tensors:
         return

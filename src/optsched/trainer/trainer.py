@@ -263,7 +263,11 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         if self.optimizer is None:
             from optsched.optim import create_optimizer
 
-            opt_model = self.model if model is None else model
+            from optsched.params import unwrap_compiled
+
+            # A torch.compile'd model is grouped by its own names (create_optimizer does the same), and
+            # an overridden get_decay_parameter_names must name them so, or nothing would decay.
+            opt_model = unwrap_compiled(self.model if model is None else model)
             self._check_trainable(opt_model)
             cls_and_kwargs = self.optimizer_cls_and_kwargs
             if cls_and_kwargs is None and type(self).get_optimizer_cls_and_kwargs is not Trainer.get_optimizer_cls_and_kwargs:
