@@ -359,6 +359,7 @@ class ResumeContext:
         new_plan: the plan the new optimizer and scheduler carry.
         differences: :func:`compare_plans` of the two (empty without a saved plan).
         group_settings: the new groups' settings as objects (not JSON), re-applied after the load.
+        checkpoint: the checkpoint's path, for the messages (``None``: not known).
     """
 
     policy: str
@@ -366,6 +367,7 @@ class ResumeContext:
     new_plan: dict[str, Any]
     differences: list[PlanDifference]
     group_settings: list[dict[str, Any]]
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -443,7 +445,7 @@ def prepare_resume(
         {k: copy.deepcopy(v) for k, v in g.items() if k not in NON_SETTING_KEYS}
         for g in optimizer.param_groups
     ]
-    return ResumeContext(policy, saved_plan, new_plan, diffs, settings)
+    return ResumeContext(policy, saved_plan, new_plan, diffs, settings, str(checkpoint))
 
 
 def _lrs_at(scheduler: Any, step: int) -> list[float] | None:
@@ -577,22 +579,24 @@ def restore_scheduler(
         _continue(scheduler, global_step, multiplier)
         lrs = _lrs_at(scheduler, global_step)
     _move_to(scheduler, optimizer, global_step, lrs)
+    # which checkpoint: resume_from_checkpoint=True may have picked another run's
+    where = f"{context.checkpoint} " if context is not None and context.checkpoint else ""
     if policy == "continue":
         stuck = ""
         if scheduler.schedule.multiplier == 0.0 and any(float(x) > 0 for x in scheduler.base_lrs):
             stuck = (" The checkpoint's lr is 0 (its schedule had ended), so every remaining step keeps lr 0; "
                      "to train them on the new plan, resume with lr_resume_policy='replan'.")
         logger.warning(
-            "Resuming at step %d with a changed plan (%s), lr_resume_policy='continue': lr %s -> %s "
+            "Resuming %sat step %d with a changed plan (%s), lr_resume_policy='continue': lr %s -> %s "
             "(continuous); the rest of the schedule is re-planned from multiplier %.6g to the new plan's "
             "end.%s",
-            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier, stuck,
+            where, global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs), scheduler.schedule.multiplier, stuck,
         )
     else:
         logger.warning(
-            "Resuming at step %d with a changed learning-rate schedule (%s): lr %s -> %s. The new plan "
+            "Resuming %sat step %d with a changed plan (%s): lr %s -> %s. The new plan "
             "applies from this step on; no step is taken at the checkpoint's lr.",
-            global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs),
+            where, global_step, "; ".join(diffs), _fmt(lr_before), _fmt(lrs),
         )
     if settings_applied:
         logger.info(
