@@ -261,3 +261,38 @@ def test_param_groups_match_transformers_trainer_on_bert(tmp_path):
     ids = lambda opt: [({id(p) for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups]  # noqa: E731
     assert ids(ours.optimizer) == ids(hf.optimizer)
     assert type(ours.optimizer) is type(hf.optimizer)
+
+
+def test_constructor_parameters_are_transformers_in_its_order():
+    # a call written for transformers.Trainer binds the same, also positionally: Trainer(model, args,
+    # collator, train_ds) gave the collator as train_dataset and the dataset as eval_dataset
+    import inspect
+
+    from transformers import Trainer as HFTrainer
+
+    ours = list(inspect.signature(Trainer.__init__).parameters)
+    theirs = list(inspect.signature(HFTrainer.__init__).parameters)
+    assert ours == theirs
+
+
+def test_a_positional_call_binds_as_in_transformers(model_factory, regression_data, make_args):
+    collate = torch.utils.data.default_collate
+    train, evaluation = regression_data(8), regression_data(4, seed=1)
+    t = Trainer(model_factory(), make_args(), collate, train, evaluation)
+    assert t.data_collator is collate and t.train_dataset is train and t.eval_dataset is evaluation
+
+
+@pytest.mark.parametrize(
+    "keyword, what_to_do",
+    [
+        ("processing_class", r"processing_class.save_pretrained\(output_dir\) yourself"),
+        ("model_init", r"Trainer\(model=model_init\(\), ...\)"),
+        ("compute_metrics", r"evaluate\(\) computes the loss only .* override evaluate\(\)"),
+        ("preprocess_logits_for_metrics", "not collect"),
+    ],
+)
+def test_transformers_keywords_optsched_does_not_honour_are_refused(model_factory, make_args, keyword, what_to_do):
+    # never accepted and dropped: a tokenizer that is not saved, metrics never computed
+    with pytest.raises(TypeError, match=rf"Trainer\({keyword}=...\) is not supported .*got function.*{what_to_do}"):
+        Trainer(model_factory(), make_args(), **{keyword: lambda *a: None})
+    assert Trainer(model_factory(), make_args(), **{keyword: None}).optimizer is not None

@@ -139,6 +139,42 @@ def _extract_loss(outputs: Any) -> torch.Tensor | None:
 
 
 
+#: transformers' Trainer keywords that optsched's accepts (same names, same positions) but refuses
+#: when given: what each would do there, and what to do instead. Never dropped without a word.
+_UNSUPPORTED_KEYWORDS: dict[str, str] = {
+    "processing_class": (
+        "transformers saves it (a tokenizer, image processor, ...) into every checkpoint and in "
+        "save_model(), and builds a padding collator from it; optsched's Trainer does neither. "
+        "Accepted: processing_class=None; pass data_collator= (e.g. transformers' "
+        "DataCollatorWithPadding(tokenizer)) and call processing_class.save_pretrained(output_dir) yourself"
+    ),
+    "model_init": (
+        "it is for transformers' hyperparameter_search, which optsched does not have. Accepted: "
+        "model_init=None and Trainer(model=model_init(), ...)"
+    ),
+    "compute_metrics": (
+        "optsched's evaluate() computes the loss only and never collects predictions, so the function "
+        "would never be called. Accepted: compute_metrics=None; compute the metrics from the model's "
+        "outputs over the eval set yourself, or override evaluate()"
+    ),
+    "preprocess_logits_for_metrics": (
+        "it preprocesses the predictions collected for compute_metrics, which optsched's evaluate() does "
+        "not collect. Accepted: preprocess_logits_for_metrics=None"
+    ),
+}
+
+
+def _refuse_unsupported(**given: Any) -> None:
+    """Raise ``TypeError`` for a transformers Trainer keyword optsched does not honour, set to anything
+    but ``None``: a user who swaps the import gets told, not a Trainer that quietly does less."""
+    for name, value in given.items():
+        if value is not None:
+            raise TypeError(
+                f"Trainer({name}=...) is not supported by optsched's Trainer (got {type(value).__name__}): "
+                f"{_UNSUPPORTED_KEYWORDS[name]}."
+            )
+
+
 class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
     """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
 
@@ -158,6 +194,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             (read in order; need ``max_steps``); ``eval_dataset`` may be a dict of them, evaluated one by
             one under ``eval_<name>_...`` metrics (see :meth:`evaluate`).
         data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
+        processing_class / model_init / compute_metrics / preprocess_logits_for_metrics: transformers'
+            keywords, in its positions, so a call written for it binds the same; optsched does not honour
+            them, so anything but ``None`` raises ``TypeError`` saying what to do instead.
         optimizers: ``(optimizer, lr_scheduler)``; either may be None to have it created.
         optimizer_cls_and_kwargs: ``(cls, kwargs)`` for :func:`optsched.optim.create_optimizer`; not
             together with ``optimizers[0]``.
@@ -167,7 +206,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
 
     Raises:
         TypeError: a model that is not an ``nn.Module``, malformed ``optimizers``, a non-callable
-            ``compute_loss_func``.
+            ``compute_loss_func``; ``processing_class``, ``model_init``, ``compute_metrics`` or
+            ``preprocess_logits_for_metrics`` given.
         ValueError: ``optimizers`` and ``optimizer_cls_and_kwargs`` together; a model with no trainable
             parameter; fp16 without CUDA; bf16 on a CUDA device without bf16.
     """
@@ -176,16 +216,26 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         self,
         model: nn.Module,
         args: Any = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        data_collator: Callable[[list[Any]], Any] | None = None,
+        processing_class: Any = None,
+        model_init: Callable[..., nn.Module] | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        compute_metrics: Callable[[Any], dict[str, float]] | None = None,
+        callbacks: list[Any] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
         optimizer_cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None,
-        compute_loss_func: Callable[..., torch.Tensor] | None = None,
-        callbacks: list[Any] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         from optsched.arguments import as_training_arguments
 
+        _refuse_unsupported(
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}.")
         if not (isinstance(optimizers, (tuple, list)) and len(optimizers) == 2):
