@@ -296,3 +296,21 @@ def test_transformers_keywords_optsched_does_not_honour_are_refused(model_factor
     with pytest.raises(TypeError, match=rf"Trainer\({keyword}=...\) is not supported .*got function.*{what_to_do}"):
         Trainer(model_factory(), make_args(), **{keyword: lambda *a: None})
     assert Trainer(model_factory(), make_args(), **{keyword: None}).optimizer is not None
+
+
+@pytest.mark.parametrize("report_to, named", [("tensorboard", "tensorboard"), (["wandb", "tensorboard"], "wandb or tensorboard"),
+                                              ("all", "all")])
+def test_report_to_an_integration_warns_that_nothing_is_sent(model_factory, make_args, caplog, report_to, named):
+    # transformers would write tensorboard events / a wandb run; here it was dropped without a word
+    args = make_args(report_to=report_to)
+    with caplog.at_level("WARNING", logger="optsched.trainer.trainer"):
+        Trainer(model_factory(), args)
+    assert f"nothing is sent to {named}" in caplog.text
+    assert str(args.report_to) in caplog.text and "log_history.jsonl" in caplog.text and "report_to='none'" in caplog.text
+
+
+def test_report_to_none_says_nothing(model_factory, make_args, caplog):
+    with caplog.at_level("WARNING", logger="optsched.trainer.trainer"):
+        Trainer(model_factory(), make_args(report_to="none"))
+        Trainer(model_factory(), make_args(report_to=None))
+    assert "report_to" not in caplog.text

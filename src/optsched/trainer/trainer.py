@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.callbacks import (
     CallbackHandler,
+    LOG_FILE_NAME,
     DefaultFlowCallback,
     JsonLinesLoggerCallback,
     ProgressCallback,
@@ -262,6 +263,16 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             )
         self.dist = init_distributed(use_cpu=self.args.use_cpu)
         self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
+        if self.args.report_to and self.dist.is_main_process:
+            # not refused: transformers 4's default ("all", made the installed integrations' names) comes
+            # with every TrainingArguments it builds
+            logger.warning(
+                "report_to=%r: optsched's Trainer has no reporting integrations, nothing is sent to %s. "
+                "The logs go to trainer.state.log_history and %s; a TrainerCallback's on_log(logs=...) can "
+                "forward them. Accepted: report_to='none' (silences this).",
+                self.args.report_to, " or ".join(self.args.report_to),
+                os.path.join(str(self.args.output_dir), LOG_FILE_NAME),
+            )
         self._check_precision()
         set_seed(self.args.seed)
 
