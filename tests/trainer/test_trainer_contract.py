@@ -314,3 +314,21 @@ def test_report_to_none_says_nothing(model_factory, make_args, caplog):
         Trainer(model_factory(), make_args(report_to="none"))
         Trainer(model_factory(), make_args(report_to=None))
     assert "report_to" not in caplog.text
+
+
+def test_train_metrics_have_transformers_keys(model_factory, regression_data, make_args):
+    # a script that reads train_result.metrics["train_samples_per_second"] (transformers' examples log it)
+    t = Trainer(model_factory(), make_args(max_steps=3, gradient_accumulation_steps=2), train_dataset=regression_data(32))
+    metrics = t.train().metrics
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"} <= set(metrics)
+    # 4 samples a batch, 2 batches a step
+    assert metrics["train_samples_per_second"] == pytest.approx(8 * metrics["train_steps_per_second"], rel=0.01)
+
+
+def test_train_with_a_trial_is_refused(model_factory, regression_data, make_args):
+    # hyperparameter search's trial was accepted and dropped: the run trained with the arguments as they were
+    t = Trainer(model_factory(), make_args(max_steps=1), train_dataset=regression_data(8))
+    with pytest.raises(TypeError, match=r"train\(trial=...\) is not supported \(got dict\).*hyperparameter_search"):
+        t.train(trial={"learning_rate": 1e-3})
+    assert t.state.global_step == 0
+    assert t.train(trial=None, ignore_keys_for_eval=["past_key_values"]).global_step == 1

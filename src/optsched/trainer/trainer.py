@@ -544,6 +544,12 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         unknown = set(kwargs) - {"trial", "ignore_keys_for_eval"}
         if unknown:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(unknown)}; accepted: resume_from_checkpoint.")
+        if kwargs.get("trial") is not None:  # ignore_keys_for_eval changes nothing: evaluate() keeps no outputs
+            raise TypeError(
+                f"train(trial=...) is not supported (got {type(kwargs['trial']).__name__}): it is for "
+                "transformers' hyperparameter_search, which optsched does not have; accepted: trial=None, "
+                "with the trial's hyperparameters set on the TrainingArguments."
+            )
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         try:
             return self._train_from(checkpoint)
@@ -680,8 +686,11 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         train_loss = self._total_loss_scalar / self._total_loss_steps if self._total_loss_steps else (
             float("nan") if steps_done else 0.0
         )
+        # transformers' train_samples_per_second: the steps times the samples of one step (all processes)
+        samples_done = steps_done * args.per_device_train_batch_size * ga * self.dist.world_size
         metrics = {
             "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(samples_done / runtime, 3) if runtime > 0 else 0.0,
             "train_steps_per_second": round(steps_done / runtime, 3) if runtime > 0 else 0.0,
             "total_flos": float(state.total_flos),
             "train_loss": train_loss,
