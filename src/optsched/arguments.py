@@ -488,7 +488,8 @@ class TrainingArguments:
     ddp_static_graph: bool | None = _field(
         None, "DDP's static_graph (None: DDP's default, False).", _bool(allow_none=True))
     report_to: str | list[str] | None = _field(
-        "none", "Integrations to report to ('none', a name, or a list of names).", _report_to)
+        "none", "transformers' integrations to report to ('none', a name, or a list of names); optsched's "
+        "Trainer has none: it warns that nothing is sent, and logs to log_history only.", _report_to)
     disable_tqdm: bool | None = _field(
         None, "Disable progress bars (None: disabled when logging is quieter than WARNING).",
         _bool(allow_none=True))

@@ -261,3 +261,74 @@ def test_param_groups_match_transformers_trainer_on_bert(tmp_path):
     ids = lambda opt: [({id(p) for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups]  # noqa: E731
     assert ids(ours.optimizer) == ids(hf.optimizer)
     assert type(ours.optimizer) is type(hf.optimizer)
+
+
+def test_constructor_parameters_are_transformers_in_its_order():
+    # a call written for transformers.Trainer binds the same, also positionally: Trainer(model, args,
+    # collator, train_ds) gave the collator as train_dataset and the dataset as eval_dataset
+    import inspect
+
+    from transformers import Trainer as HFTrainer
+
+    ours = list(inspect.signature(Trainer.__init__).parameters)
+    theirs = list(inspect.signature(HFTrainer.__init__).parameters)
+    assert ours == theirs
+
+
+def test_a_positional_call_binds_as_in_transformers(model_factory, regression_data, make_args):
+    collate = torch.utils.data.default_collate
+    train, evaluation = regression_data(8), regression_data(4, seed=1)
+    t = Trainer(model_factory(), make_args(), collate, train, evaluation)
+    assert t.data_collator is collate and t.train_dataset is train and t.eval_dataset is evaluation
+
+
+@pytest.mark.parametrize(
+    "keyword, what_to_do",
+    [
+        ("processing_class", r"processing_class.save_pretrained\(output_dir\) yourself"),
+        ("model_init", r"Trainer\(model=model_init\(\), ...\)"),
+        ("compute_metrics", r"evaluate\(\) computes the loss only .* override evaluate\(\)"),
+        ("preprocess_logits_for_metrics", "not collect"),
+    ],
+)
+def test_transformers_keywords_optsched_does_not_honour_are_refused(model_factory, make_args, keyword, what_to_do):
+    # never accepted and dropped: a tokenizer that is not saved, metrics never computed
+    with pytest.raises(TypeError, match=rf"Trainer\({keyword}=...\) is not supported .*got function.*{what_to_do}"):
+        Trainer(model_factory(), make_args(), **{keyword: lambda *a: None})
+    assert Trainer(model_factory(), make_args(), **{keyword: None}).optimizer is not None
+
+
+@pytest.mark.parametrize("report_to, named", [("tensorboard", "tensorboard"), (["wandb", "tensorboard"], "wandb or tensorboard"),
+                                              ("all", "all")])
+def test_report_to_an_integration_warns_that_nothing_is_sent(model_factory, make_args, caplog, report_to, named):
+    # transformers would write tensorboard events / a wandb run; here it was dropped without a word
+    args = make_args(report_to=report_to)
+    with caplog.at_level("WARNING", logger="optsched.trainer.trainer"):
+        Trainer(model_factory(), args)
+    assert f"nothing is sent to {named}" in caplog.text
+    assert str(args.report_to) in caplog.text and "log_history.jsonl" in caplog.text and "report_to='none'" in caplog.text
+
+
+def test_report_to_none_says_nothing(model_factory, make_args, caplog):
+    with caplog.at_level("WARNING", logger="optsched.trainer.trainer"):
+        Trainer(model_factory(), make_args(report_to="none"))
+        Trainer(model_factory(), make_args(report_to=None))
+    assert "report_to" not in caplog.text
+
+
+def test_train_metrics_have_transformers_keys(model_factory, regression_data, make_args):
+    # a script that reads train_result.metrics["train_samples_per_second"] (transformers' examples log it)
+    t = Trainer(model_factory(), make_args(max_steps=3, gradient_accumulation_steps=2), train_dataset=regression_data(32))
+    metrics = t.train().metrics
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"} <= set(metrics)
+    # 4 samples a batch, 2 batches a step
+    assert metrics["train_samples_per_second"] == pytest.approx(8 * metrics["train_steps_per_second"], rel=0.01)
+
+
+def test_train_with_a_trial_is_refused(model_factory, regression_data, make_args):
+    # hyperparameter search's trial was accepted and dropped: the run trained with the arguments as they were
+    t = Trainer(model_factory(), make_args(max_steps=1), train_dataset=regression_data(8))
+    with pytest.raises(TypeError, match=r"train\(trial=...\) is not supported \(got dict\).*hyperparameter_search"):
+        t.train(trial={"learning_rate": 1e-3})
+    assert t.state.global_step == 0
+    assert t.train(trial=None, ignore_keys_for_eval=["past_key_values"]).global_step == 1

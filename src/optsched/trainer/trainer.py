@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.callbacks import (
     CallbackHandler,
+    LOG_FILE_NAME,
     DefaultFlowCallback,
     JsonLinesLoggerCallback,
     ProgressCallback,
@@ -139,6 +140,42 @@ def _extract_loss(outputs: Any) -> torch.Tensor | None:
 
 
 
+#: transformers' Trainer keywords that optsched's accepts (same names, same positions) but refuses
+#: when given: what each would do there, and what to do instead. Never dropped without a word.
+_UNSUPPORTED_KEYWORDS: dict[str, str] = {
+    "processing_class": (
+        "transformers saves it (a tokenizer, image processor, ...) into every checkpoint and in "
+        "save_model(), and builds a padding collator from it; optsched's Trainer does neither. "
+        "Accepted: processing_class=None; pass data_collator= (e.g. transformers' "
+        "DataCollatorWithPadding(tokenizer)) and call processing_class.save_pretrained(output_dir) yourself"
+    ),
+    "model_init": (
+        "it is for transformers' hyperparameter_search, which optsched does not have. Accepted: "
+        "model_init=None and Trainer(model=model_init(), ...)"
+    ),
+    "compute_metrics": (
+        "optsched's evaluate() computes the loss only and never collects predictions, so the function "
+        "would never be called. Accepted: compute_metrics=None; compute the metrics from the model's "
+        "outputs over the eval set yourself, or override evaluate()"
+    ),
+    "preprocess_logits_for_metrics": (
+        "it preprocesses the predictions collected for compute_metrics, which optsched's evaluate() does "
+        "not collect. Accepted: preprocess_logits_for_metrics=None"
+    ),
+}
+
+
+def _refuse_unsupported(**given: Any) -> None:
+    """Raise ``TypeError`` for a transformers Trainer keyword optsched does not honour, set to anything
+    but ``None``: a user who swaps the import gets told, not a Trainer that quietly does less."""
+    for name, value in given.items():
+        if value is not None:
+            raise TypeError(
+                f"Trainer({name}=...) is not supported by optsched's Trainer (got {type(value).__name__}): "
+                f"{_UNSUPPORTED_KEYWORDS[name]}."
+            )
+
+
 class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
     """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
 
@@ -158,6 +195,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             (read in order; need ``max_steps``); ``eval_dataset`` may be a dict of them, evaluated one by
             one under ``eval_<name>_...`` metrics (see :meth:`evaluate`).
         data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
+        processing_class / model_init / compute_metrics / preprocess_logits_for_metrics: transformers'
+            keywords, in its positions, so a call written for it binds the same; optsched does not honour
+            them, so anything but ``None`` raises ``TypeError`` saying what to do instead.
         optimizers: ``(optimizer, lr_scheduler)``; either may be None to have it created.
         optimizer_cls_and_kwargs: ``(cls, kwargs)`` for :func:`optsched.optim.create_optimizer`; not
             together with ``optimizers[0]``.
@@ -167,7 +207,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
 
     Raises:
         TypeError: a model that is not an ``nn.Module``, malformed ``optimizers``, a non-callable
-            ``compute_loss_func``.
+            ``compute_loss_func``; ``processing_class``, ``model_init``, ``compute_metrics`` or
+            ``preprocess_logits_for_metrics`` given.
         ValueError: ``optimizers`` and ``optimizer_cls_and_kwargs`` together; a model with no trainable
             parameter; fp16 without CUDA; bf16 on a CUDA device without bf16.
     """
@@ -176,16 +217,26 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         self,
         model: nn.Module,
         args: Any = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        data_collator: Callable[[list[Any]], Any] | None = None,
+        processing_class: Any = None,
+        model_init: Callable[..., nn.Module] | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        compute_metrics: Callable[[Any], dict[str, float]] | None = None,
+        callbacks: list[Any] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
         optimizer_cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None,
-        compute_loss_func: Callable[..., torch.Tensor] | None = None,
-        callbacks: list[Any] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         from optsched.arguments import as_training_arguments
 
+        _refuse_unsupported(
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}.")
         if not (isinstance(optimizers, (tuple, list)) and len(optimizers) == 2):
@@ -212,6 +263,16 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
             )
         self.dist = init_distributed(use_cpu=self.args.use_cpu)
         self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
+        if self.args.report_to and self.dist.is_main_process:
+            # not refused: transformers 4's default ("all", made the installed integrations' names) comes
+            # with every TrainingArguments it builds
+            logger.warning(
+                "report_to=%r: optsched's Trainer has no reporting integrations, nothing is sent to %s. "
+                "The logs go to trainer.state.log_history and %s; a TrainerCallback's on_log(logs=...) can "
+                "forward them. Accepted: report_to='none' (silences this).",
+                self.args.report_to, " or ".join(self.args.report_to),
+                os.path.join(str(self.args.output_dir), LOG_FILE_NAME),
+            )
         self._check_precision()
         set_seed(self.args.seed)
 
@@ -483,6 +544,12 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         unknown = set(kwargs) - {"trial", "ignore_keys_for_eval"}
         if unknown:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(unknown)}; accepted: resume_from_checkpoint.")
+        if kwargs.get("trial") is not None:  # ignore_keys_for_eval changes nothing: evaluate() keeps no outputs
+            raise TypeError(
+                f"train(trial=...) is not supported (got {type(kwargs['trial']).__name__}): it is for "
+                "transformers' hyperparameter_search, which optsched does not have; accepted: trial=None, "
+                "with the trial's hyperparameters set on the TrainingArguments."
+            )
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         try:
             return self._train_from(checkpoint)
@@ -619,8 +686,11 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         train_loss = self._total_loss_scalar / self._total_loss_steps if self._total_loss_steps else (
             float("nan") if steps_done else 0.0
         )
+        # transformers' train_samples_per_second: the steps times the samples of one step (all processes)
+        samples_done = steps_done * args.per_device_train_batch_size * ga * self.dist.world_size
         metrics = {
             "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(samples_done / runtime, 3) if runtime > 0 else 0.0,
             "train_steps_per_second": round(steps_done / runtime, 3) if runtime > 0 else 0.0,
             "total_flos": float(state.total_flos),
             "train_loss": train_loss,
