@@ -134,6 +134,12 @@ def test_constructor_type_errors(model_factory, make_args, kwargs, exc, match):
         Trainer(**{**base, **kwargs})
 
 
+def test_a_dataset_passed_third_positionally_is_named_as_transformers_order(model_factory, make_args, regression_data):
+    # optsched's third parameter was train_dataset; it is data_collator now, as in transformers
+    with pytest.raises(TypeError, match=r"data_collator must be callable .* got list; it is the third positional"):
+        Trainer(model_factory(), make_args(), regression_data(8))
+
+
 def test_no_trainable_parameters_is_a_clear_error(model_factory, make_args):
     model = model_factory().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter: all 6 parameters have requires_grad=False"):

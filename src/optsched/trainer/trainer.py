@@ -251,7 +251,11 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
         if compute_loss_func is not None and not callable(compute_loss_func):
             raise TypeError(f"compute_loss_func must be callable, got {type(compute_loss_func).__name__}.")
         if data_collator is not None and not callable(data_collator):
-            raise TypeError(f"data_collator must be callable, got {type(data_collator).__name__}.")
+            raise TypeError(
+                f"data_collator must be callable (a list of samples -> a batch), got {type(data_collator).__name__}; "
+                "it is the third positional parameter, as in transformers' Trainer(model, args, data_collator, "
+                "train_dataset, eval_dataset, ...): pass a dataset as train_dataset=... / eval_dataset=...."
+            )
 
         self.args = as_training_arguments(args)
         if self.args.eval_strategy != "no" and eval_dataset is None:
