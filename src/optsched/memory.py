@@ -584,6 +584,11 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
     """Normalise a list of groups / tensors into groups (as torch.optim.Optimizer does)."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or of param-group dicts, got a single Tensor.")
+    if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+        raise TypeError(
+            "model_or_groups must be a model (torch.nn.Module) or a list of tensors or param-group dicts, "
+            f"got {type(params).__name__} {params!r}."
+        )
     items = list(params)
     if not items:
         raise ValueError("model_or_groups is empty; accepted: a model, or a non-empty list of groups or tensors.")

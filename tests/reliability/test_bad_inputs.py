@@ -18,7 +18,14 @@ from _helpers import Tiny, make_args, make_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from optsched import TrainingArguments
+from optsched import (
+    TrainingArguments,
+    build_param_groups,
+    estimate_optimizer_memory,
+    freeze_parameters,
+    get_last_checkpoint,
+    get_optimizer_cls_and_kwargs,
+)
 from optsched.cli import main as cli_main
 from optsched.optim import create_optimizer
 from optsched.schedules import get_scheduler, list_schedulers
@@ -125,12 +132,26 @@ ROWS = [
     ("gs-kwarg-type", lambda t: get_scheduler("cosine", _opt(), 1, 10, {"num_cycles": "x"}), TypeError, ["num_cycles", "'x'"]),
     ("gs-kwarg-unknown", lambda t: get_scheduler("cosine", _opt(), 1, 10, {"bogus": 1}), ValueError, ["bogus", "num_cycles"]),
     ("gs-kwarg-inf", lambda t: get_scheduler("polynomial", _opt(), 1, 10, {"power": INF}), ValueError, ["power", "inf"]),
+    ("ls-kind-typo", lambda t: list_schedulers("metrics"), ValueError, ["kind", "'metrics'", "metric", "closed_form"]),
+    ("ls-kind-type", lambda t: list_schedulers(1), TypeError, ["kind", "int 1"]),
+    # ---- estimate_optimizer_memory / get_last_checkpoint -----------------------------------------
+    ("mem-none", lambda t: estimate_optimizer_memory(None, "adamw_torch"), TypeError, ["model_or_groups", "NoneType None"]),
+    ("mem-str", lambda t: estimate_optimizer_memory("bert", "adamw_torch"), TypeError, ["model_or_groups", "str 'bert'"]),
+    ("glc-none", lambda t: get_last_checkpoint(None), TypeError, ["output_dir", "NoneType None", "path"]),
+    ("glc-int", lambda t: get_last_checkpoint(3), TypeError, ["output_dir", "int 3"]),
     # ---- create_optimizer ------------------------------------------------------------------------
     ("co-model-type", lambda t: create_optimizer("model", TA()), TypeError, ["model", "str"]),
     ("co-args-type", lambda t: create_optimizer(torch.nn.Linear(2, 1), 5), TypeError, ["args", "5"]),
     ("co-empty-model", lambda t: create_optimizer(torch.nn.Module(), TA()), ValueError, ["model", "no trainable parameter"]),
     ("co-frozen-model", lambda t: create_optimizer(_frozen(), TA()), ValueError, ["model", "requires_grad"]),
     ("co-args-mapping-typo", lambda t: create_optimizer(torch.nn.Linear(2, 1), {"optim": "sgdd"}), ValueError, ["optim", "'sgdd'", "sgd"]),
+    ("gock-model-type", lambda t: get_optimizer_cls_and_kwargs(TA(optim="galore_adamw", optim_target_modules=["0"]), "bert"),
+     TypeError, ["model", "str", "'bert'"]),
+    # ---- build_param_groups / freeze_parameters --------------------------------------------------
+    ("bpg-lr-str", lambda t: build_param_groups(torch.nn.Linear(2, 1), learning_rate="1e-3"), TypeError, ["learning_rate", "'1e-3'"]),
+    ("bpg-lr-nan", lambda t: build_param_groups(torch.nn.Linear(2, 1), learning_rate=NAN), ValueError, ["learning_rate", "nan"]),
+    ("bpg-lr-neg", lambda t: build_param_groups(torch.nn.Linear(2, 1), learning_rate=-1.0), ValueError, ["learning_rate", "-1.0"]),
+    ("freeze-model-type", lambda t: freeze_parameters("bert"), TypeError, ["model", "str", "'bert'"]),
     # ---- the Trainer -----------------------------------------------------------------------------
     ("tr-model-type", lambda t: Trainer("bert", TA(output_dir=t)), TypeError, ["model", "'bert'"]),
     ("tr-frozen", lambda t: Trainer(_frozen(), TA(output_dir=t)), ValueError, ["requires_grad", "trainable"]),

@@ -70,11 +70,13 @@ def test_continuing_a_continuation_starts_from_its_plan():
         ({"from_step": 1.5, "multiplier": 0.5}, TypeError, "from_step"),
         ({"from_step": 2, "multiplier": -0.1}, ValueError, "multiplier"),
         ({"from_step": 2, "multiplier": "x"}, TypeError, "multiplier"),
+        ({"planned": None, "from_step": 2, "multiplier": 0.5}, TypeError, "planned must be a schedule .*got NoneType None"),
+        ({"planned": 0.5, "from_step": 2, "multiplier": 0.5}, TypeError, "planned must be a schedule .*got float 0.5"),
     ],
 )
 def test_continue_schedule_rejects_bad_inputs(kwargs, error, match):
     with pytest.raises(error, match=match):
-        continue_schedule(Decay(10, "linear"), **kwargs)
+        continue_schedule(**{"planned": Decay(10, "linear"), **kwargs})
 
 
 class _Zero:

@@ -107,6 +107,18 @@ def test_blocks_are_hashable_and_comparable():
         (lambda: InverseSqrt(0), ValueError, "timescale=0"),
         (lambda: join([Constant()], [3]), ValueError, "one more schedule than boundaries"),
         (lambda: join([Constant(), Constant(), Constant()], [5, 2]), ValueError, "not sorted"),
+        (lambda: Constant(None), TypeError, "value must be a number, got NoneType None"),
+        (lambda: Constant(-1.0), ValueError, r"value=-1.0 is out of range; accepted: a number in \[0.0, inf\)"),
+        (lambda: Constant(math.nan), ValueError, "value=nan is not finite"),
+        (lambda: Decay(3, params=None), TypeError, r"params must be a dict or a tuple of \(name, value\) pairs.*NoneType"),
+        (lambda: warmup_then(2, None), TypeError, "schedule must be a schedule .*got NoneType None"),
+        (lambda: warmup_then(2, "cosine"), TypeError, "schedule must be a schedule .*got str 'cosine'"),
+        (lambda: join(None, [3]), TypeError, "schedules must be a list of schedules.*got NoneType None"),
+        (lambda: join([Constant(), 0.5], [3]), TypeError, r"schedules\[1\] must be a schedule .*got float 0.5"),
+        (lambda: join([Constant(), Constant()], None), TypeError, "boundaries must be a list of steps.*got NoneType None"),
+        (lambda: join([Constant(), Constant()], 3), TypeError, "boundaries must be a list of steps.*got int 3"),
+        (lambda: join([Constant(), Constant()], [2.5]), TypeError, r"boundaries\[0\] must be an integer, got float 2.5"),
+        (lambda: join([Constant(), Constant()], ["3"]), TypeError, r"boundaries\[0\] must be an integer, got str '3'"),
     ],
 )
 def test_bad_blocks(make, error, match):

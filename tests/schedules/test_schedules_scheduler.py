@@ -201,6 +201,25 @@ def test_custom_plain_function_and_bad_inputs():
         get_scheduler("linear", object(), 1, 10)
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda opt: ScheduleLR(None, Constant(1.0)), TypeError, "optimizer must be a torch.optim.Optimizer, got NoneType"),
+        (lambda opt: ScheduleLR("sgd", Constant(1.0)), TypeError, "optimizer must be a torch.optim.Optimizer, got str"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0), last_epoch=None), TypeError, "last_epoch must be an integer, got NoneType"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0), last_epoch=-2), ValueError, r"last_epoch=-2 is out of range"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0), last_epoch=5), ValueError, "last_epoch=5 resumes a scheduler.*'initial_lr'.*last_epoch=-1"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0), spec="cosine"), TypeError, "spec must be a dict .*got str 'cosine'"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0), spec={"nme": "x"}), ValueError, r"spec=\{'nme': 'x'\} has unknown key\(s\) \['nme'\]"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0), spec={"num_warmup_steps": 2}), ValueError, "has no 'name'"),
+        (lambda opt: ScheduleLR(opt, Constant(1.0)).load_state_dict(None), TypeError, "state_dict must be a dict .*got NoneType None"),
+    ],
+)
+def test_schedule_lr_refuses_bad_input_by_name(call, error, match):
+    with pytest.raises(error, match=match):
+        call(make_optimizer("sgd"))
+
+
 def test_min_lr_is_relative_to_the_default_lr_per_group():
     """min_lr is the floor of a group at the optimizer's lr; a group at 0.2x ends at 0.2 * min_lr."""
     opt = make_optimizer()

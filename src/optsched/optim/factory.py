@@ -160,6 +160,8 @@ def get_optimizer_cls_and_kwargs(
     """
     args = _as_args(args)
     check_int("num_training_steps", num_training_steps, low=1, allow_none=True)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r:.80}.")
     name = resolve_optimizer_name(args, model)
     spec = get_optimizer_spec(name)
     if spec.needs_model and model is None:

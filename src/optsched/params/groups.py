@@ -245,6 +245,7 @@ def build_param_groups(
         ...     param_rules=[{"params": "1.*", "lr_mult": 0.5, "name": "norm"}])]
         [('decay', None, 0.01, 'policy:hf'), ('no_decay', None, 0.0, 'policy:hf'), ('norm/no_decay', 0.0005, 0.0, 'norm')]
     """
+    check_number("learning_rate", learning_rate, low=0.0, allow_none=True)  # checked even when no rule uses it
     wd = resolve_weight_decay(args, weight_decay)
     policy = _setting(decay_policy, args, "decay_policy", "hf")
     decays = resolve_decay_policy(policy)
@@ -400,6 +401,8 @@ def freeze_parameters(model: nn.Module, args: Any = None, *, param_rules: Any = 
     Raises:
         ValueError, TypeError: bad rules, or a rule that matches no parameter.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}.")
     rules = parse_param_rules(_setting(param_rules, args, "param_rules", None))
     if not any(rule.freeze for rule in rules):
         return []

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optsched._validation import check_int, check_number
-from optsched.schedules.core import Constant, Decay, Join, Ramp, Scale, Shift, Warmup, join
+from optsched.schedules.core import Constant, Decay, Join, Ramp, Scale, Shift, Warmup, _check_schedule, join
 
 __all__ = ["Continuation", "Lerp", "continue_schedule"]
 
@@ -149,6 +149,7 @@ def continue_schedule(planned: Callable[[int], float], from_step: int, multiplie
             ``multiplier < 0``.
         TypeError: ``from_step`` not an ``int`` or ``multiplier`` not a number.
     """
+    _check_schedule("planned", planned)
     s0 = check_int("from_step", from_step, low=0)
     m0 = float(check_number("multiplier", multiplier, low=0.0))
     pieces, bounds = _pieces(planned)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from optsched._validation import check_choice, check_int, check_number
+from optsched._validation import check_choice, check_int, check_number, check_step_count
 
 __all__ = [
     "DECAY_SHAPES",
@@ -126,6 +126,9 @@ class Constant:
 
     value: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_number("value", self.value, low=0.0)
+
     def __call__(self, step: int) -> float:
         return float(self.value)
 
@@ -204,6 +207,13 @@ class Decay:
         check_number("end", self.end, low=0.0, high=1.0)
         if isinstance(self.params, Mapping):
             object.__setattr__(self, "params", tuple(sorted(self.params.items())))
+        elif not isinstance(self.params, (tuple, list)) or not all(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) for pair in self.params
+        ):
+            raise TypeError(
+                f"params must be a dict or a tuple of (name, value) pairs such as (('power', 2.0),), "
+                f"got {type(self.params).__name__} {self.params!r}."
+            )
 
     def __call__(self, step: int) -> float:
         if self.num_steps == 0:
@@ -286,7 +296,27 @@ def join(schedules: Sequence[Callable[[int], float]], boundaries: Sequence[int])
         >>> [f(s) for s in range(5)]
         [0.5, 0.5, 0.5, 1.0, 1.0]
     """
-    return Join(tuple(schedules), tuple(int(b) for b in boundaries))
+    schedules = _check_sequence("schedules", schedules, "a list of schedules (callables step -> multiplier)")
+    for i, schedule in enumerate(schedules):
+        _check_schedule(f"schedules[{i}]", schedule)
+    boundaries = _check_sequence("boundaries", boundaries, "a list of steps such as [10, 100]")
+    return Join(tuple(schedules), tuple(check_step_count(f"boundaries[{i}]", b) for i, b in enumerate(boundaries)))
+
+
+def _check_sequence(field: str, value: Any, accepted: str) -> list[Any]:
+    """``value`` as a list: a list or tuple (or another non-string sequence); else a ``TypeError``."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"{field} must be {accepted}, got {type(value).__name__} {value!r}.")
+    return list(value)
+
+
+def _check_schedule(field: str, value: Any) -> None:
+    """A schedule is a callable ``step -> multiplier``; anything else is a ``TypeError`` naming it."""
+    if not callable(value):
+        raise TypeError(
+            f"{field} must be a schedule (a callable step -> multiplier such as Constant(1.0) or "
+            f"build_schedule('cosine', 10, 100)), got {type(value).__name__} {value!r}."
+        )
 
 
 def warmup_then(
@@ -296,4 +326,5 @@ def warmup_then(
 
     ``f(0) = start`` (0 by default), ``f(W) = schedule(0)``. With ``W = 0`` it is ``schedule`` itself.
     """
+    _check_schedule("schedule", schedule)
     return join([Warmup(num_warmup_steps, form, start), schedule], [num_warmup_steps])

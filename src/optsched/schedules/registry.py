@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from optsched._validation import did_you_mean
+from optsched._validation import check_choice, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def register_schedule(
 
 def list_schedulers(kind: str | None = None) -> list[str]:
     """Canonical names of the registered schedules, sorted; ``kind`` filters closed-form/metric ones."""
+    if kind is not None:
+        check_choice("kind", kind, _KINDS, what="schedule kind")
     return sorted(n for n, info in _REGISTRY.items() if kind is None or info.kind == kind)
 
 

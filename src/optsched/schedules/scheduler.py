@@ -81,6 +81,25 @@ def make_spec(
     }
 
 
+_SPEC_KEYS = ("name", "num_warmup_steps", "num_training_steps", "kwargs")
+
+
+def _check_spec(spec: Any) -> dict[str, Any]:
+    """A spec given to :class:`ScheduleLR`: a mapping with a ``name`` and only :func:`make_spec`'s keys."""
+    if not isinstance(spec, Mapping):
+        raise TypeError(
+            f"spec must be a dict such as {{'name': 'cosine', 'num_warmup_steps': 10, 'num_training_steps': 100}} "
+            f"or None, got {type(spec).__name__} {spec!r}."
+        )
+    unknown = [key for key in spec if key not in _SPEC_KEYS]
+    if unknown or "name" not in spec:
+        raise ValueError(
+            f"spec={dict(spec)!r} " + (f"has unknown key(s) {unknown!r}" if unknown else "has no 'name'")
+            + f"; accepted: a dict with 'name' and optionally {', '.join(_SPEC_KEYS[1:])}."
+        )
+    return dict(spec)
+
+
 def _check_warmup_and_total(name: str, num_warmup_steps: Any, num_training_steps: Any) -> None:
     if num_warmup_steps is not None:
         if isinstance(num_warmup_steps, float):
@@ -202,10 +221,18 @@ class ScheduleLR(LRScheduler):
         spec: Mapping[str, Any] | None = None,
         last_epoch: int = -1,
     ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if not callable(schedule):
             raise TypeError(f"schedule must be callable (step -> multiplier), got {type(schedule).__name__}.")
+        check_int("last_epoch", last_epoch, low=-1)
+        if last_epoch >= 0 and any("initial_lr" not in group for group in optimizer.param_groups):
+            raise ValueError(
+                f"last_epoch={last_epoch!r} resumes a scheduler, but the optimizer's param groups have no "
+                "'initial_lr'; accepted: last_epoch=-1 (then scheduler.load_state_dict(state) to resume)."
+            )
         self.schedule = schedule
-        self.spec = make_spec(CUSTOM) if spec is None else make_spec(**dict(spec))
+        self.spec = make_spec(CUSTOM) if spec is None else make_spec(**_check_spec(spec))
         super().__init__(optimizer, last_epoch)
 
     @classmethod
@@ -263,6 +290,11 @@ class ScheduleLR(LRScheduler):
             ValueError: the state has a ``base_lrs`` per param group and their number differs from
                 the optimizer's groups (the model or the rules changed); nothing is loaded then.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a dict (a scheduler's state_dict(), as saved in scheduler.pt), "
+                f"got {type(state_dict).__name__} {state_dict!r}."
+            )
         state = dict(state_dict)
         saved_base = state.get("base_lrs")
         if saved_base is not None and len(saved_base) != len(self.optimizer.param_groups):

@@ -244,6 +244,10 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def get_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step in ``output_dir``, or ``None``."""
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"output_dir must be a path (a str or os.PathLike), got {type(output_dir).__name__} {output_dir!r}."
+        )
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
