@@ -26,8 +26,9 @@ The class is composed of mixins, one job each: :class:`~optsched.trainer.update.
 clipping, ``optimizer.step()``, including optimizers that update inside ``backward``, see
 :func:`optimizer_update_mode`), :class:`~optsched.trainer.checkpointing.CheckpointMixin` (save and
 resume), :class:`~optsched.trainer.evaluation.EvaluationMixin` (``evaluate`` and the best metric) and
-:class:`~optsched.trainer.dataloaders.DataLoaderMixin` (the DataLoaders and the position in the data).
-This module keeps the constructor, the optimizer / scheduler factories, precision, one training step,
+:class:`~optsched.trainer.dataloaders.DataLoaderMixin` (the DataLoaders and the position in the data)
+and :class:`~optsched.trainer.reporting.ReportingMixin` (``log_metrics`` / ``save_metrics`` /
+``save_state`` of transformers' example scripts). This module keeps the constructor, the optimizer / scheduler factories, precision, one training step,
 the loop, logging and callbacks.
 
 Per-step cost: the loop does no work proportional to the number of modules. ``model.train()`` runs
@@ -82,6 +83,7 @@ from optsched.trainer.distributed import (
 )
 from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.nonfinite import NonFiniteGuard
+from optsched.trainer.reporting import ReportingMixin
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
 from optsched.trainer.update import (
@@ -176,7 +178,7 @@ def _refuse_unsupported(**given: Any) -> None:
             )
 
 
-class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin):
+class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, ReportingMixin):
     """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
 
     The optimizer is created in the constructor (``trainer.optimizer.param_groups`` can be inspected
