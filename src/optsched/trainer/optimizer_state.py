@@ -41,6 +41,8 @@ __all__ = [
     "encode_objects",
     "gc_paused",
     "load_optimizer_state",
+    "membership_parts",
+    "moved_names",
     "pack_small_tensors",
     "read_optimizer_state",
     "save_optimizer_state",
@@ -344,6 +346,38 @@ def load_optimizer_state(
         optimizer.load_state_dict(saved)
 
 
+def moved_names(removed: Sequence[str], added: Sequence[str], old_all: set[str], new_all: set[str]) -> set[str]:
+    """Of the names a param group lost (``removed``) or gained (``added``) since the checkpoint, those that
+    are in another group on the other side (``new_all`` / ``old_all``: every name of the new / saved
+    groups): moved between groups (``param_rules``, ``layerwise_lr_decay``), not frozen, unfrozen, added
+    or removed."""
+    return {n for n in removed if n in new_all} | {n for n in added if n in old_all}
+
+
+def membership_parts(
+    removed: Sequence[str], added: Sequence[str], moved: set[str], wording: tuple[str, str, str, str]
+) -> list[str]:
+    """The phrases that describe a param group whose names changed, ``"<words>: [names]"``, for the names
+    removed (in no group now), added (in no group before), removed but in another group now, and added
+    from another group (``moved``: :func:`moved_names`), in that order; ``wording`` gives the four
+    ``<words>``. Kinds without a name are left out."""
+    kinds = (
+        [n for n in removed if n not in moved],
+        [n for n in added if n not in moved],
+        [n for n in removed if n in moved],
+        [n for n in added if n in moved],
+    )
+    return [f"{words}: {names}" for words, names in zip(wording, kinds) if names]
+
+
+_LOAD_WORDING = (
+    "in the checkpoint but not trained now (frozen or removed)",
+    "trained now but not in the checkpoint (unfrozen or added)",
+    "in another group now",
+    "in another group in the checkpoint",
+)
+
+
 def check_param_groups_match(
     current_groups: Sequence[dict[str, Any]], saved_groups: Sequence[dict[str, Any]], source: str
 ) -> None:
@@ -376,18 +410,9 @@ def check_param_groups_match(
                 continue
             added = [n for n in cur_names if n not in set(old_names)]
             removed = [n for n in old_names if n not in set(cur_names)]
-            parts = []
-            if [n for n in removed if n not in cur_all]:
-                parts.append(f"in the checkpoint but not trained now (frozen or removed): {[n for n in removed if n not in cur_all]}")
-            if [n for n in added if n not in old_all]:
-                parts.append(f"trained now but not in the checkpoint (unfrozen or added): {[n for n in added if n not in old_all]}")
-            if [n for n in removed if n in cur_all]:
-                parts.append(f"in another group now: {[n for n in removed if n in cur_all]}")
-            if [n for n in added if n in old_all]:
-                parts.append(f"in another group in the checkpoint: {[n for n in added if n in old_all]}")
-            regrouped = regrouped or any(n in cur_all for n in removed) or any(n in old_all for n in added)
-            if not parts:
-                parts.append("same parameters in a different order")
+            moved = moved_names(removed, added, old_all, cur_all)
+            regrouped = regrouped or bool(moved)
+            parts = membership_parts(removed, added, moved, _LOAD_WORDING) or ["same parameters in a different order"]
             problems.append(f"{label(cur, i)}: " + "; ".join(parts))
         elif len(cur["params"]) != len(old["params"]):
             problems.append(

@@ -41,6 +41,7 @@ from optsched.arguments import LR_RESUME_POLICIES
 from optsched.schedules.continuation import Continuation, Lerp, continue_schedule  # re-exported: old home
 from optsched.schedules.scheduler import applied_lrs, set_group_lr
 from optsched.trainer.integrity import DEFAULT_VERIFY, CheckpointError, file_present, verify_file
+from optsched.trainer.optimizer_state import membership_parts, moved_names
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,13 @@ NON_SETTING_KEYS = frozenset(
      "train_mode", "step", "setup", "triton"}
 )
 _SKIP = object()
+#: How a plan difference words a group's changed parameters (see optimizer_state.membership_parts)
+_PLAN_WORDING = (
+    "in the checkpoint only (frozen or removed since)",
+    "new (unfrozen or added since)",
+    "moved to another group since",
+    "moved here from another group",
+)
 
 
 # ---- the resolved plan ----------------------------------------------------------------------------
@@ -215,16 +223,7 @@ class PlanDifference:
     def __str__(self) -> str:
         if (self.kind == "membership" and self.group is not None and isinstance(self.old, list)
                 and isinstance(self.new, list)):
-            parts = []
-            moved = set(self.moved)
-            if [n for n in self.old if n not in moved]:
-                parts.append(f"in the checkpoint only (frozen or removed since): {[n for n in self.old if n not in moved]}")
-            if [n for n in self.new if n not in moved]:
-                parts.append(f"new (unfrozen or added since): {[n for n in self.new if n not in moved]}")
-            if [n for n in self.old if n in moved]:
-                parts.append(f"moved to another group since: {[n for n in self.old if n in moved]}")
-            if [n for n in self.new if n in moved]:
-                parts.append(f"moved here from another group: {[n for n in self.new if n in moved]}")
+            parts = membership_parts(self.old, self.new, set(self.moved), _PLAN_WORDING)
             return f"{self.where}: " + ("; ".join(parts) or "same parameters in another order")
         return f"{self.where}: {self.old!r} -> {self.new!r}"
 
@@ -262,8 +261,10 @@ def _group_differences(
         if old_names != new_names:
             removed = [n for n in old_names if n not in set(new_names)]
             added = [n for n in new_names if n not in set(old_names)]
-            moved = tuple([n for n in removed if n in new_all] + [n for n in added if n in old_all])
-            diffs.append(PlanDifference("membership", f"{label} parameters", removed, added, i, moved=moved))
+            moved = moved_names(removed, added, old_all, new_all)
+            diffs.append(PlanDifference(
+                "membership", f"{label} parameters", removed, added, i, moved=tuple(n for n in removed + added if n in moved)
+            ))
     elif old.get("num_params") != new.get("num_params"):
         where = f"{label} number of parameters"
         diffs.append(PlanDifference("membership", where, old.get("num_params"), new.get("num_params"), i))
