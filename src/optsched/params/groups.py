@@ -37,10 +37,10 @@ from optsched._validation import check_number
 from optsched.params.classify import ParamInfo, classify_parameters, unwrap_compiled
 from optsched.params.layers import (
     LayerIdFn,
-    assign_layer_ids,
     check_layerwise_lr_decay,
     layer_lr_scale,
     resolve_layer_id_fn,
+    trainable_layer_ids,
 )
 from optsched.params.policies import DecayPolicy, resolve_decay_policy
 from optsched.params.rules import ParamRule, match_rules, parse_param_rules
@@ -279,7 +279,8 @@ def build_param_groups(
             [info.name for info in infos if info.frozen],
         )
         if decay is not None:
-            layers, num_layers = _trainable_layer_ids(infos, trainable, id_fn)
+            by_index, num_layers = trainable_layer_ids(infos, id_fn)  # frozen blocks count too
+            layers = [by_index[info.index] for info in trainable]
         else:
             layers, num_layers = [None] * len(trainable), 0
         # One (name, settings) per (rule, decision, layer), shared by identity so that grouping
@@ -306,20 +307,6 @@ def build_param_groups(
         sum(1 for info in infos if info.alias_of is None and info.frozen),
     )
     return groups
-
-
-def _trainable_layer_ids(
-    infos: list[ParamInfo], trainable: list[ParamInfo], id_fn: LayerIdFn | None
-) -> tuple[list[int], int]:
-    """The layer id of each trainable record and ``L``, numbered over every tensor of the model.
-
-    Frozen tensors count (their blocks are blocks of the model), so freezing a block changes no other
-    lr, and ``build_param_groups`` gives the same groups before and after ``freeze_parameters``.
-    """
-    firsts = [info for info in infos if info.alias_of is None]
-    ids, num_layers = assign_layer_ids(firsts, id_fn)
-    by_index = {info.index: layer for info, layer in zip(firsts, ids)}
-    return [by_index[info.index] for info in trainable], num_layers
 
 
 def _setting(value: Any, args: Any, field: str, default: Any) -> Any:

@@ -57,6 +57,7 @@ __all__ = [
     "infer_block_index",
     "layer_lr_scale",
     "resolve_layer_id_fn",
+    "trainable_layer_ids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,26 @@ def get_layer_ids(model: nn.Module, layer_id_fn: LayerIdFn | str | None = None) 
     Raises:
         ValueError: no layer found (see :func:`assign_layer_ids`); a bad ``layer_id_fn`` path.
     """
-    infos = [i for i in classify_parameters(model) if i.alias_of is None]
-    ids, _ = assign_layer_ids(infos, resolve_layer_id_fn(layer_id_fn))  # frozen blocks count (module docstring)
-    return {info.name: layer for info, layer in zip(infos, ids) if not info.frozen}
+    infos = classify_parameters(model)
+    by_index, _ = trainable_layer_ids(infos, resolve_layer_id_fn(layer_id_fn))
+    return {info.name: by_index[info.index] for info in infos if info.index in by_index and info.alias_of is None}
+
+
+def trainable_layer_ids(
+    infos: Sequence[ParamInfo], layer_id_fn: LayerIdFn | None = None
+) -> tuple[dict[int, int], int]:
+    """The layer id of each trainable tensor, by its ``ParamInfo.index``, and ``L``.
+
+    The ids and ``L`` are numbered over every tensor of the model (the first name of each), frozen ones
+    included (see the module docstring): freezing a block changes no other lr.
+
+    Args:
+        infos: :func:`optsched.params.classify_parameters` of the model (every record).
+        layer_id_fn: as for :func:`assign_layer_ids`.
+
+    Raises:
+        ValueError: no record is in a block (see :func:`assign_layer_ids`).
+    """
+    firsts = [info for info in infos if info.alias_of is None]
+    ids, num_layers = assign_layer_ids(firsts, layer_id_fn)
+    return {info.index: layer for info, layer in zip(firsts, ids) if not info.frozen}, num_layers
