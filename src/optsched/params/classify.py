@@ -14,7 +14,7 @@ path below the model is an ``nn.LayerNorm`` (or subclass), or its lower-cased fu
 ``bias`` (as a substring), ``layernorm`` or ``rmsnorm``, or has ``norm`` as a whole component or a
 component ending in ``_norm``. The ``"hf"`` policy applies it to every parameter inside a transformers
 model (a ``PreTrainedModel``: ``ParamInfo.in_transformers_model``), so that the groups, and the optimizer states built on
-them, are transformers' own on every model it ships (``benchmarks/hf_grouping_sweep.py`` compares
+them, are transformers' own on every model it ships (``tests/params/hf_grouping_sweep.py`` compares
 them over ~1,000 model classes).
 
 **The robust rule** (``ParamInfo.is_norm`` / ``is_bias``), for every other module, where names follow

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from optsched._validation import check_number
-from optsched.schedules.scheduler import set_group_lr
+from optsched.schedules.scheduler import check_state_groups, set_group_lr
 
 logger = logging.getLogger(__name__)
 
@@ -265,14 +265,7 @@ class GreedyLR(ReduceLROnPlateau):
             ValueError: the state's per-group lists (``min_lrs``, ``max_lrs``, ``_last_lr``,
                 ``_init_lrs``) are for another number of param groups; nothing is loaded then.
         """
-        groups = len(self.optimizer.param_groups)
-        for key in ("min_lrs", "max_lrs", "_last_lr", "_init_lrs"):
-            saved = state_dict.get(key)
-            if saved is not None and len(saved) != groups:
-                raise ValueError(
-                    f"the GreedyLR state has {key} for {len(saved)} param group(s), but the optimizer has "
-                    f"{groups}; accepted: a state saved with the same param groups."
-                )
+        check_state_groups("GreedyLR", state_dict, ("min_lrs", "max_lrs", "_last_lr", "_init_lrs"), self.optimizer)
         for key in _STATE_KEYS:
             if key in state_dict:
                 setattr(self, key, copy.copy(state_dict[key]))

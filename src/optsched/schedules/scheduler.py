@@ -13,7 +13,7 @@ import copy
 import inspect
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,11 +34,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ScheduleLR",
+    "applied_lrs",
     "build_schedule",
+    "check_state_groups",
     "create_scheduler",
     "get_scheduler",
     "is_metric_scheduler",
-    "applied_lrs",
     "make_spec",
     "set_group_lr",
 ]
@@ -61,6 +62,25 @@ def applied_lrs(optimizer: Optimizer) -> list[Any]:
     """Each group's lr as torch's schedulers record it in ``_last_lr`` (``get_last_lr()``): a tensor lr as a
     copy of the value the optimizer applies (rounded to its dtype), a number as it is."""
     return [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+
+
+def check_state_groups(
+    owner: str, state_dict: Mapping[str, Any], keys: Sequence[str], optimizer: Optimizer, why: str = ""
+) -> None:
+    """Refuse a scheduler state whose per-group lists (``keys``) are for another number of param groups
+    than ``optimizer`` has, before anything is loaded (torch would pair them with the groups by position).
+
+    Raises:
+        ValueError: naming ``owner``'s key and both counts (``why``: a hint on what changes the groups).
+    """
+    groups = len(optimizer.param_groups)
+    for key in keys:
+        saved = state_dict.get(key)
+        if saved is not None and len(saved) != groups:
+            raise ValueError(
+                f"the {owner} state has {key} for {len(saved)} param group(s), but the optimizer has {groups}; "
+                f"accepted: a state saved with the same param groups{why}."
+            )
 
 
 def make_spec(
@@ -296,13 +316,10 @@ class ScheduleLR(LRScheduler):
                 f"got {type(state_dict).__name__} {state_dict!r}."
             )
         state = dict(state_dict)
-        saved_base = state.get("base_lrs")
-        if saved_base is not None and len(saved_base) != len(self.optimizer.param_groups):
-            raise ValueError(
-                f"the scheduler state has base_lrs for {len(saved_base)} param group(s), but the optimizer "
-                f"has {len(self.optimizer.param_groups)}; accepted: a state saved with the same param groups "
-                "(a changed model, param_rules or layerwise_lr_decay changes them)."
-            )
+        check_state_groups(
+            "scheduler", state, ("base_lrs",), self.optimizer,
+            " (a changed model, param_rules or layerwise_lr_decay changes them)",
+        )
         saved_spec = state.pop("spec", None)
         state.pop("schedule", None)
         state.pop("lr_lambdas", None)  # LambdaLR's (transformers' schedules), or this class's placeholder
