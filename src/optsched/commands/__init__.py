@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "cannot_write", "spellings", "write_png"]
+__all__ = ["UsageError", "cannot_write", "chart_flags", "spellings", "write_png"]
 
 
 def spellings(*names: str) -> list[str]:
@@ -54,3 +54,18 @@ def write_png(curves, png, **kwargs):
         return save_png(curves, png, **kwargs)
     except OSError as exc:
         raise cannot_write("--png", png, exc, "a PNG file in a folder you can write to") from None
+
+
+def chart_flags(cfg):
+    """``--width``, ``--height`` and ``--png`` of a command that draws, checked before any work is done or
+    anything printed (``ascii_chart``'s limits; ``render.png_path``); returns the PNG path or ``None``.
+
+    Raises:
+        ValueError: a width or height below 2, or a ``--png`` name that is refused, naming the flag.
+    """
+    from optsched._validation import check_int
+    from optsched.schedules.render import png_path
+
+    check_int("--width", cfg.width, low=2)
+    check_int("--height", cfg.height, low=2)
+    return png_path(cfg.png, "--png") if cfg.png is not None else None

@@ -152,11 +152,11 @@ def run(cfg: Any) -> int:
     from torch import nn
 
     from optsched._validation import check_int
-    from optsched.commands import write_png
+    from optsched.commands import chart_flags, write_png
     from optsched.optim import create_optimizer
     from optsched.plan import explain
     from optsched.schedules import create_scheduler
-    from optsched.schedules.render import ascii_chart, png_path
+    from optsched.schedules.render import ascii_chart
 
     args = training_arguments_from_cfg(cfg)
     steps = cfg.steps if cfg.steps is not None else (args.max_steps if args.max_steps > 0 else None)
@@ -166,9 +166,7 @@ def run(cfg: Any) -> int:
             f"{args.max_steps!r}; accepted: --steps T or --max_steps T (an integer >= 1)."
         )
     steps = check_int("--steps", steps, low=1)
-    check_int("--width", cfg.width, low=2)  # ascii_chart's limits, checked before anything is printed
-    check_int("--height", cfg.height, low=2)
-    png = png_path(cfg.png, "--png") if cfg.png is not None else None  # refused before any work
+    png = chart_flags(cfg)  # refused before any work
     model = load_factory(cfg.model)()
     if not isinstance(model, nn.Module):
         raise TypeError(f"--model={cfg.model!r} returned a {type(model).__name__}, not a torch.nn.Module.")

@@ -88,11 +88,11 @@ def run(cfg: Any) -> int:
     """Build the schedule, print the chart and the lr at the key steps; write the PNG if asked."""
     import torch
 
-    from optsched._validation import check_int, check_number
-    from optsched.commands import write_png
+    from optsched._validation import check_number
+    from optsched.commands import chart_flags, write_png
     from optsched.schedules import get_schedule_info, get_scheduler
     from optsched.schedules.registry import METRIC
-    from optsched.schedules.render import ascii_chart, format_key_points, key_points, png_path
+    from optsched.schedules.render import ascii_chart, format_key_points, key_points
     from optsched.schedules.sampling import critical_steps, sample_steps
 
     info = get_schedule_info(cfg.name)  # ValueError with "did you mean" for an unknown name
@@ -102,9 +102,7 @@ def run(cfg: Any) -> int:
             "has no fixed curve to draw; pick a closed-form schedule such as linear or cosine."
         )
     lr = check_number("--lr", cfg.lr, low=0.0, low_open=True)
-    check_int("--width", cfg.width, low=2)  # ascii_chart's limits, checked before anything is printed
-    check_int("--height", cfg.height, low=2)
-    png = png_path(cfg.png, "--png") if cfg.png is not None else None  # refused before any work
+    png = chart_flags(cfg)  # refused before any work
     kwargs = parse_kw(cfg.kw)
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr)
