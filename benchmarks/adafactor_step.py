@@ -4,7 +4,7 @@ transformers' ``Adafactor.step`` loops over parameters in Python and, per matrix
 passes over matrix-sized memory, mostly over four freshly allocated temporaries;
 ``optsched.optim.Adafactor`` reads the gradient twice and the parameter once or twice, writes the
 parameter once, keeps its one temporary in a cache-resident workspace (``g**2``, reduced by a row sum
-and two GEMVs, then the outer product of the row and column factors), and updates the vectors with
+and one GEMM, then ``g`` times the column factor), and updates the vectors with
 ``torch._foreach_*``. The work is memory-bound, so the ratio follows the memory traffic.
 
 The model is 12 blocks of three matrices (1024x1024, 1024x1536, 1536x1024) with their biases and

@@ -9,6 +9,7 @@ import math
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -190,8 +191,20 @@ def test_fast_path_in_float64_matches_reference():
 LARGE_SHAPES = [(384, 256), (256, 384), (2, 160, 96), (256,)]
 
 
+@pytest.fixture
+def torch_threads(request):
+    """Run the test with ``torch.set_num_threads(request.param)``, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# 2 threads: the column sums and the update's norm go through the row-block split of
+# `_weighted_column_sums` (384 and 256 rows split evenly); 1 thread: one matmul.
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("config", ["defaults", "external_lr_no_scale", "beta1_wd_external"])
-def test_large_matrices_match_transformers_and_the_reference(config):
+def test_large_matrices_match_transformers_and_the_reference(config, torch_threads):
     kwargs = CONFIGS[config]
     ours_params, hf_params = _params(LARGE_SHAPES), _params(LARGE_SHAPES)
     ref = [p.detach().clone() for p in ours_params]
@@ -209,6 +222,24 @@ def test_large_matrices_match_transformers_and_the_reference(config):
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
             if key in ours.state[p_ours]:
                 torch.testing.assert_close(ours.state[p_ours][key], hf.state[p_hf][key], rtol=1e-5, atol=0.0)
+
+
+BMM = torch.bmm
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2, 3, 4], indirect=True)
+@pytest.mark.parametrize("shape", [(384, 256), (385, 256), (128, 7), (2, 160, 96)])
+def test_weighted_column_sums_is_the_matmul(shape, torch_threads):
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.rand(shape, generator=gen)
+    weights = torch.rand(*shape[:-2], 2, shape[-2], generator=gen)
+    bmm_calls = []
+    with mock.patch.object(torch, "bmm", side_effect=lambda *a: bmm_calls.append(1) or BMM(*a)):
+        result = adafactor_module._weighted_column_sums(weights, matrix)
+    torch.testing.assert_close(result, torch.matmul(weights.double(), matrix.double()).float(), rtol=1e-5, atol=0)
+    # The row-block split runs where the rows divide evenly, at least 64 per thread, on 2-D matrices.
+    splits = len(shape) == 2 and torch_threads > 1 and shape[0] % torch_threads == 0 and shape[0] >= 64 * torch_threads
+    assert bool(bmm_calls) == splits
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))

@@ -32,23 +32,28 @@ Two implementations live here:
   written as the formulas above; the tests hold the fast path to it and to transformers.
 * :class:`Adafactor`, the fast path. transformers' loop makes about 21 passes over a matrix-sized
   memory per step, most of them over four freshly allocated temporaries. This one reads the gradient
-  twice from memory, reads the parameter once (twice with ``scale_parameter``, for its RMS) and
-  writes it once; the rest happens in one matrix-sized workspace, reused from matrix to matrix so
-  that it stays in cache, and freed after the step. Per matrix: ``S = g**2`` into the workspace; row
-  sums of ``S``, column sums as a GEMV (``ones @ S``); the update's RMS as a second GEMV,
-  ``||u||**2 = sum_i r_i**2 (S @ (1 / col))_i`` (no scaled copy of ``g``, no norm over it); then the
-  workspace becomes the outer product of the per-row factor (row factor, learning rate and clipping
-  folded into one vector) and the column factor, and ``p.addcmul_(g, outer, value=-1)`` applies the
-  update in one pass. Vectors go through ``torch._foreach_*`` kernels, a whole group at once. fp32
+  and the parameter once each from memory and writes the parameter once; the second reads of each
+  and the rest happen in cache, matrix by matrix, with one matrix-sized workspace reused from matrix
+  to matrix and freed after the step. Per matrix: ``||p||**2`` (a BLAS dot, with
+  ``scale_parameter``) right before its update, so that ``p`` is still in cache when the update
+  reads it; ``S = g**2`` into the workspace; its row sums, which give the row factor ``r``; then one
+  GEMM over ``S`` for both the column sums and the update's RMS,
+  ``[1; r**2] @ S`` and ``||u||**2 = sum_j (sum_i r_i**2 S_ij) / col_j`` (no scaled copy of ``g``,
+  no norm over it); then the workspace becomes ``g * rsqrt(col)`` and
+  ``p.addcmul_(g * rsqrt(col), lr_t * r / clip)`` applies the update in one pass, the per-row
+  factor broadcast. Vectors go through ``torch._foreach_*`` kernels, a whole group at once. fp32
   parameters are updated in place; fp16/bf16 ones through an fp32 copy with fp32 state, as
   transformers does.
 
-Speed (``python -m benchmarks.adafactor_step --threads 1``: 50.4M fp32 parameters, one CPU thread):
-the passes above are what an eager implementation cannot avoid (the clipping factor needs every
-row before any element is updated, so ``g`` is read twice); the two memory-bound kernels
-(``g * g`` and the ``addcmul_``) run at the machine's streaming rate, and the cache-resident passes
-(two GEMVs, a row sum, the outer product) cost about 30% of the step. With ``beta1`` the update is
-materialised in the workspace and the first moment takes one ``lerp_`` pass instead of two.
+Speed (``python -m benchmarks.adafactor_step``: 50.4M fp32 parameters, 2 CPU threads): the passes
+above are what an eager implementation cannot avoid (the clipping factor needs every row before any
+element is updated, so ``g`` is read twice); the streaming reads (``g * g``, the dot) run at the
+machine's memory rate, and the passes in cache and the ~40 small tensor ops per matrix are the rest.
+Two changes gave 0.83 of the earlier step with transformers' defaults (23.0 ms against 27.6 ms side
+by side, 0.89 in the benchmark's alternation): the two GEMVs, which MKL runs on one thread, became
+one GEMM split by rows over the threads; and the parameter's RMS moved from one ``_foreach_norm``
+over the whole group before the step to a dot right before each matrix's update. With ``beta1`` the
+update is materialised in the workspace and the first moment takes one ``lerp_`` pass instead of two.
 ``torch.compile`` of the same steps was measured slower on CPU (its kernels read ``g`` three times),
 so it is not used. ``Adafactor(..., fused=True)`` (opt-in) hands fp32 CPU matrices to a C++ kernel
 instead (:mod:`optsched.optim.adafactor_fused`): one pass over ``g`` (and ``p``) for the statistics,
@@ -271,11 +276,30 @@ def _foreach_rsqrt(tensors: list[Tensor]) -> list[Tensor]:
     return fused(tensors) if fused is not None else [t.rsqrt() for t in tensors]
 
 
+def _weighted_column_sums(weights: Tensor, matrix: Tensor) -> Tensor:
+    """``weights @ matrix`` for a few weight rows (``(..., k, R) @ (..., R, C)``), on every CPU thread.
+
+    MKL runs a GEMM this thin on one thread (about 78 us per weight row for a 1536x1024 fp32 matrix in
+    cache, the same on 1 or 2 threads). Split into one row block per thread, a batched GEMM spreads it
+    over the threads and the partial sums are added: 0.55 of the time on 2 threads. Elsewhere (a
+    GPU, one thread, rows that do not split evenly, stacks of matrices) it is one ``matmul``.
+    """
+    threads = torch.get_num_threads()
+    n_rows = matrix.shape[-2]
+    if matrix.device.type != "cpu" or matrix.dim() != 2 or threads < 2 or n_rows % threads or n_rows < 64 * threads:
+        return torch.matmul(weights, matrix)
+    block = n_rows // threads
+    # (threads, k, block) @ (threads, block, C) -> (threads, k, C), summed over the blocks.
+    split_weights = weights.view(weights.shape[0], threads, block).transpose(0, 1)
+    return torch.bmm(split_weights, matrix.view(threads, block, matrix.shape[-1])).sum(dim=0)
+
+
 class _Workspace:
     """Scratch tensors of one step, by (device, dtype), reused from matrix to matrix, then dropped.
 
     ``buffer``: the one full-size temporary of a matrix update (sized for the largest matrix, so it
-    is allocated once and stays in cache); ``ones``: the vector that turns column sums into a GEMV.
+    is allocated once and stays in cache); ``ones``: the first row of the weights whose GEMM with ``g**2``
+    gives the column sums (:func:`_weighted_column_sums`).
     """
 
     def __init__(self) -> None:
@@ -563,6 +587,31 @@ class Adafactor(Optimizer):
             slot.state["RMS"] = value
         return rms.clamp(min=group["eps"][1]).mul_(rel_t)
 
+    @staticmethod
+    def _matrix_learning_rate(group: dict[str, Any], slot: _Slot) -> Tensor | float:
+        """``lr_t`` of one matrix, its RMS taken right before its own update.
+
+        Read there, the parameter is still in cache when the update reads it again, so it costs one
+        pass from memory per step instead of two; and a BLAS ``dot`` (``||p||**2``) streams faster
+        than torch's norm kernel. Together 10-12% of the step with ``scale_parameter`` (50M fp32
+        parameters, this project's CPU). The dot sums in another order than transformers'
+        ``p.norm(2)``: within 1e-5 relative (closer to the exact value than torch's fp32 norm here).
+        """
+        rel = relative_step_size(
+            slot.step, lr=group["lr"], relative_step=group["relative_step"], warmup_init=group["warmup_init"]
+        )
+        if not group["scale_parameter"]:
+            return rel
+        p = slot.p32
+        if p.is_contiguous() and p.is_floating_point():
+            flat = p.view(-1)
+            norm = torch.dot(flat, flat).sqrt_()
+        else:
+            norm = torch.linalg.vector_norm(p)
+        rms = norm.mul_(_inv_sqrt_numel(p))
+        slot.state["RMS"] = rms
+        return rms.clamp(min=group["eps"][1]).mul_(rel)
+
     def _update(self, group: dict[str, Any], slots: list[_Slot], workspace: _Workspace) -> None:
         if group.get("fused", False):
             from optsched.optim.adafactor_fused import eligible
@@ -576,35 +625,33 @@ class Adafactor(Optimizer):
             slots = rest
         if not slots:
             return
-        lrs = self._learning_rates(group, slots)
-        matrices = [(i, s) for i, s in enumerate(slots) if s.g32.dim() >= 2]
-        vectors = [(i, s) for i, s in enumerate(slots) if s.g32.dim() < 2]
+        matrices = [s for s in slots if s.g32.dim() >= 2]
+        vectors = [s for s in slots if s.g32.dim() < 2]
         if matrices:
-            largest = max(s.g32.numel() for _, s in matrices)
-            rows = max(s.g32.shape[-2] for _, s in matrices)
-            for i, slot in matrices:
+            largest = max(s.g32.numel() for s in matrices)
+            rows = max(s.g32.shape[-2] for s in matrices)
+            for slot in matrices:
                 work = workspace.buffer(slot.g32, largest)
                 ones = workspace.ones(slot.g32, rows)
-                self._update_factored(group, slot, lrs[i], work, ones)
+                self._update_factored(group, slot, work, ones)
         if vectors:
-            self._update_unfactored(group, [s for _, s in vectors], lrs[[i for i, _ in vectors]])
+            self._update_unfactored(group, vectors, self._learning_rates(group, vectors))
 
     @staticmethod
-    def _update_factored(
-        group: dict[str, Any], slot: _Slot, lr: Tensor, buffer: Tensor, ones: Tensor
-    ) -> None:
+    def _update_factored(group: dict[str, Any], slot: _Slot, buffer: Tensor, ones: Tensor) -> None:
         """One matrix (or stack of matrices): two passes over ``g``, one over ``p``, the rest in cache.
 
         With ``S = g**2`` (in the workspace), ``r`` the row factor and ``c = rsqrt(col)``:
 
-        * statistics: ``S.sum(-1)`` and ``ones @ S`` (a GEMV: torch's strided ``sum(dim=-2)`` is about
-          three times slower on CPU);
-        * update RMS: ``||u||**2 = sum_i r_i**2 * (S @ (1 / col))_i``, a second GEMV over ``S`` instead
-          of materialising ``g * c`` and taking its norm;
-        * the update: the workspace is overwritten with the outer product ``coef_i * c_j`` (``coef``
-          = ``lr_t * r / clip``) and ``p`` gets one ``addcmul_(g, outer)``: g, p and the workspace read
-          once, p written once. With ``beta1`` the workspace becomes the update ``u = outer * g`` and
-          ``exp_avg.lerp_(u, 1 - beta1)`` is the one pass over the first moment.
+        * statistics: ``S.sum(-1)``, which gives ``r``; then the column sums and the update's squared
+          norm from one GEMM over ``S`` (:func:`_weighted_column_sums`):
+          ``[1; r**2] @ S = [sum_i S_ij; sum_i r_i**2 S_ij]`` and
+          ``||u||**2 = sum_j (sum_i r_i**2 S_ij) / col_j``: no scaled copy of ``g``, one read of ``S``
+          where two GEMVs read it twice (about 0.55 of their time on 2 threads);
+        * the update: the workspace is overwritten with ``g * c`` and ``p`` gets one
+          ``addcmul_(g * c, coef)``, ``coef = lr_t * r / clip`` broadcast over the columns: g and the
+          workspace read once, p read and written once. With ``beta1`` the workspace becomes the
+          update ``u`` and ``exp_avg.lerp_(u, 1 - beta1)`` is the one pass over the first moment.
         """
         g, p, state = slot.g32, slot.p32, slot.state
         n_rows, n_cols = max(g.shape[-2], 1), max(g.shape[-1], 1)  # max: an empty tensor divides by 1
@@ -617,20 +664,19 @@ class Adafactor(Optimizer):
         # mean(g**2 + eps1) over a dim == sum of squares / size + eps1, so eps1 is added to the small
         # statistics, not to a full-size tensor.
         squared = torch.mul(g, g, out=work)
-        row_sums = squared.sum(dim=-1)
-        col_sums = torch.matmul(ones[: g.shape[-2]], squared)
-        row.mul_(beta2t).add_(row_sums, alpha=rho / n_cols).add_(rho * eps1)
-        col.mul_(beta2t).add_(col_sums, alpha=rho / n_rows).add_(rho * eps1)
-
+        row.mul_(beta2t).add_(squared.sum(dim=-1), alpha=rho / n_cols).add_(rho * eps1)
         row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()
-        # sum_j g_ij**2 / col_j: the squared row norms of g * rsqrt(col), straight from S.
-        row_sq_norms = torch.matmul(squared, col.reciprocal().unsqueeze(-1)).squeeze(-1)
-        update_sq_norm = row_factor.square().mul_(row_sq_norms).sum()
+
+        weights = torch.stack((ones[: g.shape[-2]].expand_as(row_factor), row_factor.square()), dim=-2)
+        col_sums, weighted = _weighted_column_sums(weights, squared).unbind(dim=-2)
+        col.mul_(beta2t).add_(col_sums, alpha=rho / n_rows).add_(rho * eps1)
+        update_sq_norm = weighted.div_(col).sum()
         clip = (update_sq_norm.sqrt_() * (_inv_sqrt_numel(g) / group["clip_threshold"])).clamp_(min=1.0)
-        # Everything per row folded into one vector (lr_t * row_factor / clip); its outer product with
-        # the column factor replaces S in the workspace.
+        lr = Adafactor._matrix_learning_rate(group, slot)
+        # Everything per row folded into one vector (lr_t * row_factor / clip), broadcast over the
+        # columns; the column factor is applied to g in the workspace (S is no longer needed).
         coef = row_factor.mul_(lr / clip).unsqueeze(-1)
-        scale = torch.mul(coef, col.rsqrt().unsqueeze(-2), out=work)
+        scaled = torch.mul(g, col.rsqrt().unsqueeze(-2), out=work)
 
         if group["weight_decay"] != 0:
             # transformers' exact expression: p + (-wd * lr_t) * p rounds like it, unlike p * (1 - wd*lr_t).
@@ -640,10 +686,10 @@ class Adafactor(Optimizer):
             # The update itself in the workspace, so that the first moment takes one pass:
             # lerp(m, u, 1 - beta1) = beta1 * m + (1 - beta1) * u (transformers: mul_ then add_, two).
             exp_avg = state["exp_avg"]
-            exp_avg.lerp_(scale.mul_(g), 1.0 - beta1)
+            exp_avg.lerp_(scaled.mul_(coef), 1.0 - beta1)
             p.sub_(exp_avg)
         else:
-            p.addcmul_(g, scale, value=-1.0)
+            p.addcmul_(scaled, coef, value=-1.0)
 
     @staticmethod
     def _update_fused(group: dict[str, Any], slot: _Slot) -> None:

@@ -1,9 +1,10 @@
 """A fused CPU kernel for Adafactor's matrix update: ``Adafactor(..., fused=True)``, opt-in.
 
 The eager step (:class:`optsched.optim.adafactor.Adafactor`) makes, per matrix, two passes over the
-gradient and one over the parameter from memory, plus six passes over a cache-resident workspace
-(``g**2``, its row sums, two GEMVs, the outer product of the factors); those cache passes are ~40% of
-its time on CPU (BENCHMARKS.md). Here each matrix takes two passes and nothing else:
+gradient and one over the parameter from memory, plus five passes over a cache-resident workspace
+(``g**2``, its row sums, one GEMM for the column sums and the update's norm, ``g * rsqrt(col)``,
+the update); those cache passes and the small ops around them are most of its time on CPU
+(BENCHMARKS.md). Here each matrix takes two passes and nothing else:
 
 * ``stats``: one pass over ``g`` (and ``p``, when ``scale_parameter`` needs its RMS). Row by row: the
   row's sum of squares, so its new second moment ``row_i`` at once, then, from the row still in L1,
