@@ -47,7 +47,7 @@ def test_defaults_match_transformers_5():
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
         "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
-        "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
+        "average_tokens_across_devices": True, "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
         "run_name": None,
         # optsched's own (OPTSCHED_ONLY_FIELDS)
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,

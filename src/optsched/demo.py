@@ -265,7 +265,14 @@ class TinyBertForSequenceClassification(nn.Module):
         logits = self.classifier(self.dropout(self.bert(input_ids)))
         out = ModelOutput(logits=logits)
         if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
+            # transformers' loss (fixed_cross_entropy): with the step's label count from the Trainer
+            # (num_items_in_batch), the sum over this batch divided by it, so that under gradient
+            # accumulation each example weighs the same; else the batch mean.
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is None:
+                out["loss"] = F.cross_entropy(logits, labels)
+            else:
+                out["loss"] = F.cross_entropy(logits, labels, reduction="sum") / num_items
         return out
 
 

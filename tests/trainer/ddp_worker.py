@@ -1,6 +1,7 @@
 """Run by test_trainer_ddp.py under ``torchrun --nproc_per_node=2`` (gloo on CPU); not a test module.
 
-Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR
+Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR [tokens]
+(``tokens``: a model normalising its loss by ``num_items_in_batch``, labels partly ignored)
 Rank 0 writes OUTPUT_DIR/ddp_result.json (loss per step and final weights).
 """
 
@@ -29,16 +30,40 @@ class RegressorWithAnUnusedLayer(TinyRegressor):
         self.unused = torch.nn.Linear(2, 2)
 
 
-def run(output_dir: str, batch_size: int) -> Trainer:
+class TokenRegressor(TinyRegressor):
+    """Takes loss kwargs: its loss is the squared error summed over the labels that are not -100, divided
+    by the Trainer's ``num_items_in_batch`` (the step's count over every process), like a transformers
+    model's ``fixed_cross_entropy``."""
+
+    def forward(self, x, labels=None, **kwargs):
+        out = {"logits": self.out(self.drop(torch.relu(self.norm(self.inp(x))))).squeeze(-1)}
+        if labels is not None:
+            kept = labels != -100
+            total = ((out["logits"] - labels) ** 2 * kept).sum()
+            num_items = kwargs.get("num_items_in_batch")
+            out["loss"] = total / (kept.sum() if num_items is None else num_items)
+        return out
+
+
+def masked_regression_data(n: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Every third label ignored (-100): the two ranks of a step hold different numbers of labels."""
+    data = make_regression_data(n)
+    for i in range(0, n, 3):
+        data[i]["labels"] = torch.tensor(-100.0)
+    return data
+
+
+def run(output_dir: str, batch_size: int, tokens: bool = False) -> Trainer:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = RegressorWithAnUnusedLayer()
+    model = TokenRegressor() if tokens else RegressorWithAnUnusedLayer()
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=DDP_STEPS, learning_rate=1e-2,
         logging_steps=1, save_strategy="steps", save_steps=DDP_STEPS, disable_tqdm=True, use_cpu=True,
         report_to="none",
     )
-    trainer = Trainer(model, args, train_dataset=make_regression_data(32))
+    data = masked_regression_data(32) if tokens else make_regression_data(32)
+    trainer = Trainer(model, args, train_dataset=data)
     trainer.train()
     return trainer
 
@@ -55,7 +80,7 @@ def result(trainer: Trainer) -> dict:
 
 if __name__ == "__main__":
     out = sys.argv[1]
-    trainer = run(out, batch_size=4)
+    trainer = run(out, batch_size=4, tokens=sys.argv[2:] == ["tokens"])
     if trainer.is_world_process_zero():
         with open(os.path.join(out, "ddp_result.json"), "w") as f:
             json.dump(result(trainer), f)

@@ -9,32 +9,12 @@ import torch
 from torch import nn
 
 from optsched.trainer import checkpoint as ckpt
+from trainer_helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 transformers = pytest.importorskip("transformers")
 
 
-def _gpt2():
-    # no dropout, here and in T5: two Trainers draw their masks from the global RNG at different times
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0))
-
-
-def _t5():
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50, decoder_start_token_id=0,
-        dropout_rate=0.0))
-
-
-def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
-        vocab_size=50, tie_word_embeddings=True))
-
-
-def _bert():
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+_gpt2, _t5, _llama, _bert = tiny_gpt2, tiny_t5, tiny_llama, tiny_bert
 
 
 TIED = {"gpt2": _gpt2, "t5": _t5, "llama": _llama}

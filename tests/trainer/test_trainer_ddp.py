@@ -22,7 +22,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("tokens", [False, True], ids=["mean-loss", "num-items-in-batch"])
+def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
+    # tokens: the model divides its summed loss by num_items_in_batch, counted over both processes
+    # (average_tokens_across_devices), and the ranks of a step hold different numbers of labels: each
+    # label weighs the same as in one process only if the count is global and the loss x 2 undoes DDP's mean
     sys.path.insert(0, str(HERE))
     from ddp_worker import DDP_STEPS, result, run
 
@@ -31,12 +35,13 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(out),
+        *(["tokens"] if tokens else []),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = json.loads((out / "ddp_result.json").read_text())
 
-    single = result(run(str(tmp_path / "single"), batch_size=8))
+    single = result(run(str(tmp_path / "single"), batch_size=8, tokens=tokens))
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert len(ddp["losses"]) == DDP_STEPS
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from optsched.trainer.data import (
     EpochSampler,
     ShardedIterable,
-    count_label_items,
     iter_update_groups,
     move_to_device,
     plan_training,
@@ -191,8 +190,6 @@ def test_split_inputs_and_label_count():
     assert split_model_inputs([x, y], take_labels=False)[0] == (x, y)
     with pytest.raises(ValueError, match="cannot feed compute_loss_func"):
         split_model_inputs((x,), take_labels=True)
-    assert count_label_items([{"labels": y}, (x, torch.tensor([3, 4, 5]))]) == 4
-    assert count_label_items([x]) is None
     moved = move_to_device({"a": [x, (y,)], "b": 1}, torch.device("cpu"))
     assert moved["b"] == 1 and torch.equal(moved["a"][1][0], y)
 

@@ -1,4 +1,5 @@
-"""A tiny regression model and its data, built in code (shared by conftest.py and ddp_worker.py)."""
+"""A tiny regression model and its data, built in code (shared by conftest.py and ddp_worker.py), and tiny
+transformers models (GPT-2, T5, Llama with tied embeddings, BERT classifier; transformers imported on call)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,38 @@ def make_regression_data(n: int = 32, in_features: int = 4, seed: int = 0) -> li
     x = torch.randn(n, in_features, generator=g)
     y = x.sum(-1) + 0.1 * torch.randn(n, generator=g)
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+# ---- tiny transformers models (no dropout: two Trainers draw their masks from the global RNG at
+# different times) ------------------------------------------------------------------------------------
+
+
+def tiny_gpt2() -> nn.Module:
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0))
+
+
+def tiny_t5() -> nn.Module:
+    import transformers
+
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50, decoder_start_token_id=0,
+        dropout_rate=0.0))
+
+
+def tiny_llama() -> nn.Module:
+    import transformers
+
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+        vocab_size=50, tie_word_embeddings=True))
+
+
+def tiny_bert() -> nn.Module:
+    import transformers
+
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50))

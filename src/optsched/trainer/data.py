@@ -38,7 +38,6 @@ __all__ = [
     "ShardedIterable",
     "TrainingPlan",
     "build_dataloader",
-    "count_label_items",
     "epoch_batches",
     "has_length",
     "iter_update_groups",
@@ -46,8 +45,6 @@ __all__ = [
     "plan_training",
     "split_model_inputs",
 ]
-
-IGNORE_INDEX = -100
 
 
 def has_length(obj: Any) -> bool:
@@ -274,29 +271,6 @@ def split_model_inputs(batch: Any, take_labels: bool) -> tuple[tuple[Any, ...], 
             return items[:-1], {}, items[-1]
         return items, {}, None
     return (batch,), {}, None
-
-
-def count_label_items(batches: list[Any]) -> int | None:
-    """Number of labels that count towards the loss in a group (``labels != -100``), or None if unknown.
-
-    Dict batches use their ``labels`` key, tuple/list batches their last element. This is the
-    ``num_items_in_batch`` handed to ``compute_loss_func``.
-    """
-    total = 0
-    for batch in batches:
-        if isinstance(batch, Mapping):
-            labels = batch.get("labels")
-        elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            labels = batch[-1]
-        else:
-            return None
-        if not isinstance(labels, torch.Tensor):
-            return None
-        if labels.dtype.is_floating_point:
-            total += labels.shape[0] if labels.ndim else 1
-        else:
-            total += int((labels != IGNORE_INDEX).sum())
-    return total
 
 
 def build_dataloader(

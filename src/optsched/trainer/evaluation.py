@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from optsched.trainer.data import count_label_items, move_to_device
+from optsched.trainer.data import move_to_device
+from optsched.trainer.loss_items import count_label_items
 from optsched.trainer.distributed import all_reduce_sum
 
 __all__ = ["EvaluationMixin", "steps_on_metric"]
@@ -73,7 +74,11 @@ class EvaluationMixin:
                 for batch in loader:
                     batch = move_to_device(batch, self.device)
                     n = _batch_size(batch)
-                    num_items = count_label_items([batch]) if self.compute_loss_func is not None else None
+                    num_items = (
+                        count_label_items([batch], shift_labels=self._loss_shifts_labels)
+                        if self.compute_loss_func is not None
+                        else None
+                    )
                     with self.autocast_smart_context_manager():
                         loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
                     total += loss.detach().double().reshape(()) * n

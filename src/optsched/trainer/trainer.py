@@ -37,12 +37,15 @@ mode), the parameter list used for clipping is built once per ``train()``, gradi
 ``optimizer.zero_grad(set_to_none=True)`` (plus the few trainable parameters the optimizer does not
 hold), and the loss stays a tensor until logging time.
 
-Loss scaling: each micro-batch loss is divided by the number of micro-batches in its optimizer step
-(``gradient_accumulation_steps``, or fewer for the last step of an epoch), so every step's gradient is
-the mean over its batches. With ``compute_loss_func(outputs, labels, num_items_in_batch)`` the loss
-is used as returned: ``num_items_in_batch`` (labels ``!= -100`` over the whole step, summed over
-processes) lets the function normalise by tokens instead, as transformers does; under DDP the loss is
-then multiplied by the number of processes, since DDP averages gradients.
+Loss scaling (transformers' rules, :mod:`optsched.trainer.loss_items`): ``num_items_in_batch`` is the
+number of labels ``!= -100`` over the whole optimizer step (``labels[..., 1:]`` for a causal LM), summed
+over processes with ``average_tokens_across_devices``. A model that accepts loss kwargs (a transformers
+model, or any ``forward(**kwargs)`` without ``accepts_loss_kwargs = False``) is given it with dict
+batches that have labels, and ``compute_loss_func(outputs, labels, num_items_in_batch)`` always: their
+loss is used as returned, the step's gradient being the mean over its tokens. Any other loss is divided
+by the number of micro-batches in its optimizer step (``gradient_accumulation_steps``, or fewer for the
+last step of an epoch), so the step's gradient is the mean over its batches. Under DDP a loss normalised
+by the count of every process is multiplied by the number of processes, since DDP averages gradients.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -82,6 +85,7 @@ from optsched.trainer.distributed import (
     wrap_model,
 )
 from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
+from optsched.trainer.loss_items import loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.reporting import ReportingMixin
 from optsched.trainer.signals import PreemptionHandler
@@ -288,6 +292,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.eval_dataset = eval_dataset
         self.data_collator = data_collator
         self.compute_loss_func = compute_loss_func
+        # transformers' public attribute (a user may set it to False): num_items_in_batch goes to the
+        # model, whose loss then needs no division by the accumulation steps (trainer.loss_items)
+        self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
+        self._loss_shifts_labels = loss_shifts_labels(self.model)
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.optimizer, self.lr_scheduler = optimizers
         self._created_lr_scheduler = False
@@ -459,6 +467,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         """
         use_func = self.compute_loss_func is not None
         args, kwargs, labels = split_model_inputs(inputs, take_labels=use_func)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None and isinstance(inputs, Mapping):
+            kwargs["num_items_in_batch"] = num_items_in_batch  # the model's loss: sum / the step's count
         outputs = model(*args, **kwargs)
         if use_func:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
@@ -493,11 +503,16 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if loss.ndim:
             loss = loss.reshape(())
-        if self.compute_loss_func is None:
+        # A loss normalised by the step's label count (compute_loss_func, or a model given
+        # num_items_in_batch) is already its share of the step's mean: no division by the accumulation.
+        normalised = self.compute_loss_func is not None or (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        )
+        if not normalised:
             if self._current_accumulation != 1:  # x / 1 == x: skipping the op changes no bit
                 loss = loss / self._current_accumulation
-        elif num_items_in_batch is not None and self.dist.enabled:
-            loss = loss * self.dist.world_size  # DDP averages gradients; the function normalised by the global count
+        elif num_items_in_batch is not None and self.dist.enabled and self.args.average_tokens_across_devices:
+            loss = loss * self.dist.world_size  # DDP averages gradients; the loss used the global count
         getattr(self, _BACKWARDS[self._update_mode])(loss)
         return loss.detach()
 

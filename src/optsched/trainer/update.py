@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from optsched.trainer.data import count_label_items
 from optsched.trainer.distributed import all_reduce_sum
 from optsched.trainer.evaluation import steps_on_metric
+from optsched.trainer.loss_items import count_label_items
 from optsched.trainer.nonfinite import grad_total_norm
 
 # the Trainer's logger, as before these methods left trainer.py: users (and tests) filter on its name
@@ -124,14 +124,23 @@ class UpdateMixin:
         if math.isfinite(float(loss.detach())):
             loss.backward()
 
-    def _num_items(self, group: list[Any]) -> Any:
-        if self.compute_loss_func is None:
+    def _num_items(self, group: list[Any]) -> torch.Tensor | None:
+        """``num_items_in_batch`` of one optimizer step (:mod:`optsched.trainer.loss_items`): the labels
+        of all its micro-batches, summed over the processes with ``average_tokens_across_devices``; for
+        ``compute_loss_func``, and for a model that accepts loss kwargs fed dict batches with labels.
+        None otherwise. A 0-dim int64 tensor on the device, as transformers passes it."""
+        feeds_model = (
+            self.model_accepts_loss_kwargs and isinstance(group[0], Mapping) and "labels" in group[0]
+        )
+        if self.compute_loss_func is None and not feeds_model:
             return None
-        n = count_label_items(group)
+        n = count_label_items(group, shift_labels=self._loss_shifts_labels)  # labels still on the host
         if n is None:
             return None
-        total = all_reduce_sum(torch.tensor(n, device=self.device), self.dist)
-        return int(total)
+        total = torch.tensor(n, device=self.device)
+        if self.args.average_tokens_across_devices:
+            total = all_reduce_sum(total, self.dist)
+        return total
 
     def _clip_and_step(self, step_loss: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
         """Unscale (fp16), clip to ``max_grad_norm``, step the optimizer unless the step is non-finite.

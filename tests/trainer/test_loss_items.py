@@ -1,0 +1,121 @@
+"""num_items_in_batch: which models get it, the count, and training parity with transformers' Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optsched import Trainer, TrainingArguments
+from optsched.trainer.loss_items import count_label_items, loss_shifts_labels, model_accepts_loss_kwargs
+from trainer_helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+
+transformers = pytest.importorskip("transformers")
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x, labels=None):
+        return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
+
+
+class _TakesKwargs(_Plain):
+    def forward(self, x, labels=None, **kwargs):
+        return super().forward(x, labels)
+
+
+class _OptsOut(_TakesKwargs):
+    accepts_loss_kwargs = False
+
+
+_gpt2, _t5, _llama, _bert = tiny_gpt2, tiny_t5, tiny_llama, tiny_bert
+
+
+@pytest.mark.parametrize(
+    ("make", "accepts"),
+    [(_Plain, False), (_TakesKwargs, True), (_OptsOut, False), (_llama, True), (_bert, True)],
+    ids=["plain", "kwargs", "opted-out", "llama", "bert"],
+)
+def test_model_accepts_loss_kwargs_is_transformers_rule(tmp_path, make, accepts):
+    model = make()
+    assert model_accepts_loss_kwargs(model) is accepts
+    assert model_accepts_loss_kwargs(torch.compile(model)) is accepts  # the wrapped model decides
+    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    assert trainer.model_accepts_loss_kwargs is accepts
+    if make in (_llama, _bert):
+        hf = transformers.Trainer(model, transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                       report_to="none"))
+        assert hf.model_accepts_loss_kwargs is accepts
+
+
+@pytest.mark.parametrize(
+    ("make", "shifts"),
+    [(_llama, True), (_gpt2, True), (_t5, False), (_bert, False), (_TakesKwargs, False)],
+    ids=["llama", "gpt2", "t5", "bert", "plain"],
+)
+def test_loss_shifts_labels_follows_the_loss_the_model_runs(make, shifts):
+    assert loss_shifts_labels(make()) is shifts
+
+
+def test_gpt2_given_the_shifted_count_trains_on_its_mean_loss():
+    # transformers 5.23's Trainer counts GPT-2's first labels too (loss_type None): (L-1)/L of the mean
+    torch.manual_seed(0)
+    model = _gpt2()
+    batch = {"input_ids": torch.randint(0, 50, (2, 6)), "labels": torch.randint(0, 50, (2, 6))}
+    count = count_label_items([batch], shift_labels=loss_shifts_labels(model))
+    assert count == 2 * 5
+    normalised = model(**batch, num_items_in_batch=torch.tensor(count)).loss
+    torch.testing.assert_close(normalised, model(**batch).loss)
+
+
+def test_count_label_items():
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    assert count_label_items([{"labels": labels}]) == 3
+    assert count_label_items([{"labels": labels}], shift_labels=True) == 1  # labels[..., 1:]
+    assert count_label_items([{"labels": labels, "shift_labels": labels}], shift_labels=True) == 3
+    assert count_label_items([{"labels": labels}, (torch.ones(2), torch.tensor([4, -100]))]) == 4
+    assert count_label_items([{"labels": torch.rand(2, 3)}]) == 6  # float labels: every element
+    assert count_label_items([torch.ones(2)]) is None
+    assert count_label_items([{"x": torch.ones(2)}]) is None
+
+
+def _masked_lm_data(n=12):
+    # fixed length, a different number of ignored (-100) labels per example: micro-batches of one step
+    # hold different numbers of tokens, where a mean of means and the token mean differ
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(n):
+        labels = torch.randint(0, 50, (8,), generator=g)
+        labels[2 + i % 6:] = -100
+        data.append({"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": labels})
+    return data
+
+
+def _train_llama(trainer_name, output_dir, opt_out=False):
+    kw = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+              learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+    torch.manual_seed(0)
+    model = _llama()
+    if trainer_name == "hf":
+        trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
+                                       train_dataset=_masked_lm_data())
+    else:
+        trainer = Trainer(model, TrainingArguments(**kw), train_dataset=_masked_lm_data())
+        if opt_out:
+            trainer.model_accepts_loss_kwargs = False  # transformers' switch: the mean of micro-batch means
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {k: v.clone() for k, v in model.state_dict().items()}, losses
+
+
+def test_accumulation_weighs_tokens_like_transformers_trainer(tmp_path):
+    ours, our_losses = _train_llama("optsched", tmp_path / "ours")
+    hf, hf_losses = _train_llama("hf", tmp_path / "hf")
+    assert all(torch.equal(ours[key], value) for key, value in hf.items())  # bitwise, as transformers
+    assert our_losses == hf_losses
+    # the test can fail: the mean of micro-batch means trains another model
+    mean_of_means, _ = _train_llama("optsched", tmp_path / "old", opt_out=True)
+    assert max((mean_of_means[k] - v).abs().max().item() for k, v in hf.items()) > 1e-4
