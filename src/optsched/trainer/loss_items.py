@@ -74,11 +74,13 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return False
     try:
-        from transformers.loss.loss_utils import ForCausalLMLoss
-
-        return model.loss_function is ForCausalLMLoss
-    except Exception:  # an older transformers without its loss registry, or a model-specific failure
+        loss_function = model.loss_function
+    except Exception:  # a model-specific failure: not a loss this count knows
         return False
+    # read by name: optsched does not import transformers (the model's own module already did)
+    return getattr(loss_function, "__name__", None) == "ForCausalLMLoss" and str(
+        getattr(loss_function, "__module__", "")
+    ).startswith("transformers.")
 
 
 def count_label_items(batches: list[Any], *, shift_labels: bool = False) -> int | None:
