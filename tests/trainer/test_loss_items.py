@@ -136,3 +136,31 @@ def test_logged_losses_are_transformers_bitwise(tmp_path, overrides):
     hf, hf_losses = _train_llama("hf", tmp_path / "hf", **overrides)
     assert all(torch.equal(ours[key], value) for key, value in hf.items())
     assert len(our_losses) > 2 and our_losses == hf_losses  # the last one is train_loss
+
+
+def test_sequence_classification_trains_as_transformers_trainer(tmp_path):
+    # BERT takes loss kwargs but its classification loss ignores num_items_in_batch: both Trainers then
+    # train on the sum of the micro-batches' means (transformers' behaviour, kept); 13 samples, batch 2,
+    # GA 3: a short last batch and a short last accumulation group in every epoch
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+            for _ in range(13)]
+    results = []
+    for name in ("optsched", "hf"):
+        kw = dict(output_dir=str(tmp_path / name), num_train_epochs=2, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                  disable_tqdm=True, use_cpu=True, seed=0)
+        torch.manual_seed(0)
+        model = _bert()
+        if name == "hf":
+            trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
+                                           train_dataset=data)
+        else:
+            trainer = Trainer(model, TrainingArguments(**kw), train_dataset=data)
+        trainer.train()
+        logs = [{k: entry[k] for k in ("loss", "grad_norm", "epoch", "step") if k in entry}
+                for entry in trainer.state.log_history]
+        results.append((model.state_dict(), logs))
+    (ours, our_logs), (hf, hf_logs) = results
+    assert all(torch.equal(ours[key], value) for key, value in hf.items())
+    assert our_logs == hf_logs
