@@ -94,9 +94,10 @@ def _masked_lm_data(n=12):
     return data
 
 
-def _train_llama(trainer_name, output_dir, opt_out=False):
+def _train_llama(trainer_name, output_dir, opt_out=False, **overrides):
     kw = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
               learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+    kw.update(overrides)
     torch.manual_seed(0)
     model = _llama()
     if trainer_name == "hf":
@@ -107,7 +108,8 @@ def _train_llama(trainer_name, output_dir, opt_out=False):
         if opt_out:
             trainer.model_accepts_loss_kwargs = False  # transformers' switch: the mean of micro-batch means
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry.get("loss", entry.get("train_loss")) for entry in trainer.state.log_history
+              if "loss" in entry or "train_loss" in entry]
     return {k: v.clone() for k, v in model.state_dict().items()}, losses
 
 
@@ -119,3 +121,46 @@ def test_accumulation_weighs_tokens_like_transformers_trainer(tmp_path):
     # the test can fail: the mean of micro-batch means trains another model
     mean_of_means, _ = _train_llama("optsched", tmp_path / "old", opt_out=True)
     assert max((mean_of_means[k] - v).abs().max().item() for k, v in hf.items()) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(max_steps=7, logging_steps=3), dict(max_steps=-1, num_train_epochs=3, logging_strategy="epoch"),
+     dict(max_steps=5, gradient_accumulation_steps=3, logging_steps=2)],
+    ids=["steps-window", "epoch-window", "ga3"],
+)
+def test_logged_losses_are_transformers_bitwise(tmp_path, overrides):
+    # windows of several steps of several micro-batches: the window sums each micro-batch's loss in
+    # transformers' order (the steps' sums added instead were a few ulps off in loss and train_loss)
+    ours, our_losses = _train_llama("optsched", tmp_path / "ours", **overrides)
+    hf, hf_losses = _train_llama("hf", tmp_path / "hf", **overrides)
+    assert all(torch.equal(ours[key], value) for key, value in hf.items())
+    assert len(our_losses) > 2 and our_losses == hf_losses  # the last one is train_loss
+
+
+def test_sequence_classification_trains_as_transformers_trainer(tmp_path):
+    # BERT takes loss kwargs but its classification loss ignores num_items_in_batch: both Trainers then
+    # train on the sum of the micro-batches' means (transformers' behaviour, kept); 13 samples, batch 2,
+    # GA 3: a short last batch and a short last accumulation group in every epoch
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+            for _ in range(13)]
+    results = []
+    for name in ("optsched", "hf"):
+        kw = dict(output_dir=str(tmp_path / name), num_train_epochs=2, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                  disable_tqdm=True, use_cpu=True, seed=0)
+        torch.manual_seed(0)
+        model = _bert()
+        if name == "hf":
+            trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
+                                           train_dataset=data)
+        else:
+            trainer = Trainer(model, TrainingArguments(**kw), train_dataset=data)
+        trainer.train()
+        logs = [{k: entry[k] for k in ("loss", "grad_norm", "epoch", "step") if k in entry}
+                for entry in trainer.state.log_history]
+        results.append((model.state_dict(), logs))
+    (ours, our_logs), (hf, hf_logs) = results
+    assert all(torch.equal(ours[key], value) for key, value in hf.items())
+    assert our_logs == hf_logs

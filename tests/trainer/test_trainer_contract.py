@@ -331,6 +331,36 @@ def test_train_metrics_have_transformers_keys(model_factory, regression_data, ma
     assert metrics["train_samples_per_second"] == pytest.approx(8 * metrics["train_steps_per_second"], rel=0.01)
 
 
+@pytest.mark.parametrize(
+    "kwargs, samples_per_step",
+    [
+        (dict(num_train_epochs=2, gradient_accumulation_steps=2), 13 * 2 / 4),  # 4 + 4 + 4 + 1 a pass: 2 steps
+        (dict(num_train_epochs=1.5, per_device_train_batch_size=3), 13 * 1.5 / 8),  # ceil(1.5 * 5) = 8 steps
+        (dict(num_train_epochs=2, dataloader_drop_last=True), 13 * 2 / 6),  # dropped samples count too
+        (dict(max_steps=5, gradient_accumulation_steps=2), 8),  # a full step's samples per step
+    ],
+    ids=["epochs-short-batch", "fractional-epochs", "drop-last", "max-steps"],
+)
+def test_train_samples_per_second_counts_samples_as_transformers(
+    model_factory, regression_data, make_args, tmp_path, kwargs, samples_per_step
+):
+    # transformers' rule: len(dataset) * num_train_epochs by epochs, max_steps * total batch otherwise (the
+    # samples of a full step were counted for every step, the short last batch of a pass as a full one)
+    def ratio(trainer):
+        metrics = trainer.train().metrics
+        return metrics["train_samples_per_second"] / metrics["train_steps_per_second"]
+
+    ours = ratio(Trainer(model_factory(), make_args(**kwargs), train_dataset=regression_data(13)))
+    assert ours == pytest.approx(samples_per_step, rel=1e-3)
+    transformers = pytest.importorskip("transformers")
+    hf_args = transformers.TrainingArguments(**{
+        "output_dir": str(tmp_path / "hf"), "per_device_train_batch_size": 4, "save_strategy": "no",
+        "report_to": "none", "disable_tqdm": True, "use_cpu": True, **kwargs,
+    })
+    hf = ratio(transformers.Trainer(model_factory(), hf_args, train_dataset=regression_data(13)))
+    assert ours == pytest.approx(hf, rel=1e-3)
+
+
 def test_train_with_a_trial_is_refused(model_factory, regression_data, make_args):
     # hyperparameter search's trial was accepted and dropped: the run trained with the arguments as they were
     t = Trainer(model_factory(), make_args(max_steps=1), train_dataset=regression_data(8))

@@ -64,4 +64,5 @@ def tiny_bert() -> nn.Module:
     import transformers
 
     return transformers.BertForSequenceClassification(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
