@@ -486,8 +486,8 @@ class TrainingArguments:
     ddp_bucket_cap_mb: int | None = _field(
         None, "DDP's bucket_cap_mb (None: DDP's default, 25).", _int(low=1, allow_none=True))
     average_tokens_across_devices: bool = _field(
-        True, "Count num_items_in_batch (the labels a step's loss averages over, for a model that accepts "
-        "loss kwargs or a compute_loss_func) over every process, so each token weighs the same under DDP "
+        True, "Count num_items_in_batch (the labels a step's loss averages over, for a model whose loss uses "
+        "it or a compute_loss_func) over every process, so each token weighs the same under DDP "
         "(transformers' default); False: each process normalises by its own count.", _bool())
     ddp_static_graph: bool | None = _field(
         None, "DDP's static_graph (None: DDP's default, False).", _bool(allow_none=True))

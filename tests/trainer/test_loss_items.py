@@ -23,11 +23,24 @@ class _Plain(nn.Module):
 
 
 class _TakesKwargs(_Plain):
+    """Takes **kwargs and ignores them: its loss is a mean, whatever num_items_in_batch says."""
+
     def forward(self, x, labels=None, **kwargs):
         return super().forward(x, labels)
 
 
-class _OptsOut(_TakesKwargs):
+class _ReadsTheCount(_Plain):
+    def forward(self, x, labels=None, **kwargs):
+        total = ((self.linear(x).squeeze(-1) - labels) ** 2).sum()
+        return {"loss": total / kwargs.get("num_items_in_batch", labels.numel())}
+
+
+class _NamesTheCount(_Plain):
+    def forward(self, x, labels=None, num_items_in_batch=None):
+        return super().forward(x, labels)
+
+
+class _OptsOut(_ReadsTheCount):
     accepts_loss_kwargs = False
 
 
@@ -35,20 +48,24 @@ _gpt2, _t5, _llama, _bert = tiny_gpt2, tiny_t5, tiny_llama, tiny_bert
 
 
 @pytest.mark.parametrize(
-    ("make", "accepts"),
-    [(_Plain, False), (_TakesKwargs, True), (_OptsOut, False), (_llama, True), (_bert, True)],
-    ids=["plain", "kwargs", "opted-out", "llama", "bert"],
+    ("make", "accepts", "transformers_accepts"),
+    [(_Plain, False, False), (_TakesKwargs, False, True), (_ReadsTheCount, True, True),
+     (_NamesTheCount, True, False), (_OptsOut, False, False), (_llama, True, True), (_gpt2, True, True),
+     (_bert, False, True), (_t5, False, True)],
+    ids=["plain", "ignores-kwargs", "reads-the-count", "names-the-count", "opted-out", "llama", "gpt2", "bert",
+         "t5"],
 )
-def test_model_accepts_loss_kwargs_is_transformers_rule(tmp_path, make, accepts):
+def test_model_accepts_loss_kwargs_when_its_forward_uses_the_count(tmp_path, make, accepts, transformers_accepts):
+    # transformers' Trainer takes any forward(**kwargs); optsched only a forward that reads the count or
+    # hands **kwargs to self.loss_function: BERT's and T5's mean losses keep the accumulation division
     model = make()
     assert model_accepts_loss_kwargs(model) is accepts
     assert model_accepts_loss_kwargs(torch.compile(model)) is accepts  # the wrapped model decides
     trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
     assert trainer.model_accepts_loss_kwargs is accepts
-    if make in (_llama, _bert):
-        hf = transformers.Trainer(model, transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                                       report_to="none"))
-        assert hf.model_accepts_loss_kwargs is accepts
+    hf = transformers.Trainer(model, transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                   report_to="none"))
+    assert hf.model_accepts_loss_kwargs is transformers_accepts
 
 
 @pytest.mark.parametrize(
@@ -138,29 +155,35 @@ def test_logged_losses_are_transformers_bitwise(tmp_path, overrides):
     assert len(our_losses) > 2 and our_losses == hf_losses  # the last one is train_loss
 
 
-def test_sequence_classification_trains_as_transformers_trainer(tmp_path):
-    # BERT takes loss kwargs but its classification loss ignores num_items_in_batch: both Trainers then
-    # train on the sum of the micro-batches' means (transformers' behaviour, kept); 13 samples, batch 2,
-    # GA 3: a short last batch and a short last accumulation group in every epoch
+def test_sequence_classification_keeps_the_division_transformers_trainer_loses(tmp_path):
+    # BERT's forward takes **kwargs but its classification loss is a plain mean that ignores
+    # num_items_in_batch: transformers' Trainer passes the count anyway and skips the division by the
+    # accumulation steps (GA x the mean: a logged loss near 3 x ln 2 at GA 3); optsched does not pass it
+    # and divides, as transformers' Trainer does when told the model takes no loss kwargs. 13 samples,
+    # batch 2, GA 3: a short last batch and a short last accumulation group in every epoch
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
             for _ in range(13)]
-    results = []
-    for name in ("optsched", "hf"):
+    results = {}
+    for name in ("optsched", "hf-no-loss-kwargs", "hf"):
         kw = dict(output_dir=str(tmp_path / name), num_train_epochs=2, per_device_train_batch_size=2,
                   gradient_accumulation_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no",
                   disable_tqdm=True, use_cpu=True, seed=0)
         torch.manual_seed(0)
         model = _bert()
-        if name == "hf":
+        if name.startswith("hf"):
             trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
                                            train_dataset=data)
+            trainer.model_accepts_loss_kwargs = name == "hf"
         else:
             trainer = Trainer(model, TrainingArguments(**kw), train_dataset=data)
+            assert trainer.model_accepts_loss_kwargs is False
         trainer.train()
         logs = [{k: entry[k] for k in ("loss", "grad_norm", "epoch", "step") if k in entry}
                 for entry in trainer.state.log_history]
-        results.append((model.state_dict(), logs))
-    (ours, our_logs), (hf, hf_logs) = results
-    assert all(torch.equal(ours[key], value) for key, value in hf.items())
-    assert our_logs == hf_logs
+        results[name] = (model.state_dict(), logs)
+    (ours, our_logs), (mean, mean_logs), (_, hf_logs) = results["optsched"], results["hf-no-loss-kwargs"], results["hf"]
+    assert all(torch.equal(ours[key], value) for key, value in mean.items())
+    assert our_logs == mean_logs
+    first = [entry["loss"] for entry in our_logs if "loss" in entry][0]
+    assert first < 1.0 < [entry["loss"] for entry in hf_logs if "loss" in entry][0]  # ln 2 against 3 ln 2

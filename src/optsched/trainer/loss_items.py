@@ -9,8 +9,11 @@ Trainer does not divide by the accumulation steps. The step's gradient is the me
 whatever the padding. optsched's Trainer does the same:
 
 * :func:`model_accepts_loss_kwargs`: the model's ``accepts_loss_kwargs`` attribute where it has one
-  (transformers' opt-out), else whether its ``forward`` takes ``**kwargs``: every transformers model
-  with a loss does, and so gets ``num_items_in_batch``, as under transformers' Trainer;
+  (transformers' switch), else whether its ``forward`` uses the count: names ``num_items_in_batch``,
+  or passes ``**kwargs`` to ``self.loss_function`` (transformers' causal LMs). transformers' Trainer
+  takes any ``forward(**kwargs)``, so BERT's and T5's plain mean losses, which ignore the count, lose
+  the division by the accumulation steps there (``gradient_accumulation_steps`` x the mean); here
+  they keep it;
 * :func:`loss_shifts_labels`: a causal LM's loss predicts ``labels[..., 1:]``, so the count skips each
   row's first label. Decided from the loss the model runs (its ``loss_function`` is transformers'
   ``ForCausalLMLoss`` and it is not an encoder-decoder). transformers 5.23 decides from ``loss_type``,
@@ -21,7 +24,9 @@ whatever the padding. optsched's Trainer does the same:
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +37,8 @@ __all__ = ["IGNORE_INDEX", "count_label_items", "loss_shifts_labels", "model_acc
 
 #: The label value losses ignore (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``).
 IGNORE_INDEX = -100
+
+_COUNT = "num_items_in_batch"
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -49,19 +56,52 @@ def model_accepts_loss_kwargs(model: nn.Module) -> bool:
     """Whether the Trainer passes ``num_items_in_batch`` to ``model`` and leaves the accumulation
     scaling to its loss (transformers' ``Trainer.model_accepts_loss_kwargs``).
 
-    ``model.accepts_loss_kwargs`` where the model defines it (set it to False for a model whose
-    ``forward(**kwargs)`` ignores the count: its loss would otherwise not be divided by the
-    accumulation steps); else True when ``forward`` takes ``**kwargs``.
+    ``model.accepts_loss_kwargs`` where the model defines it. Else True when ``forward`` names
+    ``num_items_in_batch`` (a parameter, ``kwargs["num_items_in_batch"]``, ...), or takes ``**kwargs``
+    and hands them to ``self.loss_function(..., **kwargs)`` (transformers' causal LMs and the other
+    models whose loss goes through its loss registry); False otherwise, and when the source cannot be
+    read. transformers' Trainer takes any ``forward(**kwargs)``: BERT's and T5's, whose losses are
+    plain means that ignore the count, then skip the division by the accumulation steps and train on
+    ``gradient_accumulation_steps`` times the mean loss. False only ever costs the token weighting
+    (each micro-batch's mean, divided by the accumulation steps), never the loss's scale.
     """
     model = _inner_model(model)
     declared = getattr(model, "accepts_loss_kwargs", None)
     if declared is not None:
         return bool(declared)
     try:
-        parameters = inspect.signature(model.forward).parameters.values()
+        parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # a forward without a signature (a C extension)
         return False
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if "num_items_in_batch" in parameters:
+        return True
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return False
+    return _forward_uses_the_count(type(model).forward)
+
+
+def _forward_uses_the_count(forward: Any) -> bool:
+    """Whether ``forward``'s source reads ``num_items_in_batch`` or passes ``**kwargs`` on to a
+    ``loss_function`` call (parsed, not run)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
+    except (OSError, TypeError, SyntaxError):  # no source (built in code, a C extension)
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == _COUNT:
+            return True
+        if isinstance(node, ast.Constant) and node.value == _COUNT:  # kwargs["..."], kwargs.get("...")
+            return True
+        if isinstance(node, ast.keyword) and node.arg == _COUNT:
+            return True
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "loss_function"
+            and any(keyword.arg is None for keyword in node.keywords)  # loss_function(..., **kwargs)
+        ):
+            return True
+    return False
 
 
 def loss_shifts_labels(model: nn.Module) -> bool:

@@ -39,8 +39,8 @@ hold), and the loss stays a tensor until logging time.
 
 Loss scaling (transformers' rules, :mod:`optsched.trainer.loss_items`): ``num_items_in_batch`` is the
 number of labels ``!= -100`` over the whole optimizer step (``labels[..., 1:]`` for a causal LM), summed
-over processes with ``average_tokens_across_devices``. A model that accepts loss kwargs (a transformers
-model, or any ``forward(**kwargs)`` without ``accepts_loss_kwargs = False``) is given it with dict
+over processes with ``average_tokens_across_devices``. A model whose loss uses it (``accepts_loss_kwargs``,
+else a ``forward`` that names it or hands ``**kwargs`` to ``self.loss_function``) is given it with dict
 batches that have labels, and ``compute_loss_func(outputs, labels, num_items_in_batch)`` always: their
 loss is used as returned, the step's gradient being the mean over its tokens. Any other loss is divided
 by the number of micro-batches in its optimizer step (``gradient_accumulation_steps``, or fewer for the
@@ -292,8 +292,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.eval_dataset = eval_dataset
         self.data_collator = data_collator
         self.compute_loss_func = compute_loss_func
-        # transformers' public attribute (a user may set it to False): num_items_in_batch goes to the
-        # model, whose loss then needs no division by the accumulation steps (trainer.loss_items)
+        # transformers' public attribute (a user may set it): num_items_in_batch goes to the model,
+        # whose loss then needs no division by the accumulation steps (trainer.loss_items)
         self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
         self._loss_shifts_labels = loss_shifts_labels(self.model)
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
