@@ -21,7 +21,16 @@ from optsched import Trainer, TrainingArguments  # noqa: E402
 DDP_STEPS = 6
 
 
-class RegressorWithAnUnusedLayer(TinyRegressor):
+class _CountsFlops:
+    """transformers' two hooks of total_flos (main_input_name, num_parameters): 6 x x.numel() x 97 a batch."""
+
+    main_input_name = "x"
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        return 97
+
+
+class RegressorWithAnUnusedLayer(_CountsFlops, TinyRegressor):
     """A trainable layer that no step uses (a head for another task, say): DDP stops at the second step
     unless it finds unused parameters (transformers' default for such a model; ``ddp_kwargs``)."""
 
@@ -30,7 +39,7 @@ class RegressorWithAnUnusedLayer(TinyRegressor):
         self.unused = torch.nn.Linear(2, 2)
 
 
-class TokenRegressor(TinyRegressor):
+class TokenRegressor(_CountsFlops, TinyRegressor):
     """Takes loss kwargs: its loss is the squared error summed over the labels that are not -100, divided
     by the Trainer's ``num_items_in_batch`` (the step's count over every process), like a transformers
     model's ``fixed_cross_entropy``."""
@@ -74,6 +83,7 @@ def result(trainer: Trainer) -> dict:
         "lrs": [h["learning_rate"] for h in trainer.state.log_history if "loss" in h],
         "weights": {n: p.detach().flatten().tolist() for n, p in trainer.model.named_parameters()},
         "world_size": trainer.num_processes,
+        "total_flos": trainer.state.total_flos,
         "files": sorted(os.listdir(os.path.join(trainer.args.output_dir, f"checkpoint-{DDP_STEPS}"))),
     }
 

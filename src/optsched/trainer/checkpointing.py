@@ -55,6 +55,7 @@ class CheckpointMixin:
         # the previous save's flush and rotation end before this one publishes anything: a rotation that
         # saw this checkpoint could otherwise count it, unflushed, among the ones to keep
         self._finish_saves()
+        self.store_flos()  # every process (a collective under DDP): trainer_state.json carries total_flos
         args, state = self.args, self.state
         run_dir = Path(args.output_dir)
         final = run_dir / f"{ckpt.PREFIX_CHECKPOINT_DIR}-{state.global_step}"

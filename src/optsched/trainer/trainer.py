@@ -85,6 +85,7 @@ from optsched.trainer.distributed import (
     wrap_model,
 )
 from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
+from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.loss_items import loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.reporting import ReportingMixin
@@ -182,7 +183,7 @@ def _refuse_unsupported(**given: Any) -> None:
             )
 
 
-class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, ReportingMixin):
+class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, ReportingMixin, FlopsMixin):
     """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
 
     The optimizer is created in the constructor (``trainer.optimizer.param_groups`` can be inspected
@@ -625,6 +626,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.callback_handler.train_dataloader = loader
         self._nonfinite = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 5))
         self._prepare_step_state()
+        self._reset_flos_count()
         self.preempted_by = None
         # handlers only around the loop (main thread only), the previous ones restored after it
         preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
@@ -708,6 +710,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             float("nan") if steps_done else 0.0
         )
         samples_done = self._train_samples_done(loader, plan, steps_done)
+        self.store_flos()
         metrics = {
             "train_runtime": round(runtime, 4),
             "train_samples_per_second": round(samples_done / runtime, 3) if runtime > 0 else 0.0,
@@ -761,6 +764,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             last = i == last_index
             with no_sync(model, skip_sync=not last):
                 loss = self.training_step(model, batch, num_items)
+            self.current_flos += float(self.floating_point_ops(batch))
             step_loss = loss if step_loss is None else step_loss + loss
             window = window + loss
             if not last:
