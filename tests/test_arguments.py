@@ -46,6 +46,8 @@ def test_defaults_match_transformers_5():
         "logging_first_step": False, "eval_strategy": "no", "eval_steps": None, "eval_delay": 0.0, "save_strategy": "steps", "save_steps": 500,
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
+        "activation_checkpointing": False, "activation_checkpointing_kwargs": None,
+        "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
         "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
         "average_tokens_across_devices": True, "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
         "run_name": None,

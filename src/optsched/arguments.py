@@ -264,6 +264,11 @@ def _lr_scheduler_kwargs(name: str, value: Any) -> dict[str, Any]:
     return kwargs
 
 
+def _optional_kwargs(name: str, value: Any) -> dict[str, Any] | None:
+    """``None`` stays ``None`` (transformers' default); else :func:`_lr_scheduler_kwargs`' rules."""
+    return None if value is None else _lr_scheduler_kwargs(name, value)
+
+
 def _report_to(name: str, value: Any) -> list[str]:
     """``"none"`` / ``None`` -> ``[]``; a string -> a one-item list; ``"all"`` is kept for the Trainer."""
     if value is None:
@@ -477,6 +482,20 @@ class TrainingArguments:
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete batch.", _bool())
+    activation_checkpointing: bool | None = _field(
+        None, "Recompute activations in the backward pass to save memory: before training the Trainer calls "
+        "the model's activation_checkpointing_enable() (transformers 5; gradient_checkpointing_enable() on "
+        "older models). None: gradient_checkpointing's value, else False.", _bool(allow_none=True))
+    activation_checkpointing_kwargs: dict | str | None = _field(
+        None, "Arguments for activation_checkpointing_enable() (a dict or a JSON object string): "
+        "every_n_layers, offload, and any other key for torch.utils.checkpoint.checkpoint.",
+        _optional_kwargs)
+    gradient_checkpointing: bool | None = _field(
+        None, "transformers 4's name of activation_checkpointing, used when that is unset; it then mirrors it.",
+        _bool(allow_none=True))
+    gradient_checkpointing_kwargs: dict | str | None = _field(
+        None, "transformers 4's name of activation_checkpointing_kwargs, used when that is unset; it then "
+        "mirrors it.", _optional_kwargs)
     ddp_find_unused_parameters: bool | None = _field(
         None, "DDP's find_unused_parameters (None: transformers' rule, True unless the model is a "
         "transformers model with gradient checkpointing on: a trainable parameter that a step does not "
@@ -742,6 +761,19 @@ def _check_warmup(args: TrainingArguments) -> None:
         )
 
 
+def _resolve_activation_checkpointing(args: TrainingArguments) -> None:
+    """transformers 5: ``gradient_checkpointing(_kwargs)`` stand for ``activation_checkpointing(_kwargs)``
+    when those are unset, then mirror them; an unset flag is False."""
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if getattr(args, new) is None and getattr(args, old) is not None:
+            _set(args, new, getattr(args, old))
+        _set(args, old, getattr(args, new))
+    if args.activation_checkpointing is None:
+        _set(args, "activation_checkpointing", False)
+        _set(args, "gradient_checkpointing", False)
+
+
 def _check_mixed_precision(args: TrainingArguments) -> None:
     if args.fp16 and args.bf16:
         raise ValueError("fp16=True and bf16=True conflict; accepted: at most one of them True.")
@@ -807,6 +839,7 @@ def _derive_disable_tqdm(args: TrainingArguments) -> None:
 
 _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _check_warmup,
+    _resolve_activation_checkpointing,
     _check_mixed_precision,
     _check_step_intervals,
     _check_optim_args,

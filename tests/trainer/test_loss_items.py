@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from optsched import Trainer, TrainingArguments
 from optsched.trainer.loss_items import count_label_items, loss_shifts_labels, model_accepts_loss_kwargs
-from trainer_helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from trainer_helpers import PlainRegressor, masked_lm_data, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 transformers = pytest.importorskip("transformers")
 
 
-class _Plain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(3, 1)
-
-    def forward(self, x, labels=None):
-        return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
+_Plain = PlainRegressor
 
 
 class _TakesKwargs(_Plain):
@@ -99,18 +92,6 @@ def test_count_label_items():
     assert count_label_items([{"x": torch.ones(2)}]) is None
 
 
-def _masked_lm_data(n=12):
-    # fixed length, a different number of ignored (-100) labels per example: micro-batches of one step
-    # hold different numbers of tokens, where a mean of means and the token mean differ
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for i in range(n):
-        labels = torch.randint(0, 50, (8,), generator=g)
-        labels[2 + i % 6:] = -100
-        data.append({"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": labels})
-    return data
-
-
 def _train_llama(trainer_name, output_dir, opt_out=False, **overrides):
     kw = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
               learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
@@ -119,9 +100,9 @@ def _train_llama(trainer_name, output_dir, opt_out=False, **overrides):
     model = _llama()
     if trainer_name == "hf":
         trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
-                                       train_dataset=_masked_lm_data())
+                                       train_dataset=masked_lm_data())
     else:
-        trainer = Trainer(model, TrainingArguments(**kw), train_dataset=_masked_lm_data())
+        trainer = Trainer(model, TrainingArguments(**kw), train_dataset=masked_lm_data())
         if opt_out:
             trainer.model_accepts_loss_kwargs = False  # transformers' switch: the mean of micro-batch means
     trainer.train()
@@ -187,33 +168,3 @@ def test_sequence_classification_keeps_the_division_transformers_trainer_loses(t
     assert our_logs == mean_logs
     first = [entry["loss"] for entry in our_logs if "loss" in entry][0]
     assert first < 1.0 < [entry["loss"] for entry in hf_logs if "loss" in entry][0]  # ln 2 against 3 ln 2
-
-
-def test_total_flos_is_transformers_estimate(tmp_path):
-    # 6 x tokens x non-embedding parameters per micro-batch, summed into state.total_flos at each
-    # checkpoint (trainer_state.json) and at the end (the train metric); 0 for a model without
-    # num_parameters, as in transformers
-    import json
-
-    runs = {}
-    for name in ("optsched", "hf"):
-        kw = dict(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2,
-                  gradient_accumulation_steps=2, save_steps=2, logging_steps=1, disable_tqdm=True, use_cpu=True,
-                  seed=0)
-        torch.manual_seed(0)
-        if name == "hf":
-            trainer = transformers.Trainer(_llama(), transformers.TrainingArguments(report_to="none", **kw),
-                                           train_dataset=_masked_lm_data())
-        else:
-            trainer = Trainer(_llama(), TrainingArguments(**kw), train_dataset=_masked_lm_data())
-        trainer.train()
-        logged = trainer.state.log_history[-1]["total_flos"]  # the train metrics (a printer pops it from them)
-        saved = json.loads((tmp_path / name / "checkpoint-2" / "trainer_state.json").read_text())["total_flos"]
-        runs[name] = (logged, trainer.state.total_flos, saved)
-    assert runs["optsched"] == runs["hf"]
-    assert runs["optsched"][0] > runs["optsched"][2] > 0  # 3 steps at the end, 2 in checkpoint-2
-    plain = Trainer(_Plain(), TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=1, save_strategy="no",
-                                                use_cpu=True, disable_tqdm=True),
-                    train_dataset=[{"x": torch.ones(3), "labels": torch.tensor(1.0)}] * 8)
-    plain.train()
-    assert plain.state.log_history[-1]["total_flos"] == plain.state.total_flos == 0

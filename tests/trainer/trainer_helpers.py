@@ -66,3 +66,28 @@ def tiny_bert() -> nn.Module:
     return transformers.BertForSequenceClassification(transformers.BertConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def masked_lm_data(n: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM examples of 8 tokens (vocabulary 50) whose labels end in a different number of -100s:
+    micro-batches of one step hold different numbers of labels, where a mean of means and the token mean
+    differ."""
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(n):
+        labels = torch.randint(0, 50, (8,), generator=g)
+        labels[2 + i % 6:] = -100
+        data.append({"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": labels})
+    return data
+
+
+class PlainRegressor(nn.Module):
+    """``forward(x, labels)``: a linear map of 3 features, mean squared error; no ``**kwargs``, no
+    ``num_parameters``: what transformers' Trainer treats as a plain module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x, labels=None):
+        return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}

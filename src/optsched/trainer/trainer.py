@@ -64,6 +64,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.callbacks import (
     CallbackHandler,
@@ -619,6 +620,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.state = self._initial_state(plan, checkpoint)
         if checkpoint is not None:
             self._load_optimizer_and_scheduler(checkpoint, saved_optimizer)
+        if args.activation_checkpointing:  # before DDP: its find_unused_parameters rule reads the model
+            self._enable_activation_checkpointing()
         model = wrap_model(self.model, self.dist, self.device, self.args)
         self.model_wrapped = model
         for attr in ("model", "optimizer", "lr_scheduler"):
@@ -636,6 +639,41 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
                 return self._train_loop(model, loader, plan, checkpoint)
             finally:
                 self._finish_saves()  # the last checkpoint on disk, older ones rotated, before returning
+
+    def _enable_activation_checkpointing(self) -> None:
+        """``activation_checkpointing=True``: transformers' call, the model's own
+        ``activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)``
+        (``every_n_layers`` and ``offload`` taken out of ``activation_checkpointing_kwargs``), else the
+        older ``gradient_checkpointing_enable(gradient_checkpointing_kwargs)``.
+
+        Raises:
+            ValueError: the model has neither method (not a transformers model), or only the older one
+                while ``every_n_layers`` / ``offload`` ask for what it cannot do.
+        """
+        model = unwrap_compiled(unwrap_model(self.model))
+        kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        name = type(model).__name__
+        if callable(getattr(model, "activation_checkpointing_enable", None)):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
+        elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+            if every_n_layers != 1 or offload:
+                raise ValueError(
+                    f"activation_checkpointing_kwargs={self.args.activation_checkpointing_kwargs!r}: the model "
+                    f"({name}) has only gradient_checkpointing_enable(), which takes neither every_n_layers "
+                    "nor offload. Accepted: keys for torch.utils.checkpoint.checkpoint (use_reentrant, ...), "
+                    "or a transformers 5 model."
+                )
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        else:
+            raise ValueError(
+                f"activation_checkpointing=True, but the model ({name}) has no activation_checkpointing_enable() "
+                "(or gradient_checkpointing_enable()) method. Accepted: a transformers model, or a model that "
+                "defines one of them; for your own module, wrap its blocks in torch.utils.checkpoint.checkpoint "
+                "and leave this False."
+            )
 
     def _train_loop(self, model: nn.Module, loader: DataLoader, plan: TrainingPlan, checkpoint: Path | None) -> TrainOutput:
         args, state = self.args, self.state
