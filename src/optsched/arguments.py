@@ -482,6 +482,9 @@ class TrainingArguments:
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete batch.", _bool())
+    label_smoothing_factor: float = _field(
+        0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
+        "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))
     activation_checkpointing: bool | None = _field(
         None, "Recompute activations in the backward pass to save memory: before training the Trainer calls "
         "the model's activation_checkpointing_enable() (transformers 5; gradient_checkpointing_enable() on "

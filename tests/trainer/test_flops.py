@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optsched import Trainer, TrainingArguments
-from trainer_helpers import PlainRegressor, masked_lm_data, tiny_llama
+from trainer_helpers import PlainRegressor, make_trainer, masked_lm_data, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,11 +26,7 @@ def test_total_flos_is_transformers_estimate(tmp_path):
                   gradient_accumulation_steps=2, save_steps=2, logging_steps=1, disable_tqdm=True, use_cpu=True,
                   seed=0)
         torch.manual_seed(0)
-        if name == "hf":
-            trainer = transformers.Trainer(tiny_llama(), transformers.TrainingArguments(report_to="none", **kw),
-                                           train_dataset=masked_lm_data())
-        else:
-            trainer = Trainer(tiny_llama(), TrainingArguments(**kw), train_dataset=masked_lm_data())
+        trainer = make_trainer(name, tiny_llama(), masked_lm_data(), **kw)
         trainer.train()
         logged = trainer.state.log_history[-1]["total_flos"]  # the train metrics (a printer pops it from them)
         saved = json.loads((tmp_path / name / "checkpoint-2" / "trainer_state.json").read_text())["total_flos"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from optsched import Trainer, TrainingArguments
-from trainer_helpers import PlainRegressor, masked_lm_data, tiny_llama
+from trainer_helpers import PlainRegressor, make_trainer, masked_lm_data, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,11 +31,7 @@ def test_activation_checkpointing_trains_as_transformers_trainer(tmp_path, field
                   disable_tqdm=True, use_cpu=True, seed=0, **fields)
         torch.manual_seed(0)
         model = tiny_llama()
-        if name == "hf":
-            trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
-                                           train_dataset=masked_lm_data())
-        else:
-            trainer = Trainer(model, TrainingArguments(**kw), train_dataset=masked_lm_data())
+        trainer = make_trainer(name, model, masked_lm_data(), **kw)
         assert not model.is_activation_checkpointing
         trainer.train()
         assert model.is_activation_checkpointing

@@ -7,7 +7,7 @@ import torch
 
 from optsched import Trainer, TrainingArguments
 from optsched.trainer.loss_items import count_label_items, loss_shifts_labels, model_accepts_loss_kwargs
-from trainer_helpers import PlainRegressor, masked_lm_data, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from trainer_helpers import PlainRegressor, make_trainer, masked_lm_data, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,13 +98,9 @@ def _train_llama(trainer_name, output_dir, opt_out=False, **overrides):
     kw.update(overrides)
     torch.manual_seed(0)
     model = _llama()
-    if trainer_name == "hf":
-        trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
-                                       train_dataset=masked_lm_data())
-    else:
-        trainer = Trainer(model, TrainingArguments(**kw), train_dataset=masked_lm_data())
-        if opt_out:
-            trainer.model_accepts_loss_kwargs = False  # transformers' switch: the mean of micro-batch means
+    trainer = make_trainer(trainer_name, model, masked_lm_data(), **kw)
+    if opt_out:
+        trainer.model_accepts_loss_kwargs = False  # transformers' switch: the mean of micro-batch means
     trainer.train()
     losses = [entry.get("loss", entry.get("train_loss")) for entry in trainer.state.log_history
               if "loss" in entry or "train_loss" in entry]
@@ -152,12 +148,10 @@ def test_sequence_classification_keeps_the_division_transformers_trainer_loses(t
                   disable_tqdm=True, use_cpu=True, seed=0)
         torch.manual_seed(0)
         model = _bert()
+        trainer = make_trainer("hf" if name.startswith("hf") else name, model, data, **kw)
         if name.startswith("hf"):
-            trainer = transformers.Trainer(model, transformers.TrainingArguments(report_to="none", **kw),
-                                           train_dataset=data)
             trainer.model_accepts_loss_kwargs = name == "hf"
         else:
-            trainer = Trainer(model, TrainingArguments(**kw), train_dataset=data)
             assert trainer.model_accepts_loss_kwargs is False
         trainer.train()
         logs = [{k: entry[k] for k in ("loss", "grad_norm", "epoch", "step") if k in entry}

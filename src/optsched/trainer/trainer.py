@@ -87,6 +87,7 @@ from optsched.trainer.distributed import (
 )
 from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.flops import FlopsMixin
+from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.loss_items import loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.reporting import ReportingMixin
@@ -298,6 +299,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         # whose loss then needs no division by the accumulation steps (trainer.loss_items)
         self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
         self._loss_shifts_labels = loss_shifts_labels(self.model)
+        self.label_smoother = make_label_smoother(unwrap_compiled(self.model), self.args.label_smoothing_factor)
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.optimizer, self.lr_scheduler = optimizers
         self._created_lr_scheduler = False
@@ -468,12 +470,15 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             ValueError: the model returned no loss and no ``compute_loss_func`` was given.
         """
         use_func = self.compute_loss_func is not None
-        args, kwargs, labels = split_model_inputs(inputs, take_labels=use_func)
+        smoother = self.label_smoother
+        args, kwargs, labels = split_model_inputs(inputs, take_labels=use_func or smoother is not None)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None and isinstance(inputs, Mapping):
             kwargs["num_items_in_batch"] = num_items_in_batch  # the model's loss: sum / the step's count
         outputs = model(*args, **kwargs)
         if use_func:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif smoother is not None and labels is not None:
+            loss = smoother(outputs, labels, shift_labels=self._loss_shifts_labels, num_items_in_batch=num_items_in_batch)
         else:
             loss = _extract_loss(outputs)
             if loss is None:
@@ -508,7 +513,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         # A loss normalised by the step's label count (compute_loss_func, or a model given
         # num_items_in_batch) is already its share of the step's mean: no division by the accumulation.
         normalised = self.compute_loss_func is not None or (
-            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            num_items_in_batch is not None and (self.model_accepts_loss_kwargs or self.label_smoother is not None)
         )
         if not normalised:
             if self._current_accumulation != 1:  # x / 1 == x: skipping the op changes no bit

@@ -132,7 +132,7 @@ class UpdateMixin:
         feeds_model = (
             self.model_accepts_loss_kwargs and isinstance(group[0], Mapping) and "labels" in group[0]
         )
-        if self.compute_loss_func is None and not feeds_model:
+        if self.compute_loss_func is None and self.label_smoother is None and not feeds_model:
             return None
         n = count_label_items(group, shift_labels=self._loss_shifts_labels)  # labels still on the host
         if n is None:
