@@ -42,12 +42,15 @@ _COUNT = "num_items_in_batch"
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
-    """The model itself inside DDP and ``torch.compile`` wrappers."""
+    """The model itself inside DDP, ``torch.compile`` and PEFT wrappers (a LoRA ``PeftModel`` passes its
+    ``**kwargs`` on to the model it wraps, whose loss decides: transformers' ``unwrap_peft_model``)."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
+        elif type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()  # peft is not imported: the model's own module did
         else:
             return model
 
