@@ -243,3 +243,41 @@ def test_predict_without_a_dataset_is_refused(tmp_path, model_factory):
     t = Trainer(model_factory(), TrainingArguments(output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match=r"predict\(test_dataset=None\).*accepted"):
         t.predict(None)
+
+
+# ---- DDP ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_metrics_and_predictions_of_one(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    sys.path.insert(0, str(here))
+    from ddp_metrics_worker import run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(here / "ddp_metrics_worker.py"), str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    os.makedirs(tmp_path / "single")
+    run(str(tmp_path / "single"))
+    ddp, single = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "single"))
+    assert ddp["eval_n"] == single["eval_n"] == 7  # each sample once
+    assert ddp.pop("eval_loss") == pytest.approx(single.pop("eval_loss"), rel=1e-6)
+    assert ddp.pop("eval_weighted") == pytest.approx(single.pop("eval_weighted"), rel=1e-6)  # dataset order
+    assert ddp == single
+    a, b = (np.load(tmp_path / d / "predictions.npz") for d in ("ddp", "single"))
+    assert a["predictions"].shape == b["predictions"].shape == (7, 5)
+    np.testing.assert_array_equal(a["label_ids"], b["label_ids"])
+    np.testing.assert_allclose(a["predictions"], b["predictions"], rtol=1e-6)
+    assert (b["label_ids"][:4, 3:] == -100).all() and b["label_ids"][6, 0] == 6
