@@ -1,17 +1,18 @@
-"""The Trainer's evaluation: the eval loss, the best metric, metric-driven schedules.
+"""The Trainer's evaluation: the eval loss, ``compute_metrics``, ``predict()``, the best metric,
+metric-driven schedules.
 
-:class:`EvaluationMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer` (``evaluate``
-keeps transformers' name and signature, so a subclass overrides it as it would there).
+:class:`EvaluationMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer` (``evaluate``,
+``predict``, ``evaluation_loop`` and ``prediction_step`` keep transformers' names and signatures, so a
+subclass overrides them as it would there); the predictions' collection is
+:mod:`optsched.trainer.predictions`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-
-from typing import NamedTuple
 
 from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
