@@ -68,6 +68,8 @@ _EXPORTS: dict[str, str] = {
     "TrainerCallback": "optsched.trainer",
     "TrainerControl": "optsched.trainer",
     "TrainOutput": "optsched.trainer",
+    "EvalPrediction": "optsched.trainer",
+    "PredictionOutput": "optsched.trainer",
     "get_last_checkpoint": "optsched.trainer",
     "CheckpointError": "optsched.trainer.checkpoint",
     "NonFiniteError": "optsched.trainer.nonfinite",
@@ -142,6 +144,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from optsched.trainer.checkpoint import CheckpointError
     from optsched.trainer.nonfinite import NonFiniteError
     from optsched.trainer import (
+        EvalPrediction,
+        PredictionOutput,
         TrainerCallback,
         TrainerControl,
         Trainer,

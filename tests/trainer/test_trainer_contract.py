@@ -293,12 +293,10 @@ def test_a_positional_call_binds_as_in_transformers(model_factory, regression_da
     [
         ("processing_class", r"processing_class.save_pretrained\(output_dir\) yourself"),
         ("model_init", r"Trainer\(model=model_init\(\), ...\)"),
-        ("compute_metrics", r"evaluate\(\) computes the loss only .* override evaluate\(\)"),
-        ("preprocess_logits_for_metrics", "not collect"),
     ],
 )
 def test_transformers_keywords_optsched_does_not_honour_are_refused(model_factory, make_args, keyword, what_to_do):
-    # never accepted and dropped: a tokenizer that is not saved, metrics never computed
+    # never accepted and dropped: a tokenizer that is not saved, a hyperparameter search that never runs
     with pytest.raises(TypeError, match=rf"Trainer\({keyword}=...\) is not supported .*got function.*{what_to_do}"):
         Trainer(model_factory(), make_args(), **{keyword: lambda *a: None})
     assert Trainer(model_factory(), make_args(), **{keyword: None}).optimizer is not None
@@ -368,3 +366,9 @@ def test_train_with_a_trial_is_refused(model_factory, regression_data, make_args
         t.train(trial={"learning_rate": 1e-3})
     assert t.state.global_step == 0
     assert t.train(trial=None, ignore_keys_for_eval=["past_key_values"]).global_step == 1
+
+
+@pytest.mark.parametrize("keyword", ["compute_metrics", "preprocess_logits_for_metrics"])
+def test_metrics_keywords_are_accepted(model_factory, make_args, keyword):
+    fn = lambda *a: {}  # noqa: E731
+    assert getattr(Trainer(model_factory(), make_args(), **{keyword: fn}), keyword) is fn

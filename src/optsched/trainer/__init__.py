@@ -14,13 +14,16 @@ from optsched.trainer.callbacks import (
     TrainerCallback,
 )
 from optsched.trainer.checkpoint import get_last_checkpoint
+from optsched.trainer.predictions import EvalPrediction, PredictionOutput
 from optsched.trainer.state import TrainerControl, TrainerState
 from optsched.trainer.trainer import Trainer, TrainOutput, set_seed
 
 __all__ = [
     "CallbackHandler",
     "DefaultFlowCallback",
+    "EvalPrediction",
     "JsonLinesLoggerCallback",
+    "PredictionOutput",
     "ProgressCallback",
     "TrainOutput",
     "Trainer",

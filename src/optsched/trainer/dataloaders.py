@@ -101,6 +101,17 @@ class DataLoaderMixin:
             seed=0,
         )
 
+    def get_test_dataloader(self, test_dataset: Any) -> DataLoader:
+        """The DataLoader of :meth:`predict`: as :meth:`get_eval_dataloader` (dataset order, each sample
+        on one process), for ``test_dataset``.
+
+        Raises:
+            ValueError: ``test_dataset`` is None.
+        """
+        if test_dataset is None:
+            raise ValueError("Trainer.predict(test_dataset=None): accepted: a dataset (map-style or iterable).")
+        return self.get_eval_dataloader(test_dataset)
+
     def _plan(self, batches_per_epoch: int | None) -> TrainingPlan:
         return plan_training(
             batches_per_epoch,

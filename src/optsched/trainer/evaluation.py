@@ -1,21 +1,60 @@
-"""The Trainer's evaluation: the eval loss, the best metric, metric-driven schedules.
+"""The Trainer's evaluation: the eval loss, ``compute_metrics``, ``predict()``, the best metric,
+metric-driven schedules.
 
-:class:`EvaluationMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer` (``evaluate``
-keeps transformers' name and signature, so a subclass overrides it as it would there).
+:class:`EvaluationMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer` (``evaluate``,
+``predict``, ``evaluation_loop`` and ``prediction_step`` keep transformers' names and signatures, so a
+subclass overrides them as it would there); the predictions' collection is
+:mod:`optsched.trainer.predictions`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from optsched.trainer.data import move_to_device
+from optsched.trainer.data import move_to_device, split_model_inputs
+from optsched.trainer.distributed import all_reduce_sum, unwrap_model
 from optsched.trainer.loss_items import count_label_items
-from optsched.trainer.distributed import all_reduce_sum
+from optsched.trainer.predictions import (
+    EvalPrediction,
+    PredictionCollector,
+    PredictionOutput,
+    batch_labels,
+    logits_from_outputs,
+    prefix_metrics,
+    run_compute_metrics,
+)
 
-__all__ = ["EvaluationMixin", "steps_on_metric"]
+__all__ = ["EvalLoopOutput", "EvaluationMixin", "steps_on_metric"]
+
+
+class EvalLoopOutput(NamedTuple):
+    """What :meth:`EvaluationMixin.evaluation_loop` returns (transformers' fields, plus ``num_steps``:
+    this process's batches, for ``<prefix>_steps_per_second``)."""
+
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, Any]
+    num_samples: int
+    num_steps: int = 0
+
+
+def _speed_metrics(prefix: str, runtime: float, num_samples: int, num_steps: int) -> dict[str, float]:
+    """``<prefix>_runtime`` / ``_samples_per_second`` / ``_steps_per_second`` (0.0 for a zero runtime)."""
+    return {
+        f"{prefix}_runtime": round(runtime, 4),
+        f"{prefix}_samples_per_second": round(num_samples / runtime, 3) if runtime > 0 else 0.0,
+        f"{prefix}_steps_per_second": round(num_steps / runtime, 3) if runtime > 0 else 0.0,
+    }
+
+
+def _output_loss(outputs: Any) -> Any:
+    """The loss a model's outputs carry (``["loss"]``, ``.loss``, a 0-dim first item), or None."""
+    from optsched.trainer.trainer import _extract_loss  # the Trainer's rule; trainer.py imports this module
+
+    return _extract_loss(outputs)
 
 
 def steps_on_metric(scheduler: Any) -> bool:
@@ -44,14 +83,21 @@ class EvaluationMixin:
     """
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Average loss over the eval dataset (sample-weighted, over all processes), logged and returned.
+        """Loss (sample-weighted, over all processes) and ``compute_metrics``' metrics over the eval
+        dataset, logged, passed to the callbacks' ``on_evaluate`` and returned.
+
+        Without ``compute_metrics`` no prediction is collected (the loss only, as fast as before). With
+        it, the logits and labels of every batch are collected (:meth:`evaluation_loop`) and
+        ``compute_metrics(EvalPrediction(predictions, label_ids))`` is called once, on every process,
+        with the whole dataset in its order; its metrics are prefixed ``<prefix>_`` unless they already
+        are (transformers' rule). No labels in the data: ``compute_metrics`` is not called.
 
         A ``dict`` of datasets (here or as the Trainer's ``eval_dataset``, as transformers accepts) is
         evaluated one dataset at a time, each under the prefix ``<prefix>_<name>`` (``eval_a_loss``), and
         the metrics are merged; ``metric_for_best_model`` then names one of them (``"a_loss"``).
 
         Returns:
-            ``{"<prefix>_loss", "<prefix>_runtime", "<prefix>_samples_per_second",
+            ``{"<prefix>_loss", <prefix>_<metric>..., "<prefix>_runtime", "<prefix>_samples_per_second",
             "<prefix>_steps_per_second"}``.
         """
         datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -61,43 +107,134 @@ class EvaluationMixin:
                 metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         loader = self.get_eval_dataloader(eval_dataset)
-        self.callback_handler.eval_dataloader = loader
-        model = self.model
         start = time.time()
+        output = self.evaluation_loop(
+            loader,
+            description="Evaluation",
+            # no point collecting predictions nobody reads (transformers' rule too)
+            prediction_loss_only=True if self.compute_metrics is None else None,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        metrics = output.metrics
+        metrics.update(_speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def predict(self, test_dataset: Any, ignore_keys: Any = None, metric_key_prefix: str = "test") -> PredictionOutput:
+        """Predictions (and labels, and metrics when the data has labels) over ``test_dataset``, as
+        transformers' ``predict()``: numpy arrays in the dataset's order, batches of different sequence
+        lengths padded on the right with ``-100``. Runs the callbacks' ``on_predict``; logs nothing.
+
+        Returns:
+            ``PredictionOutput(predictions, label_ids, metrics)``; ``label_ids`` is ``None`` without
+            labels; ``metrics`` holds ``<prefix>_loss`` (when the model returned one), ``compute_metrics``'
+            metrics (when set and the data has labels) and the speed metrics.
+        """
+        loader = self.get_test_dataloader(test_dataset)
+        start = time.time()
+        output = self.evaluation_loop(
+            loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        metrics = output.metrics
+        metrics.update(_speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
+        return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=metrics)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: Any = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The loop shared by :meth:`evaluate` and :meth:`predict` (transformers' name and signature).
+
+        ``prediction_loss_only`` None means ``args.prediction_loss_only`` (False when the arguments have
+        no such field). The loss is averaged over the samples of the batches that gave one (weighted by
+        batch size, summed over processes); ``<prefix>_loss`` is absent when none did.
+        """
+        if prediction_loss_only is None:
+            prediction_loss_only = bool(getattr(self.args, "prediction_loss_only", False))
+        self.callback_handler.eval_dataloader = dataloader
+        model = self.model
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
+        samples = 0
         steps = 0
+        collector = None if prediction_loss_only else PredictionCollector()
         was_training = model.training
         with self._optimizer_eval_mode(), torch.no_grad():
             model.eval()
             try:
-                for batch in loader:
+                for batch in dataloader:
                     batch = move_to_device(batch, self.device)
                     n = _batch_size(batch)
-                    num_items = (
-                        count_label_items([batch], shift_labels=self._loss_shifts_labels)
-                        if self.compute_loss_func is not None
-                        else None
-                    )
-                    with self.autocast_smart_context_manager():
-                        loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                    total += loss.detach().double().reshape(()) * n
-                    count += n
+                    loss, logits, labels = self.prediction_step(model, batch, prediction_loss_only, ignore_keys)
+                    if loss is not None:
+                        total += loss.detach().double().reshape(()) * n
+                        count += n
+                    samples += n
                     steps += 1
+                    if collector is not None:
+                        if logits is not None and self.preprocess_logits_for_metrics is not None:
+                            logits = self.preprocess_logits_for_metrics(logits, labels)
+                        collector.add(logits, labels)
                     self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
             finally:
                 model.train(was_training)
         total, count = all_reduce_sum(total, self.dist), all_reduce_sum(count, self.dist)
-        runtime = time.time() - start
-        metrics = {
-            f"{metric_key_prefix}_loss": float(total / count) if count > 0 else float("nan"),
-            f"{metric_key_prefix}_runtime": round(runtime, 4),
-            f"{metric_key_prefix}_samples_per_second": round(float(count) / runtime, 3) if runtime > 0 else 0.0,
-            f"{metric_key_prefix}_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
-        }
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
+        num_samples = int(all_reduce_sum(torch.tensor(float(samples), device=self.device), self.dist).item())
+        predictions = label_ids = None
+        metrics: dict[str, Any] = {}
+        if collector is not None:
+            predictions, label_ids = collector.gathered(self.dist)
+            if self.compute_metrics is not None and predictions is not None and label_ids is not None:
+                metrics = run_compute_metrics(
+                    self.compute_metrics, EvalPrediction(predictions=predictions, label_ids=label_ids)
+                )
+        if count > 0 or prediction_loss_only:
+            metrics[f"{metric_key_prefix}_loss"] = float(total / count) if count > 0 else float("nan")
+        return EvalLoopOutput(predictions, label_ids, prefix_metrics(metrics, metric_key_prefix), num_samples, steps)
+
+    def prediction_step(
+        self, model: Any, inputs: Any, prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """``(loss, logits, labels)`` of one batch (already on the device), under ``torch.no_grad()``.
+
+        ``prediction_loss_only``: the loss only, computed as in training (:meth:`compute_loss`; a model
+        that returns no loss raises), ``(loss, None, None)``. Otherwise the labels are taken first
+        (``self.label_names`` of a dict batch, all present; the last item of a tuple batch); with labels
+        the loss and outputs come from :meth:`compute_loss`, without them from the model alone (the loss
+        then only when the model returns one anyway). ``logits``: the outputs other than ``loss`` and
+        ``ignore_keys`` (default: the model config's ``keys_to_ignore_at_inference``, else
+        ``["past_key_values"]``), one tensor or a tuple.
+        """
+        num_items = (
+            count_label_items([inputs], shift_labels=self._loss_shifts_labels)
+            if self.compute_loss_func is not None
+            else None
+        )
+        if prediction_loss_only:
+            with self.autocast_smart_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items)
+            return loss.detach(), None, None
+        if ignore_keys is None:
+            config = getattr(unwrap_model(model), "config", None)
+            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"])) if config else []
+        labels = batch_labels(inputs, self.label_names)
+        with self.autocast_smart_context_manager():
+            if labels is not None:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
+            else:
+                model_args, kwargs, _ = split_model_inputs(inputs, take_labels=False)
+                outputs = model(*model_args, **kwargs)
+                loss = _output_loss(outputs)
+        has_loss = loss is not None and _output_loss(outputs) is not None
+        logits = logits_from_outputs(outputs, list(ignore_keys), has_loss=has_loss)
+        return (loss.detach() if loss is not None else None), logits, labels
 
     def _metric_name(self) -> str:
         name = self.args.metric_for_best_model or "loss"

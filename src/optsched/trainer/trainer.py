@@ -90,6 +90,7 @@ from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.loss_items import loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
+from optsched.trainer.predictions import find_labels
 from optsched.trainer.reporting import ReportingMixin
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
@@ -162,15 +163,6 @@ _UNSUPPORTED_KEYWORDS: dict[str, str] = {
         "it is for transformers' hyperparameter_search, which optsched does not have. Accepted: "
         "model_init=None and Trainer(model=model_init(), ...)"
     ),
-    "compute_metrics": (
-        "optsched's evaluate() computes the loss only and never collects predictions, so the function "
-        "would never be called. Accepted: compute_metrics=None; compute the metrics from the model's "
-        "outputs over the eval set yourself, or override evaluate()"
-    ),
-    "preprocess_logits_for_metrics": (
-        "it preprocesses the predictions collected for compute_metrics, which optsched's evaluate() does "
-        "not collect. Accepted: preprocess_logits_for_metrics=None"
-    ),
 }
 
 
@@ -204,9 +196,13 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             (read in order; need ``max_steps``); ``eval_dataset`` may be a dict of them, evaluated one by
             one under ``eval_<name>_...`` metrics (see :meth:`evaluate`).
         data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
-        processing_class / model_init / compute_metrics / preprocess_logits_for_metrics: transformers'
-            keywords, in its positions, so a call written for it binds the same; optsched does not honour
-            them, so anything but ``None`` raises ``TypeError`` saying what to do instead.
+        compute_metrics: ``f(EvalPrediction) -> dict``, called by :meth:`evaluate` / :meth:`predict` on the
+            whole eval set's predictions and labels (numpy), as transformers does.
+        preprocess_logits_for_metrics: ``f(logits, labels) -> tensor``, applied to each eval batch's
+            logits before they are collected (e.g. an argmax, to keep a causal LM's logits small).
+        processing_class / model_init: transformers' keywords, in its positions, so a call written for it
+            binds the same; optsched does not honour them, so anything but ``None`` raises ``TypeError``
+            saying what to do instead.
         optimizers: ``(optimizer, lr_scheduler)``; either may be None to have it created.
         optimizer_cls_and_kwargs: ``(cls, kwargs)`` for :func:`optsched.optim.create_optimizer`; not
             together with ``optimizers[0]``.
@@ -216,8 +212,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
 
     Raises:
         TypeError: a model that is not an ``nn.Module``, malformed ``optimizers``, a non-callable
-            ``compute_loss_func``; ``processing_class``, ``model_init``, ``compute_metrics`` or
-            ``preprocess_logits_for_metrics`` given.
+            ``compute_loss_func`` / ``compute_metrics`` / ``preprocess_logits_for_metrics``;
+            ``processing_class`` or ``model_init`` given.
         ValueError: ``optimizers`` and ``optimizer_cls_and_kwargs`` together; a model with no trainable
             parameter; fp16 without CUDA; bf16 on a CUDA device without bf16.
     """
@@ -243,9 +239,14 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         _refuse_unsupported(
             processing_class=processing_class,
             model_init=model_init,
-            compute_metrics=compute_metrics,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        for name, fn in (("compute_metrics", compute_metrics), ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"{name} must be callable or None, got {type(fn).__name__} {fn!r:.80}; accepted: "
+                    + ("f(eval_pred) -> dict of metrics, eval_pred an optsched.EvalPrediction (predictions, label_ids)."
+                       if name == "compute_metrics" else "f(logits, labels) -> tensor, called on each eval batch.")
+                )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}.")
         if not (isinstance(optimizers, (tuple, list)) and len(optimizers) == 2):
@@ -295,6 +296,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.eval_dataset = eval_dataset
         self.data_collator = data_collator
         self.compute_loss_func = compute_loss_func
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        # transformers' public attribute: the batch keys collected as label_ids (find_labels' rule)
+        self.label_names: list[str] = find_labels(unwrap_compiled(self.model))
         # transformers' public attribute (a user may set it): num_items_in_batch goes to the model,
         # whose loss then needs no division by the accumulation steps (trainer.loss_items)
         self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
