@@ -140,6 +140,16 @@ def _optional_str(name: str, value: Any) -> str | None:
     return value
 
 
+def _optional_names(name: str, value: Any) -> list[str] | None:
+    """``None``, or a list of non-empty strings (a single string is a list of one)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) and item for item in items):
+        raise TypeError(f"{name} must be a list of non-empty strings or None, got {type(value).__name__} {value!r}.")
+    return list(items)
+
+
 def _output_dir(name: str, value: Any) -> str:
     """``None`` -> ``"trainer_output"`` (transformers 5); paths -> ``str`` with ``~`` expanded."""
     if value is None:
@@ -482,6 +492,12 @@ class TrainingArguments:
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete batch.", _bool())
+    label_names: list[str] | None = _field(
+        None, "The batch keys that hold the labels, collected as label_ids for compute_metrics / predict() "
+        "(None: the model forward's arguments named '*label*', else 'labels').", _optional_names)
+    prediction_loss_only: bool = _field(
+        False, "evaluate() / predict() compute the loss only, collecting no predictions (evaluate() does so "
+        "anyway without compute_metrics).", _bool())
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))

@@ -156,6 +156,43 @@ def test_predict_without_labels_gives_predictions_only(tmp_path):
     assert "test_loss" not in out.metrics and "test_runtime" in out.metrics
 
 
+class _Targets(torch.nn.Module):
+    """Labels under another key: find_labels sees none named '*label*'."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x, targets=None):
+        logits = self.linear(x)
+        out = {"logits": logits}
+        if targets is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, targets)
+        return out
+
+
+def test_label_names_and_prediction_loss_only_fields(tmp_path):
+    data = [{"x": torch.full((3,), float(i)), "targets": torch.tensor(i % 2)} for i in range(6)]
+    calls = []
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, label_names=["targets"])
+    t = Trainer(_Targets(), args, compute_metrics=lambda p: calls.append(p) or {"n": len(p.label_ids)})
+    assert t.label_names == ["targets"]
+    out = t.predict(data)
+    assert out.label_ids.tolist() == [0, 1, 0, 1, 0, 1] and out.metrics["test_n"] == 6 and len(calls) == 1
+    # the default (find_labels) finds no '*label*' argument here: no label_ids, no metrics
+    default = Trainer(_Targets(), TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
+                      compute_metrics=lambda p: calls.append(p) or {})
+    assert default.label_names == ["labels"] and default.predict(data).label_ids is None and len(calls) == 1
+    # prediction_loss_only: the loss, no predictions collected, compute_metrics not called
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, label_names=["targets"],
+                             prediction_loss_only=True)
+    t = Trainer(_Targets(), args, eval_dataset=data, compute_metrics=lambda p: calls.append(p) or {})
+    metrics = t.evaluate()
+    assert "eval_loss" in metrics and len(calls) == 1
+    with pytest.raises(TypeError, match="label_names must be a list of non-empty strings"):
+        TrainingArguments(label_names=[1])
+
+
 # ---- helpers: concatenation, gathering, EvalPrediction ---------------------------------------------------
 
 

@@ -298,8 +298,12 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.compute_loss_func = compute_loss_func
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
-        # transformers' public attribute: the batch keys collected as label_ids (find_labels' rule)
-        self.label_names: list[str] = find_labels(unwrap_compiled(self.model))
+        # transformers' public attribute: the batch keys collected as label_ids (args.label_names, else
+        # find_labels' rule)
+        self.label_names: list[str] = (
+            list(self.args.label_names) if getattr(self.args, "label_names", None) is not None
+            else find_labels(unwrap_compiled(self.model))
+        )
         # transformers' public attribute (a user may set it): num_items_in_batch goes to the model,
         # whose loss then needs no division by the accumulation steps (trainer.loss_items)
         self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
