@@ -254,7 +254,8 @@ def move_to_device(data: Any, device: torch.device) -> Any:
 def split_model_inputs(batch: Any, take_labels: bool) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     """``(args, kwargs, labels)`` for ``model(*args, **kwargs)`` following the module docstring's rules.
 
-    ``labels`` is ``None`` unless ``take_labels`` (a ``compute_loss_func`` is in use).
+    ``labels`` is ``None`` unless ``take_labels`` (a ``compute_loss_func`` or label smoothing computes
+    the loss from them).
     """
     if isinstance(batch, Mapping):
         kwargs = dict(batch)
@@ -265,8 +266,9 @@ def split_model_inputs(batch: Any, take_labels: bool) -> tuple[tuple[Any, ...], 
         if take_labels:
             if len(items) < 2:
                 raise ValueError(
-                    f"a {type(batch).__name__} batch of length {len(items)} cannot feed compute_loss_func; "
-                    "accepted: (inputs..., labels) with the labels last, or a dict with a 'labels' key."
+                    f"a {type(batch).__name__} batch of length {len(items)} has no labels for the Trainer's "
+                    "loss (compute_loss_func, or label_smoothing_factor > 0); accepted: (inputs..., labels) "
+                    "with the labels last, or a dict with a 'labels' key."
                 )
             return items[:-1], {}, items[-1]
         return items, {}, None
