@@ -16,7 +16,7 @@ import torch
 
 from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
-from optsched.trainer.loss_items import count_label_items
+from optsched.trainer.loss_items import count_label_items, extract_loss
 from optsched.trainer.predictions import (
     EvalPrediction,
     PredictionCollector,
@@ -26,6 +26,7 @@ from optsched.trainer.predictions import (
     prefix_metrics,
     run_compute_metrics,
 )
+from optsched.trainer.reporting import speed_metrics
 
 __all__ = ["EvalLoopOutput", "EvaluationMixin", "steps_on_metric"]
 
@@ -39,22 +40,6 @@ class EvalLoopOutput(NamedTuple):
     metrics: dict[str, Any]
     num_samples: int
     num_steps: int = 0
-
-
-def _speed_metrics(prefix: str, runtime: float, num_samples: int, num_steps: int) -> dict[str, float]:
-    """``<prefix>_runtime`` / ``_samples_per_second`` / ``_steps_per_second`` (0.0 for a zero runtime)."""
-    return {
-        f"{prefix}_runtime": round(runtime, 4),
-        f"{prefix}_samples_per_second": round(num_samples / runtime, 3) if runtime > 0 else 0.0,
-        f"{prefix}_steps_per_second": round(num_steps / runtime, 3) if runtime > 0 else 0.0,
-    }
-
-
-def _output_loss(outputs: Any) -> Any:
-    """The loss a model's outputs carry (``["loss"]``, ``.loss``, a 0-dim first item), or None."""
-    from optsched.trainer.trainer import _extract_loss  # the Trainer's rule; trainer.py imports this module
-
-    return _extract_loss(outputs)
 
 
 def steps_on_metric(scheduler: Any) -> bool:
@@ -117,7 +102,7 @@ class EvaluationMixin:
             metric_key_prefix=metric_key_prefix,
         )
         metrics = output.metrics
-        metrics.update(_speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
+        metrics.update(speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
@@ -138,7 +123,7 @@ class EvaluationMixin:
             loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
         metrics = output.metrics
-        metrics.update(_speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
+        metrics.update(speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=metrics)
 
@@ -231,9 +216,12 @@ class EvaluationMixin:
             else:
                 model_args, kwargs, _ = split_model_inputs(inputs, take_labels=False)
                 outputs = model(*model_args, **kwargs)
-                loss = _output_loss(outputs)
-        has_loss = loss is not None and _output_loss(outputs) is not None
-        logits = logits_from_outputs(outputs, list(ignore_keys), has_loss=has_loss)
+                loss = None
+        # the loss the outputs carry: None when the Trainer computed it (smoothing, compute_loss_func)
+        own_loss = extract_loss(outputs)
+        if loss is None:
+            loss = own_loss
+        logits = logits_from_outputs(outputs, list(ignore_keys), has_loss=own_loss is not None)
         return (loss.detach() if loss is not None else None), logits, labels
 
     def _metric_name(self) -> str:

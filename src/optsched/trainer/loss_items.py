@@ -19,7 +19,9 @@ whatever the padding. optsched's Trainer does the same:
   ``ForCausalLMLoss`` and it is not an encoder-decoder). transformers 5.23 decides from ``loss_type``,
   which GPT-2 leaves ``None``: it counts GPT-2's first labels too and trains on ``(L - 1) / L`` of the
   mean loss; optsched counts what the loss uses;
-* :func:`count_label_items`: the count over a step's batches.
+* :func:`count_label_items`: the count over a step's batches;
+* :func:`extract_loss`: the loss a model's outputs carry (the Trainer's training and evaluation read it
+  the same way).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "count_label_items", "loss_shifts_labels", "model_accepts_loss_kwargs"]
+from optsched.params.classify import unwrap_compiled
+from optsched.trainer.distributed import unwrap_model
+
+__all__ = ["IGNORE_INDEX", "count_label_items", "extract_loss", "loss_shifts_labels", "model_accepts_loss_kwargs"]
 
 #: The label value losses ignore (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``).
 IGNORE_INDEX = -100
@@ -41,18 +46,37 @@ IGNORE_INDEX = -100
 _COUNT = "num_items_in_batch"
 
 
+def extract_loss(outputs: Any) -> torch.Tensor | None:
+    """The loss in a model's output: ``["loss"]``, ``.loss``, a 0-dim tensor, or the first item of a
+    tuple / list when it is a 0-dim tensor (a transformers model with ``return_dict=False`` returns
+    ``(loss, logits, ...)``, which transformers' Trainer reads as ``outputs[0]``). A first item with
+    dimensions (the logits of a model given no labels) is not taken for a loss; ``None`` then."""
+    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+        loss = outputs.get("loss") if hasattr(outputs, "get") else None
+        if loss is not None:
+            return loss
+    loss = getattr(outputs, "loss", None)
+    if loss is not None:
+        return loss
+    if isinstance(outputs, torch.Tensor) and outputs.ndim == 0:
+        return outputs
+    if isinstance(outputs, (tuple, list)) and outputs:
+        first = outputs[0]
+        if isinstance(first, torch.Tensor) and first.ndim == 0:
+            return first
+    return None
+
+
 def _inner_model(model: nn.Module) -> nn.Module:
     """The model itself inside DDP, ``torch.compile`` and PEFT wrappers (a LoRA ``PeftModel`` passes its
     ``**kwargs`` on to the model it wraps, whose loss decides: transformers' ``unwrap_peft_model``)."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
-            model = model.get_base_model()  # peft is not imported: the model's own module did
-        else:
+        inner = unwrap_compiled(unwrap_model(model))
+        if type(inner).__module__.split(".")[0] == "peft" and callable(getattr(inner, "get_base_model", None)):
+            inner = inner.get_base_model()  # peft is not imported: the model's own module did
+        if inner is model:
             return model
+        model = inner
 
 
 def model_accepts_loss_kwargs(model: nn.Module) -> bool:

@@ -26,11 +26,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReportingMixin", "format_metrics", "metrics_table"]
+__all__ = ["ReportingMixin", "format_metrics", "metrics_table", "speed_metrics"]
 
 logger = logging.getLogger(__name__)
 
 _ALL_RESULTS = "all_results.json"
+
+
+def speed_metrics(split: str, runtime: float, num_samples: float, num_steps: int) -> dict[str, float]:
+    """transformers' ``speed_metrics``: ``<split>_runtime`` (seconds, 4 decimals),
+    ``<split>_samples_per_second`` and ``<split>_steps_per_second`` (3 decimals; 0.0 for a zero runtime)."""
+    return {
+        f"{split}_runtime": round(runtime, 4),
+        f"{split}_samples_per_second": round(num_samples / runtime, 3) if runtime > 0 else 0.0,
+        f"{split}_steps_per_second": round(num_steps / runtime, 3) if runtime > 0 else 0.0,
+    }
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

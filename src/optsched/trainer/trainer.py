@@ -88,10 +88,10 @@ from optsched.trainer.distributed import (
 from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
-from optsched.trainer.loss_items import loss_shifts_labels, model_accepts_loss_kwargs
+from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.predictions import find_labels
-from optsched.trainer.reporting import ReportingMixin
+from optsched.trainer.reporting import ReportingMixin, speed_metrics
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
 from optsched.trainer.update import (
@@ -125,29 +125,6 @@ def set_seed(seed: int) -> None:
     except ImportError:  # numpy is optional
         pass
     torch.manual_seed(seed)
-
-
-
-def _extract_loss(outputs: Any) -> torch.Tensor | None:
-    """The loss in a model's output: ``["loss"]``, ``.loss``, a 0-dim tensor, or the first item of a
-    tuple / list when it is a 0-dim tensor (a transformers model with ``return_dict=False`` returns
-    ``(loss, logits, ...)``, which transformers' Trainer reads as ``outputs[0]``). A first item with
-    dimensions (the logits of a model given no labels) is not taken for a loss; ``None`` then."""
-    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
-        loss = outputs.get("loss") if hasattr(outputs, "get") else None
-        if loss is not None:
-            return loss
-    loss = getattr(outputs, "loss", None)
-    if loss is not None:
-        return loss
-    if isinstance(outputs, torch.Tensor) and outputs.ndim == 0:
-        return outputs
-    if isinstance(outputs, (tuple, list)) and outputs:
-        first = outputs[0]
-        if isinstance(first, torch.Tensor) and first.ndim == 0:
-            return first
-    return None
-
 
 
 #: transformers' Trainer keywords that optsched's accepts (same names, same positions) but refuses
@@ -489,7 +466,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         elif smoother is not None and labels is not None:
             loss = smoother(outputs, labels, shift_labels=self._loss_shifts_labels, num_items_in_batch=num_items_in_batch)
         else:
-            loss = _extract_loss(outputs)
+            loss = extract_loss(outputs)
             if loss is None:
                 keys = list(inputs) if isinstance(inputs, dict) else f"a {type(inputs).__name__}"
                 raise ValueError(
@@ -764,9 +741,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         samples_done = self._train_samples_done(loader, plan, steps_done)
         self.store_flos()
         metrics = {
-            "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round(samples_done / runtime, 3) if runtime > 0 else 0.0,
-            "train_steps_per_second": round(steps_done / runtime, 3) if runtime > 0 else 0.0,
+            **speed_metrics("train", runtime, samples_done, steps_done),
             "total_flos": float(state.total_flos),
             "train_loss": train_loss,
         }
