@@ -184,6 +184,11 @@ def relative_step_size(step: int, *, lr: float | None, relative_step: bool, warm
     return min(min_step, 1.0 / math.sqrt(step))
 
 
+def _group_step_size(group: Mapping[str, Any], step: int) -> float:
+    """:func:`relative_step_size` with a param group's ``lr``, ``relative_step`` and ``warmup_init``."""
+    return relative_step_size(step, lr=group["lr"], relative_step=group["relative_step"], warmup_init=group["warmup_init"])
+
+
 def _rms(tensor: Tensor) -> Tensor:
     return tensor.norm(2) / (tensor.numel() ** 0.5)
 
@@ -472,12 +477,7 @@ class Adafactor(Optimizer):
     # calls `optimizer._get_lr(group, state)`.
     @staticmethod
     def _get_lr(param_group: Mapping[str, Any], param_state: Mapping[str, Any]) -> float | Tensor:
-        rel_step_sz = relative_step_size(
-            param_state["step"],
-            lr=param_group["lr"],
-            relative_step=param_group["relative_step"],
-            warmup_init=param_group["warmup_init"],
-        )
+        rel_step_sz = _group_step_size(param_group, param_state["step"])
         param_scale = 1.0
         if param_group["scale_parameter"]:
             param_scale = max(param_group["eps"][1], param_state["RMS"])
@@ -568,12 +568,7 @@ class Adafactor(Optimizer):
 
     def _learning_rates(self, group: dict[str, Any], slots: list[_Slot]) -> Tensor:
         """``lr_t`` of each slot as one fp32 tensor (one RMS kernel for the whole group)."""
-        rel = [
-            relative_step_size(
-                s.step, lr=group["lr"], relative_step=group["relative_step"], warmup_init=group["warmup_init"]
-            )
-            for s in slots
-        ]
+        rel = [_group_step_size(group, s.step) for s in slots]
         device = slots[0].p32.device
         # fp32 like transformers' (an fp32 RMS times a Python float); fp64 when a parameter is fp64.
         dtype = torch.float64 if any(s.p32.dtype == torch.float64 for s in slots) else torch.float32
@@ -597,9 +592,7 @@ class Adafactor(Optimizer):
         parameters, this project's CPU). The dot sums in another order than transformers'
         ``p.norm(2)``: within 1e-5 relative (closer to the exact value than torch's fp32 norm here).
         """
-        rel = relative_step_size(
-            slot.step, lr=group["lr"], relative_step=group["relative_step"], warmup_init=group["warmup_init"]
-        )
+        rel = _group_step_size(group, slot.step)
         if not group["scale_parameter"]:
             return rel
         p = slot.p32
@@ -646,8 +639,8 @@ class Adafactor(Optimizer):
         * statistics: ``S.sum(-1)``, which gives ``r``; then the column sums and the update's squared
           norm from one GEMM over ``S`` (:func:`_weighted_column_sums`):
           ``[1; r**2] @ S = [sum_i S_ij; sum_i r_i**2 S_ij]`` and
-          ``||u||**2 = sum_j (sum_i r_i**2 S_ij) / col_j``: no scaled copy of ``g``, one read of ``S``
-          where two GEMVs read it twice (about 0.55 of their time on 2 threads);
+          ``||u||**2 = sum_j (sum_i r_i**2 S_ij) / col_j``: no scaled copy of ``g``; split by rows over
+          the CPU threads, 0.55 of the two GEMVs' time on 2 threads (the same on one thread);
         * the update: the workspace is overwritten with ``g * c`` and ``p`` gets one
           ``addcmul_(g * c, coef)``, ``coef = lr_t * r / clip`` broadcast over the columns: g and the
           workspace read once, p read and written once. With ``beta1`` the workspace becomes the
