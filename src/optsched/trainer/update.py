@@ -127,8 +127,8 @@ class UpdateMixin:
     def _num_items(self, group: list[Any]) -> torch.Tensor | None:
         """``num_items_in_batch`` of one optimizer step (:mod:`optsched.trainer.loss_items`): the labels
         of all its micro-batches, summed over the processes with ``average_tokens_across_devices``; for
-        ``compute_loss_func``, and for a model that accepts loss kwargs fed dict batches with labels.
-        None otherwise. A 0-dim int64 tensor on the device, as transformers passes it."""
+        ``compute_loss_func``, for label smoothing, and for a model whose loss uses it fed dict batches
+        with labels. None otherwise. A 0-dim int64 tensor on the device, as transformers passes it."""
         feeds_model = (
             self.model_accepts_loss_kwargs and isinstance(group[0], Mapping) and "labels" in group[0]
         )
