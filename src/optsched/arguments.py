@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 #: ``transformers.SaveStrategy`` values.
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+#: ``include_num_input_tokens_seen`` values (transformers' names; True / False mean "all" / "no").
+TOKENS_SEEN_MODES = ("all", "non_padding", "no")
 #: What a resume does when the arguments describe another plan than the checkpoint's
 #: (``optsched.trainer.resume``): follow the new plan, keep the lr continuous, or refuse.
 LR_RESUME_POLICIES = ("replan", "continue", "strict")
@@ -148,6 +150,13 @@ def _optional_names(name: str, value: Any) -> list[str] | None:
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) and item for item in items):
         raise TypeError(f"{name} must be a list of non-empty strings or None, got {type(value).__name__} {value!r}.")
     return list(items)
+
+
+def _tokens_seen(name: str, value: Any) -> str:
+    # transformers' rule: a bool maps to "all" / "no"
+    if isinstance(value, bool):
+        return "all" if value else "no"
+    return check_choice(name, value, TOKENS_SEEN_MODES, what="token count")
 
 
 def _output_dir(name: str, value: Any) -> str:
@@ -464,6 +473,10 @@ class TrainingArguments:
     logging_first_step: bool = _field(
         False, "Also log after the first optimizer step (global_step 1), whatever logging_strategy says.",
         _bool())
+    include_num_input_tokens_seen: str | bool = _field(
+        "no", "Count the input tokens trained on in state.num_input_tokens_seen (summed over processes) and log "
+        "it with train_tokens_per_second: 'all' (every element of the model's main input), 'non_padding' "
+        "(attention_mask's sum), 'no'; True / False mean 'all' / 'no'.", _tokens_seen)
     eval_strategy: str = _field("no", "When to evaluate: 'no', 'steps' or 'epoch'.",
                                 _choice(INTERVAL_STRATEGIES, "evaluation strategy"))
     eval_steps: int | float | None = _field(
@@ -472,6 +485,9 @@ class TrainingArguments:
     eval_delay: float = _field(
         0, "No evaluation before this global step (eval_strategy='steps') or epoch (eval_strategy='epoch'); "
         "a number >= 0. 0: from the first due evaluation on.", _float(low=0))
+    eval_on_start: bool = _field(
+        False, "Evaluate once before the first training step (a sanity check of the evaluation; at the resumed "
+        "step when resuming).", _bool())
     save_strategy: str = _field("steps", "When to save: 'no', 'steps', 'epoch' or 'best'.",
                                 _choice(SAVE_STRATEGIES, "save strategy"))
     save_steps: int | float = _field(

@@ -69,7 +69,7 @@ def run(output_dir: str, batch_size: int, tokens: bool = False) -> Trainer:
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=DDP_STEPS, learning_rate=1e-2,
         logging_steps=1, save_strategy="steps", save_steps=DDP_STEPS, disable_tqdm=True, use_cpu=True,
-        report_to="none",
+        report_to="none", include_num_input_tokens_seen="all",
     )
     data = masked_regression_data(32) if tokens else make_regression_data(32)
     trainer = Trainer(model, args, train_dataset=data)
@@ -84,6 +84,7 @@ def result(trainer: Trainer) -> dict:
         "weights": {n: p.detach().flatten().tolist() for n, p in trainer.model.named_parameters()},
         "world_size": trainer.num_processes,
         "total_flos": trainer.state.total_flos,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
         "files": sorted(os.listdir(os.path.join(trainer.args.output_dir, f"checkpoint-{DDP_STEPS}"))),
     }
 

@@ -48,6 +48,8 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
     assert ddp["lrs"] == single["lrs"]
     # summed over both processes: 6 x 4 features x 97 parameters per sample, 8 samples a step
     assert ddp["total_flos"] == single["total_flos"] == 6 * 4 * 97 * 8 * DDP_STEPS
+    # include_num_input_tokens_seen="all": 4 elements of x per sample, summed over both processes
+    assert ddp["tokens_seen"] == single["tokens_seen"] == 4 * 8 * DDP_STEPS
     for name, values in single["weights"].items():
         torch.testing.assert_close(torch.tensor(ddp["weights"][name]), torch.tensor(values), rtol=1e-4, atol=1e-6)
     # rank 0 wrote the checkpoint, each rank its RNG state

@@ -93,14 +93,14 @@ class PlainRegressor(nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
-def make_trainer(kind: str, model: nn.Module, train_dataset, **fields):
+def make_trainer(kind: str, model: nn.Module, train_dataset, eval_dataset=None, **fields):
     """optsched's Trainer (``kind="optsched"``) or transformers' (``"hf"``, with ``report_to="none"``) on
     the same model, data and TrainingArguments fields: the two sides of a parity test."""
     if kind == "hf":
         import transformers
 
         args = transformers.TrainingArguments(report_to="none", **fields)
-        return transformers.Trainer(model, args, train_dataset=train_dataset)
+        return transformers.Trainer(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     from optsched import Trainer, TrainingArguments
 
-    return Trainer(model, TrainingArguments(**fields), train_dataset=train_dataset)
+    return Trainer(model, TrainingArguments(**fields), train_dataset=train_dataset, eval_dataset=eval_dataset)

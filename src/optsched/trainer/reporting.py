@@ -33,14 +33,16 @@ logger = logging.getLogger(__name__)
 _ALL_RESULTS = "all_results.json"
 
 
-def speed_metrics(split: str, runtime: float, num_samples: float, num_steps: int) -> dict[str, float]:
-    """transformers' ``speed_metrics``: ``<split>_runtime`` (seconds, 4 decimals),
-    ``<split>_samples_per_second`` and ``<split>_steps_per_second`` (3 decimals; 0.0 for a zero runtime)."""
-    return {
-        f"{split}_runtime": round(runtime, 4),
-        f"{split}_samples_per_second": round(num_samples / runtime, 3) if runtime > 0 else 0.0,
-        f"{split}_steps_per_second": round(num_steps / runtime, 3) if runtime > 0 else 0.0,
-    }
+def speed_metrics(split: str, runtime: float, num_samples: float | None = None, num_steps: int | None = None,
+                  num_tokens: int | None = None) -> dict[str, float]:
+    """transformers' ``speed_metrics``: ``<split>_runtime`` (seconds, 4 decimals), then, for the counts
+    given, ``<split>_samples_per_second``, ``<split>_steps_per_second`` and ``<split>_tokens_per_second``
+    (3 decimals; 0.0 for a zero runtime, where transformers leaves them out)."""
+    out = {f"{split}_runtime": round(runtime, 4)}
+    for name, count in (("samples", num_samples), ("steps", num_steps), ("tokens", num_tokens)):
+        if count is not None:
+            out[f"{split}_{name}_per_second"] = round(count / runtime, 3) if runtime > 0 else 0.0
+    return out
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

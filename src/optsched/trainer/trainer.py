@@ -90,6 +90,7 @@ from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
+from optsched.trainer.tokens_seen import TokenCounter
 from optsched.trainer.predictions import find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
 from optsched.trainer.signals import PreemptionHandler
@@ -621,6 +622,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self._nonfinite = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 5))
         self._prepare_step_state()
         self._reset_flos_count()
+        self._token_counter = self._new_token_counter()
         self.preempted_by = None
         # handlers only around the loop (main thread only), the previous ones restored after it
         preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
@@ -666,6 +668,15 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
                 "and leave this False."
             )
 
+    def _new_token_counter(self) -> TokenCounter | None:
+        """``include_num_input_tokens_seen``'s counter (None for ``"no"``), reading the model's
+        ``main_input_name`` as transformers does (``"input_ids"`` when the model has none)."""
+        mode = getattr(self.args, "include_num_input_tokens_seen", "no")
+        if mode == "no":
+            return None
+        model = unwrap_compiled(unwrap_model(self.model))
+        return TokenCounter(mode, getattr(model, "main_input_name", "input_ids"))
+
     def _train_loop(self, model: nn.Module, loader: DataLoader, plan: TrainingPlan, checkpoint: Path | None) -> TrainOutput:
         args, state = self.args, self.state
         ga = args.gradient_accumulation_steps
@@ -676,7 +687,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self._total_loss_steps = 0
         self._globalstep_last_logged = state.global_step
         initial_step = state.global_step
-        start_time = time.time()
+        self._initial_num_input_tokens_seen = state.num_input_tokens_seen  # this call's tokens per second
+        start_time = self._train_start_time = time.time()
         self._grad_norm: torch.Tensor | None = None
         self._last_lr: float | None = None
         if _has_mode_switch(self.optimizer):
@@ -685,6 +697,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         model.zero_grad(set_to_none=True)
 
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
+        if args.eval_on_start:  # transformers' sanity check: evaluate, no best-metric or scheduler update
+            self.evaluate()
+            model.train()
         start_epoch, skip_updates, positioned = self._start_position(loader, plan)
         if checkpoint is not None:
             logger.info("Resuming at global step %d: epoch %d, skipping %d updates of it.", state.global_step, start_epoch, skip_updates)
@@ -787,18 +802,23 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         # additions: adding the step's sum instead logs a loss a few ulps off (6e-8 relative at GA 2)
         window = self._tr_loss
         last_index = len(group) - 1
+        counter, tokens = self._token_counter, 0
         for i, batch in enumerate(group):
             last = i == last_index
             with no_sync(model, skip_sync=not last):
                 loss = self.training_step(model, batch, num_items)
             self.current_flos += float(self.floating_point_ops(batch))
+            if counter is not None:
+                tokens += counter.count(batch)
             step_loss = loss if step_loss is None else step_loss + loss
             window = window + loss
             if not last:
                 control = self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
                 if control.should_training_stop or control.should_epoch_stop:
                     self._zero_grad()
+                    self._add_tokens_seen(tokens)
                     return False
+        self._add_tokens_seen(tokens)
         self._grad_norm, stepped = self._clip_and_step(step_loss)
         self._last_lr = self._get_learning_rate()  # the lr this step used
         if stepped:
@@ -812,6 +832,15 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         # train_loss down.)
         self._zero_grad()
         return True
+
+    def _add_tokens_seen(self, tokens: int) -> None:
+        """Add this process's input tokens of a step to ``state.num_input_tokens_seen``, summed over the
+        processes (one collective per step, where transformers gathers at every micro-batch)."""
+        if self._token_counter is None:
+            return
+        if self.dist.enabled:
+            tokens = int(all_reduce_sum(torch.tensor(tokens, dtype=torch.int64, device=self.device), self.dist))
+        self.state.num_input_tokens_seen += tokens
 
     def _take_loss_window(self) -> tuple[float, int]:
         """``(loss summed over the applied steps since the last call, averaged over processes, those
@@ -839,7 +868,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             self._total_loss_scalar += loss
             self._total_loss_steps += steps
             self._globalstep_last_logged = state.global_step
-            self.log(logs)
+            self.log(logs, self._train_start_time)
         if self.control.should_evaluate:
             metrics = self.evaluate()
             model.train()  # an overridden evaluate() may leave eval mode; training_step no longer resets it
@@ -852,9 +881,19 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             self.control = self.callback_handler.on_save(self.args, state, self.control)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Append ``logs`` (+ ``epoch``, ``step``) to ``state.log_history`` and run the ``on_log`` callbacks."""
+        """Append ``logs`` (+ ``epoch``, ``step``) to ``state.log_history`` and run the ``on_log`` callbacks.
+
+        With ``include_num_input_tokens_seen``, ``num_input_tokens_seen`` is added too, and, given the
+        ``start_time`` of the ``train()`` call (the training logs), ``train_runtime`` and
+        ``train_tokens_per_second`` over the tokens of this call, as transformers' ``log`` does.
+        """
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if getattr(self.args, "include_num_input_tokens_seen", "no") != "no":
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
+                logs.update(speed_metrics("train", time.time() - start_time, num_tokens=tokens))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 
