@@ -47,6 +47,7 @@ def test_defaults_match_transformers_5():
         "eval_steps": None, "eval_delay": 0.0, "eval_on_start": False, "save_strategy": "steps", "save_steps": 500,
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
+        "remove_unused_columns": True,
         "label_names": None, "prediction_loss_only": False,
         "label_smoothing_factor": 0.0, "activation_checkpointing": False, "activation_checkpointing_kwargs": None,
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,

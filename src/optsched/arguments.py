@@ -508,6 +508,10 @@ class TrainingArguments:
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete batch.", _bool())
+    remove_unused_columns: bool = _field(
+        True, "Drop the keys of dict samples that the model's forward does not name (label, label_ids and "
+        "label_names kept) before the data collator sees them, as transformers does; False: pass every key.",
+        _bool())
     label_names: list[str] | None = _field(
         None, "The batch keys that hold the labels, collected as label_ids for compute_metrics / predict() "
         "(None: the model forward's arguments named '*label*', else 'labels').", _optional_names)

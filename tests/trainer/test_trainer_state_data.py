@@ -116,7 +116,8 @@ def test_the_eval_loader_of_each_rank_takes_its_share_once(model_factory, make_a
     from optsched.trainer.distributed import DistributedContext
 
     data = [dict(d, i=torch.tensor(i)) for i, d in enumerate(regression_data(10))]
-    t = Trainer(model_factory(), make_args(per_device_eval_batch_size=2), eval_dataset=data)
+    # remove_unused_columns=False: "i" (no argument of forward) reaches the batches
+    t = Trainer(model_factory(), make_args(per_device_eval_batch_size=2, remove_unused_columns=False), eval_dataset=data)
     seen = []
     for rank in range(4):
         t.dist = DistributedContext(rank=rank, local_rank=rank, world_size=4)
@@ -153,7 +154,8 @@ def test_every_rank_gets_as_many_batches_of_an_iterable_dataset(model_factory, m
         def __iter__(self):
             return iter([dict(d, i=torch.tensor(i)) for i, d in enumerate(regression_data(9))])
 
-    t = Trainer(model_factory(), make_args(per_device_train_batch_size=2, max_steps=4), train_dataset=Stream())
+    t = Trainer(model_factory(), make_args(per_device_train_batch_size=2, max_steps=4, remove_unused_columns=False),
+                train_dataset=Stream())
     seen = []
     for rank in range(2):
         t.dist = DistributedContext(rank=rank, local_rank=rank, world_size=2)

@@ -7,12 +7,13 @@ them as it would there); the samplers and the step arithmetic are :mod:`optsched
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from optsched.trainer.collate import RemoveColumnsCollator, default_data_collator, signature_columns
 from optsched.trainer.data import (
     EpochSampler,
     ShardedIterable,
@@ -23,6 +24,7 @@ from optsched.trainer.data import (
     iter_update_groups,
     plan_training,
 )
+from optsched.trainer.loss_items import inner_model
 
 __all__ = ["DataLoaderMixin"]
 
@@ -30,8 +32,8 @@ __all__ = ["DataLoaderMixin"]
 class DataLoaderMixin:
     """The train / eval DataLoaders, the :class:`~optsched.trainer.data.TrainingPlan`, the resume position.
 
-    Reads the Trainer's ``args``, ``dist``, ``train_dataset``, ``eval_dataset``, ``data_collator`` and
-    ``state``.
+    Reads the Trainer's ``args``, ``dist``, ``model``, ``label_names``, ``train_dataset``, ``eval_dataset``,
+    ``data_collator`` and ``state``.
     """
 
     def _data_seed(self) -> int:
@@ -57,12 +59,25 @@ class DataLoaderMixin:
         return build_dataloader(
             ds,
             batch_size=args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
+            collate_fn=self._collator("training"),
             sampler=sampler,
             num_workers=args.dataloader_num_workers,
             drop_last=args.dataloader_drop_last,
             seed=self._data_seed(),
         )
+
+    def _collator(self, description: str) -> Callable[[list[Any]], Any]:
+        """``data_collator`` (default: :func:`~optsched.trainer.collate.default_data_collator`), behind a
+        :class:`~optsched.trainer.collate.RemoveColumnsCollator` with ``remove_unused_columns`` (transformers'
+        default), which keeps the keys the model's ``forward`` names and the label keys."""
+        collator = self.data_collator if self.data_collator is not None else default_data_collator
+        if not getattr(self.args, "remove_unused_columns", True):
+            return collator
+        model = inner_model(self.model)
+        columns = signature_columns(model.forward, self.label_names)
+        if columns is None:
+            return collator
+        return RemoveColumnsCollator(collator, columns, type(model).__name__, description)
 
     def get_train_dataloader(self) -> DataLoader:
         """The training DataLoader: seeded per-epoch order, split over processes under DDP.
@@ -94,7 +109,7 @@ class DataLoaderMixin:
         return build_dataloader(
             ds,
             batch_size=getattr(self.args, "per_device_eval_batch_size", self.args.per_device_train_batch_size),
-            collate_fn=self.data_collator,
+            collate_fn=self._collator("evaluation"),
             sampler=sampler,
             num_workers=self.args.dataloader_num_workers,
             drop_last=False,

@@ -38,7 +38,7 @@ from torch import nn
 from optsched.params.classify import unwrap_compiled
 from optsched.trainer.distributed import unwrap_model
 
-__all__ = ["IGNORE_INDEX", "count_label_items", "extract_loss", "loss_shifts_labels", "model_accepts_loss_kwargs"]
+__all__ = ["IGNORE_INDEX", "count_label_items", "extract_loss", "inner_model", "loss_shifts_labels", "model_accepts_loss_kwargs"]
 
 #: The label value losses ignore (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``).
 IGNORE_INDEX = -100
@@ -67,7 +67,7 @@ def extract_loss(outputs: Any) -> torch.Tensor | None:
     return None
 
 
-def _inner_model(model: nn.Module) -> nn.Module:
+def inner_model(model: nn.Module) -> nn.Module:
     """The model itself inside DDP, ``torch.compile`` and PEFT wrappers (a LoRA ``PeftModel`` passes its
     ``**kwargs`` on to the model it wraps, whose loss decides: transformers' ``unwrap_peft_model``)."""
     while True:
@@ -92,7 +92,7 @@ def model_accepts_loss_kwargs(model: nn.Module) -> bool:
     ``gradient_accumulation_steps`` times the mean loss. False only ever costs the token weighting
     (each micro-batch's mean, divided by the accumulation steps), never the loss's scale.
     """
-    model = _inner_model(model)
+    model = inner_model(model)
     declared = getattr(model, "accepts_loss_kwargs", None)
     if declared is not None:
         return bool(declared)
@@ -135,7 +135,7 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     """Whether ``model``'s own loss predicts ``labels[..., 1:]`` (a transformers causal LM): its
     ``loss_function`` is ``ForCausalLMLoss`` and its config is not an encoder-decoder one. Any other
     model (not a transformers one, a classifier, T5): False."""
-    model = _inner_model(model)
+    model = inner_model(model)
     if not isinstance(getattr(type(model), "loss_function", None), property):
         return False  # not a transformers PreTrainedModel: transformers need not be installed
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):

@@ -75,6 +75,7 @@ from optsched.trainer.callbacks import (
     strategy_name,
 )
 from optsched.trainer.checkpointing import CheckpointMixin
+from optsched.trainer.collate import default_data_collator
 from optsched.trainer.data import TrainingPlan, has_length, move_to_device, split_model_inputs
 from optsched.trainer.dataloaders import DataLoaderMixin
 from optsched.trainer.distributed import (
@@ -90,11 +91,11 @@ from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
-from optsched.trainer.tokens_seen import TokenCounter
 from optsched.trainer.predictions import find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
+from optsched.trainer.tokens_seen import TokenCounter
 from optsched.trainer.update import (
     _BACKWARDS,
     UPDATE_MODES,
@@ -173,7 +174,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         train_dataset / eval_dataset: map-style datasets (shuffled by ``data_seed``) or iterable ones
             (read in order; need ``max_steps``); ``eval_dataset`` may be a dict of them, evaluated one by
             one under ``eval_<name>_...`` metrics (see :meth:`evaluate`).
-        data_collator: the DataLoader's ``collate_fn`` (default: torch's default collate).
+        data_collator: the DataLoader's ``collate_fn`` (default: transformers' ``default_data_collator``
+            for dict samples, torch's ``default_collate`` for others: :mod:`optsched.trainer.collate`).
+            With ``remove_unused_columns`` (the default) it gets dict samples without the keys the
+            model's ``forward`` does not name.
         compute_metrics: ``f(EvalPrediction) -> dict``, called by :meth:`evaluate` / :meth:`predict` on the
             whole eval set's predictions and labels (numpy), as transformers does.
         preprocess_logits_for_metrics: ``f(logits, labels) -> tensor``, applied to each eval batch's
@@ -272,7 +276,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.model_wrapped: nn.Module = self.model
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
-        self.data_collator = data_collator
+        self.data_collator = data_collator if data_collator is not None else default_data_collator
         self.compute_loss_func = compute_loss_func
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
