@@ -48,6 +48,7 @@ def test_defaults_match_transformers_5():
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
         "remove_unused_columns": True,
+        "train_sampling_strategy": "random", "group_by_length": False, "length_column_name": "length",
         "label_names": None, "prediction_loss_only": False,
         "label_smoothing_factor": 0.0, "activation_checkpointing": False, "activation_checkpointing_kwargs": None,
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
@@ -58,18 +59,23 @@ def test_defaults_match_transformers_5():
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,
         "lr_resume_policy": "replan",
         "decay_policy": "hf", "param_rules": None, "layerwise_lr_decay": None, "layer_id_fn": None,
-        "checkpoint_verification": "full",
+        "checkpoint_verification": "full", "model_input_name": "input_ids",
     }
     assert a.to_dict() == expected
     assert a.explicit_fields == frozenset()
+
+
+#: transformers 4's fields that 5.23 no longer has, and optsched's default for each (group_by_length: None,
+#: unset, so that train_sampling_strategy alone decides; it then mirrors it)
+TRANSFORMERS_4_ONLY = {"warmup_ratio": 0.0, "group_by_length": None}
 
 
 def test_declared_defaults_equal_transformers_declared_defaults():
     transformers = pytest.importorskip("transformers")
     hf_fields = {f.name: f for f in dataclasses.fields(transformers.TrainingArguments)}
     for f in dataclasses.fields(TrainingArguments):
-        if f.name == "warmup_ratio":  # transformers 4 only
-            assert f.default == 0.0
+        if f.name in TRANSFORMERS_4_ONLY:
+            assert f.default == TRANSFORMERS_4_ONLY[f.name], f.name
             continue
         if f.name in OPTSCHED_ONLY_FIELDS:  # optsched's own: no transformers counterpart
             assert f.name not in hf_fields and f.metadata["help"], f.name
@@ -133,6 +139,12 @@ GOOD = [
     ({"eval_delay": 0.5, "eval_strategy": "epoch"}, {"eval_delay": 0.5}),
     ({"disable_tqdm": True}, {"disable_tqdm": True}),
     ({"max_grad_norm": 0}, {"max_grad_norm": 0.0}),
+    ({"train_sampling_strategy": "group_by_length"}, {"group_by_length": True}),
+    ({"group_by_length": True}, {"train_sampling_strategy": "group_by_length"}),
+    ({"group_by_length": False}, {"train_sampling_strategy": "random"}),
+    ({"group_by_length": True, "train_sampling_strategy": "group_by_length"}, {"group_by_length": True}),
+    ({"length_column_name": "n", "model_input_name": "input_values"},
+     {"length_column_name": "n", "model_input_name": "input_values"}),
 ]
 
 
@@ -309,6 +321,14 @@ BAD = [
     ({"warmup_step": 10}, TypeError, ["warmup_step", "'warmup_steps'"]),
     ({"checkpoint_verification": "sha256"}, ValueError, ["checkpoint_verification", "'sha256'", "full", "size"]),
     ({"lr_resume_policy": "contnue"}, ValueError, ["lr_resume_policy", "Did you mean 'continue'"]),
+    ({"train_sampling_strategy": "sequential"}, ValueError,
+     ["train_sampling_strategy='sequential'", "does not implement", "'random', 'group_by_length'"]),
+    ({"train_sampling_strategy": "group_by_lenght"}, ValueError, ["train_sampling_strategy", "'group_by_length'"]),
+    ({"group_by_length": True, "train_sampling_strategy": "random"}, ValueError,
+     ["group_by_length=True and train_sampling_strategy='random' conflict", "transformers 4's name"]),
+    ({"group_by_length": "yes"}, TypeError, ["group_by_length", "'yes'"]),
+    ({"length_column_name": ""}, ValueError, ["length_column_name=''"]),
+    ({"model_input_name": None}, TypeError, ["model_input_name", "None"]),
 ]
 
 
@@ -556,11 +576,12 @@ def test_as_training_arguments_from_transformers(tmp_path):
         lr_scheduler_kwargs={"num_cycles": 0.5}, warmup_steps=0.1, eval_strategy="steps", logging_steps=20,
         save_total_limit=2, seed=7, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         report_to="none", max_steps=100, logging_first_step=True, eval_delay=30, run_name="exp-1",
+        train_sampling_strategy="group_by_length", length_column_name="n_tokens",
     )
     hf = transformers.TrainingArguments(output_dir=str(tmp_path), **given_kwargs)
     ours = as_training_arguments(hf)
     for f in dataclasses.fields(TrainingArguments):
-        if f.name == "warmup_ratio" or f.name in OPTSCHED_ONLY_FIELDS:
+        if f.name in TRANSFORMERS_4_ONLY or f.name in OPTSCHED_ONLY_FIELDS:
             continue
         theirs = getattr(hf, f.name)
         theirs = getattr(theirs, "value", theirs)
@@ -616,6 +637,21 @@ def test_as_training_arguments_from_transformers_4(steps, ratio, expected_steps,
     assert (ours.warmup_steps, ours.warmup_ratio) == (expected_steps, expected_ratio)
     assert ours.get_warmup_steps(100) == warmup_at_100
     assert ours.optim == "adafactor" and ours.optim_args is None and ours.is_explicit("optim")
+
+
+def test_group_by_length_stands_for_the_strategy_until_the_strategy_is_set():
+    args = TrainingArguments(group_by_length=True)
+    assert args.train_sampling_strategy == "group_by_length" and not args.is_explicit("train_sampling_strategy")
+    assert dataclasses.replace(args, group_by_length=False).train_sampling_strategy == "random"
+    # the strategy set alone: the flag follows it, whatever it mirrored before
+    replaced = dataclasses.replace(TrainingArguments(), train_sampling_strategy="group_by_length")
+    assert replaced.group_by_length is True and not replaced.is_explicit("group_by_length")
+    assert dataclasses.replace(replaced, train_sampling_strategy="random").group_by_length is False
+    assert TrainingArguments.from_dict(args.to_dict()) == args
+    # transformers 4's arguments carry the flag, not the strategy
+    hf4 = as_training_arguments(types.SimpleNamespace(learning_rate=1e-3, group_by_length=True,
+                                                      length_column_name="lengths"))
+    assert (hf4.train_sampling_strategy, hf4.length_column_name) == ("group_by_length", "lengths")
 
 
 def test_as_training_arguments_reports_bad_foreign_values():

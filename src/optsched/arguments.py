@@ -82,11 +82,15 @@ DEFAULT_OPTIM = _default_optim()
 DEFAULT_OUTPUT_DIR = "trainer_output"
 #: Schedules that step on a metric; transformers then defaults ``metric_for_best_model`` to "loss".
 METRIC_SCHEDULES = frozenset({"reduce_lr_on_plateau", "greedy"})
+#: ``train_sampling_strategy`` values optsched's Trainer implements (transformers 5.23 also has
+#: "sequential" and "batch_rebalance", refused with a clear error rather than ignored).
+TRAIN_SAMPLING_STRATEGIES = ("random", "group_by_length")
 #: optsched's own fields, which ``transformers.TrainingArguments`` does not have (reliability, issue 7;
-#: ``lr_resume_policy``, issue 5).
+#: ``lr_resume_policy``, issue 5; ``model_input_name``, which transformers takes from its processing_class).
 OPTSCHED_ONLY_FIELDS = frozenset({"save_on_signal", "save_signals", "max_consecutive_nonfinite",
                                   "lr_resume_policy", "decay_policy", "param_rules",
-                                  "layerwise_lr_decay", "layer_id_fn", "checkpoint_verification"})
+                                  "layerwise_lr_decay", "layer_id_fn", "checkpoint_verification",
+                                  "model_input_name"})
 #: Largest seed numpy accepts (``np.random.seed`` takes ``[0, 2**32 - 1]``).
 MAX_SEED = 2**32 - 1
 
@@ -132,14 +136,30 @@ def _choice(choices: tuple[str, ...], what: str) -> Check:
     return check
 
 
-def _optional_str(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}.")
-    if not value.strip():
-        raise ValueError(f"{name}={value!r} is empty; accepted: a non-empty string or None.")
-    return value
+def _str(allow_none: bool = False) -> Check:
+    """A non-empty string (a name, a column, a key), or None with ``allow_none``."""
+    accepted = "a non-empty string or None" if allow_none else "a non-empty string"
+
+    def check(name: str, value: Any) -> str | None:
+        if value is None and allow_none:
+            return None
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be {accepted}, got {type(value).__name__} {value!r}.")
+        if not value.strip():
+            raise ValueError(f"{name}={value!r} is empty; accepted: {accepted}.")
+        return value
+
+    return check
+
+
+def _train_sampling_strategy(name: str, value: Any) -> str:
+    value = _plain(value)
+    if value in ("sequential", "batch_rebalance"):
+        raise ValueError(
+            f"{name}={value!r} is one of transformers' samplers that optsched's Trainer does not implement; "
+            f"accepted: {', '.join(map(repr, TRAIN_SAMPLING_STRATEGIES))}."
+        )
+    return check_choice(name, value, TRAIN_SAMPLING_STRATEGIES, what="training sampler")
 
 
 def _optional_names(name: str, value: Any) -> list[str] | None:
@@ -512,6 +532,20 @@ class TrainingArguments:
         True, "Drop the keys of dict samples that the model's forward does not name (label, label_ids and "
         "label_names kept) before the data collator sees them, as transformers does; False: pass every key.",
         _bool())
+    train_sampling_strategy: str = _field(
+        "random", "The training order: 'random' (a seeded shuffle each epoch) or 'group_by_length' (transformers' "
+        "LengthGroupedSampler: shuffled, then sorted by length within megabatches of 50 x "
+        "per_device_train_batch_size x gradient_accumulation_steps, to pad less).", _train_sampling_strategy)
+    group_by_length: bool | None = _field(
+        None, "transformers 4's name of train_sampling_strategy='group_by_length' (True) or 'random' (False), "
+        "used when train_sampling_strategy is not set; it then mirrors it.", _bool(allow_none=True))
+    length_column_name: str = _field(
+        "length", "For group_by_length: the column of a dataset with columns (a datasets.Dataset) that holds "
+        "each item's length; without it the lengths are len(item[model_input_name]).", _str())
+    model_input_name: str = _field(
+        "input_ids", "For group_by_length without a length column: the item key whose len() is the item's "
+        "length (transformers takes its processing_class's first model input name, 'input_ids' without one).",
+        _str())
     label_names: list[str] | None = _field(
         None, "The batch keys that hold the labels, collected as label_ids for compute_metrics / predict() "
         "(None: the model forward's arguments named '*label*', else 'labels').", _optional_names)
@@ -557,13 +591,13 @@ class TrainingArguments:
         _bool(allow_none=True))
     metric_for_best_model: str | None = _field(
         None, "Metric that decides the best checkpoint ('loss' for the metric-driven schedules).",
-        _optional_str)
+        _str(allow_none=True))
     greater_is_better: bool | None = _field(
         None, "Whether a larger metric is better (None: False for metrics named '*loss').",
         _bool(allow_none=True))
     run_name: str | None = _field(
         None, "A name for the run, for the logging callbacks that read it (transformers' wandb, mlflow, comet, "
-        "swanlab and trackio integrations); the Trainer itself does not use it.", _optional_str)
+        "swanlab and trackio integrations); the Trainer itself does not use it.", _str(allow_none=True))
 
     # ---- optsched's own fields (transformers has none of these; see OPTSCHED_ONLY_FIELDS) ----------
     lr_resume_policy: str = _field(
@@ -777,7 +811,7 @@ _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(T
 _FIELD_NAMES: tuple[str, ...] = tuple(_FIELDS)
 #: Fields that ``__post_init__`` derives from others when left unset; a ``replace`` that does not set
 #: them explicitly derives them again (transformers keeps the stale value).
-_DERIVED = ("eval_steps", "metric_for_best_model", "greater_is_better")
+_DERIVED = ("eval_steps", "metric_for_best_model", "greater_is_better", "group_by_length")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -811,6 +845,23 @@ def _resolve_activation_checkpointing(args: TrainingArguments) -> None:
     if args.activation_checkpointing is None:
         _set(args, "activation_checkpointing", False)
         _set(args, "gradient_checkpointing", False)
+
+
+def _resolve_group_by_length(args: TrainingArguments) -> None:
+    """transformers 4's ``group_by_length`` stands for ``train_sampling_strategy`` (True: "group_by_length",
+    False: "random") unless only that was set; then it mirrors it. Both set, and disagreeing, is refused."""
+    flag, strategy = args.group_by_length, args.train_sampling_strategy
+    if flag is not None and (strategy == "group_by_length") != flag:
+        if "train_sampling_strategy" in args.explicit_fields:
+            if "group_by_length" in args.explicit_fields:
+                raise ValueError(
+                    f"group_by_length={flag!r} and train_sampling_strategy={strategy!r} conflict; accepted: one of "
+                    "them (group_by_length is transformers 4's name of train_sampling_strategy='group_by_length'), "
+                    "or both saying the same."
+                )
+        else:
+            _set(args, "train_sampling_strategy", "group_by_length" if flag else "random")
+    _set(args, "group_by_length", args.train_sampling_strategy == "group_by_length")
 
 
 def _check_mixed_precision(args: TrainingArguments) -> None:
@@ -879,6 +930,7 @@ def _derive_disable_tqdm(args: TrainingArguments) -> None:
 _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _check_warmup,
     _resolve_activation_checkpointing,
+    _resolve_group_by_length,
     _check_mixed_precision,
     _check_step_intervals,
     _check_optim_args,

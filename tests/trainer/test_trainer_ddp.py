@@ -21,6 +21,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(worker: str, *argv: str) -> None:
+    """Run ``worker`` (a file beside this one) in 2 processes on the CPU (gloo); fail with its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / worker), *argv,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tokens", [False, True], ids=["mean-loss", "num-items-in-batch"])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
@@ -31,14 +42,7 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
     from ddp_worker import DDP_STEPS, result, run
 
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(out),
-        *(["tokens"] if tokens else []),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _torchrun("ddp_worker.py", str(out), *(["tokens"] if tokens else []))
     ddp = json.loads((out / "ddp_result.json").read_text())
 
     single = result(run(str(tmp_path / "single"), batch_size=8, tokens=tokens))
@@ -55,6 +59,31 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
     # rank 0 wrote the checkpoint, each rank its RNG state
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(ddp["files"])
     assert "rng_state.pth" in single["files"]
+
+
+@pytest.mark.slow
+def test_group_by_length_gives_each_process_transformers_batches(tmp_path):
+    # ddp_grouping_worker.py: 23 samples of 2 to 11 tokens, 2 processes x batch 2, GA 2, 2 epochs; both
+    # Trainers in each process. transformers' batches one length-grouped order (megabatches of batch x GA)
+    # and accelerate deals the batches to the processes in turn, the last round completed from the first
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(HERE))
+    from trainer_helpers import varied_length_data
+
+    _torchrun("ddp_grouping_worker.py", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"batches_{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert len(rank["optsched"]["batches"]) == 12 and rank["optsched"]["batches"] == rank["hf"]["batches"]
+        for name, values in rank["hf"]["weights"].items():  # the same steps, summed over the processes
+            torch.testing.assert_close(torch.tensor(rank["optsched"]["weights"][name]), torch.tensor(values))
+    lengths = [len(x["input_ids"]) for x in varied_length_data()]
+    for epoch in (0, 1):
+        batches = [rank["optsched"]["batches"][6 * epoch + i] for i in range(6) for rank in ranks]  # dealt in turn
+        order = [i for batch in batches for i in batch]
+        assert sorted(set(order)) == list(range(23)) and order[23] == order[0]  # each sample, + 1 to even out
+        for start in range(0, 20, 4):  # each megabatch of 4, longest first (the longest sample at the front)
+            chunk = [lengths[i] for i in order[start:start + 4]]
+            assert chunk[1:] == sorted(chunk[1:], reverse=True)
 
 
 # ---- DDP's keyword arguments (no process group needed) --------------------------------------------

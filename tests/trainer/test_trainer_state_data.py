@@ -209,3 +209,22 @@ def test_sampler_matches_torch_distributed_sampler(n, world, seed, epoch, drop_l
         ours.set_epoch(epoch)
         ref.set_epoch(epoch)
         assert list(ours) == list(ref)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 60), world=st.integers(1, 4), batch=st.integers(1, 5), drop_last=st.booleans())
+def test_sampler_in_whole_batches_is_accelerates_batch_split(n, world, batch, drop_last):
+    # group_by_length under DDP: transformers' Trainer batches one order and accelerate deals the batches
+    # out in turn (BatchSamplerShard, even_batches: a short last round completed from the first batches)
+    shard = pytest.importorskip("accelerate.data_loader").BatchSamplerShard
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+    for rank in range(world):
+        ours = EpochSampler(n, seed=0, rank=rank, world_size=world, drop_last=drop_last and world > 1,
+                            order=lambda epoch: order, shard_size=batch)
+        loader = torch.utils.data.DataLoader(range(n), batch_size=batch, sampler=ours, drop_last=drop_last)
+        batches = [b.tolist() for b in loader]
+        reference = torch.utils.data.BatchSampler(order, batch, drop_last)
+        if world > 1:  # transformers' Trainer on one process: the batch sampler as it is
+            reference = shard(reference, num_processes=world, process_index=rank)
+        assert batches == list(reference)
+        assert len(loader) == len(batches)

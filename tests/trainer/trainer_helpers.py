@@ -81,6 +81,41 @@ def masked_lm_data(n: int = 12) -> list[dict[str, torch.Tensor]]:
     return data
 
 
+def varied_length_data(n: int = 23, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM examples of 2 to 11 tokens whose first token is their index (``n <= 50``), so a batch's
+    ``input_ids[:, 0]`` names its samples (see :func:`record_batches`); labels are the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for i in range(n):
+        ids = torch.randint(0, 50, (int(torch.randint(2, 12, (), generator=g)),), generator=g)
+        ids[0] = i
+        data.append({"input_ids": ids, "labels": ids.clone()})
+    return data
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pads ``input_ids`` (0, masked out by ``attention_mask``) and ``labels`` (-100) to the longest item."""
+    width = max(len(item["input_ids"]) for item in items)
+    batch = {"input_ids": torch.zeros(len(items), width, dtype=torch.long),
+             "attention_mask": torch.zeros(len(items), width, dtype=torch.long),
+             "labels": torch.full((len(items), width), -100)}
+    for row, item in enumerate(items):
+        size = len(item["input_ids"])
+        batch["input_ids"][row, :size] = item["input_ids"]
+        batch["attention_mask"][row, :size] = 1
+        batch["labels"][row, :size] = item["labels"]
+    return batch
+
+
+def record_batches(model: nn.Module) -> list[list[int]]:
+    """The samples of each batch ``model`` is called on, in order (the first tokens of
+    :func:`varied_length_data`'s examples), filled in by a forward pre-hook."""
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"][:, 0].tolist()), with_kwargs=True)
+    return seen
+
+
 class PlainRegressor(nn.Module):
     """``forward(x, labels)``: a linear map of 3 features, mean squared error; no ``**kwargs``, no
     ``num_parameters``: what transformers' Trainer treats as a plain module."""
@@ -93,14 +128,15 @@ class PlainRegressor(nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
-def make_trainer(kind: str, model: nn.Module, train_dataset, eval_dataset=None, **fields):
+def make_trainer(kind: str, model: nn.Module, train_dataset, eval_dataset=None, data_collator=None, **fields):
     """optsched's Trainer (``kind="optsched"``) or transformers' (``"hf"``, with ``report_to="none"``) on
-    the same model, data and TrainingArguments fields: the two sides of a parity test."""
+    the same model, data, collator and TrainingArguments fields: the two sides of a parity test."""
     if kind == "hf":
         import transformers
 
         args = transformers.TrainingArguments(report_to="none", **fields)
-        return transformers.Trainer(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        return transformers.Trainer(model, args, data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset)
     from optsched import Trainer, TrainingArguments
 
-    return Trainer(model, TrainingArguments(**fields), train_dataset=train_dataset, eval_dataset=eval_dataset)
+    return Trainer(model, TrainingArguments(**fields), data_collator, train_dataset=train_dataset,
+                   eval_dataset=eval_dataset)

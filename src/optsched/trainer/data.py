@@ -12,7 +12,9 @@ Data order: epoch ``e`` visits ``randperm(len(dataset), generator=seed(data_seed
 defaults to ``seed``), so the order depends only on the seed and the epoch. That is what lets a resume
 skip exactly the batches already consumed, and under ``N`` processes rank ``r`` takes every ``N``-th index
 of the same permutation (``torch.utils.data.DistributedSampler``'s split), so ``N x batch b`` covers the
-same samples per step as ``1 x batch N*b``.
+same samples per step as ``1 x batch N*b``. With ``train_sampling_strategy="group_by_length"`` the epoch's
+order is :class:`~optsched.trainer.length_grouping.LengthGroupedOrder`'s (also a function of the seed and the
+epoch only) and the ranks take whole batches of it in turn, as transformers' Trainer under DDP.
 
 Batches reach the model as:
 
@@ -26,7 +28,7 @@ Batches reach the model as:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,12 +112,18 @@ class EpochSampler(Sampler[int]):
     """Seeded per-epoch order, split over processes, with a resumable start.
 
     Epoch ``e`` uses ``torch.randperm(n, generator=manual_seed(seed + e))`` (or ``range(n)`` without
-    shuffling), padded by wrapping around to a multiple of ``world_size`` (or cut down with
-    ``drop_last``), then rank ``r`` takes positions ``r, r + world_size, ...``. ``set_skip(k)`` drops the
-    first ``k`` indices of this rank's share for the next iteration only (a resume).
+    shuffling, or ``order(e)`` when given: ``group_by_length``'s
+    :class:`~optsched.trainer.length_grouping.LengthGroupedOrder`). Under several processes the order is
+    cut into runs of ``shard_size`` consecutive positions, padded by wrapping around to a multiple of
+    ``world_size`` runs (or cut down to whole rounds with ``drop_last``), and rank ``r`` takes runs
+    ``r, r + world_size, ...``: with ``shard_size=1``, positions ``r, r + world_size, ...``
+    (``DistributedSampler``'s split); with ``shard_size`` the batch size, whole batches in turn
+    (accelerate's split of a batch sampler, transformers' Trainer's under DDP). One process takes the
+    whole order, unpadded. ``set_skip(k)`` drops the first ``k`` indices of this rank's share for the next
+    iteration only (a resume).
 
     ``pad=False`` (evaluation) neither pads nor cuts: every index is taken exactly once, and the ranks'
-    shares differ by at most one (a padded index would be counted twice in a metric summed over ranks).
+    shares differ by at most one run (a padded index would be counted twice in a metric summed over ranks).
     """
 
     def __init__(
@@ -128,9 +136,13 @@ class EpochSampler(Sampler[int]):
         world_size: int = 1,
         drop_last: bool = False,
         pad: bool = True,
+        order: Callable[[int], list[int]] | None = None,
+        shard_size: int = 1,
     ) -> None:
         self.num_samples = num_samples
         self.pad = pad
+        self.order = order
+        self.shard_size = shard_size
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
@@ -145,31 +157,37 @@ class EpochSampler(Sampler[int]):
     def set_skip(self, num_indices: int) -> None:
         self._skip = num_indices
 
-    def _per_rank(self) -> int:
-        if not self.pad:
-            return len(range(self.rank, self.num_samples, self.world_size))
-        if self.drop_last:
-            return self.num_samples // self.world_size
-        return math.ceil(self.num_samples / self.world_size)
+    def _total(self) -> int:
+        """How many positions of the (padded or cut) order the ranks share."""
+        n, world = self.num_samples, self.world_size
+        if not self.pad or world == 1:
+            return n
+        rounds = n // (world * self.shard_size) if self.drop_last else math.ceil(n / (world * self.shard_size))
+        return rounds * world * self.shard_size
 
     def __len__(self) -> int:
-        return self._per_rank()
+        total, size = self._total(), self.shard_size
+        rounds, rest = divmod(total, size * self.world_size)
+        return rounds * size + min(max(rest - self.rank * size, 0), size)
 
     def indices(self) -> list[int]:
         """This rank's indices for the current epoch (before any skip)."""
-        if self.shuffle:
+        if self.order is not None:
+            order = self.order(self.epoch)
+        elif self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        if not self.pad:
-            return order[self.rank :: self.world_size]
-        total = self._per_rank() * self.world_size
+        total = self._total()
         if total > len(order) and order:
             order = (order * math.ceil(total / len(order)))[:total]
-        order = order[:total]
-        return order[self.rank : total : self.world_size]
+        if self.shard_size == 1:
+            return order[self.rank : total : self.world_size]
+        size, stride = self.shard_size, self.shard_size * self.world_size
+        return [order[p] for start in range(self.rank * size, total, stride)
+                for p in range(start, min(start + size, total))]
 
     def __iter__(self) -> Iterator[int]:
         skip, self._skip = self._skip, 0

@@ -7,6 +7,7 @@ them as it would there); the samplers and the step arithmetic are :mod:`optsched
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,9 +25,17 @@ from optsched.trainer.data import (
     iter_update_groups,
     plan_training,
 )
+from optsched.trainer.length_grouping import LengthGroupedOrder
 from optsched.trainer.loss_items import inner_model
 
 __all__ = ["DataLoaderMixin"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_map_style(dataset: Any) -> bool:
+    """A dataset read by index (a sampler applies), not a stream."""
+    return has_length(dataset) and not isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 class DataLoaderMixin:
@@ -39,10 +48,14 @@ class DataLoaderMixin:
     def _data_seed(self) -> int:
         return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
+    def _groups_by_length(self) -> bool:
+        return self.args.train_sampling_strategy == "group_by_length"
+
     def _new_train_loader(self) -> DataLoader:
         args, ds = self.args, self.train_dataset
         sampler = None
-        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+        if _is_map_style(ds):
+            grouped = self._groups_by_length()
             sampler = EpochSampler(
                 len(ds),
                 seed=self._data_seed(),
@@ -50,6 +63,13 @@ class DataLoaderMixin:
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
                 drop_last=args.dataloader_drop_last and self.dist.enabled,
+                # transformers' LengthGroupedSampler; under DDP accelerate deals its batches out in turn
+                order=LengthGroupedOrder(
+                    ds, batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                    seed=self._data_seed(), length_column_name=args.length_column_name,
+                    model_input_name=args.model_input_name,
+                ) if grouped else None,
+                shard_size=args.per_device_train_batch_size if grouped else 1,
             )
         elif self.dist.enabled:
             # every rank the same number of items, hence of batches and steps (see ShardedIterable)
@@ -82,15 +102,34 @@ class DataLoaderMixin:
     def get_train_dataloader(self) -> DataLoader:
         """The training DataLoader: seeded per-epoch order, split over processes under DDP.
 
+        With ``train_sampling_strategy="group_by_length"`` a map-style dataset's order groups similar
+        lengths (:mod:`optsched.trainer.length_grouping`; its lengths are measured here) and, under DDP, each
+        process takes whole batches in turn, as transformers' Trainer; an iterable dataset (or one without
+        ``__len__``) is read in its own order, with a warning.
+
         Raises:
-            ValueError: no ``train_dataset``.
+            ValueError: no ``train_dataset``; ``group_by_length`` on items it cannot measure.
         """
         if self.train_dataset is None:
             raise ValueError("Trainer: training needs a train_dataset; pass train_dataset= to the Trainer.")
-        return self._new_train_loader()
+        loader = self._new_train_loader()
+        if self._groups_by_length():
+            if isinstance(loader.sampler, EpochSampler):
+                _ = loader.sampler.order.lengths  # measured now: a dataset without lengths fails before training
+            else:  # transformers ignores it too (with this warning for a dataset without __len__)
+                logger.warning(
+                    "train_sampling_strategy='group_by_length' is ignored: the training dataset (%s) has no "
+                    "__len__ or is an IterableDataset, so its items are read in the dataset's own order.",
+                    type(self.train_dataset).__name__,
+                )
+        return loader
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
         """The evaluation DataLoader: dataset order, split over processes under DDP (each sample once).
+
+        ``group_by_length`` does not apply here, on purpose: transformers' Trainer groups evaluation and
+        ``predict()`` batches by length too, which returns predictions in a shuffled order that the caller
+        cannot map back to the dataset's rows.
 
         Raises:
             ValueError: no eval dataset given here or to the Trainer.
@@ -99,7 +138,7 @@ class DataLoaderMixin:
         if ds is None:
             raise ValueError("Trainer: evaluation needs an eval_dataset; pass eval_dataset= to the Trainer or evaluate().")
         sampler = None
-        if has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+        if _is_map_style(ds):
             # no padding: a sample repeated to even out the ranks' shares would count twice in the loss
             sampler = EpochSampler(
                 len(ds), seed=0, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size, pad=False
