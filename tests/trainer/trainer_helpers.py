@@ -128,7 +128,7 @@ class PlainRegressor(nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
-def make_trainer(kind: str, model: nn.Module, train_dataset, eval_dataset=None, data_collator=None, **fields):
+def make_trainer(kind: str, model: nn.Module, train_dataset, data_collator=None, eval_dataset=None, **fields):
     """optsched's Trainer (``kind="optsched"``) or transformers' (``"hf"``, with ``report_to="none"``) on
     the same model, data, collator and TrainingArguments fields: the two sides of a parity test."""
     if kind == "hf":
