@@ -46,7 +46,8 @@ def test_defaults_match_transformers_5():
         "logging_first_step": False, "eval_strategy": "no", "eval_steps": None, "eval_delay": 0.0, "save_strategy": "steps", "save_steps": 500,
         "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
-        "label_names": None, "prediction_loss_only": False,
+        "label_names": None, "prediction_loss_only": False, "eval_accumulation_steps": None,
+        "include_for_metrics": [], "batch_eval_metrics": False,
         "label_smoothing_factor": 0.0, "activation_checkpointing": False, "activation_checkpointing_kwargs": None,
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
         "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
@@ -71,6 +72,9 @@ def test_declared_defaults_equal_transformers_declared_defaults():
             continue
         if f.name in OPTSCHED_ONLY_FIELDS:  # optsched's own: no transformers counterpart
             assert f.name not in hf_fields and f.metadata["help"], f.name
+            continue
+        if f.name == "include_for_metrics":  # transformers' default_factory=list: declared None, normalised to []
+            assert f.default is None and getattr(TrainingArguments(), f.name) == hf_fields[f.name].default_factory()
             continue
         assert f.default == hf_fields[f.name].default, f.name
         assert f.metadata["help"], f.name
@@ -131,6 +135,10 @@ GOOD = [
     ({"eval_delay": 0.5, "eval_strategy": "epoch"}, {"eval_delay": 0.5}),
     ({"disable_tqdm": True}, {"disable_tqdm": True}),
     ({"max_grad_norm": 0}, {"max_grad_norm": 0.0}),
+    ({"include_for_metrics": "loss"}, {"include_for_metrics": ["loss"]}),
+    ({"include_for_metrics": ("inputs", "loss", "inputs")}, {"include_for_metrics": ["inputs", "loss"]}),
+    ({"include_for_metrics": None}, {"include_for_metrics": []}),
+    ({"eval_accumulation_steps": 4, "batch_eval_metrics": True}, {"eval_accumulation_steps": 4, "batch_eval_metrics": True}),
 ]
 
 
@@ -307,6 +315,14 @@ BAD = [
     ({"warmup_step": 10}, TypeError, ["warmup_step", "'warmup_steps'"]),
     ({"checkpoint_verification": "sha256"}, ValueError, ["checkpoint_verification", "'sha256'", "full", "size"]),
     ({"lr_resume_policy": "contnue"}, ValueError, ["lr_resume_policy", "Did you mean 'continue'"]),
+    ({"include_for_metrics": ["losses"]}, ValueError, ["include_for_metrics", "'losses'", "Did you mean 'loss'", "inputs"]),
+    ({"include_for_metrics": 1}, TypeError, ["include_for_metrics", "int 1", "inputs, loss"]),
+    ({"include_for_metrics": [None]}, TypeError, ["include_for_metrics", "None"]),
+    ({"eval_accumulation_steps": 0}, ValueError, ["eval_accumulation_steps", "0"]),
+    ({"eval_accumulation_steps": 2.5}, TypeError, ["eval_accumulation_steps", "2.5"]),
+    ({"batch_eval_metrics": "yes"}, TypeError, ["batch_eval_metrics", "'yes'"]),
+    # transformers 4's deprecated spelling, gone in transformers 5 (which refuses it too)
+    ({"include_inputs_for_metrics": True}, TypeError, ["include_inputs_for_metrics", "Did you mean 'include_for_metrics'"]),
 ]
 
 
@@ -592,6 +608,14 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
     assert "fields that optsched does not use are set and ignored: " in caplog.text
     assert "neftune_noise_alpha=5.0" in caplog.text and "load_best_model_at_end=True" in caplog.text
     assert "eval_strategy" not in caplog.text
+    # the evaluation fields optsched reads are taken over, not named as ignored
+    caplog.clear()
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), include_for_metrics=["inputs", "loss"],
+                                        batch_eval_metrics=True, eval_accumulation_steps=3)
+    with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
+        ours = as_training_arguments(hf)
+    assert "ignored" not in caplog.text
+    assert (ours.include_for_metrics, ours.batch_eval_metrics, ours.eval_accumulation_steps) == (["inputs", "loss"], True, 3)
 
 
 def test_as_training_arguments_truncates_float_step_counts_like_transformers(tmp_path):
