@@ -49,7 +49,8 @@ def test_defaults_match_transformers_5():
         "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
         "remove_unused_columns": True,
         "train_sampling_strategy": "random", "group_by_length": False, "length_column_name": "length",
-        "label_names": None, "prediction_loss_only": False,
+                "label_names": None, "prediction_loss_only": False, "eval_accumulation_steps": None,
+        "include_for_metrics": [], "batch_eval_metrics": False,
         "label_smoothing_factor": 0.0, "activation_checkpointing": False, "activation_checkpointing_kwargs": None,
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
         "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
@@ -79,6 +80,9 @@ def test_declared_defaults_equal_transformers_declared_defaults():
             continue
         if f.name in OPTSCHED_ONLY_FIELDS:  # optsched's own: no transformers counterpart
             assert f.name not in hf_fields and f.metadata["help"], f.name
+            continue
+        if f.name == "include_for_metrics":  # transformers' default_factory=list: declared None, normalised to []
+            assert f.default is None and getattr(TrainingArguments(), f.name) == hf_fields[f.name].default_factory()
             continue
         assert f.default == hf_fields[f.name].default, f.name
         assert f.metadata["help"], f.name
@@ -145,6 +149,10 @@ GOOD = [
     ({"group_by_length": True, "train_sampling_strategy": "group_by_length"}, {"group_by_length": True}),
     ({"length_column_name": "n", "model_input_name": "input_values"},
      {"length_column_name": "n", "model_input_name": "input_values"}),
+    ({"include_for_metrics": "loss"}, {"include_for_metrics": ["loss"]}),
+    ({"include_for_metrics": ("inputs", "loss", "inputs")}, {"include_for_metrics": ["inputs", "loss"]}),
+    ({"include_for_metrics": None}, {"include_for_metrics": []}),
+    ({"eval_accumulation_steps": 4, "batch_eval_metrics": True}, {"eval_accumulation_steps": 4, "batch_eval_metrics": True}),
 ]
 
 
@@ -329,6 +337,14 @@ BAD = [
     ({"group_by_length": "yes"}, TypeError, ["group_by_length", "'yes'"]),
     ({"length_column_name": ""}, ValueError, ["length_column_name=''"]),
     ({"model_input_name": None}, TypeError, ["model_input_name", "None"]),
+    ({"include_for_metrics": ["losses"]}, ValueError, ["include_for_metrics", "'losses'", "Did you mean 'loss'", "inputs"]),
+    ({"include_for_metrics": 1}, TypeError, ["include_for_metrics", "int 1", "inputs, loss"]),
+    ({"include_for_metrics": [None]}, TypeError, ["include_for_metrics", "None"]),
+    ({"eval_accumulation_steps": 0}, ValueError, ["eval_accumulation_steps", "0"]),
+    ({"eval_accumulation_steps": 2.5}, TypeError, ["eval_accumulation_steps", "2.5"]),
+    ({"batch_eval_metrics": "yes"}, TypeError, ["batch_eval_metrics", "'yes'"]),
+    # transformers 4's deprecated spelling, gone in transformers 5 (which refuses it too)
+    ({"include_inputs_for_metrics": True}, TypeError, ["include_inputs_for_metrics", "Did you mean 'include_for_metrics'"]),
 ]
 
 
@@ -615,6 +631,14 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
     assert "fields that optsched does not use are set and ignored: " in caplog.text
     assert "neftune_noise_alpha=5.0" in caplog.text and "load_best_model_at_end=True" in caplog.text
     assert "eval_strategy" not in caplog.text
+    # the evaluation fields optsched reads are taken over, not named as ignored
+    caplog.clear()
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), include_for_metrics=["inputs", "loss"],
+                                        batch_eval_metrics=True, eval_accumulation_steps=3)
+    with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
+        ours = as_training_arguments(hf)
+    assert "ignored" not in caplog.text
+    assert (ours.include_for_metrics, ours.batch_eval_metrics, ours.eval_accumulation_steps) == (["inputs", "loss"], True, 3)
 
 
 def test_as_training_arguments_truncates_float_step_counts_like_transformers(tmp_path):

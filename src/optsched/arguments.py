@@ -179,6 +179,25 @@ def _tokens_seen(name: str, value: Any) -> str:
     return check_choice(name, value, TOKENS_SEEN_MODES, what="token count")
 
 
+#: What ``include_for_metrics`` may add to ``EvalPrediction`` (transformers 5's options).
+METRIC_INCLUSIONS = ("inputs", "loss")
+
+
+def _metric_inclusions(name: str, value: Any) -> list[str]:
+    """``include_for_metrics``: ``None`` -> ``[]`` (transformers' default); a name or a list of names among
+    :data:`METRIC_INCLUSIONS`, repeats dropped. transformers checks nothing (a typo such as ``"losses"``
+    silently adds nothing); here it is refused with a "did you mean"."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of names among {', '.join(METRIC_INCLUSIONS)}, got {type(value).__name__} "
+            f"{value!r}."
+        )
+    return list(dict.fromkeys(check_choice(name, _plain(item), METRIC_INCLUSIONS, what="option") for item in items))
+
+
 def _output_dir(name: str, value: Any) -> str:
     """``None`` -> ``"trainer_output"`` (transformers 5); paths -> ``str`` with ``~`` expanded."""
     if value is None:
@@ -552,6 +571,18 @@ class TrainingArguments:
     prediction_loss_only: bool = _field(
         False, "evaluate() / predict() compute the loss only, collecting no predictions (evaluate() does so "
         "anyway without compute_metrics).", _bool())
+    eval_accumulation_steps: int | None = _field(
+        None, "transformers moves the collected predictions to the CPU every N eval steps (None: at the end); "
+        "optsched's Trainer moves each batch's as it comes, so this changes no result. An integer >= 1 or "
+        "None.", _int(low=1, allow_none=True))
+    include_for_metrics: list[str] | None = _field(
+        None, "What compute_metrics also receives in its EvalPrediction: 'inputs' (the batch's main input, "
+        "the model's main_input_name, as eval_pred.inputs) and / or 'loss' (each sample's batch loss, as "
+        "eval_pred.losses). None: [] (nothing).", _metric_inclusions)
+    batch_eval_metrics: bool = _field(
+        False, "Call compute_metrics(eval_pred, compute_result=...) on every eval batch (torch tensors, not "
+        "kept), compute_result=True on the last one, whose return gives the metrics: statistics accumulated "
+        "by the function instead of every prediction kept in memory.", _bool())
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))
@@ -1078,7 +1109,9 @@ def as_training_arguments(args: Any = None) -> TrainingArguments:
 #: transformers fields set in its ``__post_init__`` from others (``do_eval`` from ``eval_strategy``), and
 #: ``do_train`` / ``do_predict``, which its Trainer does not read either (they are for scripts).
 _DERIVED_FOREIGN_FIELDS = frozenset(
-    {"accelerator_config", "logging_dir", "hub_model_id", "do_eval", "do_train", "do_predict"}
+    {"accelerator_config", "logging_dir", "hub_model_id", "do_eval", "do_train", "do_predict",
+     # transformers 4 (deprecated there, gone in 5) adds "inputs" to include_for_metrics for it
+     "include_inputs_for_metrics"}
 )
 
 

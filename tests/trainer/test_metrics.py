@@ -52,13 +52,27 @@ def lm_data(n: int = 12) -> list[dict[str, torch.Tensor]]:
     return data
 
 
-def both_trainers(model_fn, data, tmp_path, **kwargs):
-    """(optsched's, transformers') Trainers on two copies of one model, same args and eval data."""
+def two_length_lm_data(n: int = 7) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM samples 0-3 of 6 tokens and 4+ of 8, labels masked from a different place in each: with
+    batches of 2, two lengths to pad and a last batch of one sample."""
+    g = torch.Generator().manual_seed(4)
+    data = []
+    for i in range(n):
+        ids = torch.randint(0, 50, (6 if i < 4 else 8,), generator=g)
+        labels = ids.clone()
+        labels[2 + i % 3:] = -100
+        data.append({"input_ids": ids, "labels": labels})
+    return data
+
+
+def both_trainers(model_fn, data, tmp_path, fields=None, **kwargs):
+    """(optsched's, transformers') Trainers on two copies of one model, same args (``fields`` over
+    batches of 4 on the CPU) and eval data."""
     import transformers
 
     torch.manual_seed(0)
     model = model_fn()
-    fields = dict(per_device_eval_batch_size=4, use_cpu=True, disable_tqdm=True)
+    fields = {"per_device_eval_batch_size": 4, "use_cpu": True, "disable_tqdm": True, **(fields or {})}
     ours = Trainer(copy.deepcopy(model), TrainingArguments(output_dir=str(tmp_path / "o"), **fields),
                    eval_dataset=data, **kwargs)
     hf_args = transformers.TrainingArguments(output_dir=str(tmp_path / "h"), report_to="none", **fields)
@@ -308,13 +322,224 @@ def test_two_processes_give_the_metrics_and_predictions_of_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     os.makedirs(tmp_path / "single")
     run(str(tmp_path / "single"))
-    ddp, single = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "single"))
-    assert ddp["eval_n"] == single["eval_n"] == 7  # each sample once
+    def read(name):
+        return [json.loads((tmp_path / d / f"{name}.json").read_text()) for d in ("ddp", "single")]
+
+    ddp, single = read("metrics")
+    assert ddp == read("metrics_accumulated")[0]  # eval_accumulation_steps=1 changes nothing, under DDP too
+    assert ddp["eval_n"] == single["eval_n"] == ddp["eval_losses"] == 7  # each sample once
     assert ddp.pop("eval_loss") == pytest.approx(single.pop("eval_loss"), rel=1e-6)
     assert ddp.pop("eval_weighted") == pytest.approx(single.pop("eval_weighted"), rel=1e-6)  # dataset order
-    assert ddp == single
+    assert ddp == single  # inputs_weighted: the inputs gathered in dataset order, exactly
+    # batch_eval_metrics: each step's batches of both processes, in dataset order; 4 steps, the last one
+    # with rank 0's sample only
+    ddp, single = read("metrics_batch")
+    assert ddp.pop("eval_flags") == [False] * 3 + [True] and single.pop("eval_flags") == [False] * 6 + [True]
+    assert ddp.pop("eval_loss") == pytest.approx(single.pop("eval_loss"), rel=1e-6)
+    assert ddp.pop("eval_weighted") == pytest.approx(single.pop("eval_weighted"), rel=1e-6)
+    assert ddp == single and ddp["eval_n"] == ddp["eval_losses"] == 7
     a, b = (np.load(tmp_path / d / "predictions.npz") for d in ("ddp", "single"))
     assert a["predictions"].shape == b["predictions"].shape == (7, 5)
     np.testing.assert_array_equal(a["label_ids"], b["label_ids"])
     np.testing.assert_allclose(a["predictions"], b["predictions"], rtol=1e-6)
     assert (b["label_ids"][:4, 3:] == -100).all() and b["label_ids"][6, 0] == 6
+
+
+# ---- include_for_metrics, eval_accumulation_steps, ignore_keys ------------------------------------------
+
+
+def two_length_classification_data(n: int = 7) -> list[dict[str, torch.Tensor]]:
+    """Samples 0-3 of 5 tokens, 4+ of 8: the collected input_ids need -100 padding."""
+    g = torch.Generator().manual_seed(5)
+    return [{"input_ids": torch.randint(0, 50, (5 if i < 4 else 8,), generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(n)]
+
+
+def recording_metrics(seen: list):
+    """compute_metrics that keeps every EvalPrediction and returns order-sensitive sums of what it got."""
+
+    def compute_metrics(eval_pred):
+        seen.append(eval_pred)
+        out = accuracy((eval_pred.predictions, eval_pred.label_ids))
+        if eval_pred.inputs is not None:
+            inputs = np.where(eval_pred.inputs == -100, 0, eval_pred.inputs)
+            out["inputs_weighted"] = float((np.arange(1, len(inputs) + 1)[:, None] * inputs).sum())
+        if eval_pred.losses is not None:
+            out["losses_weighted"] = float((np.arange(1, len(eval_pred.losses) + 1) * eval_pred.losses).sum())
+        return out
+
+    return compute_metrics
+
+
+def assert_same_eval_predictions(ours, theirs):
+    """The same elements (so the same tuple unpacking), attribute by attribute, bitwise."""
+    assert len(ours.elements) == len(theirs.elements)
+    for name in ("predictions", "label_ids", "inputs", "losses"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert type(a) is type(b) and a.dtype == b.dtype, name
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a is not None and b is not None and a.shape == b.shape
+
+
+@pytest.mark.parametrize(("model_fn", "data_fn", "include"), [
+    (tiny_llama, two_length_lm_data, ["inputs"]),
+    (tiny_llama, two_length_lm_data, ["loss"]),
+    (tiny_llama, two_length_lm_data, ["inputs", "loss"]),
+    (tiny_bert, two_length_classification_data, ["loss", "inputs"]),
+], ids=["llama-inputs", "llama-loss", "llama-both", "bert-both"])
+def test_include_for_metrics_gives_transformers_eval_prediction(tmp_path, model_fn, data_fn, include):
+    # 7 samples in batches of 2: sequences of two lengths, a last batch of one sample
+    data = data_fn()
+    seen = []
+    ours, theirs = both_trainers(model_fn, data, tmp_path, fields={"include_for_metrics": include,
+                                                                   "per_device_eval_batch_size": 2},
+                                 compute_metrics=recording_metrics(seen))
+    m_ours, m_theirs = ours.evaluate(), theirs.evaluate()
+    assert_same_metrics(m_ours, m_theirs)
+    assert ("eval_inputs_weighted" in m_ours, "eval_losses_weighted" in m_ours) == ("inputs" in include, "loss" in include)
+    assert len(seen) == 2
+    assert_same_eval_predictions(*seen)
+    ep = seen[0]
+    assert len(ep.elements) == 2 + len(include)  # predictions, label_ids, then inputs, then losses
+    if "inputs" in include:
+        assert ep.inputs.shape[:2] == (7, 8) and (ep.inputs[:4, 5 if model_fn is tiny_bert else 6:] == -100).all()
+        np.testing.assert_array_equal(ep.inputs[6, :8], data[6]["input_ids"].numpy())
+    if "loss" in include:
+        assert ep.losses.shape == (7,) and ep.losses.dtype == np.float32
+        assert ep.losses[0] == ep.losses[1] and ep.losses[6] != ep.losses[5]  # the batch's loss, per sample
+        assert float(ep.losses.mean()) == pytest.approx(m_ours["eval_loss"], rel=1e-6)
+    seen.clear()
+    p_ours, p_theirs = ours.predict(data), theirs.predict(data)
+    assert_same_metrics(p_ours.metrics, p_theirs.metrics, prefix="test")
+    assert_same_eval_predictions(*seen)
+
+
+def test_eval_prediction_unpacks_as_transformers_with_inputs_and_losses():
+    from transformers.trainer_utils import EvalPrediction as HFEvalPrediction
+
+    p, labels, inputs, losses = np.zeros(2), np.ones(2), np.full(2, 2), np.full(2, 3.0)
+    for kwargs in ({"inputs": inputs}, {"losses": losses}, {"inputs": inputs, "losses": losses}):
+        ours, theirs = EvalPrediction(p, labels, **kwargs), HFEvalPrediction(p, labels, **kwargs)
+        assert [id(e) for e in ours] == [id(e) for e in theirs]
+        assert [id(ours[i]) for i in range(len(ours.elements))] == [id(theirs[i]) for i in range(len(theirs.elements))]
+        for ep in (ours, theirs):
+            with pytest.raises(ValueError, match="too many values to unpack"):
+                preds, label_ids = ep
+            with pytest.raises(IndexError):
+                ep[len(ep.elements)]
+    *_, last = EvalPrediction(p, labels, inputs=inputs, losses=losses)
+    assert last is losses  # losses after inputs, whatever the keyword order
+
+
+def test_eval_accumulation_steps_changes_no_result(tmp_path):
+    # transformers moves the collected tensors to the CPU every N steps; optsched moves each batch's: the
+    # field is accepted for the API and every N gives what transformers gives
+    data = two_length_lm_data()
+    runs = []
+    for steps in (None, 1, 3):
+        seen = []
+        ours, theirs = both_trainers(tiny_llama, data, tmp_path, fields={"eval_accumulation_steps": steps,
+                                     "per_device_eval_batch_size": 2, "include_for_metrics": ["inputs", "loss"]},
+                                     compute_metrics=recording_metrics(seen))
+        m_ours, m_theirs = ours.evaluate(), theirs.evaluate()
+        assert ours.args.eval_accumulation_steps == theirs.args.eval_accumulation_steps == steps
+        assert_same_metrics(m_ours, m_theirs)
+        assert_same_eval_predictions(*seen)
+        p = ours.predict(data)
+        runs.append((m_ours, seen[0], p))
+    for m, ep, p in runs[1:]:
+        assert_same_metrics(m, runs[0][0])
+        assert_same_eval_predictions(ep, runs[0][1])
+        np.testing.assert_array_equal(p.predictions, runs[0][2].predictions)
+
+
+def bert_with_hidden_states(keys_to_ignore=None):
+    """Tiny BERT whose outputs carry hidden_states beside the logits (and, when given, a config that
+    names keys_to_ignore_at_inference)."""
+
+    def make():
+        model = tiny_bert()
+        model.config.output_hidden_states = True
+        if keys_to_ignore is not None:
+            model.config.keys_to_ignore_at_inference = keys_to_ignore
+        return model
+
+    return make
+
+
+def output_summary(eval_pred):
+    """How many outputs the predictions hold, and an order-sensitive sum of all of them."""
+    preds = eval_pred.predictions
+    leaves = [preds] if isinstance(preds, np.ndarray) else list(preds[:1]) + list(preds[1])
+    weighted = sum(float((np.arange(1, len(x) + 1).reshape((-1,) + (1,) * (x.ndim - 1)) * x).sum()) for x in leaves)
+    return {"outputs": 1 if isinstance(preds, np.ndarray) else len(preds), "weighted": weighted}
+
+
+@pytest.mark.parametrize(("ignore_keys", "config_keys", "outputs"), [
+    (None, None, 2),  # no keys_to_ignore_at_inference: transformers' ["past_key_values"], hidden_states kept
+    (["hidden_states"], None, 1),
+    (None, ["hidden_states"], 1),  # the config's keys when ignore_keys is None
+    ([], ["hidden_states"], 2),  # an explicit empty list ignores nothing
+])
+def test_ignore_keys_in_evaluate_and_predict_match_transformers(tmp_path, ignore_keys, config_keys, outputs):
+    data = two_length_classification_data()
+    ours, theirs = both_trainers(bert_with_hidden_states(config_keys), data, tmp_path, compute_metrics=output_summary,
+                                 fields={"per_device_eval_batch_size": 2})
+    m_ours, m_theirs = ours.evaluate(ignore_keys=ignore_keys), theirs.evaluate(ignore_keys=ignore_keys)
+    assert m_ours["eval_outputs"] == outputs
+    assert_same_metrics(m_ours, m_theirs)
+    p_ours, p_theirs = ours.predict(data, ignore_keys=ignore_keys), theirs.predict(data, ignore_keys=ignore_keys)
+    assert_same_metrics(p_ours.metrics, p_theirs.metrics, prefix="test")
+    if outputs == 1:
+        np.testing.assert_array_equal(p_ours.predictions, p_theirs.predictions)
+    else:  # (logits, (embeddings, layer 1)), as transformers nests them
+        logits, hidden = p_ours.predictions
+        assert isinstance(hidden, tuple) and len(hidden) == 2 and hidden[0].shape == (7, 8, 16)
+        np.testing.assert_array_equal(logits, p_theirs.predictions[0])
+        for a, b in zip(hidden, p_theirs.predictions[1], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_ignore_keys_for_eval_reaches_the_evaluations_during_training(tmp_path):
+    import transformers
+
+    data = two_length_classification_data(8)
+    fields = {"max_steps": 2, "eval_strategy": "steps", "eval_steps": 1, "per_device_train_batch_size": 4,
+              "per_device_eval_batch_size": 4, "save_strategy": "no", "use_cpu": True, "disable_tqdm": True,
+              "learning_rate": 1e-2}
+    data = [{"input_ids": d["input_ids"][:5], "labels": d["labels"]} for d in data]  # one length for training
+    torch.manual_seed(0)
+    model = bert_with_hidden_states()()
+    ours = Trainer(copy.deepcopy(model), TrainingArguments(output_dir=str(tmp_path / "o"), **fields),
+                   train_dataset=data, eval_dataset=data, compute_metrics=output_summary)
+    theirs = transformers.Trainer(copy.deepcopy(model), transformers.TrainingArguments(
+        output_dir=str(tmp_path / "h"), report_to="none", **fields), train_dataset=data, eval_dataset=data,
+        compute_metrics=output_summary)
+    ours.train(ignore_keys_for_eval=["hidden_states"])
+    theirs.train(ignore_keys_for_eval=["hidden_states"])
+    evals = [[h for h in t.state.log_history if "eval_outputs" in h] for t in (ours, theirs)]
+    assert [h["eval_outputs"] for h in evals[0]] == [h["eval_outputs"] for h in evals[1]] == [1, 1]
+    for a, b in zip(*evals, strict=True):
+        assert_same_metrics(a, b)
+    ours.train()  # a later train() without it evaluates with the config's default again: hidden_states kept
+    assert [h["eval_outputs"] for h in ours.state.log_history if "eval_outputs" in h][-1] == 2
+
+
+@pytest.mark.parametrize("call", ["evaluate", "predict", "train"])
+def test_ignore_keys_not_a_list_is_refused(tmp_path, call):
+    data = two_length_classification_data(4)
+    t = Trainer(tiny_bert(), TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=1,
+                                               per_device_train_batch_size=4, per_device_eval_batch_size=4),
+                train_dataset=data, eval_dataset=data)
+    name = "ignore_keys_for_eval" if call == "train" else "ignore_keys"
+    run = {"evaluate": lambda v: t.evaluate(ignore_keys=v), "predict": lambda v: t.predict(data, ignore_keys=v),
+           "train": lambda v: t.train(ignore_keys_for_eval=v)}[call]
+    with pytest.raises(TypeError, match=rf"{name} must be a list of model output names.*got str 'hidden_states' "
+                                        r"\(accepted: \['hidden_states'\]\)"):
+        run("hidden_states")  # a string would ignore its characters
+    with pytest.raises(TypeError, match=rf"{name} must be a list.*got list \[1\]"):
+        run([1])
+    assert t.state.global_step == 0

@@ -4,7 +4,8 @@ metric-driven schedules.
 :class:`EvaluationMixin` holds these methods of :class:`~optsched.trainer.trainer.Trainer` (``evaluate``,
 ``predict``, ``evaluation_loop`` and ``prediction_step`` keep transformers' names and signatures, so a
 subclass overrides them as it would there); the predictions' collection is
-:mod:`optsched.trainer.predictions`.
+:mod:`optsched.trainer.predictions`, ``batch_eval_metrics``' per-batch calls
+:mod:`optsched.trainer.batch_metrics`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from optsched.params.classify import unwrap_compiled
+from optsched.trainer.batch_metrics import BatchMetrics, lockstep_batches
 from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
 from optsched.trainer.loss_items import count_label_items, extract_loss
@@ -22,9 +25,12 @@ from optsched.trainer.predictions import (
     PredictionCollector,
     PredictionOutput,
     batch_labels,
+    batch_main_input,
+    check_ignore_keys,
     logits_from_outputs,
     prefix_metrics,
     run_compute_metrics,
+    sample_losses,
 )
 from optsched.trainer.reporting import speed_metrics
 
@@ -76,6 +82,11 @@ class EvaluationMixin:
         ``compute_metrics(EvalPrediction(predictions, label_ids))`` is called once, on every process,
         with the whole dataset in its order; its metrics are prefixed ``<prefix>_`` unless they already
         are (transformers' rule). No labels in the data: ``compute_metrics`` is not called.
+        ``include_for_metrics`` / ``batch_eval_metrics``: see :meth:`evaluation_loop`.
+
+        ``ignore_keys``: the model outputs (of a dict / ``ModelOutput``) left out of the predictions; None:
+        the model config's ``keys_to_ignore_at_inference`` (``["past_key_values"]`` for a config without
+        it; ``[]`` for a model without a config), as transformers.
 
         A ``dict`` of datasets (here or as the Trainer's ``eval_dataset``, as transformers accepts) is
         evaluated one dataset at a time, each under the prefix ``<prefix>_<name>`` (``eval_a_loss``), and
@@ -84,7 +95,11 @@ class EvaluationMixin:
         Returns:
             ``{"<prefix>_loss", <prefix>_<metric>..., "<prefix>_runtime", "<prefix>_samples_per_second",
             "<prefix>_steps_per_second"}``.
+
+        Raises:
+            TypeError: ``ignore_keys`` is not None or a list of names (a single string included).
         """
+        ignore_keys = check_ignore_keys("ignore_keys", ignore_keys)
         datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(datasets, dict):
             metrics: dict[str, float] = {}
@@ -111,12 +126,17 @@ class EvaluationMixin:
         """Predictions (and labels, and metrics when the data has labels) over ``test_dataset``, as
         transformers' ``predict()``: numpy arrays in the dataset's order, batches of different sequence
         lengths padded on the right with ``-100``. Runs the callbacks' ``on_predict``; logs nothing.
+        ``ignore_keys`` as in :meth:`evaluate`.
 
         Returns:
             ``PredictionOutput(predictions, label_ids, metrics)``; ``label_ids`` is ``None`` without
             labels; ``metrics`` holds ``<prefix>_loss`` (when the model returned one), ``compute_metrics``'
             metrics (when set and the data has labels) and the speed metrics.
+
+        Raises:
+            TypeError: ``ignore_keys`` is not None or a list of names.
         """
+        ignore_keys = check_ignore_keys("ignore_keys", ignore_keys)
         loader = self.get_test_dataloader(test_dataset)
         start = time.time()
         output = self.evaluation_loop(
@@ -140,34 +160,63 @@ class EvaluationMixin:
         ``prediction_loss_only`` None means ``args.prediction_loss_only`` (False when the arguments have
         no such field). The loss is averaged over the samples of the batches that gave one (weighted by
         batch size, summed over processes); ``<prefix>_loss`` is absent when none did.
+
+        ``args.include_for_metrics`` adds ``inputs`` (each batch's main input, see
+        :func:`~optsched.trainer.predictions.batch_main_input`) and / or ``losses`` (each sample's batch
+        loss) to the ``EvalPrediction``, collected like the predictions. ``args.batch_eval_metrics`` calls
+        ``compute_metrics`` on every batch instead (:mod:`optsched.trainer.batch_metrics`), and then only a
+        ``description="Prediction"`` loop collects predictions. ``args.eval_accumulation_steps`` changes
+        nothing: each batch goes to the CPU as it comes.
         """
+        args = self.args
         if prediction_loss_only is None:
-            prediction_loss_only = bool(getattr(self.args, "prediction_loss_only", False))
+            prediction_loss_only = bool(getattr(args, "prediction_loss_only", False))
+        include = frozenset(getattr(args, "include_for_metrics", None) or ())
+        batch_eval_metrics = bool(getattr(args, "batch_eval_metrics", False))
+        per_batch = (
+            BatchMetrics(self.compute_metrics, self.dist, self.device)
+            if batch_eval_metrics and self.compute_metrics is not None and not prediction_loss_only
+            else None
+        )
+        # transformers keeps no prediction of a per-batch evaluation (predict() keeps them)
+        keep = not prediction_loss_only and (not batch_eval_metrics or description == "Prediction")
         self.callback_handler.eval_dataloader = dataloader
         model = self.model
+        main_input_name = getattr(unwrap_compiled(unwrap_model(model)), "main_input_name", "input_ids")
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
         steps = 0
-        collector = None if prediction_loss_only else PredictionCollector()
+        collector = PredictionCollector() if keep else None
+        batches = (
+            lockstep_batches(dataloader, self.dist, self.device) if per_batch is not None
+            else ((batch, False) for batch in dataloader)
+        )
         was_training = model.training
         with self._optimizer_eval_mode(), torch.no_grad():
             model.eval()
             try:
-                for batch in dataloader:
-                    batch = move_to_device(batch, self.device)
-                    n = _batch_size(batch)
-                    loss, logits, labels = self.prediction_step(model, batch, prediction_loss_only, ignore_keys)
-                    if loss is not None:
-                        total += loss.detach().double().reshape(()) * n
-                        count += n
-                    samples += n
-                    steps += 1
-                    if collector is not None:
-                        if logits is not None and self.preprocess_logits_for_metrics is not None:
-                            logits = self.preprocess_logits_for_metrics(logits, labels)
-                        collector.add(logits, labels)
-                    self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+                for batch, is_last in batches:
+                    logits = labels = inputs = losses = None
+                    if batch is not None:  # None: a DDP process with no batch left (per_batch only)
+                        batch = move_to_device(batch, self.device)
+                        n = _batch_size(batch)
+                        loss, logits, labels = self.prediction_step(model, batch, prediction_loss_only, ignore_keys)
+                        if loss is not None:
+                            total += loss.detach().double().reshape(()) * n
+                            count += n
+                        samples += n
+                        steps += 1
+                        if not prediction_loss_only:
+                            if logits is not None and self.preprocess_logits_for_metrics is not None:
+                                logits = self.preprocess_logits_for_metrics(logits, labels)
+                            inputs = batch_main_input(batch, main_input_name) if "inputs" in include else None
+                            losses = sample_losses(loss, n) if "loss" in include else None
+                        if collector is not None:
+                            collector.add(logits, labels, inputs, losses)
+                        self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+                    if per_batch is not None:  # every DDP process, each step: the batches are gathered
+                        per_batch.update(logits, labels, batch if "inputs" in include else None, losses, is_last)
             finally:
                 model.train(was_training)
         total, count = all_reduce_sum(total, self.dist), all_reduce_sum(count, self.dist)
@@ -175,11 +224,15 @@ class EvaluationMixin:
         predictions = label_ids = None
         metrics: dict[str, Any] = {}
         if collector is not None:
-            predictions, label_ids = collector.gathered(self.dist)
-            if self.compute_metrics is not None and predictions is not None and label_ids is not None:
+            predictions, label_ids, inputs, losses = collector.gathered(self.dist)
+            if (per_batch is None and self.compute_metrics is not None and predictions is not None
+                    and label_ids is not None):
                 metrics = run_compute_metrics(
-                    self.compute_metrics, EvalPrediction(predictions=predictions, label_ids=label_ids)
+                    self.compute_metrics,
+                    EvalPrediction(predictions=predictions, label_ids=label_ids, inputs=inputs, losses=losses),
                 )
+        if per_batch is not None:
+            metrics = per_batch.metrics()
         if count > 0 or prediction_loss_only:
             metrics[f"{metric_key_prefix}_loss"] = float(total / count) if count > 0 else float("nan")
         return EvalLoopOutput(predictions, label_ids, prefix_metrics(metrics, metric_key_prefix), num_samples, steps)
@@ -206,9 +259,12 @@ class EvaluationMixin:
             with self.autocast_smart_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items)
             return loss.detach(), None, None
-        if ignore_keys is None:
-            config = getattr(unwrap_model(model), "config", None)
-            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"])) if config else []
+        if ignore_keys is None:  # transformers' default: a model with a config, its keys_to_ignore_at_inference
+            base = unwrap_model(model)
+            ignore_keys = (
+                list(getattr(base.config, "keys_to_ignore_at_inference", ["past_key_values"]))
+                if hasattr(base, "config") else []
+            )
         labels = batch_labels(inputs, self.label_names)
         with self.autocast_smart_context_manager():
             if labels is not None:

@@ -3,9 +3,10 @@
 What transformers' ``trainer_utils`` / ``trainer_pt_utils`` / ``Trainer.prediction_step`` do, rewritten
 without importing transformers:
 
-* :class:`EvalPrediction` (``preds, labels = eval_pred``) and :class:`PredictionOutput`;
-* :func:`logits_from_outputs`: the model outputs other than ``loss`` (and ``ignore_keys``), one tensor
-  or a tuple of them;
+* :class:`EvalPrediction` (``preds, labels = eval_pred``; ``inputs`` and ``losses`` after them with
+  ``include_for_metrics``: :func:`batch_main_input`, :func:`sample_losses`) and :class:`PredictionOutput`;
+* :func:`logits_from_outputs`: the model outputs other than ``loss`` (and ``ignore_keys``, checked by
+  :func:`check_ignore_keys`), one tensor or a tuple of them;
 * :func:`nested_concat`: batches concatenated on the first dimension, a different second dimension
   (sequence length) padded with ``-100``;
 * :func:`gather_in_dataset_order`: under DDP the eval loader gives rank ``r`` the samples ``r, r + N,
@@ -28,6 +29,9 @@ __all__ = [
     "PredictionCollector",
     "PredictionOutput",
     "batch_labels",
+    "batch_main_input",
+    "check_ignore_keys",
+    "checked_metrics",
     "denumpify_detensorize",
     "find_labels",
     "gather_in_dataset_order",
@@ -36,6 +40,7 @@ __all__ = [
     "nested_numpify",
     "prefix_metrics",
     "run_compute_metrics",
+    "sample_losses",
 ]
 
 #: transformers' padding index for predictions / labels of different lengths
@@ -230,13 +235,17 @@ def _interleave(parts: list[np.ndarray], padding_index: int) -> np.ndarray:
 
 
 def _nested_interleave(parts: list[Any], padding_index: int) -> Any:
+    """:func:`_interleave` leaf by leaf; a rank's ``None`` (no sample, or no such value) contributes nothing."""
     first = next((p for p in parts if p is not None), None)
     if first is None:
         return None
     if isinstance(first, (list, tuple)):
-        return type(first)(_nested_interleave([p[i] for p in parts], padding_index) for i in range(len(first)))
+        return type(first)(
+            _nested_interleave([None if p is None else p[i] for p in parts], padding_index) for i in range(len(first))
+        )
     if isinstance(first, Mapping):
-        return type(first)({k: _nested_interleave([p[k] for p in parts], padding_index) for k in first})
+        return type(first)({k: _nested_interleave([None if p is None else p[k] for p in parts], padding_index)
+                            for k in first})
     return _interleave([p if p is not None else np.empty((0,) + first.shape[1:], first.dtype) for p in parts],
                        padding_index)
 
@@ -259,27 +268,83 @@ def gather_in_dataset_order(value: Any, ctx: Any, padding_index: int = PADDING_I
 
 
 class PredictionCollector:
-    """Per-batch predictions and labels, concatenated as they come (:func:`nested_concat`, on the CPU
-    as numpy arrays: the device keeps one batch at a time)."""
+    """Per-batch predictions, labels, and the ``include_for_metrics`` inputs and losses, concatenated as
+    they come (:func:`nested_concat`, on the CPU as numpy arrays: the device keeps one batch at a time,
+    which is what transformers' ``eval_accumulation_steps=1`` does)."""
+
+    #: the collected streams, in :meth:`gathered`'s order
+    STREAMS = ("predictions", "label_ids", "inputs", "losses")
 
     def __init__(self, padding_index: int = PADDING_INDEX) -> None:
         self.padding_index = padding_index
         self.predictions: Any = None
         self.label_ids: Any = None
+        self.inputs: Any = None
+        self.losses: Any = None
 
-    def add(self, logits: Any, labels: Any) -> None:
-        """Append one batch; ``None`` (no logits / no labels) is skipped."""
-        if logits is not None:
-            self.predictions = nested_concat(self.predictions, logits, self.padding_index)
-        if labels is not None:
-            self.label_ids = nested_concat(self.label_ids, labels, self.padding_index)
+    def add(self, logits: Any, labels: Any, inputs: Any = None, losses: Any = None) -> None:
+        """Append one batch; ``None`` (no logits, labels, inputs or losses) is skipped."""
+        for name, value in zip(self.STREAMS, (logits, labels, inputs, losses)):
+            if value is not None:
+                setattr(self, name, nested_concat(getattr(self, name), value, self.padding_index))
 
-    def gathered(self, ctx: Any) -> tuple[Any, Any]:
-        """``(predictions, label_ids)`` over all processes, in dataset order (collective under DDP)."""
-        return (
-            gather_in_dataset_order(self.predictions, ctx, self.padding_index),
-            gather_in_dataset_order(self.label_ids, ctx, self.padding_index),
-        )
+    def gathered(self, ctx: Any) -> tuple[Any, Any, Any, Any]:
+        """``(predictions, label_ids, inputs, losses)`` over all processes, in dataset order (collective
+        under DDP)."""
+        return tuple(gather_in_dataset_order(getattr(self, name), ctx, self.padding_index) for name in self.STREAMS)
+
+
+# ---- what include_for_metrics adds --------------------------------------------------------------------
+
+
+def batch_main_input(batch: Any, main_input_name: str) -> Any:
+    """The batch's input that ``include_for_metrics=["inputs"]`` collects, detached: for a mapping, its
+    ``main_input_name`` value (transformers' rule: the model's ``main_input_name``, ``"input_ids"`` by
+    default); for a list / tuple batch, its first item (the model's first positional input: optsched's
+    convention, transformers takes mappings only); any other batch, itself.
+
+    Raises:
+        ValueError: a mapping without ``main_input_name`` (transformers raises a bare ``KeyError``).
+    """
+    if isinstance(batch, Mapping):
+        if main_input_name not in batch:
+            raise ValueError(
+                f"include_for_metrics=['inputs'] collects the batch's {main_input_name!r} (the model's "
+                f"main_input_name), which a batch with keys {list(batch)} lacks; accepted: batches with that "
+                "key, a model whose main_input_name names one of the keys, or include_for_metrics without 'inputs'."
+            )
+        return _detach(batch[main_input_name])
+    if isinstance(batch, (list, tuple)):
+        return _detach(batch[0]) if batch else None
+    return _detach(batch)
+
+
+def sample_losses(loss: torch.Tensor | None, num_samples: int) -> torch.Tensor | None:
+    """``include_for_metrics=["loss"]``: the batch's mean loss once per sample (transformers repeats it
+    ``eval_batch_size`` times and cuts the last batch to its samples: the same for a dataset with a
+    length; for an iterable one its last batch keeps ``eval_batch_size`` entries there, one per sample
+    here). ``None`` without a loss."""
+    if loss is None:
+        return None
+    return loss.detach().reshape(()).repeat(num_samples)
+
+
+def check_ignore_keys(name: str, value: Any) -> list[str] | None:
+    """``ignore_keys`` / ``ignore_keys_for_eval``: ``None`` (the model config's
+    ``keys_to_ignore_at_inference``) or a list / tuple of output names, returned as a list.
+
+    Raises:
+        TypeError: anything else; a single string is refused rather than read as its characters.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(k, str) for k in value):
+        return list(value)
+    hint = f" (accepted: [{value!r}])" if isinstance(value, str) else ""
+    raise TypeError(
+        f"{name} must be a list of model output names to leave out of the predictions, or None, got "
+        f"{type(value).__name__} {value!r:.80}{hint}."
+    )
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
@@ -306,7 +371,12 @@ def run_compute_metrics(compute_metrics: Callable[[EvalPrediction], Any], predic
         TypeError: it returned something other than a mapping with string keys (``None`` included: a
             function that forgot its ``return``).
     """
-    result = compute_metrics(prediction)
+    return checked_metrics(compute_metrics, compute_metrics(prediction))
+
+
+def checked_metrics(compute_metrics: Callable[..., Any], result: Any) -> dict[str, Any]:
+    """``compute_metrics``' ``result`` checked and made JSON-plain (a new ``dict``); see
+    :func:`run_compute_metrics`."""
     name = getattr(compute_metrics, "__qualname__", type(compute_metrics).__name__)
     if not isinstance(result, Mapping):
         raise TypeError(

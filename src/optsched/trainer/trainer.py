@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader
 
 from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
+from optsched.trainer.batch_metrics import check_compute_result_parameter
 from optsched.trainer.callbacks import (
     CallbackHandler,
     LOG_FILE_NAME,
@@ -91,7 +92,7 @@ from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.nonfinite import NonFiniteGuard
-from optsched.trainer.predictions import find_labels
+from optsched.trainer.predictions import check_ignore_keys, find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
@@ -179,7 +180,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             With ``remove_unused_columns`` (the default) it gets dict samples without the keys the
             model's ``forward`` does not name.
         compute_metrics: ``f(EvalPrediction) -> dict``, called by :meth:`evaluate` / :meth:`predict` on the
-            whole eval set's predictions and labels (numpy), as transformers does.
+            whole eval set's predictions and labels (numpy; plus ``inputs`` / ``losses`` with
+            ``include_for_metrics``), as transformers does; with ``batch_eval_metrics``,
+            ``f(EvalPrediction, compute_result) -> dict`` on every batch (:mod:`optsched.trainer.batch_metrics`).
         preprocess_logits_for_metrics: ``f(logits, labels) -> tensor``, applied to each eval batch's
             logits before they are collected (e.g. an argmax, to keep a causal LM's logits small).
         processing_class / model_init: transformers' keywords, in its positions, so a call written for it
@@ -197,7 +200,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             ``compute_loss_func`` / ``compute_metrics`` / ``preprocess_logits_for_metrics``;
             ``processing_class`` or ``model_init`` given.
         ValueError: ``optimizers`` and ``optimizer_cls_and_kwargs`` together; a model with no trainable
-            parameter; fp16 without CUDA; bf16 on a CUDA device without bf16.
+            parameter; fp16 without CUDA; bf16 on a CUDA device without bf16; ``batch_eval_metrics`` with a
+            ``compute_metrics`` that has no ``compute_result`` parameter.
     """
 
     def __init__(
@@ -279,6 +283,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.data_collator = data_collator if data_collator is not None else default_data_collator
         self.compute_loss_func = compute_loss_func
         self.compute_metrics = compute_metrics
+        if compute_metrics is not None and getattr(self.args, "batch_eval_metrics", False):
+            check_compute_result_parameter(compute_metrics)
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         # transformers' public attribute: the batch keys collected as label_ids (args.label_names, else
         # find_labels' rule)
@@ -304,6 +310,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self._inner_grad_norm: torch.Tensor | None = None
         self._logged_no_clip = False
         self.preempted_by: str | None = None  # the signal that stopped the last train() (optsched.trainer.signals)
+        self._ignore_keys_for_eval: list[str] | None = None  # train(ignore_keys_for_eval=...), for its evaluations
 
         self.state = TrainerState(
             is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main_process
@@ -537,7 +544,13 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
 
     # ---- training ----------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, **kwargs: Any) -> TrainOutput:
+    def train(
+        self,
+        resume_from_checkpoint: str | os.PathLike | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
         """Train for ``max_steps`` optimizer steps (or ``num_train_epochs``), optionally resuming.
 
         Args:
@@ -546,6 +559,10 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
                 restored; already consumed batches are skipped. If the arguments now describe another
                 schedule, the lr follows the new one from the resumed step (see
                 :mod:`optsched.trainer.resume`).
+            trial: transformers' hyperparameter-search trial; only ``None`` is accepted.
+            ignore_keys_for_eval: the model output names the evaluations during training leave out of the
+                predictions (:meth:`evaluate`'s ``ignore_keys``; None: the model config's
+                ``keys_to_ignore_at_inference``).
 
         A signal in ``args.save_signals`` (when ``save_on_signal``) ends the call early, after the current
         step, with a checkpoint at that step; ``self.preempted_by`` then names the signal.
@@ -559,16 +576,20 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             CheckpointError: a damaged or untrusted file in the checkpoint to resume from (names it).
             ValueError: no train dataset; no checkpoint found; param groups that no longer match the
                 checkpoint's; a dataset without length and no ``max_steps``.
+            TypeError: an unknown keyword; a ``trial``; ``ignore_keys_for_eval`` not a list of names.
         """
-        unknown = set(kwargs) - {"trial", "ignore_keys_for_eval"}
-        if unknown:
-            raise TypeError(f"train() got unexpected keyword arguments {sorted(unknown)}; accepted: resume_from_checkpoint.")
-        if kwargs.get("trial") is not None:  # ignore_keys_for_eval changes nothing: evaluate() keeps no outputs
+        if kwargs:
             raise TypeError(
-                f"train(trial=...) is not supported (got {type(kwargs['trial']).__name__}): it is for "
+                f"train() got unexpected keyword arguments {sorted(kwargs)}; accepted: resume_from_checkpoint, "
+                "trial (None), ignore_keys_for_eval."
+            )
+        if trial is not None:
+            raise TypeError(
+                f"train(trial=...) is not supported (got {type(trial).__name__}): it is for "
                 "transformers' hyperparameter_search, which optsched does not have; accepted: trial=None, "
                 "with the trial's hyperparameters set on the TrainingArguments."
             )
+        self._ignore_keys_for_eval = check_ignore_keys("ignore_keys_for_eval", ignore_keys_for_eval)
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         try:
             return self._train_from(checkpoint)
@@ -874,7 +895,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             self._globalstep_last_logged = state.global_step
             self.log(logs, self._train_start_time)
         if self.control.should_evaluate:
-            metrics = self.evaluate()
+            metrics = self.evaluate(ignore_keys=self._ignore_keys_for_eval)
             model.train()  # an overridden evaluate() may leave eval mode; training_step no longer resets it
             self._step_metric_scheduler(metrics)
             is_best = self._update_best_metric(metrics)
