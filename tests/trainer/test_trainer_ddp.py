@@ -21,6 +21,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_ddp_worker(out: Path, *mode: str) -> dict:
+    """ddp_worker.py under torchrun, 2 processes (gloo): rank 0's ddp_result.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(out), *mode,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "ddp_result.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tokens", [False, True], ids=["mean-loss", "num-items-in-batch"])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
@@ -30,16 +42,7 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
     sys.path.insert(0, str(HERE))
     from ddp_worker import DDP_STEPS, result, run
 
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(out),
-        *(["tokens"] if tokens else []),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ddp = json.loads((out / "ddp_result.json").read_text())
+    ddp = _run_ddp_worker(tmp_path / "ddp", *(["tokens"] if tokens else []))
 
     single = result(run(str(tmp_path / "single"), batch_size=8, tokens=tokens))
     assert ddp["world_size"] == 2 and single["world_size"] == 1
@@ -53,6 +56,27 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
     # rank 0 wrote the checkpoint, each rank its RNG state
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(ddp["files"])
     assert "rng_state.pth" in single["files"]
+
+
+@pytest.mark.slow
+def test_torch_compile_under_ddp_compiles_the_ddp_wrapper(tmp_path):
+    # accelerate's order, torch.compile(DDP(model)), 2 processes with gradient accumulation 2 (eager
+    # backend): the uncompiled DDP run bitwise, one all-reduce per optimizer step (no_sync found inside the
+    # compiled wrapper: 2 per step otherwise), and the checkpoint under the model's own names
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(HERE))
+    from ddp_worker import DDP_STEPS
+
+    out = tmp_path / "ddp"
+    compiled = _run_ddp_worker(out, "compile")
+    plain = compiled.pop("uncompiled")
+    assert compiled["wrapped"] == ["OptimizedModule", "DistributedDataParallel", "RegressorWithAnUnusedLayer"]
+    assert plain["wrapped"] == ["DistributedDataParallel", "RegressorWithAnUnusedLayer"]
+    assert compiled["all_reduces"] == plain["all_reduces"] == DDP_STEPS
+    assert compiled["losses"] == plain["losses"] and compiled["weights"] == plain["weights"]
+    with safe_open(str(out / f"checkpoint-{DDP_STEPS}" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(plain["weights"])
 
 
 # ---- DDP's keyword arguments (no process group needed) --------------------------------------------

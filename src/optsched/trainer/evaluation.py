@@ -63,8 +63,8 @@ class EvaluationMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``state``, ``control``,
     ``callback_handler``, ``compute_loss_func``, ``lr_scheduler`` and ``_metric_scheduler``, and calls
-    its ``get_eval_dataloader()``, ``compute_loss()``, ``autocast_smart_context_manager()``, ``log()``
-    and ``_optimizer_eval_mode()``.
+    its ``_evaluation_model()``, ``get_eval_dataloader()``, ``compute_loss()``,
+    ``autocast_smart_context_manager()``, ``log()`` and ``_optimizer_eval_mode()``.
     """
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -144,7 +144,7 @@ class EvaluationMixin:
         if prediction_loss_only is None:
             prediction_loss_only = bool(getattr(self.args, "prediction_loss_only", False))
         self.callback_handler.eval_dataloader = dataloader
-        model = self.model
+        model = self._evaluation_model()  # torch_compile: a compiled wrapper of self.model
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
