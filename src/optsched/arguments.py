@@ -91,6 +91,9 @@ OPTSCHED_ONLY_FIELDS = frozenset({"save_on_signal", "save_signals", "max_consecu
                                   "lr_resume_policy", "decay_policy", "param_rules",
                                   "layerwise_lr_decay", "layer_id_fn", "checkpoint_verification",
                                   "model_input_name"})
+#: transformers' ``torch_compile_backend`` for ``torch_compile=True`` without one (on CPU and CUDA; it
+#: picks Gaudi's or Neuron's backend on those devices, which optsched does not run on).
+DEFAULT_COMPILE_BACKEND = "inductor"
 #: Largest seed numpy accepts (``np.random.seed`` takes ``[0, 2**32 - 1]``).
 MAX_SEED = 2**32 - 1
 
@@ -325,6 +328,23 @@ def _lr_scheduler_kwargs(name: str, value: Any) -> dict[str, Any]:
 def _optional_kwargs(name: str, value: Any) -> dict[str, Any] | None:
     """``None`` stays ``None`` (transformers' default); else :func:`_lr_scheduler_kwargs`' rules."""
     return None if value is None else _lr_scheduler_kwargs(name, value)
+
+
+def _compile_backend(name: str, value: Any) -> str | None:
+    from optsched.trainer.compile import check_backend  # lazy: torch._dynamo is imported to list them
+
+    return check_backend(name, value)
+
+
+def _compile_mode(name: str, value: Any) -> str | None:
+    from optsched.trainer.compile import check_mode
+
+    return check_mode(name, value)
+
+
+def _optional_positive(name: str, value: Any) -> float | None:
+    """``None``, or a finite number > 0 (as a ``float``)."""
+    return None if value is None else float(check_number(name, value, low=0, low_open=True))
 
 
 def _report_to(name: str, value: Any) -> list[str]:
@@ -586,6 +606,10 @@ class TrainingArguments:
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))
+    neftune_noise_alpha: float | None = _field(
+        None, "NEFTune: during training, add uniform noise in +-alpha / sqrt(sequence length x hidden size) to "
+        "the output of the model's input embeddings (get_input_embeddings()), as transformers does; the hook "
+        "is removed when train() returns. A number > 0, or None (off).", _optional_positive)
     activation_checkpointing: bool | None = _field(
         None, "Recompute activations in the backward pass to save memory: before training the Trainer calls "
         "the model's activation_checkpointing_enable() (transformers 5; gradient_checkpointing_enable() on "
@@ -600,6 +624,17 @@ class TrainingArguments:
     gradient_checkpointing_kwargs: dict | str | None = _field(
         None, "transformers 4's name of activation_checkpointing_kwargs, used when that is unset; it then "
         "mirrors it.", _optional_kwargs)
+    torch_compile: bool = _field(
+        False, "Train (and evaluate) the model through torch.compile, with torch_compile_backend and "
+        "torch_compile_mode; checkpoints keep the model's own parameter names.", _bool())
+    torch_compile_backend: str | None = _field(
+        None, "torch.compile's backend (a name torch._dynamo.list_backends(exclude_tags=None) lists: "
+        "'inductor', 'aot_eager', 'eager', ...). Setting it turns torch_compile on; None with torch_compile: "
+        "'inductor'.", _compile_backend)
+    # mode: inductor's (other backends ignore it, with a warning); transformers' rule as for the backend
+    torch_compile_mode: str | None = _field(
+        None, "torch.compile's mode ('default', 'reduce-overhead', 'max-autotune', ...); turns torch_compile on.",
+        _compile_mode)
     ddp_find_unused_parameters: bool | None = _field(
         None, "DDP's find_unused_parameters (None: transformers' rule, True unless the model is a "
         "transformers model with gradient checkpointing on: a trainable parameter that a step does not "
@@ -842,7 +877,8 @@ _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(T
 _FIELD_NAMES: tuple[str, ...] = tuple(_FIELDS)
 #: Fields that ``__post_init__`` derives from others when left unset; a ``replace`` that does not set
 #: them explicitly derives them again (transformers keeps the stale value).
-_DERIVED = ("eval_steps", "metric_for_best_model", "greater_is_better", "group_by_length")
+_DERIVED = ("eval_steps", "metric_for_best_model", "greater_is_better", "group_by_length", "torch_compile",
+            "torch_compile_backend")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,6 +929,25 @@ def _resolve_group_by_length(args: TrainingArguments) -> None:
         else:
             _set(args, "train_sampling_strategy", "group_by_length" if flag else "random")
     _set(args, "group_by_length", args.train_sampling_strategy == "group_by_length")
+
+
+def torch_compile_settings(args: Any) -> tuple[str, str | None] | None:
+    """``(backend, mode)`` when ``args`` ask for ``torch.compile``, else ``None``: transformers' rule, a
+    ``torch_compile_backend`` or ``torch_compile_mode`` turns ``torch_compile`` on, whose backend is then
+    :data:`DEFAULT_COMPILE_BACKEND` unless given. ``__post_init__`` applies it; the Trainer applies it
+    again, since a field assigned after construction is not re-derived."""
+    backend = getattr(args, "torch_compile_backend", None)
+    mode = getattr(args, "torch_compile_mode", None)
+    if not (getattr(args, "torch_compile", False) or backend is not None or mode is not None):
+        return None
+    return backend or DEFAULT_COMPILE_BACKEND, mode
+
+
+def _resolve_torch_compile(args: TrainingArguments) -> None:
+    settings = torch_compile_settings(args)
+    if settings is not None:
+        _set(args, "torch_compile", True)
+        _set(args, "torch_compile_backend", settings[0])
 
 
 def _check_mixed_precision(args: TrainingArguments) -> None:
@@ -962,6 +1017,7 @@ _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _check_warmup,
     _resolve_activation_checkpointing,
     _resolve_group_by_length,
+    _resolve_torch_compile,
     _check_mixed_precision,
     _check_step_intervals,
     _check_optim_args,

@@ -1,8 +1,10 @@
 """Run by test_trainer_ddp.py under ``torchrun --nproc_per_node=2`` (gloo on CPU); not a test module.
 
-Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR [tokens]
-(``tokens``: a model normalising its loss by ``num_items_in_batch``, labels partly ignored)
-Rank 0 writes OUTPUT_DIR/ddp_result.json (loss per step and final weights).
+Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR [tokens|compile]
+(``tokens``: a model normalising its loss by ``num_items_in_batch``, labels partly ignored; ``compile``:
+the run twice, with gradient accumulation, without and with ``torch_compile`` (eager backend))
+Rank 0 writes OUTPUT_DIR/ddp_result.json (loss per step and final weights; with ``compile``, the compiled
+run's, and the uncompiled run's under "uncompiled").
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_helpers import TinyRegressor, make_regression_data  # noqa: E402
 
-from optsched import Trainer, TrainingArguments  # noqa: E402
+from optsched import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 DDP_STEPS = 6
 
@@ -62,17 +64,40 @@ def masked_regression_data(n: int = 32) -> list[dict[str, torch.Tensor]]:
     return data
 
 
-def run(output_dir: str, batch_size: int, tokens: bool = False) -> Trainer:
+class CountAllReduces(TrainerCallback):
+    """DDP's all-reduces of the gradients, counted through a communication hook (registered when training
+    begins, on the DDP inside the Trainer's wrappers): one per optimizer step when no_sync holds back the
+    micro-batches before a step's last."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.count = trainer, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ddp = _wrappers(self.trainer.model_wrapped)
+        ddp = next(m for m in ddp if isinstance(m, torch.nn.parallel.DistributedDataParallel))
+        ddp.register_comm_hook(None, self._all_reduce)
+
+    def _all_reduce(self, _, bucket):
+        self.count += 1
+        world = torch.distributed.get_world_size()
+        future = torch.distributed.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
+        return future.then(lambda f: f.value()[0])
+
+
+def run(output_dir: str, batch_size: int, tokens: bool = False, **fields) -> Trainer:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = TokenRegressor() if tokens else RegressorWithAnUnusedLayer()
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=DDP_STEPS, learning_rate=1e-2,
         logging_steps=1, save_strategy="steps", save_steps=DDP_STEPS, disable_tqdm=True, use_cpu=True,
-        report_to="none", include_num_input_tokens_seen="all",
+        report_to="none", include_num_input_tokens_seen="all", **fields,
     )
     data = masked_regression_data(32) if tokens else make_regression_data(32)
     trainer = Trainer(model, args, train_dataset=data)
+    if trainer.num_processes > 1:
+        trainer.all_reduces = CountAllReduces(trainer)
+        trainer.add_callback(trainer.all_reduces)
     trainer.train()
     return trainer
 
@@ -86,15 +111,33 @@ def result(trainer: Trainer) -> dict:
         "total_flos": trainer.state.total_flos,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "files": sorted(os.listdir(os.path.join(trainer.args.output_dir, f"checkpoint-{DDP_STEPS}"))),
+        "wrapped": [type(m).__name__ for m in _wrappers(trainer.model_wrapped)],
+        "all_reduces": getattr(getattr(trainer, "all_reduces", None), "count", 0),
     }
+
+
+def _wrappers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model`` and the modules it wraps, outermost first (torch.compile's ``_orig_mod``, DDP's ``module``)."""
+    chain = [model]
+    while hasattr(chain[-1], "_orig_mod") or hasattr(chain[-1], "module"):
+        chain.append(getattr(chain[-1], "_orig_mod", None) or chain[-1].module)
+    return chain
 
 
 if __name__ == "__main__":
     out = sys.argv[1]
-    trainer = run(out, batch_size=4, tokens=sys.argv[2:] == ["tokens"])
+    if sys.argv[2:] == ["compile"]:
+        # accumulation: the micro-batches before a step's last run under DDP's no_sync, found inside the
+        # compiled wrapper
+        plain = result(run(os.path.join(out, "uncompiled"), batch_size=4, gradient_accumulation_steps=2))
+        trainer = run(out, batch_size=4, gradient_accumulation_steps=2, torch_compile_backend="eager")
+        outcome = {**result(trainer), "uncompiled": plain}
+    else:
+        trainer = run(out, batch_size=4, tokens=sys.argv[2:] == ["tokens"])
+        outcome = result(trainer)
     if trainer.is_world_process_zero():
         with open(os.path.join(out, "ddp_result.json"), "w") as f:
-            json.dump(result(trainer), f)
+            json.dump(outcome, f)
     # Every rank waits for rank 0's file before tearing down: a gloo peer that leaves while the
     # other still holds the connection can abort it ("terminate called without an active exception").
     torch.distributed.barrier()

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from optsched import Trainer, TrainingArguments
 from optsched.trainer.loss_items import count_label_items, loss_shifts_labels, model_accepts_loss_kwargs
-from trainer_helpers import PlainRegressor, make_trainer, masked_lm_data, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from trainer_helpers import (
+    PeftStyleWrapper,
+    PlainRegressor,
+    make_trainer,
+    masked_lm_data,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,26 +173,8 @@ def test_sequence_classification_keeps_the_division_transformers_trainer_loses(t
     assert first < 1.0 < [entry["loss"] for entry in hf_logs if "loss" in entry][0]  # ln 2 against 3 ln 2
 
 
-class _PeftStyleWrapper(nn.Module):
-    """Stands for peft's PeftModel (peft is not installed here): forward(*args, **kwargs) hands everything to
-    the model it wraps, and get_base_model() returns it."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base_model = base
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-
-_PeftStyleWrapper.__module__ = "peft.peft_model"
-
-
 def test_a_peft_wrapper_is_decided_by_the_model_it_wraps():
     # a LoRA-wrapped Llama trains with the token count, as transformers' Trainer (unwrap_peft_model) does
-    assert model_accepts_loss_kwargs(_PeftStyleWrapper(_llama())) is True
-    assert loss_shifts_labels(_PeftStyleWrapper(_llama())) is True
-    assert model_accepts_loss_kwargs(_PeftStyleWrapper(_bert())) is False
+    assert model_accepts_loss_kwargs(PeftStyleWrapper(_llama())) is True
+    assert loss_shifts_labels(PeftStyleWrapper(_llama())) is True
+    assert model_accepts_loss_kwargs(PeftStyleWrapper(_bert())) is False

@@ -32,6 +32,12 @@ def _torchrun(worker: str, *argv: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def _run_ddp_worker(out: Path, *mode: str) -> dict:
+    """ddp_worker.py under torchrun, 2 processes (gloo): rank 0's ddp_result.json."""
+    _torchrun("ddp_worker.py", str(out), *mode)
+    return json.loads((out / "ddp_result.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tokens", [False, True], ids=["mean-loss", "num-items-in-batch"])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
@@ -41,9 +47,7 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, tokens):
     sys.path.insert(0, str(HERE))
     from ddp_worker import DDP_STEPS, result, run
 
-    out = tmp_path / "ddp"
-    _torchrun("ddp_worker.py", str(out), *(["tokens"] if tokens else []))
-    ddp = json.loads((out / "ddp_result.json").read_text())
+    ddp = _run_ddp_worker(tmp_path / "ddp", *(["tokens"] if tokens else []))
 
     single = result(run(str(tmp_path / "single"), batch_size=8, tokens=tokens))
     assert ddp["world_size"] == 2 and single["world_size"] == 1
@@ -84,6 +88,26 @@ def test_group_by_length_gives_each_process_transformers_batches(tmp_path):
         for start in range(0, 20, 4):  # each megabatch of 4, longest first (the longest sample at the front)
             chunk = [lengths[i] for i in order[start:start + 4]]
             assert chunk[1:] == sorted(chunk[1:], reverse=True)
+
+
+def test_torch_compile_under_ddp_compiles_the_ddp_wrapper(tmp_path):
+    # accelerate's order, torch.compile(DDP(model)), 2 processes with gradient accumulation 2 (eager
+    # backend): the uncompiled DDP run bitwise, one all-reduce per optimizer step (no_sync found inside the
+    # compiled wrapper: 2 per step otherwise), and the checkpoint under the model's own names
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(HERE))
+    from ddp_worker import DDP_STEPS
+
+    out = tmp_path / "ddp"
+    compiled = _run_ddp_worker(out, "compile")
+    plain = compiled.pop("uncompiled")
+    assert compiled["wrapped"] == ["OptimizedModule", "DistributedDataParallel", "RegressorWithAnUnusedLayer"]
+    assert plain["wrapped"] == ["DistributedDataParallel", "RegressorWithAnUnusedLayer"]
+    assert compiled["all_reduces"] == plain["all_reduces"] == DDP_STEPS
+    assert compiled["losses"] == plain["losses"] and compiled["weights"] == plain["weights"]
+    with safe_open(str(out / f"checkpoint-{DDP_STEPS}" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(plain["weights"])
 
 
 # ---- DDP's keyword arguments (no process group needed) --------------------------------------------

@@ -287,10 +287,13 @@ def test_a_resume_with_another_batch_per_step_says_it_is_not_exact(model_factory
     assert "samples are seen again or skipped" in messages and "dropout" not in messages
 
 
+@pytest.mark.parametrize("compiler", ["user", "torch_compile"])
 def test_a_checkpoint_moves_between_the_compiled_and_the_uncompiled_model(model_factory, regression_data, make_args,
-                                                                          tmp_path):
+                                                                          tmp_path, compiler):
     # A torch.compile'd model saved its weights as "_orig_mod.<name>" and its groups' param_names so:
-    # the uncompiled model could not load the checkpoint ("missing in the file"), nor the reverse
+    # the uncompiled model could not load the checkpoint ("missing in the file"), nor the reverse. The model
+    # is compiled by the user, or by the Trainer (torch_compile): either way, with dropout, every run is the
+    # uncompiled one bitwise
     from safetensors.torch import load_file
 
     data = regression_data(16)
@@ -300,10 +303,12 @@ def test_a_checkpoint_moves_between_the_compiled_and_the_uncompiled_model(model_
     for label, compiled, resume in [("plain", False, None), ("compiled", True, None),
                                     ("compiled_from_plain", True, "plain"), ("plain_from_compiled", False, "compiled")]:
         model = model_factory(dropout=0.2)
-        if compiled:
+        fields = {"torch_compile_backend": "eager"} if compiled and compiler == "torch_compile" else {}
+        if compiled and compiler == "user":
             model = torch.compile(model, backend="eager")
-        trainer = Trainer(model, make_args(output_dir=str(tmp_path / label), **settings), train_dataset=data)
+        trainer = Trainer(model, make_args(output_dir=str(tmp_path / label), **settings, **fields), train_dataset=data)
         trainer.train(resume_from_checkpoint=resume and str(tmp_path / resume / "checkpoint-3"))
+        assert (trainer.model_wrapped is not trainer.model) is bool(fields)  # the Trainer compiled a wrapper
         runs[label] = trainer
     assert set(load_file(tmp_path / "compiled" / "checkpoint-3" / "model.safetensors")) == {
         name for name, _ in model_factory().named_parameters()}

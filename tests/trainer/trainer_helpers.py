@@ -128,6 +128,24 @@ class PlainRegressor(nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
+class PeftStyleWrapper(nn.Module):
+    """Stands for peft's PeftModel (peft is not installed here; recognised by its module's name):
+    forward(*args, **kwargs) hands everything to the model it wraps, and get_base_model() returns it."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_model = base
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+
+PeftStyleWrapper.__module__ = "peft.peft_model"
+
+
 def make_trainer(kind: str, model: nn.Module, train_dataset, data_collator=None, eval_dataset=None, **fields):
     """optsched's Trainer (``kind="optsched"``) or transformers' (``"hf"``, with ``report_to="none"``) on
     the same model, data, collator and TrainingArguments fields: the two sides of a parity test."""

@@ -26,7 +26,7 @@ from optsched.trainer.data import (
     plan_training,
 )
 from optsched.trainer.length_grouping import LengthGroupedOrder
-from optsched.trainer.loss_items import inner_model
+from optsched.trainer.loss_items import innermost_model
 
 __all__ = ["DataLoaderMixin"]
 
@@ -93,7 +93,7 @@ class DataLoaderMixin:
         collator = self.data_collator if self.data_collator is not None else default_data_collator
         if not getattr(self.args, "remove_unused_columns", True):
             return collator
-        model = inner_model(self.model)
+        model = innermost_model(self.model)
         columns = signature_columns(model.forward, self.label_names)
         if columns is None:
             return collator

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from optsched.params.classify import is_transformers_model
+from optsched.params.classify import is_transformers_model, unwrap_compiled
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +134,23 @@ def wrap_model(
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The module inside DDP and ``torch.compile`` wrappers, in either order (``torch_compile`` under DDP
+    trains ``torch.compile(DDP(model))``), or the model itself."""
+    while True:
+        inner = unwrap_compiled(model)
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        if inner is model:
+            return model
+        model = inner
 
 
 def no_sync(model: torch.nn.Module, skip_sync: bool) -> Any:
-    """DDP's ``no_sync()`` while accumulating (no all-reduce until the last micro-batch), else a no-op."""
-    if skip_sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
+    """DDP's ``no_sync()`` while accumulating (no all-reduce until the last micro-batch), else a no-op.
+    A compiled DDP (``torch.compile(DDP(model))``) is found inside its wrapper, as accelerate finds it."""
+    ddp = unwrap_compiled(model)
+    if skip_sync and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
     return nullcontext()
 
 

@@ -69,8 +69,8 @@ class EvaluationMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``state``, ``control``,
     ``callback_handler``, ``compute_loss_func``, ``lr_scheduler`` and ``_metric_scheduler``, and calls
-    its ``get_eval_dataloader()``, ``compute_loss()``, ``autocast_smart_context_manager()``, ``log()``
-    and ``_optimizer_eval_mode()``.
+    its ``_evaluation_model()``, ``get_eval_dataloader()``, ``compute_loss()``,
+    ``autocast_smart_context_manager()``, ``log()`` and ``_optimizer_eval_mode()``.
     """
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -181,8 +181,8 @@ class EvaluationMixin:
         # transformers keeps no prediction of a per-batch evaluation (predict() keeps them)
         keep = not prediction_loss_only and (not batch_eval_metrics or description == "Prediction")
         self.callback_handler.eval_dataloader = dataloader
-        model = self.model
-        main_input_name = getattr(unwrap_compiled(unwrap_model(model)), "main_input_name", "input_ids")
+        model = self._evaluation_model()  # torch_compile: a compiled wrapper of self.model
+        main_input_name = getattr(unwrap_compiled(unwrap_model(self.model)), "main_input_name", "input_ids")
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0

@@ -35,10 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from optsched.params.classify import unwrap_compiled
 from optsched.trainer.distributed import unwrap_model
 
-__all__ = ["IGNORE_INDEX", "count_label_items", "extract_loss", "inner_model", "loss_shifts_labels", "model_accepts_loss_kwargs"]
+__all__ = [
+    "IGNORE_INDEX", "count_label_items", "extract_loss", "innermost_model", "loss_shifts_labels",
+    "model_accepts_loss_kwargs",
+]
 
 #: The label value losses ignore (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``).
 IGNORE_INDEX = -100
@@ -67,11 +69,11 @@ def extract_loss(outputs: Any) -> torch.Tensor | None:
     return None
 
 
-def inner_model(model: nn.Module) -> nn.Module:
+def innermost_model(model: nn.Module) -> nn.Module:
     """The model itself inside DDP, ``torch.compile`` and PEFT wrappers (a LoRA ``PeftModel`` passes its
     ``**kwargs`` on to the model it wraps, whose loss decides: transformers' ``unwrap_peft_model``)."""
     while True:
-        inner = unwrap_compiled(unwrap_model(model))
+        inner = unwrap_model(model)
         if type(inner).__module__.split(".")[0] == "peft" and callable(getattr(inner, "get_base_model", None)):
             inner = inner.get_base_model()  # peft is not imported: the model's own module did
         if inner is model:
@@ -92,7 +94,7 @@ def model_accepts_loss_kwargs(model: nn.Module) -> bool:
     ``gradient_accumulation_steps`` times the mean loss. False only ever costs the token weighting
     (each micro-batch's mean, divided by the accumulation steps), never the loss's scale.
     """
-    model = inner_model(model)
+    model = innermost_model(model)
     declared = getattr(model, "accepts_loss_kwargs", None)
     if declared is not None:
         return bool(declared)
@@ -135,7 +137,7 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     """Whether ``model``'s own loss predicts ``labels[..., 1:]`` (a transformers causal LM): its
     ``loss_function`` is ``ForCausalLMLoss`` and its config is not an encoder-decoder one. Any other
     model (not a transformers one, a classifier, T5): False."""
-    model = inner_model(model)
+    model = innermost_model(model)
     if not isinstance(getattr(type(model), "loss_function", None), property):
         return False  # not a transformers PreTrainedModel: transformers need not be installed
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):

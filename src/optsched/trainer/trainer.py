@@ -15,7 +15,10 @@ optimizer or schedule logic of its own. What it adds is the loop:
   projector objects as data), and
   an exact resume: model, optimizer, scheduler, RNG states and data position; how much a resume checks
   the files is ``args.checkpoint_verification`` (``"full"`` by default, or ``"size"``);
-* DDP under ``torchrun`` (:mod:`optsched.trainer.distributed`).
+* DDP under ``torchrun`` (:mod:`optsched.trainer.distributed`); with ``torch_compile`` the loop trains
+  ``torch.compile(DDP(model))`` and evaluation a compiled ``model``, while ``self.model`` stays the model
+  passed (:mod:`optsched.trainer.compile`); ``neftune_noise_alpha`` hooks NEFTune's noise on the input
+  embeddings for the duration of ``train()`` (:mod:`optsched.trainer.neftune`).
 * reliability (docs/reliability.md): a step with a NaN / inf loss or gradient norm is skipped, optimizer
   and scheduler both, and ``max_consecutive_nonfinite`` skips in a row stop training
   (:mod:`optsched.trainer.nonfinite`); NaN / inf weights are never saved; SIGTERM / SIGINT save a
@@ -64,6 +67,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from optsched.arguments import torch_compile_settings
 from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.batch_metrics import check_compute_result_parameter
@@ -77,6 +81,7 @@ from optsched.trainer.callbacks import (
 )
 from optsched.trainer.checkpointing import CheckpointMixin
 from optsched.trainer.collate import default_data_collator
+from optsched.trainer.compile import compile_model
 from optsched.trainer.data import TrainingPlan, has_length, move_to_device, split_model_inputs
 from optsched.trainer.dataloaders import DataLoaderMixin
 from optsched.trainer.distributed import (
@@ -91,6 +96,7 @@ from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
+from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.predictions import check_ignore_keys, find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
@@ -297,6 +303,8 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
         self._loss_shifts_labels = loss_shifts_labels(self.model)
         self.label_smoother = make_label_smoother(unwrap_compiled(self.model), self.args.label_smoothing_factor)
+        if self.args.neftune_noise_alpha is not None:
+            input_embeddings(self.model, self.args.neftune_noise_alpha)  # refused now, not at train()
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.optimizer, self.lr_scheduler = optimizers
         self._created_lr_scheduler = False
@@ -639,24 +647,43 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             self._load_optimizer_and_scheduler(checkpoint, saved_optimizer)
         if args.activation_checkpointing:  # before DDP: its find_unused_parameters rule reads the model
             self._enable_activation_checkpointing()
-        model = wrap_model(self.model, self.dist, self.device, self.args)
-        self.model_wrapped = model
-        for attr in ("model", "optimizer", "lr_scheduler"):
-            setattr(self.callback_handler, attr, getattr(self, attr))
-        self.callback_handler.train_dataloader = loader
-        self._nonfinite = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 5))
-        self._prepare_step_state()
-        self._reset_flos_count()
-        self._token_counter = self._new_token_counter()
-        self.preempted_by = None
-        # handlers only around the loop (main thread only), the previous ones restored after it
-        preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
-        with preemption:
-            self._preemption = preemption
-            try:
-                return self._train_loop(model, loader, plan, checkpoint)
-            finally:
-                self._finish_saves()  # the last checkpoint on disk, older ones rotated, before returning
+        compile_with = torch_compile_settings(args)
+        # NEFTune's hook goes on before compiling (transformers' order: the compiled graph has it), and
+        # comes off however train() ends
+        compiled = compile_with is not None or unwrap_compiled(self.model) is not self.model
+        with neftune_noise(self.model, args.neftune_noise_alpha, compiled=compiled):
+            model = wrap_model(self.model, self.dist, self.device, self.args)
+            if compile_with is not None:  # accelerate's order: torch.compile(DDP(model)); self.model stays as is
+                model = compile_model(model, *compile_with)
+            self.model_wrapped = model
+            for attr in ("model", "optimizer", "lr_scheduler"):
+                setattr(self.callback_handler, attr, getattr(self, attr))
+            self.callback_handler.train_dataloader = loader
+            self._nonfinite = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite", 5))
+            self._prepare_step_state()
+            self._reset_flos_count()
+            self._token_counter = self._new_token_counter()
+            self.preempted_by = None
+            # handlers only around the loop (main thread only), the previous ones restored after it
+            preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
+            with preemption:
+                self._preemption = preemption
+                try:
+                    return self._train_loop(model, loader, plan, checkpoint)
+                finally:
+                    self._finish_saves()  # the last checkpoint on disk, older ones rotated, before returning
+
+    def _evaluation_model(self) -> nn.Module:
+        """The module evaluation runs: ``self.model``, or with ``torch_compile`` a compiled wrapper of it (no
+        DDP: each process evaluates its share), built once and kept while ``self.model`` is the same."""
+        compile_with = torch_compile_settings(self.args)
+        if compile_with is None:
+            return self.model
+        model, compiled = getattr(self, "_compiled_for_evaluation", (None, None))
+        if model is not self.model:
+            model, compiled = self._compiled_for_evaluation = self.model, compile_model(self.model, *compile_with)
+        compiled.training = model.training  # the wrapper's own flag: evaluation restores this mode after
+        return compiled
 
     def _enable_activation_checkpointing(self) -> None:
         """``activation_checkpointing=True``: transformers' call, the model's own
