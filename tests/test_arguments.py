@@ -51,7 +51,7 @@ def test_defaults_match_transformers_5():
         "train_sampling_strategy": "random", "group_by_length": False, "length_column_name": "length",
         "label_names": None, "prediction_loss_only": False, "eval_accumulation_steps": None,
         "include_for_metrics": [], "batch_eval_metrics": False,
-        "label_smoothing_factor": 0.0, "neftune_noise_alpha": None, "activation_checkpointing": False,
+        "label_smoothing_factor": 0.0, "use_cache": False, "neftune_noise_alpha": None, "activation_checkpointing": False,
         "activation_checkpointing_kwargs": None,
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
         "torch_compile": False, "torch_compile_backend": None, "torch_compile_mode": None,
@@ -626,12 +626,12 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
         as_training_arguments(transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch"))
     assert "ignored" not in caplog.text  # defaults, and fields derived from those the user set
-    hf = transformers.TrainingArguments(output_dir=str(tmp_path), use_cache=True, eval_strategy="epoch",
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), torch_empty_cache_steps=5, eval_strategy="epoch",
                                         save_strategy="epoch", load_best_model_at_end=True)
     with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
         as_training_arguments(hf)
     assert "fields that optsched does not use are set and ignored: " in caplog.text
-    assert "use_cache=True" in caplog.text and "load_best_model_at_end=True" in caplog.text
+    assert "torch_empty_cache_steps=5" in caplog.text and "load_best_model_at_end=True" in caplog.text
     assert "eval_strategy" not in caplog.text
     # the evaluation fields optsched reads are taken over, not named as ignored
     caplog.clear()

@@ -606,6 +606,10 @@ class TrainingArguments:
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))
+    use_cache: bool = _field(
+        False, "The Trainer sets the model's config.use_cache to this when it is built, as transformers' does "
+        "(False: no key/value cache is built in training forwards; set it back, or pass use_cache=True to "
+        "generate(), for fast generation afterwards).", _bool())
     neftune_noise_alpha: float | None = _field(
         None, "NEFTune: during training, add uniform noise in +-alpha / sqrt(sequence length x hidden size) to "
         "the output of the model's input embeddings (get_input_embeddings()), as transformers does; the hook "

@@ -42,12 +42,15 @@ def _assert_same_weights(ours, theirs):
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_training_is_the_uncompiled_training_bitwise(tmp_path, backend):
-    # tiny Llama, labels ending in different numbers of -100, GA 2: the same weights and losses
+    # tiny Llama, labels ending in different numbers of -100, GA 2: the same weights and losses. use_cache=True:
+    # without its cache a compiled Llama builds an explicit causal mask where eager mode passes is_causal to
+    # SDPA, 1e-7 away (transformers' Trainer the same: its default, use_cache=False, is tested below)
     torch.manual_seed(0)
-    _, plain, plain_losses = _train("optsched", tiny_llama(), tmp_path / "plain")
+    _, plain, plain_losses = _train("optsched", tiny_llama(), tmp_path / "plain", use_cache=True)
     torch.manual_seed(0)
     model = tiny_llama()
-    trainer, compiled, losses = _train("optsched", model, tmp_path / backend, torch_compile_backend=backend)
+    trainer, compiled, losses = _train("optsched", model, tmp_path / backend, torch_compile_backend=backend,
+                                       use_cache=True)
     assert trainer.model is model  # the model's own names, for checkpoints and the user
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule" and trainer.model_wrapped._orig_mod is model
     _assert_same_weights(compiled, plain)
@@ -56,19 +59,26 @@ def test_compiled_training_is_the_uncompiled_training_bitwise(tmp_path, backend)
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_training_is_transformers_trainer_bitwise(tmp_path, backend):
-    # transformers' Trainer sets model.config.use_cache = args.use_cache (False) in its constructor; optsched
-    # has no use_cache field and leaves the config alone. Compiled, a Llama without its cache takes another
-    # attention path (an explicit mask where eager mode uses is_causal), 1e-7 away: set it on both sides
+    # Both Trainers set model.config.use_cache = args.use_cache (False) when built: compiled, a Llama with its
+    # cache takes another attention path (is_causal where it is otherwise an explicit mask), 1e-7 away
     runs = {}
     for name in ("optsched", "hf"):
         torch.manual_seed(0)
         model = tiny_llama()
-        model.config.use_cache = False
         trainer, weights, losses = _train(name, model, tmp_path / name, torch_compile_backend=backend)
         assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
         runs[name] = weights, losses
     _assert_same_weights(runs["optsched"][0], runs["hf"][0])
     assert runs["optsched"][1] == runs["hf"][1]
+
+
+def test_use_cache_is_set_on_the_models_config_as_transformers_does(tmp_path):
+    for use_cache in (False, True):
+        model = tiny_llama()
+        model.config.use_cache = not use_cache
+        Trainer(model, TrainingArguments(output_dir=str(tmp_path), use_cpu=True, use_cache=use_cache))
+        assert model.config.use_cache is use_cache
+    Trainer(torch.nn.Linear(2, 1), TrainingArguments(output_dir=str(tmp_path), use_cpu=True))  # no config: nothing to set
 
 
 def test_evaluation_runs_a_compiled_wrapper_and_gives_the_uncompiled_loss(tmp_path):

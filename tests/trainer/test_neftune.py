@@ -169,7 +169,8 @@ def test_under_torch_compile_the_noise_follows_the_hook_whatever_was_compiled_be
                          ("noisy", {"neftune_noise_alpha": ALPHA})):
         torch.manual_seed(0)
         model = tiny_llama()
-        trainer = Trainer(model, TrainingArguments(**_fields(tmp_path / name, max_steps=2, **fields)),
+        # use_cache=True: compiled and eager Llama then take the same attention path (test_compile.py)
+        trainer = Trainer(model, TrainingArguments(**_fields(tmp_path / name, max_steps=2, use_cache=True, **fields)),
                           train_dataset=masked_lm_data())
         trainer.train()
         runs[name] = model.state_dict(), _logged_losses(trainer)

@@ -303,6 +303,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
         self._loss_shifts_labels = loss_shifts_labels(self.model)
         self.label_smoother = make_label_smoother(unwrap_compiled(self.model), self.args.label_smoothing_factor)
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "use_cache"):  # transformers' Trainer does it here too
+            config.use_cache = self.args.use_cache
         if self.args.neftune_noise_alpha is not None:
             input_embeddings(self.model, self.args.neftune_noise_alpha)  # refused now, not at train()
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
