@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import numbers
 import os
 import sys
@@ -199,6 +200,11 @@ def _metric_inclusions(name: str, value: Any) -> list[str]:
             f"{value!r}."
         )
     return list(dict.fromkeys(check_choice(name, _plain(item), METRIC_INCLUSIONS, what="option") for item in items))
+
+
+def _start_method(name: str, value: Any) -> str | None:
+    return None if value is None else check_choice(
+        name, value, tuple(multiprocessing.get_all_start_methods()), what="start method")
 
 
 def _output_dir(name: str, value: Any) -> str:
@@ -567,6 +573,18 @@ class TrainingArguments:
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete batch.", _bool())
+    dataloader_pin_memory: bool = _field(
+        True, "Pin batches in page-locked memory for faster copies to the accelerator (no effect on the CPU).",
+        _bool())
+    dataloader_persistent_workers: bool = _field(
+        False, "Keep the data-loading worker processes alive from epoch to epoch and between evaluations (needs "
+        "dataloader_num_workers > 0).", _bool())
+    dataloader_prefetch_factor: int | None = _field(
+        None, "Batches each worker loads ahead (needs dataloader_num_workers > 0); None: torch's default, 2.",
+        _int(low=1, allow_none=True))
+    dataloader_multiprocessing_context: str | None = _field(
+        None, "How worker processes start: 'fork', 'spawn' or 'forkserver' (needs dataloader_num_workers > 0); "
+        "None: the platform's default.", _start_method)
     remove_unused_columns: bool = _field(
         True, "Drop the keys of dict samples that the model's forward does not name (label, label_ids and "
         "label_names kept) before the data collator sees them, as transformers does; False: pass every key.",
@@ -954,6 +972,21 @@ def _resolve_torch_compile(args: TrainingArguments) -> None:
         _set(args, "torch_compile_backend", settings[0])
 
 
+def _check_worker_options(args: TrainingArguments) -> None:
+    """The worker options need worker processes (transformers checks prefetch_factor here; torch's DataLoader
+    refuses the other two only when the Trainer builds it)."""
+    if args.dataloader_num_workers > 0:
+        return
+    for name, unset in (("dataloader_prefetch_factor", None), ("dataloader_persistent_workers", False),
+                        ("dataloader_multiprocessing_context", None)):
+        value = getattr(args, name)
+        if value != unset:
+            raise ValueError(
+                f"{name}={value!r} applies to worker processes, but dataloader_num_workers=0 loads the data in "
+                f"the main process; accepted: dataloader_num_workers > 0, or {name}={unset!r}."
+            )
+
+
 def _check_mixed_precision(args: TrainingArguments) -> None:
     if args.fp16 and args.bf16:
         raise ValueError("fp16=True and bf16=True conflict; accepted: at most one of them True.")
@@ -1023,6 +1056,7 @@ _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _resolve_group_by_length,
     _resolve_torch_compile,
     _check_mixed_precision,
+    _check_worker_options,
     _check_step_intervals,
     _check_optim_args,
     _check_scheduler_kwargs,

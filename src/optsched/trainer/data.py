@@ -302,10 +302,24 @@ def build_dataloader(
     num_workers: int,
     drop_last: bool,
     seed: int,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
+    multiprocessing_context: str | None = None,
 ) -> DataLoader:
-    """A DataLoader whose worker seeds come from its own generator (never from the global RNG)."""
+    """A DataLoader whose worker seeds come from its own generator (never from the global RNG).
+
+    ``pin_memory``, ``persistent_workers``, ``prefetch_factor`` and ``multiprocessing_context`` are the
+    DataLoader's own (the last three only with ``num_workers > 0``; ``prefetch_factor=None`` is torch's
+    default, 2 batches per worker).
+    """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    workers: dict[str, Any] = {}
+    if num_workers > 0:
+        workers = {"persistent_workers": persistent_workers, "multiprocessing_context": multiprocessing_context}
+        if prefetch_factor is not None:
+            workers["prefetch_factor"] = prefetch_factor
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -314,7 +328,8 @@ def build_dataloader(
         num_workers=num_workers,
         drop_last=drop_last,
         generator=generator,
-        pin_memory=False,
+        pin_memory=pin_memory,
+        **workers,
     )
 
 

@@ -81,10 +81,23 @@ class DataLoaderMixin:
             batch_size=args.per_device_train_batch_size,
             collate_fn=self._collator("training"),
             sampler=sampler,
-            num_workers=args.dataloader_num_workers,
             drop_last=args.dataloader_drop_last,
             seed=self._data_seed(),
+            **self._loader_options(),
         )
+
+    def _loader_options(self) -> dict[str, Any]:
+        """The ``dataloader_*`` fields as DataLoader arguments. ``dataloader_pin_memory`` pins batches only
+        when the Trainer runs on an accelerator: on the CPU there is nothing to copy them to (transformers
+        turns it off with ``use_cpu``; torch warns about pinning without an accelerator)."""
+        args = self.args
+        return {
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory and self.device.type != "cpu",
+            "persistent_workers": args.dataloader_persistent_workers,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "multiprocessing_context": args.dataloader_multiprocessing_context,
+        }
 
     def _collator(self, description: str) -> Callable[[list[Any]], Any]:
         """``data_collator`` (default: :func:`~optsched.trainer.collate.default_data_collator`), behind a
@@ -137,6 +150,16 @@ class DataLoaderMixin:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation needs an eval_dataset; pass eval_dataset= to the Trainer or evaluate().")
+        if not self.args.dataloader_persistent_workers:
+            return self._new_eval_loader(ds)
+        # persistent workers: one loader (and its workers) per dataset, kept for the next evaluations, as
+        # transformers does, instead of new worker processes at every evaluation
+        cache = self.__dict__.setdefault("_persistent_eval_loaders", {})
+        if id(ds) not in cache or cache[id(ds)][0] is not ds:
+            cache[id(ds)] = (ds, self._new_eval_loader(ds))
+        return cache[id(ds)][1]
+
+    def _new_eval_loader(self, ds: Any) -> DataLoader:
         sampler = None
         if _is_map_style(ds):
             # no padding: a sample repeated to even out the ranks' shares would count twice in the loss
@@ -150,9 +173,9 @@ class DataLoaderMixin:
             batch_size=getattr(self.args, "per_device_eval_batch_size", self.args.per_device_train_batch_size),
             collate_fn=self._collator("evaluation"),
             sampler=sampler,
-            num_workers=self.args.dataloader_num_workers,
             drop_last=False,
             seed=0,
+            **self._loader_options(),
         )
 
     def get_test_dataloader(self, test_dataset: Any) -> DataLoader:
