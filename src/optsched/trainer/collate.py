@@ -132,6 +132,8 @@ class RemoveColumnsCollator:
     def _remove_columns(self, feature: Any) -> Any:
         if not isinstance(feature, dict):  # transformers': a BatchEncoding or a tuple passes as is
             return feature
+        if feature.keys() <= self.columns:  # nothing to drop (the common case once columns are set): no copy
+            return feature
         ignored = [] if self._logged else sorted(set(feature) - self.columns)
         if ignored:
             self._logged = True
