@@ -57,7 +57,7 @@ def test_defaults_match_transformers_5():
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
         "torch_compile": False, "torch_compile_backend": None, "torch_compile_mode": None,
         "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
-        "average_tokens_across_devices": True, "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "metric_for_best_model": None, "greater_is_better": None,
+        "average_tokens_across_devices": True, "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "load_best_model_at_end": False, "metric_for_best_model": None, "greater_is_better": None,
         "run_name": None,
         # optsched's own (OPTSCHED_ONLY_FIELDS)
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,
@@ -137,6 +137,10 @@ GOOD = [
     ({"lr_scheduler_type": "reduce_lr_on_plateau"},
      {"metric_for_best_model": "loss", "greater_is_better": False}),
     ({"metric_for_best_model": "accuracy"}, {"greater_is_better": True}),
+    ({"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 5, "save_steps": 10},
+     {"metric_for_best_model": "loss", "greater_is_better": False}),
+    ({"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "best", "metric_for_best_model": "f1"},
+     {"metric_for_best_model": "f1", "greater_is_better": True}),
     ({"metric_for_best_model": "eval_loss", "greater_is_better": True}, {"greater_is_better": True}),
     ({"seed": 0, "data_seed": 2**32 - 1}, {"seed": 0, "data_seed": 2**32 - 1}),
     ({"bf16": True, "use_cpu": True}, {"bf16": True}),
@@ -349,6 +353,41 @@ BAD = [
     # transformers 4's deprecated spelling, gone in transformers 5 (which refuses it too)
     ({"include_inputs_for_metrics": True}, TypeError, ["include_inputs_for_metrics", "Did you mean 'include_for_metrics'"]),
 ]
+
+
+#: load_best_model_at_end=True with these fields: accepted (None) or refused with these words, as transformers
+LOAD_BEST = [
+    (dict(eval_strategy="steps", eval_steps=2, save_steps=4), None),
+    (dict(eval_strategy="steps", logging_steps=5, save_steps=10), None),  # eval_steps from logging_steps
+    (dict(eval_strategy="steps", eval_steps=2, save_steps=3), ["save_steps=3", "eval_steps=2", "round multiple"]),
+    (dict(eval_strategy="steps", eval_steps=0.1, save_steps=0.5), None),  # 0.5 % 0.1 != 0 in floating point
+    (dict(eval_strategy="steps", eval_steps=0.2, save_steps=0.5), ["save_steps=0.5", "eval_steps=0.2", "multiple"]),
+    (dict(eval_strategy="steps", eval_steps=0.25, save_steps=5), None),  # 5 % 0.25 == 0: accepted by both
+    (dict(eval_strategy="steps", eval_steps=0.3, save_steps=5), ["save_steps=5", "eval_steps=0.3", "ratio"]),
+    (dict(eval_strategy="steps", eval_steps=3, save_strategy="epoch"), ["save_strategy='epoch'", "match"]),
+    (dict(), ["save_strategy='steps'", "eval_strategy='no'", "match"]),
+    (dict(eval_strategy="epoch", save_strategy="epoch"), None),
+    (dict(save_strategy="no"), None),
+    (dict(eval_strategy="steps", eval_steps=3, save_strategy="best"), None),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "refused"), LOAD_BEST, ids=[str(i) for i in range(len(LOAD_BEST))])
+def test_load_best_model_at_end_is_checked_as_transformers_checks_it(tmp_path, kwargs, refused):
+    transformers = pytest.importorskip("transformers")
+    try:
+        transformers.TrainingArguments(output_dir=str(tmp_path), load_best_model_at_end=True, **kwargs)
+    except ValueError:
+        assert refused is not None, "transformers refuses it"
+    else:
+        assert refused is None, "transformers accepts it"
+    if refused is None:
+        assert TrainingArguments(load_best_model_at_end=True, **kwargs).metric_for_best_model == "loss"
+        return
+    with pytest.raises(ValueError) as info:
+        TrainingArguments(load_best_model_at_end=True, **kwargs)
+    for fragment in ["load_best_model_at_end=True", *refused]:
+        assert fragment in str(info.value)
 
 
 @pytest.mark.parametrize(("kwargs", "exc", "fragments"), BAD, ids=[str(i) for i in range(len(BAD))])
@@ -630,9 +669,10 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
     hf = transformers.TrainingArguments(output_dir=str(tmp_path), torch_empty_cache_steps=5, eval_strategy="epoch",
                                         save_strategy="epoch", load_best_model_at_end=True)
     with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
-        as_training_arguments(hf)
+        ours = as_training_arguments(hf)
     assert "fields that optsched does not use are set and ignored: " in caplog.text
-    assert "torch_empty_cache_steps=5" in caplog.text and "load_best_model_at_end=True" in caplog.text
+    assert "torch_empty_cache_steps=5" in caplog.text and "load_best_model_at_end" not in caplog.text
+    assert ours.load_best_model_at_end and ours.metric_for_best_model == "loss"  # read, not ignored
     assert "eval_strategy" not in caplog.text
     # the evaluation fields optsched reads are taken over, not named as ignored
     caplog.clear()

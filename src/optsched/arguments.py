@@ -479,8 +479,8 @@ class TrainingArguments:
     Normalisations (as transformers): enum values become plain strings; ``output_dir=None`` becomes
     ``"trainer_output"``; ``report_to`` becomes a list (``"none"`` -> ``[]``); ``lr_scheduler_kwargs``
     becomes a dict (JSON strings are parsed); ``eval_steps`` falls back to ``logging_steps`` when
-    ``eval_strategy="steps"``; ``metric_for_best_model`` becomes ``"loss"`` for the metric-driven
-    schedules; ``greater_is_better`` follows from the metric's name; ``disable_tqdm=None`` becomes
+    ``eval_strategy="steps"``; ``metric_for_best_model`` becomes ``"loss"`` with ``load_best_model_at_end``
+    and for the metric-driven schedules; ``greater_is_better`` follows from the metric's name; ``disable_tqdm=None`` becomes
     ``False`` unless the ``optsched`` logger is quieter than WARNING. ``optim_args`` is kept as given and
     parsed by ``optsched.optim.parse_optim_args``.
 
@@ -677,12 +677,20 @@ class TrainingArguments:
     disable_tqdm: bool | None = _field(
         None, "Disable progress bars (None: disabled when logging is quieter than WARNING).",
         _bool(allow_none=True))
+    load_best_model_at_end: bool = _field(
+        False, "When train() ends, load the weights of the best checkpoint (by metric_for_best_model, default "
+        "'loss') into the model. The evaluation and save strategies must match (unless save_strategy='best'), "
+        "save_steps a round multiple of eval_steps; save_total_limit never deletes the best checkpoint.", _bool())
     metric_for_best_model: str | None = _field(
-        None, "Metric that decides the best checkpoint ('loss' for the metric-driven schedules).",
-        _str(allow_none=True))
+        None, "Metric that decides the best checkpoint ('loss' with load_best_model_at_end and for the "
+        "metric-driven schedules).", _str(allow_none=True))
     greater_is_better: bool | None = _field(
         None, "Whether a larger metric is better (None: False for metrics named '*loss').",
         _bool(allow_none=True))
+    # Settings that transformers' callbacks read and users choose are fields (run_name, logging_first_step,
+    # eval_delay, load_best_model_at_end); the integrations' own settings (trackio's project,
+    # hub_private_repo, ...) are left out: a default the user could not change would log to the wrong
+    # place without a word, where the AttributeError names what is missing.
     run_name: str | None = _field(
         None, "A name for the run, for the logging callbacks that read it (transformers' wandb, mlflow, comet, "
         "swanlab and trackio integrations); the Trainer itself does not use it.", _str(allow_none=True))
@@ -781,20 +789,6 @@ class TrainingArguments:
         gives the number of steps.
         """
         return self.warmup_steps if self.warmup_steps != 0 else self.warmup_ratio
-
-    # ---- read by transformers' callbacks -----------------------------------------------------------
-    # A read-only property answers only for a behaviour optsched has fixed (load_best_model_at_end:
-    # the Trainer never loads the best model). A setting that callbacks read and users choose is a
-    # field (run_name, logging_first_step, eval_delay); the integrations' own settings (trackio's
-    # project, hub_private_repo, ...) are left out: a default the user could not change would log to
-    # the wrong place without a word, where the AttributeError names what is missing.
-
-    @property
-    def load_best_model_at_end(self) -> bool:
-        """Always False: optsched's Trainer ends with the last weights (the best checkpoint stays on disk,
-        ``state.best_model_checkpoint``). Not a field; transformers' ``EarlyStoppingCallback`` reads it
-        (and only warns that the best model is not loaded) and failed with an AttributeError without it."""
-        return False
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Number of warmup steps for a run of ``num_training_steps`` optimizer steps.
@@ -1030,7 +1024,7 @@ def _check_scheduler_kwargs(args: TrainingArguments) -> None:
 
 
 def _derive_best_metric(args: TrainingArguments) -> None:
-    if args.metric_for_best_model is None and args.lr_scheduler_type in METRIC_SCHEDULES:
+    if args.metric_for_best_model is None and (args.load_best_model_at_end or args.lr_scheduler_type in METRIC_SCHEDULES):
         _set(args, "metric_for_best_model", "loss")
     if args.save_strategy == "best":
         # "best" saves when an evaluation improves the metric: without either, nothing is ever saved
@@ -1043,6 +1037,36 @@ def _derive_best_metric(args: TrainingArguments) -> None:
                              "metric); accepted: eval_strategy='steps' or 'epoch', or another save_strategy.")
     if args.greater_is_better is None and args.metric_for_best_model is not None:
         _set(args, "greater_is_better", not args.metric_for_best_model.endswith("loss"))
+
+
+def _check_load_best_model(args: TrainingArguments) -> None:
+    """transformers' rule: ``load_best_model_at_end`` needs a checkpoint at every evaluation that may find the
+    best, so (unless ``save_strategy="best"``, which saves exactly those) the save and eval strategies match
+    and ``save_steps`` is a round multiple of ``eval_steps`` (both step counts, or both ratios)."""
+    if not args.load_best_model_at_end or args.save_strategy == "best":
+        return
+    save, evaluate = args.save_strategy, args.eval_strategy
+    if save != evaluate:
+        raise ValueError(
+            f"load_best_model_at_end=True needs save_strategy and eval_strategy to match, but save_strategy={save!r} "
+            f"and eval_strategy={evaluate!r}; accepted: the same strategy for both, or save_strategy='best'."
+        )
+    if evaluate != "steps" or args.save_steps % args.eval_steps == 0:
+        return
+    save_steps, eval_steps = args.save_steps, args.eval_steps
+    if (save_steps < 1) != (eval_steps < 1):
+        raise ValueError(
+            f"load_best_model_at_end=True needs save_steps to be a multiple of eval_steps, which save_steps="
+            f"{save_steps!r} and eval_steps={eval_steps!r} (a ratio and a step count) cannot guarantee; accepted: "
+            "both step counts or both ratios, save_steps a multiple of eval_steps."
+        )
+    # ratios compared in millionths, as transformers does: 0.5 % 0.1 is not 0 in floating point
+    if save_steps >= 1 or (save_steps * 10**6) % (eval_steps * 10**6) != 0:
+        raise ValueError(
+            f"load_best_model_at_end=True needs save_steps to be a round multiple of eval_steps, but save_steps="
+            f"{save_steps!r} is not a multiple of eval_steps={eval_steps!r}; accepted: save_steps = k x eval_steps "
+            "(a checkpoint at every k-th evaluation), or save_strategy='best'."
+        )
 
 
 def _derive_disable_tqdm(args: TrainingArguments) -> None:
@@ -1061,6 +1085,7 @@ _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _check_optim_args,
     _check_scheduler_kwargs,
     _derive_best_metric,
+    _check_load_best_model,
     _derive_disable_tqdm,
 )
 

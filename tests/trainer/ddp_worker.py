@@ -1,10 +1,12 @@
 """Run by test_trainer_ddp.py under ``torchrun --nproc_per_node=2`` (gloo on CPU); not a test module.
 
-Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR [tokens|compile]
+Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py OUTPUT_DIR [tokens|compile|best]
 (``tokens``: a model normalising its loss by ``num_items_in_batch``, labels partly ignored; ``compile``:
-the run twice, with gradient accumulation, without and with ``torch_compile`` (eager backend))
+the run twice, with gradient accumulation, without and with ``torch_compile`` (eager backend); ``best``:
+evaluated and saved every 2 steps with ``load_best_model_at_end``, a metric best at step 2)
 Rank 0 writes OUTPUT_DIR/ddp_result.json (loss per step and final weights; with ``compile``, the compiled
-run's, and the uncompiled run's under "uncompiled").
+run's, and the uncompiled run's under "uncompiled"); with ``best`` every rank writes its own,
+OUTPUT_DIR/ddp_result_{rank}.json.
 """
 
 from __future__ import annotations
@@ -84,17 +86,18 @@ class CountAllReduces(TrainerCallback):
         return future.then(lambda f: f.value()[0])
 
 
-def run(output_dir: str, batch_size: int, tokens: bool = False, **fields) -> Trainer:
+def run(output_dir: str, batch_size: int, tokens: bool = False, eval_dataset=None, compute_metrics=None,
+        **fields) -> Trainer:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = TokenRegressor() if tokens else RegressorWithAnUnusedLayer()
-    args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=DDP_STEPS, learning_rate=1e-2,
-        logging_steps=1, save_strategy="steps", save_steps=DDP_STEPS, disable_tqdm=True, use_cpu=True,
-        report_to="none", include_num_input_tokens_seen="all", **fields,
-    )
+    args = TrainingArguments(**{
+        "output_dir": output_dir, "per_device_train_batch_size": batch_size, "max_steps": DDP_STEPS,
+        "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "steps", "save_steps": DDP_STEPS,
+        "disable_tqdm": True, "use_cpu": True, "report_to": "none", "include_num_input_tokens_seen": "all", **fields,
+    })
     data = masked_regression_data(32) if tokens else make_regression_data(32)
-    trainer = Trainer(model, args, train_dataset=data)
+    trainer = Trainer(model, args, train_dataset=data, eval_dataset=eval_dataset, compute_metrics=compute_metrics)
     if trainer.num_processes > 1:
         trainer.all_reduces = CountAllReduces(trainer)
         trainer.add_callback(trainer.all_reduces)
@@ -132,6 +135,15 @@ if __name__ == "__main__":
         plain = result(run(os.path.join(out, "uncompiled"), batch_size=4, gradient_accumulation_steps=2))
         trainer = run(out, batch_size=4, gradient_accumulation_steps=2, torch_compile_backend="eager")
         outcome = {**result(trainer), "uncompiled": plain}
+    elif sys.argv[2:] == ["best"]:
+        # every rank computes the metric (on the gathered predictions): 0.4 at step 2 is the highest
+        scores = iter([0.4, 0.2, 0.1])
+        trainer = run(out, batch_size=4, eval_dataset=make_regression_data(8, seed=1),
+                      compute_metrics=lambda eval_pred: {"score": next(scores)}, eval_strategy="steps",
+                      eval_steps=2, save_steps=2, load_best_model_at_end=True, metric_for_best_model="score")
+        with open(os.path.join(out, f"ddp_result_{torch.distributed.get_rank()}.json"), "w") as f:
+            json.dump({**result(trainer), "best": trainer.state.best_model_checkpoint}, f)
+        outcome = result(trainer)
     else:
         trainer = run(out, batch_size=4, tokens=sys.argv[2:] == ["tokens"])
         outcome = result(trainer)

@@ -110,6 +110,22 @@ def test_torch_compile_under_ddp_compiles_the_ddp_wrapper(tmp_path):
         assert sorted(f.keys()) == sorted(plain["weights"])
 
 
+def test_every_process_loads_the_best_checkpoint(tmp_path):
+    # load_best_model_at_end under 2 processes: process 0 wrote checkpoint-2, each process reads it after a
+    # barrier; the weights are the same on both and are that checkpoint's, not the last step's
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp"
+    _torchrun("ddp_worker.py", str(out), "best")
+    ranks = [json.loads((out / f"ddp_result_{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["best"] == ranks[1]["best"] == str(out / "checkpoint-2")
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    best, last = (load_file(str(out / name / "model.safetensors")) for name in ("checkpoint-2", "checkpoint-6"))
+    for name, values in ranks[0]["weights"].items():
+        assert torch.equal(torch.tensor(values), best[name].flatten()), name
+    assert any(not torch.equal(best[name], last[name]) for name in best)
+
+
 # ---- DDP's keyword arguments (no process group needed) --------------------------------------------
 
 

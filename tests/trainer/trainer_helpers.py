@@ -146,15 +146,18 @@ class PeftStyleWrapper(nn.Module):
 PeftStyleWrapper.__module__ = "peft.peft_model"
 
 
-def make_trainer(kind: str, model: nn.Module, train_dataset, data_collator=None, eval_dataset=None, **fields):
+def make_trainer(kind: str, model: nn.Module, train_dataset, data_collator=None, eval_dataset=None, *,
+                 compute_metrics=None, callbacks=None, **fields):
     """optsched's Trainer (``kind="optsched"``) or transformers' (``"hf"``, with ``report_to="none"``) on
-    the same model, data, collator and TrainingArguments fields: the two sides of a parity test."""
+    the same model, data, collator, ``compute_metrics``, callbacks and TrainingArguments fields: the two
+    sides of a parity test."""
+    trainer_kw = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, compute_metrics=compute_metrics,
+                      callbacks=callbacks)
     if kind == "hf":
         import transformers
 
         args = transformers.TrainingArguments(report_to="none", **fields)
-        return transformers.Trainer(model, args, data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        return transformers.Trainer(model, args, data_collator, **trainer_kw)
     from optsched import Trainer, TrainingArguments
 
-    return Trainer(model, TrainingArguments(**fields), data_collator, train_dataset=train_dataset,
-                   eval_dataset=eval_dataset)
+    return Trainer(model, TrainingArguments(**fields), data_collator, **trainer_kw)

@@ -235,6 +235,10 @@ class CheckpointMixin:
             # a damaged file raises CheckpointError naming it
             state = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify())
             if state.best_model_checkpoint and not Path(state.best_model_checkpoint).is_dir():
+                logger.warning(
+                    "The best checkpoint %s recorded in the resumed state does not exist anymore. Ignoring it for "
+                    "this run.", state.best_model_checkpoint,
+                )
                 state.best_model_checkpoint = None
             self._warn_of_another_batch(checkpoint, state.train_batch_size)
         else:

@@ -28,7 +28,8 @@ optimizer or schedule logic of its own. What it adds is the loop:
 The class is composed of mixins, one job each: :class:`~optsched.trainer.update.UpdateMixin` (backward,
 clipping, ``optimizer.step()``, including optimizers that update inside ``backward``, see
 :func:`optimizer_update_mode`), :class:`~optsched.trainer.checkpointing.CheckpointMixin` (save and
-resume), :class:`~optsched.trainer.evaluation.EvaluationMixin` (``evaluate`` and the best metric) and
+resume), :class:`~optsched.trainer.best_model.BestModelMixin` (how ``train()`` ends with a best checkpoint:
+``load_best_model_at_end``), :class:`~optsched.trainer.evaluation.EvaluationMixin` (``evaluate`` and the best metric) and
 :class:`~optsched.trainer.dataloaders.DataLoaderMixin` (the DataLoaders and the position in the data)
 and :class:`~optsched.trainer.reporting.ReportingMixin` (``log_metrics`` / ``save_metrics`` /
 ``save_state`` of transformers' example scripts). This module keeps the constructor, the optimizer / scheduler factories, precision, one training step,
@@ -71,6 +72,7 @@ from optsched.arguments import torch_compile_settings
 from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.batch_metrics import check_compute_result_parameter
+from optsched.trainer.best_model import BestModelMixin
 from optsched.trainer.callbacks import (
     CallbackHandler,
     LOG_FILE_NAME,
@@ -163,7 +165,8 @@ def _refuse_unsupported(**given: Any) -> None:
             )
 
 
-class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, ReportingMixin, FlopsMixin):
+class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, DataLoaderMixin, ReportingMixin,
+              FlopsMixin):
     """Train a PyTorch model the way ``transformers.Trainer`` does, with optsched's optimizers and schedules.
 
     The optimizer is created in the constructor (``trainer.optimizer.param_groups`` can be inspected
@@ -584,7 +587,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
         Raises:
             NonFiniteError: more than ``max_consecutive_nonfinite`` non-finite steps in a row, or NaN / inf
                 weights about to be saved.
-            CheckpointError: a damaged or untrusted file in the checkpoint to resume from (names it).
+            CheckpointError: a damaged or untrusted file in the checkpoint to resume from (names it), or, with
+                ``load_best_model_at_end``, in the best checkpoint when training ends (the model then keeps
+                the last step's weights: :mod:`optsched.trainer.best_model`).
             ValueError: no train dataset; no checkpoint found; param groups that no longer match the
                 checkpoint's; a dataset without length and no ``max_steps``.
             TypeError: an unknown keyword; a ``trial``; ``ignore_keys_for_eval`` not a list of names.
@@ -816,6 +821,7 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             "train_loss": train_loss,
         }
         self.log(metrics)
+        self._end_with_best_model()  # load_best_model_at_end, save_total_limit=1 (transformers' order)
         self.control = self.callback_handler.on_train_end(args, state, self.control)
         return TrainOutput(state.global_step, train_loss, metrics)
 
