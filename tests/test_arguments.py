@@ -43,10 +43,11 @@ def test_defaults_match_transformers_5():
         "gradient_accumulation_steps": 1, "optim": DEFAULT_OPTIM, "optim_args": None,
         "optim_target_modules": None, "lr_scheduler_type": "linear", "lr_scheduler_kwargs": {},
         "warmup_steps": 0, "warmup_ratio": 0.0, "logging_steps": 500, "logging_strategy": "steps",
-        "logging_first_step": False, "include_num_input_tokens_seen": "no", "eval_strategy": "no",
+        "logging_first_step": False, "log_level": "passive", "log_level_replica": "warning", "log_on_each_node": True,
+        "include_num_input_tokens_seen": "no", "eval_strategy": "no",
         "eval_steps": None, "eval_delay": 0.0, "eval_on_start": False, "save_strategy": "steps", "save_steps": 500,
-        "save_total_limit": None, "save_only_model": False, "seed": 42, "data_seed": None, "bf16": False,
-        "fp16": False, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
+        "save_total_limit": None, "save_only_model": False, "seed": 42, "full_determinism": False, "data_seed": None,
+        "bf16": False, "fp16": False, "tf32": None, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
         "dataloader_pin_memory": True, "dataloader_persistent_workers": False, "dataloader_prefetch_factor": None,
         "dataloader_multiprocessing_context": None, "remove_unused_columns": True,
         "train_sampling_strategy": "random", "group_by_length": False, "length_column_name": "length",
@@ -160,6 +161,10 @@ GOOD = [
     ({"include_for_metrics": ("inputs", "loss", "inputs")}, {"include_for_metrics": ["inputs", "loss"]}),
     ({"include_for_metrics": None}, {"include_for_metrics": []}),
     ({"eval_accumulation_steps": 4, "batch_eval_metrics": True}, {"eval_accumulation_steps": 4, "batch_eval_metrics": True}),
+    ({"log_level": "detail", "log_level_replica": "passive", "log_on_each_node": False},
+     {"log_level": "detail", "log_level_replica": "passive", "log_on_each_node": False}),
+    ({"full_determinism": True, "tf32": False}, {"full_determinism": True, "tf32": False}),
+    ({"tf32": True}, {"tf32": True}),  # not checked against the hardware here: the Trainer does
 ]
 
 
@@ -350,6 +355,12 @@ BAD = [
     ({"eval_accumulation_steps": 0}, ValueError, ["eval_accumulation_steps", "0"]),
     ({"eval_accumulation_steps": 2.5}, TypeError, ["eval_accumulation_steps", "2.5"]),
     ({"batch_eval_metrics": "yes"}, TypeError, ["batch_eval_metrics", "'yes'"]),
+    ({"log_level": "verbose"}, ValueError, ["log_level='verbose'", "info, passive, warning"]),
+    ({"log_level_replica": "warn"}, ValueError, ["log_level_replica", "'warn'", "Did you mean 'warning'"]),
+    ({"log_level": 20}, TypeError, ["log_level", "20"]),
+    ({"log_on_each_node": None}, TypeError, ["log_on_each_node", "None"]),
+    ({"full_determinism": "yes"}, TypeError, ["full_determinism", "'yes'"]),
+    ({"tf32": 1}, TypeError, ["tf32", "1"]),
     # transformers 4's deprecated spelling, gone in transformers 5 (which refuses it too)
     ({"include_inputs_for_metrics": True}, TypeError, ["include_inputs_for_metrics", "Did you mean 'include_for_metrics'"]),
 ]
@@ -682,6 +693,15 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
         ours = as_training_arguments(hf)
     assert "ignored" not in caplog.text
     assert (ours.include_for_metrics, ours.batch_eval_metrics, ours.eval_accumulation_steps) == (["inputs", "loss"], True, 3)
+    # so are the logging and reproducibility fields (tf32=False: transformers leaves a CPU as it is)
+    caplog.clear()
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), log_level="info", log_level_replica="error",
+                                        log_on_each_node=False, full_determinism=True, tf32=False)
+    with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
+        ours = as_training_arguments(hf)
+    assert "ignored" not in caplog.text
+    assert (ours.log_level, ours.log_level_replica, ours.log_on_each_node, ours.full_determinism, ours.tf32) == (
+        "info", "error", False, True, False)
 
 
 def test_as_training_arguments_truncates_float_step_counts_like_transformers(tmp_path):

@@ -83,6 +83,9 @@ DEFAULT_OPTIM = _default_optim()
 DEFAULT_OUTPUT_DIR = "trainer_output"
 #: Schedules that step on a metric; transformers then defaults ``metric_for_best_model`` to "loss".
 METRIC_SCHEDULES = frozenset({"reduce_lr_on_plateau", "greedy"})
+#: ``log_level`` / ``log_level_replica`` values: transformers' names ("detail" is "debug") and "passive",
+#: which leaves the ``optsched`` logger's level as the application set it (optsched.trainer.log_levels).
+LOG_LEVELS = ("detail", "debug", "info", "warning", "error", "critical", "passive")
 #: ``train_sampling_strategy`` values optsched's Trainer implements (transformers 5.23 also has
 #: "sequential" and "batch_rebalance", refused with a clear error rather than ignored).
 TRAIN_SAMPLING_STRATEGIES = ("random", "group_by_length")
@@ -488,8 +491,10 @@ class TrainingArguments:
     steps (transformers 5); ``warmup_ratio`` is transformers 4's fraction in [0, 1). Give one; giving
     both with different meanings raises ``ValueError``. See :meth:`get_warmup_steps`.
 
-    Differences from transformers, on purpose: ``fp16``/``bf16`` are not checked against the hardware
-    (that is the Trainer's business); the metric-driven schedules do not require an ``eval_strategy``
+    Differences from transformers, on purpose: ``fp16``/``bf16``/``tf32`` are not checked against the hardware
+    (that is the Trainer's business: transformers refuses ``tf32=True`` without an Ampere GPU here, and sets
+    TF32 here); a ``log_level`` outside transformers' names is refused here (transformers' Trainer fails
+    with a ``KeyError``); the metric-driven schedules do not require an ``eval_strategy``
     (a plain loop steps them on its own metric; optsched's Trainer checks it when it trains).
     """
 
@@ -538,6 +543,16 @@ class TrainingArguments:
     logging_first_step: bool = _field(
         False, "Also log after the first optimizer step (global_step 1), whatever logging_strategy says.",
         _bool())
+    log_level: str = _field(
+        "passive", "The level of the optsched logger, during the Trainer's calls, in the process that logs (see "
+        "log_on_each_node): 'debug' (or 'detail'), 'info', 'warning', 'error', 'critical', or 'passive' (leave "
+        "it as the application set it). With no logging handler configured, the records go to stderr.",
+        _choice(LOG_LEVELS, "log level"))
+    log_level_replica: str = _field(
+        "warning", "log_level for the other processes under DDP (same names).", _choice(LOG_LEVELS, "log level"))
+    log_on_each_node: bool = _field(
+        True, "Under DDP on several nodes, log at log_level from each node's first process (local rank 0); "
+        "False: from the global rank 0 only. The other processes use log_level_replica.", _bool())
     include_num_input_tokens_seen: str | bool = _field(
         "no", "Count the input tokens trained on in state.num_input_tokens_seen (summed over processes) and log "
         "it with train_tokens_per_second: 'all' (every element of the model's main input), 'non_padding' "
@@ -565,10 +580,18 @@ class TrainingArguments:
         False, "Save only the model weights (no optimizer, scheduler or RNG state: no exact resume).",
         _bool())
     seed: int = _field(42, "Random seed set at the start of training.", _int(0, MAX_SEED))
+    full_determinism: bool = _field(
+        False, "Seed as seed does, and make torch deterministic, process-wide (transformers' "
+        "enable_full_determinism): torch.use_deterministic_algorithms(True), cuDNN deterministic without "
+        "benchmarking, CUBLAS_WORKSPACE_CONFIG=':16:8', CUDA_LAUNCH_BLOCKING=1. Slow: for debugging.", _bool())
     data_seed: int | None = _field(
         None, "Seed of the data sampler (None: seed).", _int(0, MAX_SEED, allow_none=True))
     bf16: bool = _field(False, "Train with bfloat16 mixed precision.", _bool())
     fp16: bool = _field(False, "Train with float16 mixed precision.", _bool())
+    tf32: bool | None = _field(
+        None, "TensorFloat-32 for float32 CUDA matmuls and cuDNN convolutions, set process-wide when the Trainer "
+        "is built: True (needs an Ampere or newer NVIDIA GPU), False, or None (leave torch's setting).",
+        _bool(allow_none=True))
     use_cpu: bool = _field(False, "Train on the CPU even when an accelerator is available.", _bool())
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))

@@ -20,6 +20,7 @@ import torch
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.data import TrainingPlan
 from optsched.trainer.distributed import all_reduce_sum
+from optsched.trainer.log_levels import logs_at_process_level
 from optsched.trainer.nonfinite import check_finite_weights
 from optsched.trainer.resume import prepare_resume, restore_scheduler, save_plan
 from optsched.trainer.state import TrainerState
@@ -39,6 +40,7 @@ class CheckpointMixin:
     ``_warned_checkpoints_above`` (the output dirs already warned of another run's newer checkpoints).
     """
 
+    @logs_at_process_level
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
         """Write ``model.safetensors`` (and a transformers model's ``config.json``, and
         ``generation_config.json`` where it generates) on process 0.

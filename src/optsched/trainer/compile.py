@@ -19,8 +19,8 @@ training does.
 
 Unlike transformers, optsched does not switch on TF32 matmuls when ``torch_compile=True`` (transformers'
 ``TrainingArguments`` does so process-wide on an Ampere GPU when ``tf32`` is unset): that changes the
-float32 precision of everything the process computes and is a choice of its own
-(``torch.backends.cuda.matmul.allow_tf32``).
+float32 precision of everything the process computes and is a choice of its own (``tf32=True``,
+:mod:`optsched.trainer.tf32`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from optsched.params.classify import unwrap_compiled
 from optsched.trainer.batch_metrics import BatchMetrics, lockstep_batches
 from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
+from optsched.trainer.log_levels import logs_at_process_level
 from optsched.trainer.loss_items import count_label_items, extract_loss
 from optsched.trainer.predictions import (
     EvalPrediction,
@@ -73,6 +74,7 @@ class EvaluationMixin:
     ``autocast_smart_context_manager()``, ``log()`` and ``_optimizer_eval_mode()``.
     """
 
+    @logs_at_process_level
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Loss (sample-weighted, over all processes) and ``compute_metrics``' metrics over the eval
         dataset, logged, passed to the callbacks' ``on_evaluate`` and returned.
@@ -122,6 +124,7 @@ class EvaluationMixin:
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
 
+    @logs_at_process_level
     def predict(self, test_dataset: Any, ignore_keys: Any = None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Predictions (and labels, and metrics when the data has labels) over ``test_dataset``, as
         transformers' ``predict()``: numpy arrays in the dataset's order, batches of different sequence

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from optsched.trainer.log_levels import logs_at_process_level
+
 __all__ = ["ReportingMixin", "format_metrics", "metrics_table", "speed_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -86,8 +88,9 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 class ReportingMixin:
     """``log_metrics`` / ``save_metrics`` / ``save_state`` for the Trainer (needs ``args.output_dir``,
-    ``state`` and ``is_world_process_zero()``)."""
+    ``state``, ``is_world_process_zero()`` and, for log_level, ``dist``)."""
 
+    @logs_at_process_level
     def log_metrics(self, split: str, metrics: Mapping[str, Any]) -> None:
         """Log ``metrics`` as transformers' formatted table (:func:`metrics_table`), at INFO, on process 0."""
         if not self.is_world_process_zero():  # type: ignore[attr-defined]

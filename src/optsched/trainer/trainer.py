@@ -19,6 +19,9 @@ optimizer or schedule logic of its own. What it adds is the loop:
   ``torch.compile(DDP(model))`` and evaluation a compiled ``model``, while ``self.model`` stays the model
   passed (:mod:`optsched.trainer.compile`); ``neftune_noise_alpha`` hooks NEFTune's noise on the input
   embeddings for the duration of ``train()`` (:mod:`optsched.trainer.neftune`).
+* ``log_level`` (and ``log_level_replica``, ``log_on_each_node``) holds for the constructor and each public
+  call that logs (:mod:`optsched.trainer.log_levels`); the constructor seeds (``full_determinism``:
+  deterministic torch, :mod:`optsched.trainer.determinism`) and sets ``tf32`` (:mod:`optsched.trainer.tf32`).
 * reliability (docs/reliability.md): a step with a NaN / inf loss or gradient norm is skipped, optimizer
   and scheduler both, and ``max_consecutive_nonfinite`` skips in a row stop training
   (:mod:`optsched.trainer.nonfinite`); NaN / inf weights are never saved; SIGTERM / SIGINT save a
@@ -58,7 +61,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -86,6 +88,7 @@ from optsched.trainer.collate import default_data_collator
 from optsched.trainer.compile import compile_model
 from optsched.trainer.data import TrainingPlan, has_length, move_to_device, split_model_inputs
 from optsched.trainer.dataloaders import DataLoaderMixin
+from optsched.trainer.determinism import enable_full_determinism, set_seed
 from optsched.trainer.distributed import (
     all_reduce_sum,
     init_distributed,
@@ -97,6 +100,7 @@ from optsched.trainer.distributed import (
 from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
+from optsched.trainer.log_levels import logs_at_process_level, optsched_log_level, process_log_level
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
@@ -104,6 +108,7 @@ from optsched.trainer.predictions import check_ignore_keys, find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
+from optsched.trainer.tf32 import apply_tf32
 from optsched.trainer.tokens_seen import TokenCounter
 from optsched.trainer.update import (
     _BACKWARDS,
@@ -124,18 +129,6 @@ class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
     metrics: dict[str, float]
-
-
-def set_seed(seed: int) -> None:
-    """Seed python, numpy (when installed), torch and CUDA."""
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is optional
-        pass
-    torch.manual_seed(seed)
 
 
 #: transformers' Trainer keywords that optsched's accepts (same names, same positions) but refuses
@@ -272,78 +265,83 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             )
         self.dist = init_distributed(use_cpu=self.args.use_cpu)
         self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
-        if self.args.report_to and self.dist.is_main_process:
-            # not refused: transformers 4's default ("all", made the installed integrations' names) comes
-            # with every TrainingArguments it builds
-            logger.warning(
-                "report_to=%r: optsched's Trainer has no reporting integrations, nothing is sent to %s. "
-                "The logs go to trainer.state.log_history and %s; a TrainerCallback's on_log(logs=...) can "
-                "forward them. Accepted: report_to='none' (silences this).",
-                self.args.report_to, " or ".join(self.args.report_to),
-                os.path.join(str(self.args.output_dir), LOG_FILE_NAME),
+        # the rest of the constructor logs at log_level, as each call that logs does (trainer.log_levels)
+        with optsched_log_level(process_log_level(self.args, local_rank=self.dist.local_rank, rank=self.dist.rank)):
+            if self.args.report_to and self.dist.is_main_process:
+                # not refused: transformers 4's default ("all", made the installed integrations' names) comes
+                # with every TrainingArguments it builds
+                logger.warning(
+                    "report_to=%r: optsched's Trainer has no reporting integrations, nothing is sent to %s. "
+                    "The logs go to trainer.state.log_history and %s; a TrainerCallback's on_log(logs=...) can "
+                    "forward them. Accepted: report_to='none' (silences this).",
+                    self.args.report_to, " or ".join(self.args.report_to),
+                    os.path.join(str(self.args.output_dir), LOG_FILE_NAME),
+                )
+            self._check_precision()
+            apply_tf32(self.args.tf32)
+            # transformers seeds here too; full_determinism also makes torch deterministic, process-wide
+            (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
+
+            self.model = model.to(self.device)
+            self.model_wrapped: nn.Module = self.model
+            self.train_dataset = train_dataset
+            self.eval_dataset = eval_dataset
+            self.data_collator = data_collator if data_collator is not None else default_data_collator
+            self.compute_loss_func = compute_loss_func
+            self.compute_metrics = compute_metrics
+            if compute_metrics is not None and getattr(self.args, "batch_eval_metrics", False):
+                check_compute_result_parameter(compute_metrics)
+            self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+            # transformers' public attribute: the batch keys collected as label_ids (args.label_names, else
+            # find_labels' rule)
+            self.label_names: list[str] = (
+                list(self.args.label_names) if getattr(self.args, "label_names", None) is not None
+                else find_labels(unwrap_compiled(self.model))
             )
-        self._check_precision()
-        set_seed(self.args.seed)
+            # transformers' public attribute (a user may set it): num_items_in_batch goes to the model,
+            # whose loss then needs no division by the accumulation steps (trainer.loss_items)
+            self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
+            self._loss_shifts_labels = loss_shifts_labels(self.model)
+            self.label_smoother = make_label_smoother(unwrap_compiled(self.model), self.args.label_smoothing_factor)
+            config = getattr(self.model, "config", None)
+            if config is not None and hasattr(config, "use_cache"):  # transformers' Trainer does it here too
+                config.use_cache = self.args.use_cache
+            if self.args.neftune_noise_alpha is not None:
+                input_embeddings(self.model, self.args.neftune_noise_alpha)  # refused now, not at train()
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+            self.optimizer, self.lr_scheduler = optimizers
+            self._created_lr_scheduler = False
+            self.scaler = self._make_grad_scaler()
+            self._current_accumulation = 1
+            # set per train() (see _prepare_step_state); training_step() also works outside train()
+            self._update_mode = "step"
+            self._clip_params: list[nn.Parameter] | None = None
+            self._grad_extras: list[nn.Parameter] = []
+            self._metric_scheduler = False
+            self._inner_grad_norm: torch.Tensor | None = None
+            self._logged_no_clip = False
+            self.preempted_by: str | None = None  # the signal that stopped the last train() (optsched.trainer.signals)
+            self._ignore_keys_for_eval: list[str] | None = None  # train(ignore_keys_for_eval=...), for its evaluations
 
-        self.model = model.to(self.device)
-        self.model_wrapped: nn.Module = self.model
-        self.train_dataset = train_dataset
-        self.eval_dataset = eval_dataset
-        self.data_collator = data_collator if data_collator is not None else default_data_collator
-        self.compute_loss_func = compute_loss_func
-        self.compute_metrics = compute_metrics
-        if compute_metrics is not None and getattr(self.args, "batch_eval_metrics", False):
-            check_compute_result_parameter(compute_metrics)
-        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
-        # transformers' public attribute: the batch keys collected as label_ids (args.label_names, else
-        # find_labels' rule)
-        self.label_names: list[str] = (
-            list(self.args.label_names) if getattr(self.args, "label_names", None) is not None
-            else find_labels(unwrap_compiled(self.model))
-        )
-        # transformers' public attribute (a user may set it): num_items_in_batch goes to the model,
-        # whose loss then needs no division by the accumulation steps (trainer.loss_items)
-        self.model_accepts_loss_kwargs = model_accepts_loss_kwargs(self.model)
-        self._loss_shifts_labels = loss_shifts_labels(self.model)
-        self.label_smoother = make_label_smoother(unwrap_compiled(self.model), self.args.label_smoothing_factor)
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "use_cache"):  # transformers' Trainer does it here too
-            config.use_cache = self.args.use_cache
-        if self.args.neftune_noise_alpha is not None:
-            input_embeddings(self.model, self.args.neftune_noise_alpha)  # refused now, not at train()
-        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self.optimizer, self.lr_scheduler = optimizers
-        self._created_lr_scheduler = False
-        self.scaler = self._make_grad_scaler()
-        self._current_accumulation = 1
-        # set per train() (see _prepare_step_state); training_step() also works outside train()
-        self._update_mode = "step"
-        self._clip_params: list[nn.Parameter] | None = None
-        self._grad_extras: list[nn.Parameter] = []
-        self._metric_scheduler = False
-        self._inner_grad_norm: torch.Tensor | None = None
-        self._logged_no_clip = False
-        self.preempted_by: str | None = None  # the signal that stopped the last train() (optsched.trainer.signals)
-        self._ignore_keys_for_eval: list[str] | None = None  # train(ignore_keys_for_eval=...), for its evaluations
+            self.state = TrainerState(
+                is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main_process
+            )
+            self.control = TrainerControl()
+            default_callbacks: list[Any] = [DefaultFlowCallback(), JsonLinesLoggerCallback()]
+            if not self.args.disable_tqdm:
+                default_callbacks.append(ProgressCallback())
+            self.callback_handler = CallbackHandler(default_callbacks + list(callbacks or []), self.model)
 
-        self.state = TrainerState(
-            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main_process
-        )
-        self.control = TrainerControl()
-        default_callbacks: list[Any] = [DefaultFlowCallback(), JsonLinesLoggerCallback()]
-        if not self.args.disable_tqdm:
-            default_callbacks.append(ProgressCallback())
-        self.callback_handler = CallbackHandler(default_callbacks + list(callbacks or []), self.model)
-
-        # "Each creates appropriate optimizer when Trainer initializes" (the seed): build it now.
-        self._ensure_optimizer()
-        self._update_mode = optimizer_update_mode(self.optimizer)
-        self._check_update_mode()  # fail at construction, not after the first epoch's data is loaded
-        self.callback_handler.optimizer = self.optimizer
-        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+            # "Each creates appropriate optimizer when Trainer initializes" (the seed): build it now.
+            self._ensure_optimizer()
+            self._update_mode = optimizer_update_mode(self.optimizer)
+            self._check_update_mode()  # fail at construction, not after the first epoch's data is loaded
+            self.callback_handler.optimizer = self.optimizer
+            self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ---- optimizer and scheduler (transformers' names; logic lives in optsched.optim / .schedules) ----
 
+    @logs_at_process_level
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Set up ``self.optimizer`` with :func:`optsched.optim.create_optimizer` unless it is already set.
 
@@ -372,6 +370,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             self.optimizer = create_optimizer(opt_model, args, cls_and_kwargs, num_training_steps=self._planned_steps())
         return self.optimizer
 
+    @logs_at_process_level
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         """Set up ``self.lr_scheduler`` with :func:`optsched.schedules.create_scheduler` unless already set.
 
@@ -558,6 +557,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
 
     # ---- training ----------------------------------------------------------------------------------
 
+    @logs_at_process_level
     def train(
         self,
         resume_from_checkpoint: str | os.PathLike | bool | None = None,
