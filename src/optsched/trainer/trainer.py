@@ -757,7 +757,9 @@ class Trainer(UpdateMixin, CheckpointMixin, EvaluationMixin, DataLoaderMixin, Re
             model.train()
         start_epoch, skip_updates, positioned = self._start_position(loader, plan)
         if checkpoint is not None:
-            logger.info("Resuming at global step %d: epoch %d, skipping %d updates of it.", state.global_step, start_epoch, skip_updates)
+            logger.info("Resuming at global step %d: epoch %d, %s.", state.global_step, start_epoch,
+                        "its data from the beginning (ignore_data_skip)" if args.ignore_data_skip
+                        else f"skipping {skip_updates} updates of it")
         rng_pending = checkpoint is not None
         if state.global_step >= plan.max_steps:
             logger.warning("Nothing to train: global_step=%d >= max_steps=%d.", state.global_step, plan.max_steps)
