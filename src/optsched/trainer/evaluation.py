@@ -166,7 +166,8 @@ class EvaluationMixin:
         loss) to the ``EvalPrediction``, collected like the predictions. ``args.batch_eval_metrics`` calls
         ``compute_metrics`` on every batch instead (:mod:`optsched.trainer.batch_metrics`), and then only a
         ``description="Prediction"`` loop collects predictions. ``args.eval_accumulation_steps`` changes
-        nothing: each batch goes to the CPU as it comes.
+        nothing: each batch goes to the CPU as it comes. ``args.eval_do_concat_batches=False`` keeps each
+        of these as a list of per-batch arrays (:class:`~optsched.trainer.predictions.PredictionCollector`).
         """
         args = self.args
         if prediction_loss_only is None:
@@ -187,7 +188,7 @@ class EvaluationMixin:
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
         steps = 0
-        collector = PredictionCollector() if keep else None
+        collector = PredictionCollector(concat=getattr(args, "eval_do_concat_batches", True)) if keep else None
         batches = (
             lockstep_batches(dataloader, self.dist, self.device) if per_batch is not None
             else ((batch, False) for batch in dataloader)
