@@ -196,15 +196,15 @@ def nested_concat(a: Any, b: Any, padding_index: int = PADDING_INDEX) -> Any:
 
 
 def nested_numpify(value: Any) -> Any:
-    """Tensors (in tuples / lists / dicts) as numpy arrays on the CPU; bfloat16 / float16 become float32
-    (numpy has no bfloat16; transformers does the same). Anything else is returned as is."""
+    """Tensors (in tuples / lists / dicts) as numpy arrays on the CPU; bfloat16 becomes float32 (numpy has no
+    bfloat16), float16 stays float16 (transformers' rules both). Anything else is returned as is."""
     if isinstance(value, (list, tuple)):
         return type(value)(nested_numpify(v) for v in value)
     if isinstance(value, Mapping):
         return type(value)({k: nested_numpify(v) for k, v in value.items()})
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float16):
+        if t.dtype == torch.bfloat16:
             t = t.to(torch.float32)
         return t.numpy()
     return value
