@@ -565,9 +565,8 @@ class TrainingArguments:
         False, "Save only the model weights (no optimizer, scheduler or RNG state: no exact resume).",
         _bool())
     ignore_data_skip: bool = _field(
-        False, "On a resume, start the resumed epoch's data from its beginning instead of skipping the batches "
-        "the checkpoint's steps already trained on (the epoch is still global_step's; the RNG states are "
-        "restored): batches are seen again, the run is not the uninterrupted one.", _bool())
+        False, "On a resume, start the resumed epoch from its first batch instead of skipping those already "
+        "trained on (RNG states still restored): batches are seen again, unlike the uninterrupted run.", _bool())
     restore_callback_states_from_checkpoint: bool = _field(
         False, "On a resume, restore the stateful callbacks (transformers' ExportableState, e.g. "
         "EarlyStoppingCallback's patience counter) and the TrainerControl from the checkpoint's "

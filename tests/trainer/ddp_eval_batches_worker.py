@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ddp_metrics_worker import TokenRegressor  # noqa: E402
-from trainer_helpers import make_trainer  # noqa: E402
+from trainer_helpers import leave_torchrun_worker, make_trainer  # noqa: E402
 
 #: per sample: its number of positions (sample 0 no longer than 4-6, which transformers' last step
 #: completes with it)
@@ -60,10 +60,4 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out, "eval_batches.pkl"), "wb") as f:
             pickle.dump(results, f)
-    # ddp_worker.py's teardown, for the same reason: every rank waits for rank 0's file, then leaves
-    # without finalizing (a gloo thread torn down during interpreter finalization aborts ~1 exit in 16)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_torchrun_worker()  # after every rank wrote its files
