@@ -46,13 +46,15 @@ def test_defaults_match_transformers_5():
         "logging_first_step": False, "log_level": "passive", "log_level_replica": "warning", "log_on_each_node": True,
         "include_num_input_tokens_seen": "no", "eval_strategy": "no",
         "eval_steps": None, "eval_delay": 0.0, "eval_on_start": False, "save_strategy": "steps", "save_steps": 500,
-        "save_total_limit": None, "save_only_model": False, "seed": 42, "full_determinism": False, "data_seed": None,
-        "bf16": False, "fp16": False, "tf32": None, "use_cpu": False, "dataloader_num_workers": 0, "dataloader_drop_last": False,
+        "save_total_limit": None, "save_only_model": False, "ignore_data_skip": False,
+        "restore_callback_states_from_checkpoint": False, "seed": 42, "full_determinism": False, "data_seed": None,
+        "bf16": False, "fp16": False, "bf16_full_eval": False, "fp16_full_eval": False, "tf32": None, "use_cpu": False,
+        "dataloader_num_workers": 0, "dataloader_drop_last": False,
         "dataloader_pin_memory": True, "dataloader_persistent_workers": False, "dataloader_prefetch_factor": None,
         "dataloader_multiprocessing_context": None, "remove_unused_columns": True,
         "train_sampling_strategy": "random", "group_by_length": False, "length_column_name": "length",
         "label_names": None, "prediction_loss_only": False, "eval_accumulation_steps": None,
-        "include_for_metrics": [], "batch_eval_metrics": False,
+        "include_for_metrics": [], "batch_eval_metrics": False, "eval_do_concat_batches": True,
         "label_smoothing_factor": 0.0, "use_cache": False, "neftune_noise_alpha": None, "activation_checkpointing": False,
         "activation_checkpointing_kwargs": None,
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
@@ -321,6 +323,7 @@ BAD = [
     ({"bf16": "yes"}, TypeError, ["bf16", "'yes'"]),
     ({"fp16": 1}, TypeError, ["fp16", "1"]),
     ({"fp16": True, "bf16": True}, ValueError, ["fp16=True", "bf16=True"]),
+    ({"fp16_full_eval": True, "bf16_full_eval": True}, ValueError, ["fp16_full_eval=True", "bf16_full_eval=True"]),
     ({"use_cpu": None}, TypeError, ["use_cpu", "None"]),
     ({"dataloader_num_workers": -1}, ValueError, ["dataloader_num_workers", "-1"]),
     ({"dataloader_drop_last": "no"}, TypeError, ["dataloader_drop_last", "'no'"]),
@@ -702,6 +705,15 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
     assert "ignored" not in caplog.text
     assert (ours.log_level, ours.log_level_replica, ours.log_on_each_node, ours.full_determinism, ours.tf32) == (
         "info", "error", False, True, False)
+    # so are the resume and evaluation options
+    caplog.clear()
+    taken = dict(ignore_data_skip=True, restore_callback_states_from_checkpoint=True, eval_do_concat_batches=False,
+                 bf16_full_eval=True)
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **taken)
+    with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
+        ours = as_training_arguments(hf)
+    assert "ignored" not in caplog.text
+    assert {name: getattr(ours, name) for name in taken} == taken
 
 
 def test_as_training_arguments_truncates_float_step_counts_like_transformers(tmp_path):

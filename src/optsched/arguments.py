@@ -579,6 +579,13 @@ class TrainingArguments:
     save_only_model: bool = _field(
         False, "Save only the model weights (no optimizer, scheduler or RNG state: no exact resume).",
         _bool())
+    ignore_data_skip: bool = _field(
+        False, "On a resume, start the resumed epoch from its first batch instead of skipping those already "
+        "trained on (RNG states still restored): batches are seen again, unlike the uninterrupted run.", _bool())
+    restore_callback_states_from_checkpoint: bool = _field(
+        False, "On a resume, restore the stateful callbacks (transformers' ExportableState, e.g. "
+        "EarlyStoppingCallback's patience counter) and the TrainerControl from the checkpoint's "
+        "trainer_state.json: each callback of a saved class is rebuilt from its saved state.", _bool())
     seed: int = _field(42, "Random seed set at the start of training.", _int(0, MAX_SEED))
     full_determinism: bool = _field(
         False, "Seed as seed does, and make torch deterministic, process-wide (transformers' "
@@ -592,6 +599,13 @@ class TrainingArguments:
         None, "TensorFloat-32 for float32 CUDA matmuls and cuDNN convolutions, set process-wide when the Trainer "
         "is built: True (needs an Ampere or newer NVIDIA GPU), False, or None (leave torch's setting).",
         _bool(allow_none=True))
+    bf16_full_eval: bool = _field(
+        False, "evaluate() / predict() outside train() run the model cast to bfloat16 (not autocast), as "
+        "transformers does; the float32 weights are put back afterwards (transformers leaves the model in "
+        "bfloat16). Evaluations during train() are not cast.", _bool())
+    fp16_full_eval: bool = _field(
+        False, "As bf16_full_eval, in float16 (also on the CPU: no gradient scaling is needed to evaluate).",
+        _bool())
     use_cpu: bool = _field(False, "Train on the CPU even when an accelerator is available.", _bool())
     dataloader_num_workers: int = _field(
         0, "Worker processes for data loading (0: load in the main process).", _int(low=0))
@@ -644,6 +658,10 @@ class TrainingArguments:
         False, "Call compute_metrics(eval_pred, compute_result=...) on every eval batch (torch tensors, not "
         "kept), compute_result=True on the last one, whose return gives the metrics: statistics accumulated "
         "by the function instead of every prediction kept in memory.", _bool())
+    eval_do_concat_batches: bool = _field(
+        True, "Concatenate the batches' predictions, label_ids, inputs and losses (sequences of different lengths "
+        "padded with -100); False: lists of per-batch arrays (one entry per evaluation step, the processes' "
+        "batches of that step together under DDP).", _bool())
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))
@@ -1007,6 +1025,8 @@ def _check_worker_options(args: TrainingArguments) -> None:
 def _check_mixed_precision(args: TrainingArguments) -> None:
     if args.fp16 and args.bf16:
         raise ValueError("fp16=True and bf16=True conflict; accepted: at most one of them True.")
+    if args.fp16_full_eval and args.bf16_full_eval:
+        raise ValueError("fp16_full_eval=True and bf16_full_eval=True conflict; accepted: at most one of them True.")
 
 
 def _check_step_intervals(args: TrainingArguments) -> None:

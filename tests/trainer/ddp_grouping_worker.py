@@ -14,7 +14,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_helpers import make_trainer, pad_collate, record_batches, tiny_llama, varied_length_data  # noqa: E402
+from trainer_helpers import (  # noqa: E402
+    leave_torchrun_worker,
+    make_trainer,
+    pad_collate,
+    record_batches,
+    tiny_llama,
+    varied_length_data,
+)
 
 #: 23 samples, 2 processes x batch 2: 6 batches a rank an epoch (the last round completed from the first
 #: batches); GA 2: megabatches of 4
@@ -36,10 +43,4 @@ if __name__ == "__main__":
     results = {kind: run(kind, os.path.join(out, kind)) for kind in ("hf", "optsched")}
     with open(os.path.join(out, f"batches_{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(results, f)
-    # ddp_worker.py's teardown, for the same reason: every rank waits for the other's file, then leaves
-    # without finalizing (a gloo thread torn down during interpreter finalization aborts ~1 exit in 16)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_torchrun_worker()  # after every rank wrote its files

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from optsched import Trainer, TrainingArguments
+from trainer_helpers import leave_torchrun_worker  # the script's folder, first on sys.path
 
 
 class TokenRegressor(nn.Module):
@@ -88,10 +89,4 @@ def run(out: str) -> None:
 if __name__ == "__main__":
     os.makedirs(sys.argv[1], exist_ok=True)
     run(sys.argv[1])
-    # ddp_worker.py's teardown, for the same reason: every rank waits for rank 0's files, then leaves
-    # without finalizing (a gloo thread torn down during interpreter finalization aborts ~1 exit in 16)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_torchrun_worker()  # after every rank wrote its files

@@ -543,3 +543,84 @@ def test_ignore_keys_not_a_list_is_refused(tmp_path, call):
     with pytest.raises(TypeError, match=rf"{name} must be a list.*got list \[1\]"):
         run([1])
     assert t.state.global_step == 0
+
+
+# ---- eval_do_concat_batches --------------------------------------------------------------------------------
+
+
+def assert_same_nested(ours, theirs, name="predictions"):
+    """The same structure (arrays, tuples, per-batch lists) and the same arrays, dtypes included, bitwise."""
+    assert type(ours) is type(theirs), name
+    if isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs), name
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_nested(a, b, f"{name}[{i}]")
+    elif theirs is not None:
+        assert ours.dtype == theirs.dtype, name
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+
+
+def batch_counts(seen: list):
+    """compute_metrics that keeps every EvalPrediction and counts its rows (arrays or per-batch lists)."""
+
+    def compute_metrics(eval_pred):
+        seen.append(eval_pred)
+        labels = eval_pred.label_ids
+        return {"rows": sum(map(len, labels)) if isinstance(labels, list) else len(labels),
+                "batches": len(labels) if isinstance(labels, list) else 0}
+
+    return compute_metrics
+
+
+@pytest.mark.parametrize("concat", [False, True], ids=["per-batch", "concatenated"])
+@pytest.mark.parametrize(("model_fn", "data_fn"), [
+    (tiny_llama, two_length_lm_data),
+    (bert_with_hidden_states(), two_length_classification_data),  # (logits, (embeddings, layer 1)) per batch
+], ids=["llama", "bert-hidden-states"])
+def test_eval_do_concat_batches_gives_transformers_eval_prediction_and_prediction_output(tmp_path, model_fn, data_fn,
+                                                                                       concat):
+    # 7 samples in batches of 2: 4 batches, of two sequence lengths, the last one of one sample
+    data = data_fn()
+    seen = []
+    ours, theirs = both_trainers(model_fn, data, tmp_path, compute_metrics=batch_counts(seen), fields={
+        "eval_do_concat_batches": concat, "include_for_metrics": ["inputs", "loss"], "per_device_eval_batch_size": 2})
+    m_ours, m_theirs = ours.evaluate(), theirs.evaluate()
+    assert_same_metrics(m_ours, m_theirs)
+    assert (m_ours["eval_rows"], m_ours["eval_batches"]) == (7, 0 if concat else 4)
+    for name in ("predictions", "label_ids", "inputs", "losses"):
+        assert_same_nested(getattr(seen[0], name), getattr(seen[1], name), name)
+    if not concat:
+        assert [len(b) for b in seen[0].label_ids] == [2, 2, 2, 1] and [len(b) for b in seen[0].losses] == [2, 2, 2, 1]
+        assert [b.shape[1] for b in seen[0].inputs] == [data[i]["input_ids"].shape[0] for i in (0, 2, 4, 6)]
+    p_ours, p_theirs = ours.predict(data), theirs.predict(data)
+    assert_same_metrics(p_ours.metrics, p_theirs.metrics, prefix="test")
+    assert_same_nested(p_ours.predictions, p_theirs.predictions)
+    assert_same_nested(p_ours.label_ids, p_theirs.label_ids, "label_ids")
+
+
+@pytest.mark.slow
+def test_per_batch_lists_under_two_processes_are_transformers(tmp_path):
+    # ddp_eval_batches_worker.py: 7 samples of 2 to 6 positions, 2 processes x batch 2. transformers' entry k
+    # gathers step k's batches of both processes (padded across them with -100, its duplicate of sample 0
+    # completing the last step dropped): rows 0-3, then 4-6. optsched's processes read other rows of them
+    # (every other sample), gathered back into the same entries; the test fails if they are concatenated
+    import pickle
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer_ddp import _torchrun
+
+    _torchrun("ddp_eval_batches_worker.py", str(tmp_path))
+    with open(tmp_path / "eval_batches.pkl", "rb") as f:
+        results = pickle.load(f)
+    ours, theirs = results["optsched"], results["hf"]
+    assert [len(b) for b in theirs["label_ids"]] == [4, 3]
+    assert_same_nested(ours["label_ids"], theirs["label_ids"], "label_ids")
+    # each sample's batch loss: the batches differ (so do the losses), the rows per entry do not
+    assert [len(b) for b in ours["losses"]] == [len(b) for b in theirs["losses"]] == [4, 3]
+    for name in ("predictions", "inputs"):  # the padding: the collator's (0, its output) or -100, by batch
+        assert len(ours[name]) == len(theirs[name]) == 2
+        for a, b, labels in zip(ours[name], theirs[name], theirs["label_ids"]):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_array_equal(a[labels != -100], b[labels != -100], err_msg=name)

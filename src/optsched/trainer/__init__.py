@@ -1,7 +1,8 @@
 """The Trainer: transformers' ``Trainer`` API over optsched's optimizers and schedules.
 
 ``Trainer`` (loop, evaluation, checkpoints, resume, DDP), ``TrainerState`` / ``TrainerControl``
-(transformers' fields and JSON layout), ``TrainerCallback`` (transformers' hook names).
+(transformers' fields and JSON layout), ``TrainerCallback`` (transformers' hook names), ``ExportableState``
+(a callback whose state checkpoints keep).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from optsched.trainer.callbacks import (
     ProgressCallback,
     TrainerCallback,
 )
+from optsched.trainer.callback_state import ExportableState
 from optsched.trainer.checkpoint import get_last_checkpoint
 from optsched.trainer.predictions import EvalPrediction, PredictionOutput
 from optsched.trainer.state import TrainerControl, TrainerState
@@ -22,6 +24,7 @@ __all__ = [
     "CallbackHandler",
     "DefaultFlowCallback",
     "EvalPrediction",
+    "ExportableState",
     "JsonLinesLoggerCallback",
     "PredictionOutput",
     "ProgressCallback",

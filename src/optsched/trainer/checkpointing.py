@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from optsched.trainer import checkpoint as ckpt
+from optsched.trainer.callback_state import export_states, restore_states
 from optsched.trainer.data import TrainingPlan
 from optsched.trainer.distributed import all_reduce_sum
 from optsched.trainer.log_levels import logs_at_process_level
@@ -35,7 +36,8 @@ class CheckpointMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``optimizer``, ``lr_scheduler``,
     ``scaler``, ``state``, ``control`` and ``callback_handler``, and ``_preemption`` when ``train()``
-    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by``,
+    set it; calls its ``_optimizer_eval_mode()``. Sets ``_last_saved_step``, ``preempted_by``, ``control`` and
+    the callbacks' list (a resume with ``restore_callback_states_from_checkpoint``),
     ``_save_finisher`` (the thread that flushes the last checkpoint and rotates older ones) and
     ``_warned_checkpoints_above`` (the output dirs already warned of another run's newer checkpoints).
     """
@@ -90,7 +92,9 @@ class CheckpointMixin:
                             torch.save(self.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
                     ckpt.save_rng_state(tmp, self.dist)
                 if main:
-                    state.stateful_callbacks["TrainerControl"] = self.control.state()
+                    # every stateful callback's state, transformers' layout (either Trainer resumes it)
+                    state.stateful_callbacks = export_states(self.callback_handler.callbacks, self.control,
+                                                             state.stateful_callbacks)
                     state.save_to_json(tmp / ckpt.TRAINER_STATE_NAME)
                     (tmp / ckpt.TRAINING_ARGS_NAME).write_text(self._args_json(), encoding="utf-8")
         if main:
@@ -243,8 +247,11 @@ class CheckpointMixin:
                 )
                 state.best_model_checkpoint = None
             self._warn_of_another_batch(checkpoint, state.train_batch_size)
+            if self.args.restore_callback_states_from_checkpoint:
+                self._restore_callback_states(state.stateful_callbacks)
         else:
             state = TrainerState()
+            state.stateful_callbacks = export_states(self.callback_handler.callbacks, self.control)
         state.compute_steps(self.args, plan.max_steps)
         state.max_steps = plan.max_steps
         state.num_train_epochs = plan.num_train_epochs
@@ -252,6 +259,13 @@ class CheckpointMixin:
         state.is_local_process_zero = self.dist.local_rank == 0
         state.is_world_process_zero = self.dist.is_main_process
         return state
+
+    def _restore_callback_states(self, stored: dict[str, Any]) -> None:
+        """``restore_callback_states_from_checkpoint``: the callbacks and the control of a class the checkpoint
+        saved are rebuilt from their states (:func:`~optsched.trainer.callback_state.restore_states`), in their
+        places in ``callback_handler.callbacks``; ``self.control`` too."""
+        handler = self.callback_handler
+        handler.callbacks[:], self.control = restore_states(handler.callbacks, self.control, stored)
 
     def _warn_of_another_batch(self, checkpoint: Path, saved_batch_size: Any) -> None:
         """Warn (process 0) when ``checkpoint`` was trained with another batch per step than resumes it:

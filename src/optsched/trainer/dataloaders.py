@@ -209,8 +209,15 @@ class DataLoaderMixin:
         return groups
 
     def _start_position(self, loader: DataLoader, plan: TrainingPlan) -> tuple[int, int, Iterator[list[Any]] | None]:
-        """``(epoch, updates done in it, positioned group iterator or None)`` for ``state.global_step``."""
+        """``(epoch, updates done in it, positioned group iterator or None)`` for ``state.global_step``.
+
+        With ``args.ignore_data_skip`` (transformers' rule): the epoch is ``global_step // updates_per_epoch``
+        and none of its updates is skipped, so its data starts from its first batch (an iterable dataset's
+        passes are not replayed either: its epoch is 0 until ``max_steps``).
+        """
         step = self.state.global_step
+        if getattr(self.args, "ignore_data_skip", False):
+            return step // plan.updates_per_epoch, 0, None
         if has_length(loader):
             epoch, done = divmod(step, plan.updates_per_epoch)
             return epoch, done, None

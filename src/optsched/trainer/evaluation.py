@@ -19,6 +19,7 @@ from optsched.params.classify import unwrap_compiled
 from optsched.trainer.batch_metrics import BatchMetrics, lockstep_batches
 from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
+from optsched.trainer.full_eval import cast_for_evaluation, full_eval_dtype
 from optsched.trainer.log_levels import logs_at_process_level
 from optsched.trainer.loss_items import count_label_items, extract_loss
 from optsched.trainer.predictions import (
@@ -68,7 +69,7 @@ def _batch_size(batch: Any) -> int:
 class EvaluationMixin:
     """``evaluate()`` and what the loop does with its metrics (best checkpoint, metric-driven schedules).
 
-    Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``state``, ``control``,
+    Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``is_in_train``, ``state``, ``control``,
     ``callback_handler``, ``compute_loss_func``, ``lr_scheduler`` and ``_metric_scheduler``, and calls
     its ``_evaluation_model()``, ``get_eval_dataloader()``, ``compute_loss()``,
     ``autocast_smart_context_manager()``, ``log()`` and ``_optimizer_eval_mode()``.
@@ -169,7 +170,10 @@ class EvaluationMixin:
         loss) to the ``EvalPrediction``, collected like the predictions. ``args.batch_eval_metrics`` calls
         ``compute_metrics`` on every batch instead (:mod:`optsched.trainer.batch_metrics`), and then only a
         ``description="Prediction"`` loop collects predictions. ``args.eval_accumulation_steps`` changes
-        nothing: each batch goes to the CPU as it comes.
+        nothing: each batch goes to the CPU as it comes. ``args.eval_do_concat_batches=False`` keeps each
+        of these as a list of per-batch arrays (:class:`~optsched.trainer.predictions.PredictionCollector`).
+        ``args.fp16_full_eval`` / ``bf16_full_eval``: outside ``train()`` the model runs cast to float16 /
+        bfloat16, its own tensors put back afterwards (:mod:`optsched.trainer.full_eval`).
         """
         args = self.args
         if prediction_loss_only is None:
@@ -190,13 +194,17 @@ class EvaluationMixin:
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
         steps = 0
-        collector = PredictionCollector() if keep else None
+        collector = PredictionCollector(concat=getattr(args, "eval_do_concat_batches", True)) if keep else None
         batches = (
             lockstep_batches(dataloader, self.dist, self.device) if per_batch is not None
             else ((batch, False) for batch in dataloader)
         )
         was_training = model.training
-        with self._optimizer_eval_mode(), torch.no_grad():
+        # fp16 / bf16_full_eval outside train() (transformers' rule); inside the optimizer's eval mode, so a
+        # schedule-free optimizer's train() finds its own float32 weights back
+        full_eval = cast_for_evaluation(
+            self.model, None if getattr(self, "is_in_train", False) else full_eval_dtype(args))
+        with self._optimizer_eval_mode(), full_eval, torch.no_grad():
             model.eval()
             try:
                 for batch, is_last in batches:

@@ -12,6 +12,8 @@ without importing transformers:
 * :func:`gather_in_dataset_order`: under DDP the eval loader gives rank ``r`` the samples ``r, r + N,
   ...`` (each once, no padding; see :class:`~optsched.trainer.data.EpochSampler`), so the ranks'
   arrays are interleaved back into the dataset's order;
+* ``eval_do_concat_batches=False``: lists of per-batch arrays instead, under DDP one entry per step with
+  every process's batch of that step (:func:`gather_batches_in_dataset_order`);
 * :func:`denumpify_detensorize` and :func:`prefix_metrics` for the returned metrics.
 """
 
@@ -34,6 +36,7 @@ __all__ = [
     "checked_metrics",
     "denumpify_detensorize",
     "find_labels",
+    "gather_batches_in_dataset_order",
     "gather_in_dataset_order",
     "logits_from_outputs",
     "nested_concat",
@@ -193,15 +196,15 @@ def nested_concat(a: Any, b: Any, padding_index: int = PADDING_INDEX) -> Any:
 
 
 def nested_numpify(value: Any) -> Any:
-    """Tensors (in tuples / lists / dicts) as numpy arrays on the CPU; bfloat16 / float16 become float32
-    (numpy has no bfloat16; transformers does the same). Anything else is returned as is."""
+    """Tensors (in tuples / lists / dicts) as numpy arrays on the CPU; bfloat16 becomes float32 (numpy has no
+    bfloat16), float16 stays float16 (transformers' rules both). Anything else is returned as is."""
     if isinstance(value, (list, tuple)):
         return type(value)(nested_numpify(v) for v in value)
     if isinstance(value, Mapping):
         return type(value)({k: nested_numpify(v) for k, v in value.items()})
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float16):
+        if t.dtype == torch.bfloat16:
             t = t.to(torch.float32)
         return t.numpy()
     return value
@@ -267,16 +270,39 @@ def gather_in_dataset_order(value: Any, ctx: Any, padding_index: int = PADDING_I
     return _nested_interleave(parts, padding_index)
 
 
+def gather_batches_in_dataset_order(batches: list[Any] | None, ctx: Any, padding_index: int = PADDING_INDEX) -> Any:
+    """This rank's per-batch arrays (a list, or ``None`` for none) joined with the other ranks' step by
+    step: entry ``k`` holds every rank's ``k``-th batch, its rows in the dataset's order (the eval loader's
+    striding puts rank ``r``'s rows at ``r, r + N, ...`` of the step's), second dimensions padded with
+    ``padding_index``; a rank with fewer batches adds nothing to the last entries. These are the rows of
+    transformers' entry ``k`` (there, each process reads whole consecutive batches and a step's batches are
+    gathered). Identity for one process (``None`` then stays ``None``); a collective under DDP.
+    """
+    if not getattr(ctx, "enabled", False):
+        return batches
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, batches or [])
+    steps = max(len(p) for p in parts)
+    if steps == 0:
+        return None
+    return [_nested_interleave([p[k] if k < len(p) else None for p in parts], padding_index) for k in range(steps)]
+
+
 class PredictionCollector:
     """Per-batch predictions, labels, and the ``include_for_metrics`` inputs and losses, concatenated as
     they come (:func:`nested_concat`, on the CPU as numpy arrays: the device keeps one batch at a time,
-    which is what transformers' ``eval_accumulation_steps=1`` does)."""
+    which is what transformers' ``eval_accumulation_steps=1`` does), or with ``concat=False``
+    (``eval_do_concat_batches=False``) kept as a list of per-batch arrays, as transformers'
+    ``EvalLoopContainer`` keeps them."""
 
     #: the collected streams, in :meth:`gathered`'s order
     STREAMS = ("predictions", "label_ids", "inputs", "losses")
 
-    def __init__(self, padding_index: int = PADDING_INDEX) -> None:
+    def __init__(self, padding_index: int = PADDING_INDEX, concat: bool = True) -> None:
         self.padding_index = padding_index
+        self.concat = concat
         self.predictions: Any = None
         self.label_ids: Any = None
         self.inputs: Any = None
@@ -285,13 +311,20 @@ class PredictionCollector:
     def add(self, logits: Any, labels: Any, inputs: Any = None, losses: Any = None) -> None:
         """Append one batch; ``None`` (no logits, labels, inputs or losses) is skipped."""
         for name, value in zip(self.STREAMS, (logits, labels, inputs, losses)):
-            if value is not None:
+            if value is None:
+                continue
+            if self.concat:
                 setattr(self, name, nested_concat(getattr(self, name), value, self.padding_index))
+            else:
+                if getattr(self, name) is None:
+                    setattr(self, name, [])
+                getattr(self, name).append(nested_numpify(value))
 
     def gathered(self, ctx: Any) -> tuple[Any, Any, Any, Any]:
         """``(predictions, label_ids, inputs, losses)`` over all processes, in dataset order (collective
-        under DDP)."""
-        return tuple(gather_in_dataset_order(getattr(self, name), ctx, self.padding_index) for name in self.STREAMS)
+        under DDP): arrays, or per-batch lists (:func:`gather_batches_in_dataset_order`) without ``concat``."""
+        gather = gather_in_dataset_order if self.concat else gather_batches_in_dataset_order
+        return tuple(gather(getattr(self, name), ctx, self.padding_index) for name in self.STREAMS)
 
 
 # ---- what include_for_metrics adds --------------------------------------------------------------------

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from optsched.trainer.callback_state import ExportableState
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainerControl", "TrainerState"]
@@ -99,7 +101,7 @@ class TrainerState:
 
 
 @dataclass
-class TrainerControl:
+class TrainerControl(ExportableState):
     """Switches the callbacks flip to steer the loop (transformers' names and reset rules).
 
     ``should_training_stop`` stays set; ``should_epoch_stop`` is reset at each epoch start; ``should_log``,

@@ -202,7 +202,8 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             ``compute_loss_func`` / ``compute_metrics`` / ``preprocess_logits_for_metrics``;
             ``processing_class`` or ``model_init`` given.
         ValueError: ``optimizers`` and ``optimizer_cls_and_kwargs`` together; a model with no trainable
-            parameter; fp16 without CUDA; bf16 on a CUDA device without bf16; ``batch_eval_metrics`` with a
+            parameter; fp16 without CUDA (``fp16_full_eval`` runs on the CPU, as in transformers); bf16 or
+            ``bf16_full_eval`` on a CUDA device without bf16; ``batch_eval_metrics`` with a
             ``compute_metrics`` that has no ``compute_result`` parameter.
     """
 
@@ -322,6 +323,8 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             self._logged_no_clip = False
             self.preempted_by: str | None = None  # the signal that stopped the last train() (optsched.trainer.signals)
             self._ignore_keys_for_eval: list[str] | None = None  # train(ignore_keys_for_eval=...), for its evaluations
+            # transformers' public flag: True inside train(), where fp16_full_eval / bf16_full_eval do not cast
+            self.is_in_train = False
 
             self.state = TrainerState(
                 is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main_process
@@ -455,8 +458,10 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
                 f"fp16=True needs a CUDA device, but the Trainer runs on {self.device.type!r}; accepted: "
                 "bf16=True (supported on CPU) or fp16=False."
             )
-        if self.args.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("bf16=True but this CUDA device has no bfloat16 support; accepted: fp16=True or bf16=False.")
+        for name in ("bf16", "bf16_full_eval"):
+            if getattr(self.args, name) and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                raise ValueError(f"{name}=True but this CUDA device has no bfloat16 support; accepted: "
+                                 f"{name.replace('bf16', 'fp16')}=True or {name}=False.")
 
     def _make_grad_scaler(self) -> Any:
         return torch.amp.GradScaler("cuda") if self.args.fp16 else None
@@ -607,12 +612,15 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             )
         self._ignore_keys_for_eval = check_ignore_keys("ignore_keys_for_eval", ignore_keys_for_eval)
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        self.is_in_train = True
         try:
             return self._train_from(checkpoint)
         except ckpt.CheckpointError as exc:
             if resume_from_checkpoint is True and checkpoint is not None:
                 raise self._with_previous_checkpoint_hint(exc, checkpoint) from None
             raise
+        finally:
+            self.is_in_train = False
 
     def _check_output_dir(self) -> None:
         """Create ``output_dir`` and probe it, now (:func:`~optsched.trainer.checkpoint.make_writable_dir`):
@@ -762,7 +770,9 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             model.train()
         start_epoch, skip_updates, positioned = self._start_position(loader, plan)
         if checkpoint is not None:
-            logger.info("Resuming at global step %d: epoch %d, skipping %d updates of it.", state.global_step, start_epoch, skip_updates)
+            logger.info("Resuming at global step %d: epoch %d, %s.", state.global_step, start_epoch,
+                        "its data from the beginning (ignore_data_skip)" if args.ignore_data_skip
+                        else f"skipping {skip_updates} updates of it")
         rng_pending = checkpoint is not None
         if state.global_step >= plan.max_steps:
             logger.warning("Nothing to train: global_step=%d >= max_steps=%d.", state.global_step, plan.max_steps)
