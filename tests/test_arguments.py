@@ -60,7 +60,8 @@ def test_defaults_match_transformers_5():
         "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
         "torch_compile": False, "torch_compile_backend": None, "torch_compile_mode": None,
         "ddp_find_unused_parameters": None, "ddp_broadcast_buffers": None, "ddp_bucket_cap_mb": None,
-        "average_tokens_across_devices": True, "ddp_static_graph": None, "report_to": [], "disable_tqdm": False, "load_best_model_at_end": False, "metric_for_best_model": None, "greater_is_better": None,
+        "average_tokens_across_devices": True, "ddp_static_graph": None, "ddp_backend": None, "ddp_timeout": 1800,
+        "torch_empty_cache_steps": None, "report_to": [], "disable_tqdm": False, "load_best_model_at_end": False, "metric_for_best_model": None, "greater_is_better": None,
         "run_name": None,
         # optsched's own (OPTSCHED_ONLY_FIELDS)
         "save_on_signal": True, "save_signals": "SIGTERM,SIGINT", "max_consecutive_nonfinite": 5,
@@ -680,12 +681,12 @@ def test_transformers_fields_optsched_does_not_use_are_named_when_set(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
         as_training_arguments(transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch"))
     assert "ignored" not in caplog.text  # defaults, and fields derived from those the user set
-    hf = transformers.TrainingArguments(output_dir=str(tmp_path), torch_empty_cache_steps=5, eval_strategy="epoch",
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), logging_nan_inf_filter=False, eval_strategy="epoch",
                                         save_strategy="epoch", load_best_model_at_end=True)
     with caplog.at_level(logging.WARNING, logger="optsched.arguments"):
         ours = as_training_arguments(hf)
     assert "fields that optsched does not use are set and ignored: " in caplog.text
-    assert "torch_empty_cache_steps=5" in caplog.text and "load_best_model_at_end" not in caplog.text
+    assert "logging_nan_inf_filter=False" in caplog.text and "load_best_model_at_end" not in caplog.text
     assert ours.load_best_model_at_end and ours.metric_for_best_model == "loss"  # read, not ignored
     assert "eval_strategy" not in caplog.text
     # the evaluation fields optsched reads are taken over, not named as ignored

@@ -210,6 +210,14 @@ def _start_method(name: str, value: Any) -> str | None:
         name, value, tuple(multiprocessing.get_all_start_methods()), what="start method")
 
 
+#: ``ddp_backend`` values (transformers' choices).
+DDP_BACKENDS = ("nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl")
+
+
+def _ddp_backend(name: str, value: Any) -> str | None:
+    return None if value is None else check_choice(name, value, DDP_BACKENDS, what="torch.distributed backend")
+
+
 def _output_dir(name: str, value: Any) -> str:
     """``None`` -> ``"trainer_output"`` (transformers 5); paths -> ``str`` with ``~`` expanded."""
     if value is None:
@@ -712,6 +720,16 @@ class TrainingArguments:
         "(transformers' default); False: each process normalises by its own count.", _bool())
     ddp_static_graph: bool | None = _field(
         None, "DDP's static_graph (None: DDP's default, False).", _bool(allow_none=True))
+    ddp_backend: str | None = _field(
+        None, "The torch.distributed backend under torchrun ('nccl', 'gloo', 'mpi', ...; transformers' names). "
+        "None: NCCL on CUDA devices, gloo otherwise.", _ddp_backend)
+    ddp_timeout: int = _field(
+        1800, "Seconds a collective may wait for the other processes before failing (init_process_group's "
+        "timeout; transformers' default, 30 minutes).", _int(low=1))
+    torch_empty_cache_steps: int | None = _field(
+        None, "Every N steps, return the accelerator's cached free memory to the driver after a micro-batch "
+        "(torch.cuda.empty_cache(), as transformers does; nothing on the CPU). None: never.",
+        _int(low=1, allow_none=True))
     report_to: str | list[str] | None = _field(
         "none", "transformers' integrations to report to ('none', a name, or a list of names); optsched's "
         "Trainer has none: it warns that nothing is sent, and logs to log_history only.", _report_to)

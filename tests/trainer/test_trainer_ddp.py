@@ -185,3 +185,49 @@ def test_ddp_kwargs_without_args_find_unused_parameters():
     from optsched.trainer.distributed import ddp_kwargs
 
     assert ddp_kwargs(torch.nn.Linear(2, 2)) == {"find_unused_parameters": True}
+
+
+# ---- ddp_backend, ddp_timeout (the process group's start; no process group needed) -------------------
+
+
+def test_ddp_backend_and_timeout_start_the_process_group(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from optsched.trainer.distributed import init_distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    ctx = init_distributed(use_cpu=True, env=env, backend="gloo", timeout_s=90)
+    assert (ctx.rank, ctx.world_size) == (1, 2)
+    assert calls == [{"backend": "gloo", "rank": 1, "world_size": 2, "timeout": datetime.timedelta(seconds=90)}]
+    init_distributed(use_cpu=True, env=env)  # the defaults: gloo on the CPU, torch's timeout
+    assert calls[1] == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": None}
+    monkeypatch.setattr(dist, "is_backend_available", lambda name: name == "gloo")
+    with pytest.raises(ValueError, match=r"ddp_backend='mpi' is not available in this torch build; accepted: gloo"):
+        init_distributed(use_cpu=True, env=env, backend="mpi")
+
+
+def test_the_trainer_passes_ddp_backend_and_timeout(monkeypatch, tmp_path):
+    from optsched import Trainer, TrainingArguments
+    from optsched.trainer import trainer as trainer_module
+    from optsched.trainer.distributed import DistributedContext
+
+    seen = []
+
+    def fake_init(use_cpu=False, env=None, *, backend=None, timeout_s=None):
+        seen.append((backend, timeout_s))
+        return DistributedContext(rank=0, local_rank=0, world_size=1)
+
+    monkeypatch.setattr(trainer_module, "init_distributed", fake_init)
+    Trainer(torch.nn.Linear(2, 1), TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    Trainer(torch.nn.Linear(2, 1), TrainingArguments(output_dir=str(tmp_path), use_cpu=True, ddp_backend="gloo",
+                                                     ddp_timeout=60))
+    assert seen == [(None, 1800), ("gloo", 60)]
+    with pytest.raises(ValueError, match=r"ddp_backend='glo'.*gloo"):
+        TrainingArguments(ddp_backend="glo")
+    with pytest.raises(ValueError, match="ddp_timeout"):
+        TrainingArguments(ddp_timeout=0)

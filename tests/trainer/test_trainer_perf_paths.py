@@ -341,7 +341,7 @@ def test_in_backward_optimizers_refuse_accumulation_and_several_processes(tmp_pa
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4 is not supported: Lomo .*accepted: 1"):
         Trainer(TinyRegressor(), _args(tmp_path, optim="lomo", gradient_accumulation_steps=4),
                 train_dataset=make_regression_data(8))
-    monkeypatch.setattr(trainer_module, "init_distributed", lambda use_cpu=False: DistributedContext(0, 0, 2))
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda use_cpu=False, **_: DistributedContext(0, 0, 2))
     with pytest.raises(ValueError, match=r"2 processes are not supported: Lomo"):
         Trainer(TinyRegressor(), _args(tmp_path, optim="lomo"), train_dataset=make_regression_data(8))
 

@@ -7,6 +7,7 @@ device, gloo on CPU). Without those variables everything here is a no-op for a s
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "ddp_kwargs",
+    "empty_device_cache",
     "init_distributed",
     "no_sync",
     "resolve_device",
@@ -68,11 +70,19 @@ def resolve_device(use_cpu: bool, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(use_cpu: bool = False, env: Mapping[str, str] | None = None) -> DistributedContext:
+def init_distributed(
+    use_cpu: bool = False, env: Mapping[str, str] | None = None, *, backend: str | None = None,
+    timeout_s: int | None = None,
+) -> DistributedContext:
     """Read torchrun's variables and start the process group when ``WORLD_SIZE > 1``.
 
-    A process group already started by the caller is reused as is. The backend is NCCL for CUDA devices
-    and gloo otherwise.
+    A process group already started by the caller is reused as is. The backend is ``backend``
+    (``ddp_backend``) when given, else NCCL for CUDA devices and gloo otherwise; ``timeout_s``
+    (``ddp_timeout``) bounds each collective's wait (torch's default, 30 minutes for gloo and 10 for NCCL,
+    when None).
+
+    Raises:
+        ValueError: ``backend`` is not one this torch build has (naming ``ddp_backend``).
     """
     env = os.environ if env is None else env
     if dist.is_available() and dist.is_initialized():
@@ -88,10 +98,18 @@ def init_distributed(use_cpu: bool = False, env: Mapping[str, str] | None = None
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={world_size} but this torch build has no torch.distributed support.")
     device = resolve_device(use_cpu, ctx.local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    elif not dist.is_backend_available(backend):
+        raise ValueError(
+            f"ddp_backend={backend!r} is not available in this torch build; accepted: "
+            f"{', '.join(b for b in ('gloo', 'nccl', 'mpi', 'xccl') if dist.is_backend_available(b))}, or None "
+            "(NCCL on CUDA devices, gloo otherwise)."
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=ctx.rank, world_size=world_size)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, rank=ctx.rank, world_size=world_size, timeout=timeout)
     logger.info("Started process group: backend=%s rank=%d world_size=%d", backend, ctx.rank, world_size)
     return ctx
 
@@ -161,6 +179,17 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def empty_device_cache(device: torch.device) -> None:
+    """Return the caching allocator's free blocks of ``device``'s kind to the driver (``torch_empty_cache_steps``;
+    transformers' ``clear_device_cache``): ``torch.cuda.empty_cache()`` and its counterparts; nothing on the CPU,
+    which has no such cache."""
+    if device.type == "cpu":
+        return
+    empty_cache = getattr(getattr(torch, device.type, None), "empty_cache", None)
+    if callable(empty_cache):
+        empty_cache()
 
 
 def barrier(ctx: DistributedContext) -> None:

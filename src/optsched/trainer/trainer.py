@@ -91,6 +91,7 @@ from optsched.trainer.dataloaders import DataLoaderMixin
 from optsched.trainer.determinism import enable_full_determinism, set_seed
 from optsched.trainer.distributed import (
     all_reduce_sum,
+    empty_device_cache,
     init_distributed,
     no_sync,
     resolve_device,
@@ -264,7 +265,9 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
                 f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset, and none was given; "
                 "accepted: Trainer(..., eval_dataset=...), or eval_strategy='no'."
             )
-        self.dist = init_distributed(use_cpu=self.args.use_cpu)
+        self.dist = init_distributed(
+            use_cpu=self.args.use_cpu, backend=self.args.ddp_backend, timeout_s=self.args.ddp_timeout
+        )
         self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
         # the rest of the constructor logs at log_level, as each call that logs does (trainer.log_levels)
         with optsched_log_level(process_log_level(self.args, local_rank=self.dist.local_rank, rank=self.dist.rank)):
@@ -537,6 +540,9 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         elif num_items_in_batch is not None and self.dist.enabled and self.args.average_tokens_across_devices:
             loss = loss * self.dist.world_size  # DDP averages gradients; the loss used the global count
         getattr(self, _BACKWARDS[self._update_mode])(loss)
+        steps = self.args.torch_empty_cache_steps
+        if steps is not None and self.state.global_step % steps == 0:
+            empty_device_cache(self.device)
         return loss.detach()
 
     def _get_learning_rate(self) -> float:
