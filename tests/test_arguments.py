@@ -842,3 +842,23 @@ def test_default_optim_follows_transformers_by_torch_version(monkeypatch, versio
 
     monkeypatch.setattr(torch, "__version__", version)
     assert _default_optim() == expected
+
+
+def test_the_transformers_fields_optsched_does_not_read_are_the_readmes_26():
+    # README ("Of transformers 5.23's fields, optsched's Trainer reads all but 26") names these; a field read
+    # or a new transformers field fails here until the README says so
+    transformers = pytest.importorskip("transformers")
+    if transformers.__version__ != "5.23.0":
+        pytest.skip(f"the README counts transformers 5.23.0's fields, not {transformers.__version__}'s")
+    from optsched.arguments import _DERIVED_FOREIGN_FIELDS, _FIELDS
+
+    unread = {f.name for f in dataclasses.fields(transformers.TrainingArguments)
+              if f.name not in _FIELDS and f.name not in _DERIVED_FOREIGN_FIELDS and not f.name.startswith("_")}
+    hub = {"push_to_hub", "hub_token", "hub_private_repo", "hub_strategy", "hub_always_push", "hub_revision"}
+    trackio = {"project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"}
+    sharding = {"fsdp", "fsdp_config", "deepspeed", "parallelism_config"}
+    others = {"use_liger_kernel", "liger_kernel_config", "auto_find_batch_size", "logging_nan_inf_filter",
+              "skip_memory_metrics", "eval_use_gather_object", "save_on_each_node", "enable_jit_checkpoint",
+              "dataloader_in_order", "debug", "resume_from_checkpoint", "local_rank"}
+    assert unread == hub | trackio | sharding | others
+    assert len(unread) == 26
