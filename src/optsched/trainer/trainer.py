@@ -772,7 +772,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
 
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         if args.eval_on_start:  # transformers' sanity check: evaluate, no best-metric or scheduler update
-            self.evaluate()
+            self.evaluate(ignore_keys=self._ignore_keys_for_eval)  # as the evaluations during training
             model.train()
         start_epoch, skip_updates, positioned = self._start_position(loader, plan)
         if checkpoint is not None:
