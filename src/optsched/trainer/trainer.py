@@ -46,8 +46,9 @@ hold), and the loss stays a tensor until logging time.
 
 Loss scaling (transformers' rules, :mod:`optsched.trainer.loss_items`): ``num_items_in_batch`` is the
 number of labels ``!= -100`` over the whole optimizer step (``labels[..., 1:]`` for a causal LM), summed
-over processes with ``average_tokens_across_devices``. A model whose loss uses it (``accepts_loss_kwargs``,
-else a ``forward`` that names it or hands ``**kwargs`` to ``self.loss_function``) is given it with dict
+over processes with ``average_tokens_across_devices``, a float32 tensor as transformers passes it (an
+evaluation batch's own count, not summed). A model whose loss uses it (``accepts_loss_kwargs``, else a
+``forward`` that names it or hands ``**kwargs`` to ``self.loss_function``) is given it with dict
 batches that have labels, and ``compute_loss_func(outputs, labels, num_items_in_batch)`` always: their
 loss is used as returned, the step's gradient being the mean over its tokens. Any other loss is divided
 by the number of micro-batches in its optimizer step (``gradient_accumulation_steps``, or fewer for the
