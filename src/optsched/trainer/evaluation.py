@@ -72,7 +72,7 @@ class EvaluationMixin:
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``is_in_train``, ``state``, ``control``,
     ``callback_handler``, ``compute_loss_func``, ``lr_scheduler`` and ``_metric_scheduler``, and calls
     its ``_evaluation_model()``, ``get_eval_dataloader()``, ``compute_loss()``, ``_num_items()``,
-    ``autocast_smart_context_manager()``, ``log()`` and ``_optimizer_eval_mode()``.
+    ``autocast_smart_context_manager()``, ``_float32_under_autocast()``, ``log()`` and ``_optimizer_eval_mode()``.
     """
 
     @logs_at_process_level
@@ -282,7 +282,7 @@ class EvaluationMixin:
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
             else:
                 model_args, kwargs, _ = split_model_inputs(inputs, take_labels=False)
-                outputs = model(*model_args, **kwargs)
+                outputs = self._float32_under_autocast(model(*model_args, **kwargs))
                 loss = None
         # the loss the outputs carry: None when the Trainer computed it (smoothing, compute_loss_func)
         own_loss = extract_loss(outputs)
