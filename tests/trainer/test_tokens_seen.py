@@ -10,22 +10,9 @@ import torch
 
 from optsched import Trainer, TrainingArguments
 from optsched.trainer.tokens_seen import TokenCounter
-from trainer_helpers import PlainRegressor, make_trainer, tiny_llama
+from trainer_helpers import PlainRegressor, make_trainer, padded_lm_data, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def _padded_lm_data(n: int = 11) -> list[dict[str, torch.Tensor]]:
-    """Causal-LM examples of 8 positions whose attention_mask ends in a different number of zeros (padding),
-    so that 'all' and 'non_padding' differ and every micro-batch adds a different count."""
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for i in range(n):
-        mask = torch.ones(8, dtype=torch.long)
-        mask[3 + i % 5:] = 0
-        labels = torch.randint(0, 50, (8,), generator=g).masked_fill(mask == 0, -100)
-        data.append({"input_ids": torch.randint(0, 50, (8,), generator=g), "attention_mask": mask, "labels": labels})
-    return data
 
 
 def _fields(tmp_path, name, **extra):
@@ -39,7 +26,7 @@ def test_token_counts_and_logs_are_transformers_trainers(tmp_path, mode):
     runs = {}
     for name in ("optsched", "hf"):
         torch.manual_seed(0)
-        trainer = make_trainer(name, tiny_llama(), _padded_lm_data(),
+        trainer = make_trainer(name, tiny_llama(), padded_lm_data(),
                                **_fields(tmp_path, name, include_num_input_tokens_seen=mode))
         output = trainer.train()
         logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -49,7 +36,7 @@ def test_token_counts_and_logs_are_transformers_trainers(tmp_path, mode):
     assert runs["optsched"] == runs["hf"]
     total, _, per_log, keys = runs["optsched"]
     # 11 examples x 2 epochs: every element (176) or the mask's ones; growing by a different count per step
-    data = _padded_lm_data()
+    data = padded_lm_data()
     expected = 2 * (sum(int(d["attention_mask"].sum()) for d in data) if mode == "non_padding" else 11 * 8)
     assert total == expected
     assert len({b - a for (_, a), (_, b) in zip(per_log, per_log[1:])}) > 1
@@ -61,16 +48,16 @@ def test_the_count_survives_a_resume(tmp_path):
                   gradient_accumulation_steps=2, save_steps=3, disable_tqdm=True, use_cpu=True, seed=0,
                   include_num_input_tokens_seen="non_padding")
     torch.manual_seed(0)
-    straight = Trainer(tiny_llama(), TrainingArguments(**fields), train_dataset=_padded_lm_data())
+    straight = Trainer(tiny_llama(), TrainingArguments(**fields), train_dataset=padded_lm_data())
     straight.train()
     torch.manual_seed(0)
-    resumed = Trainer(tiny_llama(), TrainingArguments(**fields), train_dataset=_padded_lm_data())
+    resumed = Trainer(tiny_llama(), TrainingArguments(**fields), train_dataset=padded_lm_data())
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert 0 < resumed.state.num_input_tokens_seen == straight.state.num_input_tokens_seen
 
 
 def test_the_count_is_off_by_default(tmp_path):
-    trainer = make_trainer("optsched", tiny_llama(), _padded_lm_data(), **_fields(tmp_path, "off"))
+    trainer = make_trainer("optsched", tiny_llama(), padded_lm_data(), **_fields(tmp_path, "off"))
     trainer.train()
     assert trainer.state.num_input_tokens_seen == 0
     assert not any("num_input_tokens_seen" in entry for entry in trainer.state.log_history)

@@ -81,6 +81,19 @@ def masked_lm_data(n: int = 12) -> list[dict[str, torch.Tensor]]:
     return data
 
 
+def padded_lm_data(n: int = 11) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM examples of 8 positions whose attention_mask ends in a different number of zeros (padding),
+    so that 'all' and 'non_padding' differ and every micro-batch adds a different count."""
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(n):
+        mask = torch.ones(8, dtype=torch.long)
+        mask[3 + i % 5:] = 0
+        labels = torch.randint(0, 50, (8,), generator=g).masked_fill(mask == 0, -100)
+        data.append({"input_ids": torch.randint(0, 50, (8,), generator=g), "attention_mask": mask, "labels": labels})
+    return data
+
+
 def varied_length_data(n: int = 23, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """Causal-LM examples of 2 to 11 tokens whose first token is their index (``n <= 50``), so a batch's
     ``input_ids[:, 0]`` names its samples (see :func:`record_batches`); labels are the tokens."""

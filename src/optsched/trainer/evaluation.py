@@ -21,7 +21,7 @@ from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
 from optsched.trainer.full_eval import cast_for_evaluation, full_eval_dtype
 from optsched.trainer.log_levels import logs_at_process_level
-from optsched.trainer.loss_items import count_label_items, extract_loss
+from optsched.trainer.loss_items import extract_loss
 from optsched.trainer.predictions import (
     EvalPrediction,
     PredictionCollector,
@@ -71,8 +71,8 @@ class EvaluationMixin:
 
     Reads the Trainer's ``args``, ``dist``, ``device``, ``model``, ``is_in_train``, ``state``, ``control``,
     ``callback_handler``, ``compute_loss_func``, ``lr_scheduler`` and ``_metric_scheduler``, and calls
-    its ``_evaluation_model()``, ``get_eval_dataloader()``, ``compute_loss()``,
-    ``autocast_smart_context_manager()``, ``log()`` and ``_optimizer_eval_mode()``.
+    its ``_evaluation_model()``, ``get_eval_dataloader()``, ``compute_loss()``, ``_num_items()``,
+    ``autocast_smart_context_manager()``, ``_float32_under_autocast()``, ``log()`` and ``_optimizer_eval_mode()``.
     """
 
     @logs_at_process_level
@@ -253,19 +253,19 @@ class EvaluationMixin:
     ) -> tuple[torch.Tensor | None, Any, Any]:
         """``(loss, logits, labels)`` of one batch (already on the device), under ``torch.no_grad()``.
 
-        ``prediction_loss_only``: the loss only, computed as in training (:meth:`compute_loss`; a model
-        that returns no loss raises), ``(loss, None, None)``. Otherwise the labels are taken first
+        ``prediction_loss_only``: the loss only, computed as in training (:meth:`compute_loss`, given the
+        batch's own label count where the loss uses one, as transformers gives it; a model that returns no
+        loss raises), ``(loss, None, None)``. Otherwise the labels are taken first
         (``self.label_names`` of a dict batch, all present; the last item of a tuple batch); with labels
         the loss and outputs come from :meth:`compute_loss`, without them from the model alone (the loss
         then only when the model returns one anyway). ``logits``: the outputs other than ``loss`` and
         ``ignore_keys`` (default: the model config's ``keys_to_ignore_at_inference``, else
         ``["past_key_values"]``), one tensor or a tuple.
         """
-        num_items = (
-            count_label_items([inputs], shift_labels=self._loss_shifts_labels)
-            if self.compute_loss_func is not None
-            else None
-        )
+        # the batch's own label count where the loss uses one, as transformers' prediction_step passes it; not
+        # summed over DDP processes as there (it then multiplies the loss by their number: exact only for
+        # processes with as many labels), and no collective a process without a batch would leave waiting
+        num_items = self._num_items([inputs], across_processes=False)
         if prediction_loss_only:
             with self.autocast_smart_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items)
@@ -282,7 +282,7 @@ class EvaluationMixin:
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
             else:
                 model_args, kwargs, _ = split_model_inputs(inputs, take_labels=False)
-                outputs = model(*model_args, **kwargs)
+                outputs = self._float32_under_autocast(model(*model_args, **kwargs))
                 loss = None
         # the loss the outputs carry: None when the Trainer computed it (smoothing, compute_loss_func)
         own_loss = extract_loss(outputs)

@@ -7,8 +7,10 @@ labels ``y`` that are not -100 (``labels[..., 1:]`` against ``logits[..., :-1, :
     loss = (1 - epsilon) * sum(-log_softmax(z)[y]) / n  +  epsilon * sum_k(-log_softmax(z)_k) / (n * K)
 
 with ``n`` the step's ``num_items_in_batch`` (the labels of every micro-batch of the optimizer step,
-:mod:`optsched.trainer.loss_items`), so a smoothed loss weighs every label of a step the same. When
-there is no count, ``n`` is this batch's own number of labels (evaluation). transformers passes its
+:mod:`optsched.trainer.loss_items`), so a smoothed loss weighs every label of a step the same. In
+evaluation ``n`` is the batch's own number of labels, given as a float32 count as transformers'
+``prediction_step`` gives it (a bfloat16 sum divided by it is divided in float32); called without a count
+the smoother counts the labels itself (an int64 count, the division in the logits' dtype). transformers passes its
 count only to a model that accepts loss kwargs; for a plain module the smoother then takes the
 micro-batch mean and its Trainer divides by the accumulation steps. Here the count always goes to the
 smoother, which uses it in every case. As in transformers, a model configured for

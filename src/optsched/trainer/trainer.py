@@ -5,8 +5,9 @@ It composes the public functions a user would call (``optsched.optim.create_opti
 optimizer or schedule logic of its own. What it adds is the loop:
 
 * step counting as transformers (see :mod:`optsched.trainer.data`), gradient accumulation whose last,
-  partial group of an epoch is scaled by its own size, ``max_grad_norm`` clipping, bf16 / fp16 autocast,
-  CUDA when available unless ``use_cpu``;
+  partial group of an epoch is scaled by its own size, ``max_grad_norm`` clipping, bf16 / fp16 autocast
+  (the model's outputs made float32 for the loss functions and metrics, as accelerate makes them:
+  :mod:`optsched.trainer.mixed_precision`), CUDA when available unless ``use_cpu``;
 * logging every ``logging_steps`` into ``state.log_history``, ``<output_dir>/log_history.jsonl`` and a
   tqdm bar; evaluation by ``eval_strategy``; metric-driven schedules stepped on the eval metric;
   schedule-free optimizers switched to ``eval()`` around evaluation and checkpointing;
@@ -46,8 +47,9 @@ hold), and the loss stays a tensor until logging time.
 
 Loss scaling (transformers' rules, :mod:`optsched.trainer.loss_items`): ``num_items_in_batch`` is the
 number of labels ``!= -100`` over the whole optimizer step (``labels[..., 1:]`` for a causal LM), summed
-over processes with ``average_tokens_across_devices``. A model whose loss uses it (``accepts_loss_kwargs``,
-else a ``forward`` that names it or hands ``**kwargs`` to ``self.loss_function``) is given it with dict
+over processes with ``average_tokens_across_devices``, a float32 tensor as transformers passes it (an
+evaluation batch's own count, not summed). A model whose loss uses it (``accepts_loss_kwargs``, else a
+``forward`` that names it or hands ``**kwargs`` to ``self.loss_function``) is given it with dict
 batches that have labels, and ``compute_loss_func(outputs, labels, num_items_in_batch)`` always: their
 loss is used as returned, the step's gradient being the mean over its tokens. Any other loss is divided
 by the number of micro-batches in its optimizer step (``gradient_accumulation_steps``, or fewer for the
@@ -102,6 +104,7 @@ from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.log_levels import logs_at_process_level, optsched_log_level, process_log_level
+from optsched.trainer.mixed_precision import float32_outputs
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
 from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
@@ -469,6 +472,11 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
     def _make_grad_scaler(self) -> Any:
         return torch.amp.GradScaler("cuda") if self.args.fp16 else None
 
+    def _float32_under_autocast(self, outputs: Any) -> Any:
+        """The model's ``outputs`` with float16 / bfloat16 tensors made float32 under ``bf16`` / ``fp16``
+        autocast (:func:`~optsched.trainer.mixed_precision.float32_outputs`, accelerate's rule), as they are."""
+        return float32_outputs(outputs) if self.args.bf16 or self.args.fp16 else outputs
+
     def autocast_smart_context_manager(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` in bf16 / fp16 when asked for, else a no-op."""
         if self.args.bf16:
@@ -493,7 +501,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         args, kwargs, labels = split_model_inputs(inputs, take_labels=use_func or smoother is not None)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None and isinstance(inputs, Mapping):
             kwargs["num_items_in_batch"] = num_items_in_batch  # the model's loss: sum / the step's count
-        outputs = model(*args, **kwargs)
+        outputs = self._float32_under_autocast(model(*args, **kwargs))
         if use_func:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif smoother is not None and labels is not None:
@@ -772,7 +780,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
 
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         if args.eval_on_start:  # transformers' sanity check: evaluate, no best-metric or scheduler update
-            self.evaluate()
+            self.evaluate(ignore_keys=self._ignore_keys_for_eval)  # as the evaluations during training
             model.train()
         start_epoch, skip_updates, positioned = self._start_position(loader, plan)
         if checkpoint is not None:

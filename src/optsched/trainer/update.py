@@ -124,11 +124,16 @@ class UpdateMixin:
         if math.isfinite(float(loss.detach())):
             loss.backward()
 
-    def _num_items(self, group: list[Any]) -> torch.Tensor | None:
+    def _num_items(self, group: list[Any], across_processes: bool = True) -> torch.Tensor | None:
         """``num_items_in_batch`` of one optimizer step (:mod:`optsched.trainer.loss_items`): the labels
-        of all its micro-batches, summed over the processes with ``average_tokens_across_devices``; for
-        ``compute_loss_func``, for label smoothing, and for a model whose loss uses it fed dict batches
-        with labels. None otherwise. A 0-dim int64 tensor on the device, as transformers passes it."""
+        of all its micro-batches, summed over the processes with ``average_tokens_across_devices`` (unless
+        ``across_processes`` is False: an evaluation batch's own count); for ``compute_loss_func``, for label
+        smoothing, and for a model whose loss uses it fed dict batches with labels. None otherwise.
+
+        A 0-dim tensor of the default float dtype on the device, as transformers 5.23 passes it (its count
+        is divided by the tensor-parallel size): a loss in bfloat16 / float16 (autocast, ``bf16_full_eval``)
+        divided by it is divided in float32, as there, where an int64 count keeps the division in bfloat16.
+        """
         feeds_model = (
             self.model_accepts_loss_kwargs and isinstance(group[0], Mapping) and "labels" in group[0]
         )
@@ -138,9 +143,9 @@ class UpdateMixin:
         if n is None:
             return None
         total = torch.tensor(n, device=self.device)
-        if self.args.average_tokens_across_devices:
-            total = all_reduce_sum(total, self.dist)
-        return total
+        if across_processes and self.args.average_tokens_across_devices:
+            total = all_reduce_sum(total, self.dist)  # summed exactly, as integers
+        return total.to(torch.get_default_dtype())
 
     def _clip_and_step(self, step_loss: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
         """Unscale (fp16), clip to ``max_grad_norm``, step the optimizer unless the step is non-finite.
