@@ -15,13 +15,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from optsched.params.classify import unwrap_compiled
 from optsched.trainer.batch_metrics import BatchMetrics, lockstep_batches
 from optsched.trainer.data import move_to_device, split_model_inputs
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
 from optsched.trainer.full_eval import cast_for_evaluation, full_eval_dtype
 from optsched.trainer.log_levels import logs_at_process_level
-from optsched.trainer.loss_items import extract_loss
+from optsched.trainer.loss_items import extract_loss, main_input_name
 from optsched.trainer.predictions import (
     EvalPrediction,
     PredictionCollector,
@@ -189,7 +188,7 @@ class EvaluationMixin:
         keep = not prediction_loss_only and (not batch_eval_metrics or description == "Prediction")
         self.callback_handler.eval_dataloader = dataloader
         model = self._evaluation_model()  # torch_compile: a compiled wrapper of self.model
-        main_input_name = getattr(unwrap_compiled(unwrap_model(self.model)), "main_input_name", "input_ids")
+        input_name = main_input_name(self.model)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
@@ -221,7 +220,7 @@ class EvaluationMixin:
                         if not prediction_loss_only:
                             if logits is not None and self.preprocess_logits_for_metrics is not None:
                                 logits = self.preprocess_logits_for_metrics(logits, labels)
-                            inputs = batch_main_input(batch, main_input_name) if "inputs" in include else None
+                            inputs = batch_main_input(batch, input_name) if "inputs" in include else None
                             losses = sample_losses(loss, n) if "loss" in include else None
                         if collector is not None:
                             collector.add(logits, labels, inputs, losses)

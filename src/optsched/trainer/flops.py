@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from optsched.params.classify import unwrap_compiled
 from optsched.trainer.distributed import all_reduce_sum, unwrap_model
+from optsched.trainer.loss_items import main_input_name
 
 __all__ = ["FlopsMixin"]
 
@@ -36,8 +36,8 @@ class FlopsMixin:
     def floating_point_ops(self, inputs: Any) -> int:
         """``6 x inputs[main_input_name].numel() x non-embedding parameters`` for a transformers model
         (anything with ``num_parameters``) fed a dict batch with its main input; 0 otherwise."""
-        model = unwrap_compiled(unwrap_model(self.model))
-        main_input = getattr(model, "main_input_name", "input_ids")
+        model = unwrap_model(self.model)
+        main_input = main_input_name(model)
         if not isinstance(inputs, Mapping) or main_input not in inputs or not hasattr(model, "num_parameters"):
             return 0
         tokens = inputs[main_input]

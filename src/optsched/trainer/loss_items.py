@@ -38,7 +38,7 @@ from torch import nn
 from optsched.trainer.distributed import unwrap_model
 
 __all__ = [
-    "IGNORE_INDEX", "count_label_items", "extract_loss", "innermost_model", "loss_shifts_labels",
+    "IGNORE_INDEX", "count_label_items", "extract_loss", "innermost_model", "loss_shifts_labels", "main_input_name",
     "model_accepts_loss_kwargs",
 ]
 
@@ -79,6 +79,13 @@ def innermost_model(model: nn.Module) -> nn.Module:
         if inner is model:
             return model
         model = inner
+
+
+def main_input_name(model: nn.Module) -> str:
+    """The batch key of the model's main input, as transformers reads it: ``model.main_input_name`` (of the
+    model inside DDP and ``torch.compile``), ``"input_ids"`` when the model has none. Read by the FLOP
+    estimate, ``include_num_input_tokens_seen`` and ``include_for_metrics=["inputs"]``."""
+    return getattr(unwrap_model(model), "main_input_name", "input_ids")
 
 
 def model_accepts_loss_kwargs(model: nn.Module) -> bool:

@@ -105,7 +105,7 @@ from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.log_levels import logs_at_process_level, optsched_log_level, process_log_level
 from optsched.trainer.mixed_precision import float32_outputs
-from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, model_accepts_loss_kwargs
+from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, main_input_name, model_accepts_loss_kwargs
 from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.predictions import check_ignore_keys, find_labels
@@ -725,7 +725,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             ValueError: the model has neither method (not a transformers model), or only the older one
                 while ``every_n_layers`` / ``offload`` ask for what it cannot do.
         """
-        model = unwrap_compiled(unwrap_model(self.model))
+        model = unwrap_model(self.model)
         kwargs = dict(self.args.activation_checkpointing_kwargs or {})
         every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
         name = type(model).__name__
@@ -756,8 +756,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         mode = getattr(self.args, "include_num_input_tokens_seen", "no")
         if mode == "no":
             return None
-        model = unwrap_compiled(unwrap_model(self.model))
-        return TokenCounter(mode, getattr(model, "main_input_name", "input_ids"))
+        return TokenCounter(mode, main_input_name(self.model))
 
     def _train_loop(self, model: nn.Module, loader: DataLoader, plan: TrainingPlan, checkpoint: Path | None) -> TrainOutput:
         args, state = self.args, self.state
