@@ -31,6 +31,7 @@ from trainer_helpers import (
     pad_collate,
     padded_lm_data,
     record_batches,
+    run_torchrun,
     tiny_bert,
     tiny_llama,
     varied_length_data,
@@ -650,9 +651,8 @@ def test_two_processes_combine_the_features_as_one_process_does(tmp_path):
     batch_eval_metrics with inputs and losses on 5 eval samples (the last step one process without a
     batch), and the best checkpoint loaded on both: the same logs, metrics, best step and weights."""
     from ddp_interactions_worker import result, run
-    from test_trainer_ddp import _torchrun
 
-    _torchrun("ddp_interactions_worker.py", str(tmp_path / "ddp"))
+    run_torchrun("ddp_interactions_worker.py", str(tmp_path / "ddp"))
     ranks = [json.loads((tmp_path / "ddp" / f"result_{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1]  # logs, best checkpoint and its weights on both processes
     single = json.loads(json.dumps(result(run(str(tmp_path / "single"), batch_size=4))))

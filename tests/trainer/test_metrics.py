@@ -19,7 +19,7 @@ from optsched.trainer.predictions import (
     nested_concat,
     prefix_metrics,
 )
-from trainer_helpers import tiny_bert, tiny_llama
+from trainer_helpers import run_torchrun, tiny_bert, tiny_llama
 
 TIMING = ("runtime", "samples_per_second", "steps_per_second")
 
@@ -303,23 +303,10 @@ def test_predict_without_a_dataset_is_refused(tmp_path, model_factory):
 def test_two_processes_give_the_metrics_and_predictions_of_one(tmp_path):
     import json
     import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    here = Path(__file__).parent
-    sys.path.insert(0, str(here))
     from ddp_metrics_worker import run
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={port}", str(here / "ddp_metrics_worker.py"), str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun("ddp_metrics_worker.py", str(tmp_path / "ddp"))
     os.makedirs(tmp_path / "single")
     run(str(tmp_path / "single"))
     def read(name):
@@ -605,13 +592,8 @@ def test_per_batch_lists_under_two_processes_are_transformers(tmp_path):
     # completing the last step dropped): rows 0-3, then 4-6. optsched's processes read other rows of them
     # (every other sample), gathered back into the same entries; the test fails if they are concatenated
     import pickle
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_trainer_ddp import _torchrun
-
-    _torchrun("ddp_eval_batches_worker.py", str(tmp_path))
+    run_torchrun("ddp_eval_batches_worker.py", str(tmp_path))
     with open(tmp_path / "eval_batches.pkl", "rb") as f:
         results = pickle.load(f)
     ours, theirs = results["optsched"], results["hf"]

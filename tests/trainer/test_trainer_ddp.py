@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from trainer_helpers import run_torchrun
+
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(worker: str, *argv: str) -> None:
-    """Run ``worker`` (a file beside this one) in 2 processes on the CPU (gloo); fail with its stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / worker), *argv,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _run_ddp_worker(out: Path, *mode: str) -> dict:
     """ddp_worker.py under torchrun, 2 processes (gloo): rank 0's ddp_result.json."""
-    _torchrun("ddp_worker.py", str(out), *mode)
+    run_torchrun("ddp_worker.py", str(out), *mode)
     return json.loads((out / "ddp_result.json").read_text())
 
 
@@ -74,7 +56,7 @@ def test_group_by_length_gives_each_process_transformers_batches(tmp_path):
     sys.path.insert(0, str(HERE))
     from trainer_helpers import varied_length_data
 
-    _torchrun("ddp_grouping_worker.py", str(tmp_path))
+    run_torchrun("ddp_grouping_worker.py", str(tmp_path))
     ranks = [json.loads((tmp_path / f"batches_{rank}.json").read_text()) for rank in (0, 1)]
     for rank in ranks:
         assert len(rank["optsched"]["batches"]) == 12 and rank["optsched"]["batches"] == rank["hf"]["batches"]
@@ -116,7 +98,7 @@ def test_every_process_loads_the_best_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "ddp"
-    _torchrun("ddp_worker.py", str(out), "best")
+    run_torchrun("ddp_worker.py", str(out), "best")
     ranks = [json.loads((out / f"ddp_result_{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["best"] == ranks[1]["best"] == str(out / "checkpoint-2")
     assert ranks[0]["weights"] == ranks[1]["weights"]

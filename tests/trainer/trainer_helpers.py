@@ -190,3 +190,24 @@ def make_trainer(kind: str, model: nn.Module, train_dataset, data_collator=None,
     from optsched import Trainer, TrainingArguments
 
     return Trainer(model, TrainingArguments(**fields), data_collator, **trainer_kw)
+
+
+def run_torchrun(worker: str, *argv: str) -> None:
+    """Run ``worker`` (a file beside this one) in 2 processes on the CPU under torchrun (gloo, 127.0.0.1, a
+    free port, one thread each); fail with the end of its stderr. Ends by itself: a 240 s timeout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={port}", str(Path(__file__).parent / worker), *argv,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
