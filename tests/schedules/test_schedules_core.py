@@ -14,9 +14,11 @@ from optsched.schedules.core import (
     Constant,
     Decay,
     InverseSqrt,
+    PolynomialDecay,
     Ramp,
     Scale,
     Shift,
+    StepsLeft,
     Warmup,
     join,
     warmup_then,
@@ -142,3 +144,55 @@ def test_warmup_then_decay_properties(warmup, decay, form, shape, end):
         # continuity at the join: the last warmup step is one warmup increment below the peak
         assert values[warmup] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(end)  # final value, held
+
+
+@given(n=st.integers(0, 10_000), at=st.floats(0.0, 1.5))
+def test_steps_left_is_the_linear_decay_in_the_integers(n, at):
+    """(n - s) / n with n - s exact: the same curve as Decay(n, "linear") (1 - s / n) to an ulp, held at 0."""
+    s = int(at * n)
+    value = StepsLeft(n)(s)
+    assert value == max(0.0, (n - min(s, n)) / max(1, n))
+    assert value == pytest.approx(Decay(n, "linear")(s), abs=1e-15)
+    assert StepsLeft(n)(n + 3) == 0.0
+
+
+def test_steps_left_and_decay_linear_differ_in_the_last_bit_where_hf_does():
+    # HF's linear schedule computes (T - s) / (T - W); its warmup_stable_decay computes 1 - s / n
+    assert StepsLeft(7)(1) == 6 / 7 == 0.8571428571428571
+    assert Decay(7, "linear")(1) == 1 - 1 / 7 == 0.8571428571428572
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+def test_polynomial_decay_runs_from_one_to_lr_end_over_lr_init_and_holds(power):
+    d = PolynomialDecay(10, params={"power": power}, lr_init=1e-3, lr_end=1e-5)
+    assert d.end == 1e-5 / 1e-3 and d.shape == "polynomial"
+    assert d(0) == 1.0
+    assert [d(s) for s in range(10, 20)] == [d.end] * 10
+    assert d(5) == pytest.approx(Decay(10, "polynomial", end=0.01, params={"power": power})(5), rel=1e-15)
+    assert PolynomialDecay(0, lr_init=1.0, lr_end=0.5)(0) == 0.5  # an empty decay is at its end
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shape": "cosine"}, "shape='cosine'"),
+        ({"end": 0.1}, "end=0.1"),
+        ({"params": {"power": 2.0}}, "params="),
+    ],
+)
+def test_steps_left_refuses_anything_but_the_linear_decay_to_zero(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StepsLeft(5, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr_init": 1e-3, "lr_end": 1e-3}, "lr_end=0.001 must be smaller than lr_init=0.001"),
+        ({"lr_init": 1e-3, "lr_end": -1.0}, "lr_end"),
+        ({"lr_init": 1e-3, "lr_end": 0.0, "shape": "linear"}, "shape='linear'"),
+    ],
+)
+def test_polynomial_decay_refuses_bad_input_naming_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PolynomialDecay(5, **kwargs)

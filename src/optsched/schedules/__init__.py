@@ -1,6 +1,6 @@
 """Learning-rate schedules: pure closed-form functions, a registry of names, and the torch adapter.
 
-* :mod:`.core` -- building blocks (``Warmup``, ``Decay``, ``join``, ``warmup_then``, ...).
+* :mod:`.core` -- building blocks (``Warmup``, ``Decay``, ``StepsLeft``, ``PolynomialDecay``, ``join``, ``warmup_then``, ...).
 * :mod:`.catalog` -- every HF ``lr_scheduler_type`` built from them.
 * :mod:`.registry` -- names, aliases, kwargs validation, ``register_schedule``.
 * :mod:`.scheduler` -- ``ScheduleLR``, ``get_scheduler``, ``create_scheduler``.
@@ -18,10 +18,12 @@ from optsched.schedules.core import (
     Decay,
     InverseSqrt,
     Join,
+    PolynomialDecay,
     Ramp,
     Scale,
     Schedule,
     Shift,
+    StepsLeft,
     Warmup,
     join,
     warmup_then,
@@ -51,6 +53,7 @@ __all__ = [
     "InverseSqrt",
     "Join",
     "Lerp",
+    "PolynomialDecay",
     "Ramp",
     "Scale",
     "Schedule",
@@ -58,6 +61,7 @@ __all__ = [
     "ScheduleLR",
     "SchedulerType",
     "Shift",
+    "StepsLeft",
     "Warmup",
     "build_schedule",
     "continue_schedule",

@@ -1,8 +1,9 @@
 """Every HF ``lr_scheduler_type`` (transformers 5.23), built from the blocks in :mod:`.core`.
 
 Each closed-form factory returns a ``step -> multiplier`` function; for steps ``0..T`` its values
-equal ``transformers.get_scheduler(...)``'s ``lr_lambda`` (relative difference <= 1e-9), except
-where HF misbehaves and optsched deliberately does better (each case is named in the factory's
+equal ``transformers.get_scheduler(...)``'s ``lr_lambda`` bit for bit (each is built from blocks that
+keep HF's operation order: :class:`~.core.StepsLeft` for ``linear``, :class:`~.core.PolynomialDecay` for
+``polynomial``), except where HF misbehaves and optsched deliberately does better (each case is named in the factory's
 docstring):
 
 * **No rise after the end.** HF's cosine forms keep following the cosine after the last step, so
@@ -34,8 +35,10 @@ from optsched.schedules.core import (
     Decay,
     InverseSqrt,
     Join,
+    PolynomialDecay,
     Ramp,
     Shift,
+    StepsLeft,
     Warmup,
     join,
     warmup_then,
@@ -175,9 +178,10 @@ def linear_schedule(num_warmup_steps: int, num_training_steps: int) -> Join:
 
     ``f(s) = s / max(1, W)`` for ``s < W``; ``f(s) = max(0, (T - s) / max(1, T - W))`` after.
     ``f(0) = 0`` (1 when ``W = 0``), ``f(W) = 1``, ``f(T - 1) = 1 / (T - W)``, 0 from ``T`` on.
-    HF's published example (W=2, T=10, lr 10): 0, 5, 10, 8.75, 7.5, 6.25, 5, 3.75, 2.5, 1.25.
+    HF's published example (W=2, T=10, lr 10): 0, 5, 10, 8.75, 7.5, 6.25, 5, 3.75, 2.5, 1.25. The decay
+    is :class:`~.core.StepsLeft` (``T - s`` in the integers, one division), HF's values bit for bit.
     """
-    return warmup_then(num_warmup_steps, Decay(_decay_steps(num_warmup_steps, num_training_steps), "linear"))
+    return warmup_then(num_warmup_steps, StepsLeft(_decay_steps(num_warmup_steps, num_training_steps)))
 
 
 def cosine_schedule(num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5) -> Join:
@@ -231,11 +235,11 @@ def polynomial_schedule(
             f"lr_end={lr_end!r} must be smaller than the initial lr ({reference_lr!r}, the optimizer's "
             "default lr); pass a smaller lr_end in lr_scheduler_kwargs or a larger learning_rate."
         )
-    decay = Decay(
+    decay = PolynomialDecay(
         _decay_steps(num_warmup_steps, num_training_steps),
-        "polynomial",
-        end=lr_end / reference_lr,
         params={"power": power},
+        lr_init=reference_lr,
+        lr_end=lr_end,
     )
     return warmup_then(num_warmup_steps, decay)
 

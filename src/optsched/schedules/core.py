@@ -42,10 +42,12 @@ __all__ = [
     "Decay",
     "InverseSqrt",
     "Join",
+    "PolynomialDecay",
     "Ramp",
     "Scale",
     "Schedule",
     "Shift",
+    "StepsLeft",
     "Warmup",
     "check_step",
     "join",
@@ -222,6 +224,75 @@ class Decay:
             progress = min(1.0, float(step) / float(max(1, self.num_steps)))
         factor = DECAY_SHAPES[self.shape](progress, dict(self.params))
         return max(0.0, factor * (1.0 - self.end) + self.end)
+
+
+@dataclass(frozen=True)
+class StepsLeft(Decay):
+    """HF's linear decay to 0 in HF's own operation order: ``f(s) = max(0, (n - s) / max(1, n))``.
+
+    The values of ``Decay(n, "linear")``, computed as ``1 - s / n`` (the order of HF's
+    ``warmup_stable_decay``), which differs from ``(n - s) / n`` in the last bit at some steps
+    (``n = 7, s = 1``: ``0.8571428571428572`` against ``0.8571428571428571``). ``n - s`` is exact in the
+    integers, so :func:`~optsched.schedules.catalog.linear_schedule` built on this block equals HF's
+    ``get_linear_schedule_with_warmup`` bit for bit (and a Trainer logs the same ``learning_rate``). Held
+    at 0 from ``s = n`` on; an empty decay (``n = 0``) is 0.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shape != "linear" or self.end != 0.0 or self.params:
+            raise ValueError(
+                f"StepsLeft is the linear decay to 0: shape='linear', end=0 and no params; got "
+                f"shape={self.shape!r}, end={self.end!r}, params={self.params!r} (use Decay for others)."
+            )
+
+    def __call__(self, step: int) -> float:
+        n = self.num_steps
+        return max(0.0, float(n - min(step, n)) / float(max(1, n)))
+
+
+@dataclass(frozen=True)
+class PolynomialDecay(Decay):
+    """HF's polynomial decay from ``lr_init`` to ``lr_end``, as a multiplier, in HF's operation order.
+
+    Formula: ``f(s) = ((lr_init - lr_end) * (1 - s / n) ** power + lr_end) / lr_init`` for ``s <= n``,
+    then ``lr_end / lr_init`` held (``end``, set from the two). ``Decay(n, "polynomial", end=r)``
+    computes ``(1 - s / n) ** power * (1 - r) + r``, the same curve to ~1 ulp; this block keeps HF's
+    order (the range times the power, plus ``lr_end``, over ``lr_init``), so
+    :func:`~optsched.schedules.catalog.polynomial_schedule` equals HF's
+    ``get_polynomial_decay_schedule_with_warmup`` bit for bit.
+
+    Args:
+        num_steps: length of the decay (>= 0; 0 is an empty decay, at ``lr_end / lr_init``).
+        params: ``{"power": p}`` (default 1).
+        lr_init: the lr the multiplier is relative to (> ``lr_end``; the optimizer's default lr in HF).
+        lr_end: the lr at the end of the decay (>= 0).
+    """
+
+    shape: str = "polynomial"
+    lr_init: float = 1.0
+    lr_end: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number("lr_end", self.lr_end, low=0.0)
+        check_number("lr_init", self.lr_init, low=0.0)
+        if not self.lr_init > self.lr_end:
+            raise ValueError(
+                f"lr_end={self.lr_end!r} must be smaller than lr_init={self.lr_init!r}; accepted: "
+                "0 <= lr_end < lr_init."
+            )
+        if self.shape != "polynomial":
+            raise ValueError(f"PolynomialDecay has shape='polynomial', got shape={self.shape!r}.")
+        object.__setattr__(self, "end", self.lr_end / self.lr_init)
+        super().__post_init__()
+
+    def __call__(self, step: int) -> float:
+        n = self.num_steps
+        if n == 0 or step >= n:  # HF: lr_end / lr_init after the end (and 0 ** power there)
+            return self.end
+        power = float(dict(self.params).get("power", 1.0))
+        remaining = 1 - step / n
+        return ((self.lr_init - self.lr_end) * remaining**power + self.lr_end) / self.lr_init
 
 
 @dataclass(frozen=True)
