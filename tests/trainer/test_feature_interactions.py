@@ -26,6 +26,7 @@ from optsched import Trainer, TrainerCallback, TrainingArguments
 from test_metrics import two_length_lm_data  # 7 samples of 6 / 8 tokens, labels masked from various places
 from trainer_helpers import (
     PeftStyleWrapper,
+    assert_same_logs,
     make_trainer,
     masked_lm_data,
     pad_collate,
@@ -39,18 +40,6 @@ from trainer_helpers import (
 
 transformers = pytest.importorskip("transformers")
 
-#: the log keys that hold times (never compared)
-TIMING = ("runtime", "per_second", "preparation_time")
-
-
-def _noisy(key: str) -> bool:
-    """The logged values the two Trainers compute with other float operations, compared to 1e-6: an
-    evaluation's loss (optsched averages the batches in float64, transformers the samples' repeated losses in
-    float32; ``eval_loss``, ``test_loss``, ``best_metric``). The learning rate is exact (the schedules are
-    HF's bit for bit)."""
-    return key == "best_metric" or (key.endswith("_loss") and key not in ("loss", "train_loss"))
-
-
 def _classification_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
@@ -60,18 +49,6 @@ def _classification_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def _lm_collate(items):
     batch = pad_collate(items)
     return {"input_ids": batch["input_ids"], "labels": batch["labels"]}
-
-
-def _assert_same_logs(ours: list[dict], theirs: list[dict], skip: tuple[str, ...] = ()) -> None:
-    """The same log entries, keys and values: exact but for the :func:`_noisy` ones (1e-6) and the times."""
-    assert len(ours) == len(theirs), ([sorted(e) for e in ours], [sorted(e) for e in theirs])
-    for a, b in zip(ours, theirs):
-        a = {k: v for k, v in a.items() if not any(t in k for t in TIMING) and k not in skip}
-        b = {k: v for k, v in b.items() if not any(t in k for t in TIMING) and k not in skip}
-        assert a.keys() == b.keys(), (sorted(a), sorted(b))
-        for key in a:
-            expected = pytest.approx(b[key], rel=1e-6) if _noisy(key) else b[key]
-            assert a[key] == expected, (a.get("step"), key, a[key], b[key])
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -90,7 +67,7 @@ def _assert_same_checkpoints(ours: Path, theirs: Path) -> None:
     for step in _checkpoints(ours):
         a, b = (json.loads((root / f"checkpoint-{step}" / "trainer_state.json").read_text())
                 for root in (ours, theirs))
-        _assert_same_logs(a.pop("log_history"), b.pop("log_history"))
+        assert_same_logs(a.pop("log_history"), b.pop("log_history"))
         for state in (a, b):
             if state.get("best_model_checkpoint"):
                 state["best_model_checkpoint"] = Path(state["best_model_checkpoint"]).name
@@ -163,7 +140,7 @@ def test_load_best_model_at_end_with_another_feature_is_transformers(tmp_path, c
     assert ours.state.best_global_step == theirs.state.best_global_step == best_step
     assert Path(ours.state.best_model_checkpoint) == tmp_path / "optsched" / f"checkpoint-{best_step}"
     _assert_same_checkpoints(tmp_path / "optsched", tmp_path / "hf")
-    _assert_same_logs(ours.state.log_history, theirs.state.log_history)
+    assert_same_logs(ours.state.log_history, theirs.state.log_history)
     assert _same_weights(ours.model, theirs.model)  # the best checkpoint's, loaded
     best = load_file(str(tmp_path / "optsched" / f"checkpoint-{best_step}" / "model.safetensors"))
     assert all(torch.equal(t, ours.model.state_dict()[n]) for n, t in best.items())
@@ -218,7 +195,7 @@ def test_early_stopping_resumed_with_its_state_loads_transformers_best_model(tmp
         assert ours.state.global_step == theirs.state.global_step == stop
         assert ours.state.best_global_step == theirs.state.best_global_step == 4
         assert _same_weights(ours.model, theirs.model)
-        _assert_same_logs(ours.state.log_history, theirs.state.log_history)
+        assert_same_logs(ours.state.log_history, theirs.state.log_history)
         stopper = next(c for c in ours.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback")
         assert stopper.early_stopping_patience_counter == 2
     assert _same_weights(runs["optsched", "straight"].model, runs["optsched", "resumed"].model)
@@ -260,7 +237,7 @@ def test_group_by_length_counts_transformers_input_tokens(tmp_path):
     assert our_batches == their_batches and len(our_batches) == 24
     # every padded element: grouping changes the padding, hence the count (185 ungrouped)
     assert ours.state.num_input_tokens_seen == theirs.state.num_input_tokens_seen == 370
-    _assert_same_logs(ours.state.log_history, theirs.state.log_history)
+    assert_same_logs(ours.state.log_history, theirs.state.log_history)
     assert _same_weights(ours.model, theirs.model)
 
 
@@ -371,7 +348,7 @@ def test_remove_unused_columns_with_metrics_inputs_is_transformers(tmp_path, fie
     seen = {kind: [] for kind in ("optsched", "hf")}
     runs = {kind: _column_run(kind, tiny_bert(), tmp_path / kind, seen[kind], **fields) for kind in seen}
     assert _same_weights(runs["optsched"].model, runs["hf"].model)
-    _assert_same_logs(runs["optsched"].state.log_history, runs["hf"].state.log_history)
+    assert_same_logs(runs["optsched"].state.log_history, runs["hf"].state.log_history)
     _assert_same_eval_predictions(seen["optsched"], seen["hf"])
     inputs = seen["optsched"][-1][2]  # the collated inputs: idx and sentence gone, label renamed
     if isinstance(inputs, dict):
@@ -397,7 +374,7 @@ def test_a_peft_wrapper_trains_as_its_model_with_the_columns_tokens_noise_and_co
     assert _same_weights(models["wrapped"], models["bare"])
     assert models["wrapped", "tokens"] == models["bare", "tokens"] > 0
     # the stand-in has no floating_point_ops (peft's PeftModel hands that on to its model)
-    _assert_same_logs(models["wrapped", "log"], models["bare", "log"], skip=("total_flos",))
+    assert_same_logs(models["wrapped", "log"], models["bare", "log"], skip=("total_flos",))
     _assert_same_eval_predictions(seen["wrapped"], seen["bare"])
 
 
@@ -497,7 +474,7 @@ def test_bf16_training_smooths_and_measures_float32_logits_as_transformers(tmp_p
         trainer.train()
         runs[kind] = trainer
     assert _same_weights(runs["optsched"].model, runs["hf"].model)
-    _assert_same_logs(runs["optsched"].state.log_history, runs["hf"].state.log_history)
+    assert_same_logs(runs["optsched"].state.log_history, runs["hf"].state.log_history)
     assert len(seen["optsched"]) == len(seen["hf"]) == 6
     for a, b in zip(seen["optsched"], seen["hf"]):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
@@ -517,7 +494,7 @@ def test_per_batch_lists_with_batch_metrics_and_inputs_are_transformers(tmp_path
                                compute_metrics=_recorder(seen), output_dir=str(tmp_path / kind), **fields)
         runs[kind] = trainer.evaluate(), trainer.predict(two_length_lm_data()), seen
     (m_ours, p_ours, seen_ours), (m_theirs, p_theirs, seen_theirs) = runs["optsched"], runs["hf"]
-    _assert_same_logs([m_ours, p_ours.metrics], [m_theirs, p_theirs.metrics])
+    assert_same_logs([m_ours, p_ours.metrics], [m_theirs, p_theirs.metrics])
     _assert_same_eval_predictions(seen_ours, seen_theirs)  # 4 batches of evaluate(), 4 of predict()
     assert len(seen_ours) == 8 and seen_ours[3][0].shape[0] == 1
     for ours, theirs in ((p_ours.predictions, p_theirs.predictions), (p_ours.label_ids, p_theirs.label_ids)):
@@ -546,7 +523,7 @@ def test_the_tokens_count_goes_on_across_a_resume_as_transformers_counts(tmp_pat
             runs[kind, resume] = trainer
     for resume in (None, "checkpoint-4"):
         ours, theirs = runs["optsched", resume], runs["hf", resume]
-        _assert_same_logs(ours.state.log_history, theirs.state.log_history)
+        assert_same_logs(ours.state.log_history, theirs.state.log_history)
         assert _same_weights(ours.model, theirs.model)
     # 50 real tokens an epoch; with ignore_data_skip the 2 steps after the resume train epoch 1's first 4
     # batches again (38 tokens) in place of its last 3 (34)

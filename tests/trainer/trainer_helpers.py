@@ -3,6 +3,7 @@ transformers models (GPT-2, T5, Llama with tied embeddings, BERT classifier; tra
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -211,3 +212,27 @@ def run_torchrun(worker: str, *argv: str) -> None:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+#: the log keys that hold times (never compared)
+LOG_TIMES = ("runtime", "per_second", "preparation_time")
+
+
+def _noisy_log_value(key: str) -> bool:
+    """The logged values the two Trainers compute with other float operations, compared to 1e-6: an
+    evaluation's loss (optsched averages the batches in float64, transformers the samples' repeated losses in
+    float32; ``eval_loss``, ``test_loss``, ``best_metric``). The learning rate is exact (the schedules are
+    HF's bit for bit)."""
+    return key == "best_metric" or (key.endswith("_loss") and key not in ("loss", "train_loss"))
+
+
+def assert_same_logs(ours: list[dict], theirs: list[dict], skip: tuple[str, ...] = ()) -> None:
+    """The same log entries, keys and values: exact but for the :func:`_noisy_log_value` ones (1e-6) and the times."""
+    assert len(ours) == len(theirs), ([sorted(e) for e in ours], [sorted(e) for e in theirs])
+    for a, b in zip(ours, theirs):
+        a = {k: v for k, v in a.items() if not any(t in k for t in LOG_TIMES) and k not in skip}
+        b = {k: v for k, v in b.items() if not any(t in k for t in LOG_TIMES) and k not in skip}
+        assert a.keys() == b.keys(), (sorted(a), sorted(b))
+        for key in a:
+            expected = pytest.approx(b[key], rel=1e-6) if _noisy_log_value(key) else b[key]
+            assert a[key] == expected, (a.get("step"), key, a[key], b[key])
