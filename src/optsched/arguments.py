@@ -525,6 +525,10 @@ class TrainingArguments:
         -1, "Total optimizer steps; overrides num_train_epochs when > 0. -1: unset.", _max_steps)
     per_device_train_batch_size: int = _field(8, "Training batch size per device.", _int(low=1))
     per_device_eval_batch_size: int = _field(8, "Evaluation batch size per device.", _int(low=1))
+    auto_find_batch_size: bool = _field(
+        False, "When training runs out of memory, train again from the start with a per-device batch 0.9x as "
+        "large, until one fits (transformers' rule; one process only). The batch found is saved in "
+        "trainer_state.json, and a resume starts from it.", _bool())
     gradient_accumulation_steps: int = _field(
         1, "Micro-batches accumulated before each optimizer step.", _int(low=1))
     optim: str = _field(DEFAULT_OPTIM, "Optimizer name (transformers' names and optsched's own).", _optim)

@@ -255,7 +255,7 @@ class CheckpointMixin:
         state.compute_steps(self.args, plan.max_steps)
         state.max_steps = plan.max_steps
         state.num_train_epochs = plan.num_train_epochs
-        state.train_batch_size = self.args.per_device_train_batch_size
+        state.train_batch_size = self._train_batch_size
         state.is_local_process_zero = self.dist.local_rank == 0
         state.is_world_process_zero = self.dist.is_main_process
         return state
@@ -283,7 +283,7 @@ class CheckpointMixin:
             "processes": ckpt.saved_process_count(checkpoint),
         }
         now = {
-            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "per_device_train_batch_size": self._train_batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
             "processes": self.dist.world_size,
         }

@@ -65,11 +65,11 @@ class DataLoaderMixin:
                 drop_last=args.dataloader_drop_last and self.dist.enabled,
                 # transformers' LengthGroupedSampler; under DDP accelerate deals its batches out in turn
                 order=LengthGroupedOrder(
-                    ds, batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                    ds, batch_size=self._train_batch_size * args.gradient_accumulation_steps,
                     seed=self._data_seed(), length_column_name=args.length_column_name,
                     model_input_name=args.model_input_name,
                 ) if grouped else None,
-                shard_size=args.per_device_train_batch_size if grouped else 1,
+                shard_size=self._train_batch_size if grouped else 1,
             )
         elif self.dist.enabled:
             # every rank the same number of items, hence of batches and steps (see ShardedIterable)
@@ -78,7 +78,7 @@ class DataLoaderMixin:
             )
         return build_dataloader(
             ds,
-            batch_size=args.per_device_train_batch_size,
+            batch_size=self._train_batch_size,  # per_device_train_batch_size, or auto_find_batch_size's
             collate_fn=self._collator("training"),
             sampler=sampler,
             drop_last=args.dataloader_drop_last,

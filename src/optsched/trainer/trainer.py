@@ -75,6 +75,7 @@ from torch.utils.data import DataLoader
 from optsched.arguments import torch_compile_settings
 from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
+from optsched.trainer.auto_batch_size import BatchSizeSearch
 from optsched.trainer.batch_metrics import check_compute_result_parameter
 from optsched.trainer.best_model import BestModelMixin
 from optsched.trainer.callbacks import (
@@ -315,6 +316,8 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
                 config.use_cache = self.args.use_cache
             if self.args.neftune_noise_alpha is not None:
                 input_embeddings(self.model, self.args.neftune_noise_alpha)  # refused now, not at train()
+            self._auto_batch_size: int | None = None  # auto_find_batch_size's batch being tried
+            self._initial_step: int | None = None
             self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
             self.optimizer, self.lr_scheduler = optimizers
             self._created_lr_scheduler = False
@@ -628,6 +631,8 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         self.is_in_train = True
         try:
+            if getattr(self.args, "auto_find_batch_size", False):
+                return self._search_batch_size(checkpoint)
             return self._train_from(checkpoint)
         except ckpt.CheckpointError as exc:
             if resume_from_checkpoint is True and checkpoint is not None:
@@ -635,6 +640,12 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             raise
         finally:
             self.is_in_train = False
+
+    @property
+    def _train_batch_size(self) -> int:
+        """The per-device training batch: ``per_device_train_batch_size``, or while ``auto_find_batch_size``
+        searches, the size being tried (:mod:`optsched.trainer.auto_batch_size`). transformers' attribute name."""
+        return getattr(self, "_auto_batch_size", None) or self.args.per_device_train_batch_size
 
     def _check_output_dir(self) -> None:
         """Create ``output_dir`` and probe it, now (:func:`~optsched.trainer.checkpoint.make_writable_dir`):
@@ -649,6 +660,21 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
                 f"({exc.strerror or exc}: {exc.filename or path}); accepted: a directory this process can "
                 "write to (created if missing)."
             ) from None
+
+    def _search_batch_size(self, checkpoint: Path | None) -> TrainOutput:
+        """``auto_find_batch_size``: :meth:`_train_from` again with a smaller batch after running out of memory
+        (:class:`~optsched.trainer.auto_batch_size.BatchSizeSearch`), from the checkpoint's batch on a resume."""
+        if self.dist.enabled:
+            raise ValueError(
+                f"auto_find_batch_size=True with {self.dist.world_size} processes: a process that runs out of "
+                "memory would leave the others waiting in the gradient all-reduce. Accepted: one process, or "
+                "auto_find_batch_size=False with a per_device_train_batch_size that fits (found with one process)."
+            )
+        start = self.args.per_device_train_batch_size
+        if checkpoint is not None:
+            saved = ckpt.load_trainer_state(checkpoint, verify=self._checkpoint_verify()).train_batch_size
+            start = saved if isinstance(saved, int) and saved > 0 else start
+        return BatchSizeSearch(self, start).run(lambda: self._train_from(checkpoint))
 
     def _train_from(self, checkpoint: Path | None) -> TrainOutput:
         """:meth:`train` once the checkpoint to resume from (or ``None``) is known."""
@@ -767,7 +793,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         self._total_loss_scalar = 0.0
         self._total_loss_steps = 0
         self._globalstep_last_logged = state.global_step
-        initial_step = state.global_step
+        initial_step = self._initial_step = state.global_step  # auto_find_batch_size reads the steps applied
         self._initial_num_input_tokens_seen = state.num_input_tokens_seen  # this call's tokens per second
         start_time = self._train_start_time = time.time()
         self._grad_norm: torch.Tensor | None = None
@@ -861,7 +887,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         args = self.args
         dataset = getattr(loader, "dataset", None)
         if args.max_steps > 0 or not has_length(loader) or dataset is None or not has_length(dataset):
-            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
+            per_step = self._train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
             return float(steps_done * per_step)
         return len(dataset) * args.num_train_epochs * steps_done / max(plan.max_steps, 1)
 
