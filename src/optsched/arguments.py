@@ -525,6 +525,9 @@ class TrainingArguments:
         -1, "Total optimizer steps; overrides num_train_epochs when > 0. -1: unset.", _max_steps)
     per_device_train_batch_size: int = _field(8, "Training batch size per device.", _int(low=1))
     per_device_eval_batch_size: int = _field(8, "Evaluation batch size per device.", _int(low=1))
+    skip_memory_metrics: bool = _field(
+        True, "Leave out the memory metrics (False: <stage>_mem_cpu_alloc_delta / _peaked_delta, and _gpu_ on an "
+        "accelerator, for init, train, eval and test, in bytes, as transformers reports them).", _bool())
     auto_find_batch_size: bool = _field(
         False, "When training runs out of memory, train again from the start with a per-device batch 0.9x as "
         "large, until one fits (transformers' rule; one process only). The batch found is saved in "

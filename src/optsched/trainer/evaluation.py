@@ -108,7 +108,14 @@ class EvaluationMixin:
             for name, dataset in datasets.items():
                 metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        loader = self.get_eval_dataloader(eval_dataset)
+        self._memory_tracker.start("eval")  # inside train(): part of the train stage
+        try:
+            return self._evaluate_loader(self.get_eval_dataloader(eval_dataset), ignore_keys, metric_key_prefix)
+        finally:
+            self._memory_tracker.abandon("eval")  # an exception (else already stopped)
+
+    def _evaluate_loader(self, loader: Any, ignore_keys: Any, metric_key_prefix: str) -> dict[str, float]:
+        """:meth:`evaluate` of one dataset's loader: the loop, the speed metrics, the log, ``on_evaluate``."""
         start = time.time()
         output = self.evaluation_loop(
             loader,
@@ -122,6 +129,7 @@ class EvaluationMixin:
         metrics.update(speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        self._memory_tracker.stop("eval", metrics)  # returned, not logged (transformers' order)
         return metrics
 
     @logs_at_process_level
@@ -140,14 +148,19 @@ class EvaluationMixin:
             TypeError: ``ignore_keys`` is not None or a list of names.
         """
         ignore_keys = check_ignore_keys("ignore_keys", ignore_keys)
-        loader = self.get_test_dataloader(test_dataset)
-        start = time.time()
-        output = self.evaluation_loop(
-            loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
-        metrics = output.metrics
-        metrics.update(speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
-        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
+        self._memory_tracker.start("test")
+        try:
+            loader = self.get_test_dataloader(test_dataset)
+            start = time.time()
+            output = self.evaluation_loop(
+                loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+            metrics = output.metrics
+            metrics.update(speed_metrics(metric_key_prefix, time.time() - start, output.num_samples, output.num_steps))
+            self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
+            self._memory_tracker.stop("test", metrics)
+        finally:
+            self._memory_tracker.abandon("test")
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=metrics)
 
     def evaluation_loop(

@@ -77,6 +77,7 @@ from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.auto_batch_size import BatchSizeSearch
 from optsched.trainer.batch_metrics import check_compute_result_parameter
+from optsched.trainer.memory_metrics import MemoryTracker
 from optsched.trainer.best_model import BestModelMixin
 from optsched.trainer.callbacks import (
     CallbackHandler,
@@ -273,6 +274,8 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             use_cpu=self.args.use_cpu, backend=self.args.ddp_backend, timeout_s=self.args.ddp_timeout
         )
         self.device = resolve_device(self.args.use_cpu, self.dist.local_rank)
+        self._memory_tracker = MemoryTracker(not getattr(self.args, "skip_memory_metrics", True), self.device)
+        self._memory_tracker.start("init")
         # the rest of the constructor logs at log_level, as each call that logs does (trainer.log_levels)
         with optsched_log_level(process_log_level(self.args, local_rank=self.dist.local_rank, rank=self.dist.rank)):
             if self.args.report_to and self.dist.is_main_process:
@@ -350,6 +353,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             self._check_update_mode()  # fail at construction, not after the first epoch's data is loaded
             self.callback_handler.optimizer = self.optimizer
             self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+            self._memory_tracker.stop("init")
 
     # ---- optimizer and scheduler (transformers' names; logic lives in optsched.optim / .schedules) ----
 
@@ -630,6 +634,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         self._ignore_keys_for_eval = check_ignore_keys("ignore_keys_for_eval", ignore_keys_for_eval)
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         self.is_in_train = True
+        self._memory_tracker.start("train")
         try:
             if getattr(self.args, "auto_find_batch_size", False):
                 return self._search_batch_size(checkpoint)
@@ -640,6 +645,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             raise
         finally:
             self.is_in_train = False
+            self._memory_tracker.abandon("train")  # an exception: no train metrics (else already stopped)
 
     @property
     def _train_batch_size(self) -> int:
@@ -869,6 +875,7 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             "total_flos": float(state.total_flos),
             "train_loss": train_loss,
         }
+        self._memory_tracker.stop("train", metrics)  # skip_memory_metrics=False: logged with the others
         self.log(metrics)
         self._end_with_best_model()  # load_best_model_at_end, save_total_limit=1 (transformers' order)
         self.control = self.callback_handler.on_train_end(args, state, self.control)
