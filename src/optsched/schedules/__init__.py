@@ -1,6 +1,7 @@
 """Learning-rate schedules: pure closed-form functions, a registry of names, and the torch adapter.
 
-* :mod:`.core` -- building blocks (``Warmup``, ``Decay``, ``StepsLeft``, ``PolynomialDecay``, ``join``, ``warmup_then``, ...).
+* :mod:`.core` -- building blocks (``Warmup``, ``Decay``, ``StepsLeft``, ``PolynomialDecay``, ``join``,
+  ``warmup_then``, ...).
 * :mod:`.catalog` -- every HF ``lr_scheduler_type`` built from them.
 * :mod:`.registry` -- names, aliases, kwargs validation, ``register_schedule``.
 * :mod:`.scheduler` -- ``ScheduleLR``, ``get_scheduler``, ``create_scheduler``.

@@ -2,9 +2,9 @@
 
 Each closed-form factory returns a ``step -> multiplier`` function; for steps ``0..T`` its values
 equal ``transformers.get_scheduler(...)``'s ``lr_lambda`` bit for bit (each is built from blocks that
-keep HF's operation order: :class:`~.core.StepsLeft` for ``linear``, :class:`~.core.PolynomialDecay` for
-``polynomial``), except where HF misbehaves and optsched deliberately does better (each case is named in the factory's
-docstring):
+keep HF's operation order: :class:`~.core.StepsLeft` for ``linear``, :class:`~.core.PolynomialDecay`
+for ``polynomial``), except where HF misbehaves and optsched deliberately does better (each case is
+named in the factory's docstring):
 
 * **No rise after the end.** HF's cosine forms keep following the cosine after the last step, so
   stepping the scheduler past ``num_training_steps`` brings the lr back up (``cosine``,

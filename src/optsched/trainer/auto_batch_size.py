@@ -12,12 +12,13 @@ evaluation during training shrinks the training batch too, as in transformers.
 Where optsched goes further (:class:`BatchSizeSearch`): each new attempt starts clean. The exception and
 its traceback (which hold the failed step's tensors) are dropped and the device cache emptied before the
 next attempt; the optimizer (the Trainer's own, built with it, or a given one) drops the per-parameter
-state the failed attempt created (its moments), and its groups' settings (lrs, and counters such as schedule-free's) go back to where
-they were, where transformers' Trainer goes on with the first attempt's moments; a given scheduler goes
-back too (the Trainer's own is made again for the run, as always), and gradients are cleared. The one thing not undone is weights that optimizer
-steps already changed (a later, longer batch ran out of memory): the attempt goes on from them, as in
-transformers, with a warning naming the steps (resuming from a checkpoint reloads them). Under DDP it is
-refused: one process out of memory would leave the others waiting in the gradient all-reduce.
+state the failed attempt created (its moments), and its groups' settings (lrs, and counters such as
+schedule-free's) go back to where they were, where transformers' Trainer goes on with the first attempt's
+moments; a given scheduler goes back too (the Trainer's own is made again for the run, as always), and
+gradients are cleared. The one thing not undone is weights that optimizer steps already changed (a later,
+longer batch ran out of memory): the attempt goes on from them, as in transformers, with a warning naming
+the steps (resuming from a checkpoint reloads them). Under DDP it is refused: one process out of memory
+would leave the others waiting in the gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch
+from optsched.trainer.distributed import empty_device_cache
 
 __all__ = ["OUT_OF_MEMORY_MESSAGES", "BatchSizeSearch", "is_out_of_memory", "next_batch_size"]
 
@@ -111,7 +112,7 @@ class BatchSizeSearch:
                 )
                 self._reset_for_next_attempt()
                 gc.collect()  # one pass (0.2 s with transformers imported) once the failed attempt is let go
-                _empty_cache(self.trainer)
+                empty_device_cache(self.trainer.device)
                 batch_size = smaller
         finally:
             self.trainer._auto_batch_size = None
@@ -160,10 +161,3 @@ class _OutOfMemory:
             "set per_device_train_batch_size and start again, for a clean run)." if applied else ""
         )
 
-
-def _empty_cache(trainer: Any) -> None:
-    from optsched.trainer.distributed import empty_device_cache
-
-    device = getattr(trainer, "device", None)
-    if isinstance(device, torch.device):
-        empty_device_cache(device)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from optsched.trainer.distributed import empty_device_cache
+
 __all__ = ["MemoryTracker", "cpu_resident_bytes"]
 
 _STATUS = "/proc/self/status"
@@ -119,7 +121,8 @@ class MemoryTracker:
 
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled = enabled and cpu_resident_bytes() is not None
-        self._device = _device_memory_module(device)
+        self._device = device
+        self._stats = _device_memory_module(device)
         self._stage: str | None = None
         self._peak = _CpuPeak()
         self._begin: dict[str, int] = {}
@@ -132,11 +135,10 @@ class MemoryTracker:
             return
         self._stage = stage
         gc.collect()
-        if self._device is not None:
-            self._device.reset_peak_memory_stats()
-            if callable(getattr(self._device, "empty_cache", None)):
-                self._device.empty_cache()
-            self._begin["gpu"] = int(self._device.memory_allocated())
+        if self._stats is not None:
+            self._stats.reset_peak_memory_stats()
+            empty_device_cache(self._device)
+            self._begin["gpu"] = int(self._stats.memory_allocated())
         self._begin["cpu"] = cpu_resident_bytes() or 0
         self._peak.reset()
 
@@ -151,11 +153,10 @@ class MemoryTracker:
         now = cpu_resident_bytes() or 0
         done = {"cpu_alloc": now - self._begin["cpu"], "cpu_peaked": max(0, peak - now),
                 "cpu_begin": self._begin["cpu"]}
-        if self._device is not None:
-            if callable(getattr(self._device, "empty_cache", None)):
-                self._device.empty_cache()
-            used = int(self._device.memory_allocated())
-            peak_used = int(self._device.max_memory_allocated())
+        if self._stats is not None:
+            empty_device_cache(self._device)
+            used = int(self._stats.memory_allocated())
+            peak_used = int(self._stats.max_memory_allocated())
             done.update(gpu_alloc=used - self._begin["gpu"], gpu_peaked=max(0, peak_used - used),
                         gpu_begin=self._begin["gpu"])
         self._done[stage] = done

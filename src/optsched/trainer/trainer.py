@@ -77,7 +77,6 @@ from optsched.params.classify import unwrap_compiled
 from optsched.trainer import checkpoint as ckpt
 from optsched.trainer.auto_batch_size import BatchSizeSearch
 from optsched.trainer.batch_metrics import check_compute_result_parameter
-from optsched.trainer.memory_metrics import MemoryTracker
 from optsched.trainer.best_model import BestModelMixin
 from optsched.trainer.callbacks import (
     CallbackHandler,
@@ -108,6 +107,7 @@ from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.log_levels import logs_at_process_level, optsched_log_level, process_log_level
 from optsched.trainer.mixed_precision import float32_outputs
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, main_input_name, model_accepts_loss_kwargs
+from optsched.trainer.memory_metrics import MemoryTracker
 from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.predictions import check_ignore_keys, find_labels
