@@ -558,6 +558,11 @@ class TrainingArguments:
     logging_first_step: bool = _field(
         False, "Also log after the first optimizer step (global_step 1), whatever logging_strategy says.",
         _bool())
+    logging_nan_inf_filter: bool = _field(
+        True, "Leave NaN / inf losses out of the logged losses: a skipped non-finite training step out of 'loss' "
+        "and 'train_loss', and batches with a non-finite loss (e.g. all labels -100) out of an evaluation's "
+        "loss, unless no batch has a finite one (as transformers). False: every loss counts, so a NaN shows.",
+        _bool())
     log_level: str = _field(
         "passive", "The level of the optsched logger, during the Trainer's calls, in the process that logs (see "
         "log_on_each_node): 'debug' (or 'detail'), 'info', 'warning', 'error', 'critical', or 'passive' (leave "

@@ -59,6 +59,20 @@ def test_a_nan_step_is_skipped_counted_and_logged(tmp_path, caplog, max_grad_nor
     assert result.training_loss == pytest.approx(sum(losses) / 5, rel=1e-6)
 
 
+def test_without_the_logging_filter_the_skipped_steps_nan_is_logged_and_the_step_still_skipped(tmp_path):
+    # logging_nan_inf_filter=False (transformers: every step's loss counts): the NaN shows in 'loss' and
+    # train_loss; the step is skipped all the same, so the weights stay finite
+    t, watch = _trainer(tmp_path, {3}, max_steps=6, logging_nan_inf_filter=False)
+    result = t.train()
+    logged = [h for h in t.state.log_history if "learning_rate" in h]
+    assert [math.isnan(h["loss"]) for h in logged] == [False, False, True, False, False, False]
+    assert math.isnan(result.training_loss)
+    assert [h.get("nonfinite_skipped", 0) for h in logged] == [0, 0, 1, 1, 1, 1]
+    for name in watch.after[3]:
+        assert torch.equal(watch.after[3][name], watch.after[2][name])
+        assert torch.isfinite(watch.after[6][name]).all()
+
+
 def test_the_logged_loss_is_the_mean_of_the_applied_steps_of_its_window(tmp_path):
     every, _ = _trainer(tmp_path / "every", {3}, max_steps=6)
     every.train()

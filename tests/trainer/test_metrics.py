@@ -7,6 +7,7 @@ metrics (all keys but the timing ones), the predictions and the label ids.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -120,6 +121,37 @@ def test_causal_lm_3d_logits_match_transformers(tmp_path):
     assert p_ours.predictions.shape == p_theirs.predictions.shape == (12, 8, 50)
     np.testing.assert_allclose(p_ours.predictions, p_theirs.predictions, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(p_ours.label_ids, p_theirs.label_ids)
+
+
+def lm_data_with_unlabelled_batches(unlabelled: set[int], n: int = 12) -> list[dict[str, torch.Tensor]]:
+    """:func:`lm_data` with every label of the samples in ``unlabelled`` set to -100: a batch of those only
+    has a NaN loss (the mean over no token)."""
+    data = lm_data(n)
+    for i in unlabelled:
+        data[i]["labels"] = torch.full_like(data[i]["labels"], -100)
+    return data
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+@pytest.mark.parametrize("unlabelled", [{4, 5, 6, 7}, set(range(12))], ids=["one-batch", "every-batch"])
+def test_batches_with_a_nan_loss_are_left_out_of_eval_loss_as_in_transformers(tmp_path, nan_filter, unlabelled):
+    # batches of 4: the second holds no label; logging_nan_inf_filter (default True) leaves its NaN out of
+    # eval_loss, unless every batch is NaN; False keeps it
+    data = lm_data_with_unlabelled_batches(unlabelled)
+    some_labelled = len(unlabelled) < len(data)
+    ours, theirs = both_trainers(tiny_llama, data, tmp_path, {"logging_nan_inf_filter": nan_filter},
+                                 compute_metrics=accuracy if some_labelled else None)  # else accuracy is NaN
+    m_ours, m_theirs = ours.evaluate(), theirs.evaluate()
+    finite = nan_filter and some_labelled
+    assert math.isfinite(m_ours["eval_loss"]) is finite
+    if finite:
+        assert_same_metrics(m_ours, m_theirs)
+        kept = [d for i, d in enumerate(data) if i not in unlabelled]
+        only_kept, _ = both_trainers(tiny_llama, kept, tmp_path / "kept")
+        assert m_ours["eval_loss"] == pytest.approx(only_kept.evaluate()["eval_loss"], rel=1e-12)
+    else:
+        assert math.isnan(m_theirs["eval_loss"])
+        assert_same_metrics({**m_ours, "eval_loss": 0.0}, {**m_theirs, "eval_loss": 0.0})
 
 
 def test_causal_lm_with_preprocess_matches_transformers(tmp_path):

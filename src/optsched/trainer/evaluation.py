@@ -35,7 +35,7 @@ from optsched.trainer.predictions import (
 )
 from optsched.trainer.reporting import speed_metrics
 
-__all__ = ["EvalLoopOutput", "EvaluationMixin", "steps_on_metric"]
+__all__ = ["EvalLoopOutput", "EvalLossMean", "EvaluationMixin", "steps_on_metric"]
 
 
 class EvalLoopOutput(NamedTuple):
@@ -54,6 +54,48 @@ def steps_on_metric(scheduler: Any) -> bool:
     from optsched.schedules import is_metric_scheduler
 
     return scheduler is not None and is_metric_scheduler(scheduler)
+
+
+class EvalLossMean:
+    """An evaluation's loss: the mean of its batches' losses weighted by their sizes, as transformers takes
+    the mean of each batch's loss repeated once per sample.
+
+    With ``nonfinite_filter`` (``logging_nan_inf_filter``, transformers' default True), batches whose loss
+    is NaN or infinite (e.g. a causal-LM batch whose labels are all -100) are left out, unless no batch has
+    a finite loss; then, and with False, every batch counts (a NaN then gives NaN). Sums in float64, on the
+    device (no synchronisation per batch), summed over DDP processes in one collective.
+
+    Example:
+        >>> m = EvalLossMean(torch.device("cpu"))
+        >>> m.add(torch.tensor(1.0), 2); m.add(torch.tensor(float("nan")), 1); m.add(torch.tensor(4.0), 1)
+        >>> m.result(None, nonfinite_filter=True)
+        (2.0, True)
+        >>> import math; math.isnan(m.result(None, nonfinite_filter=False)[0])
+        True
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        # [sum of finite losses x n, their samples, sum of all losses x n, all samples]
+        self._sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        """Add a batch of ``n`` samples whose mean loss is ``loss`` (a one-value tensor)."""
+        weighted = loss.detach().double().reshape(()) * n
+        finite = torch.isfinite(weighted)
+        zero = torch.zeros((), dtype=torch.float64, device=weighted.device)
+        self._sums += torch.stack((torch.where(finite, weighted, zero), finite.double() * n,
+                                   weighted, torch.full_like(zero, n)))
+
+    def result(self, dist: Any, nonfinite_filter: bool) -> tuple[float, bool]:
+        """``(the mean loss, whether any batch had a loss)``, over every process under DDP (a collective:
+        every process calls it); NaN when no batch had one."""
+        sums = self._sums if dist is None else all_reduce_sum(self._sums, dist)
+        finite_total, finite_count, total, count = sums.tolist()
+        if count == 0:
+            return float("nan"), False
+        if nonfinite_filter and finite_count > 0:
+            return finite_total / finite_count, True
+        return total / count, True
 
 
 def _batch_size(batch: Any) -> int:
@@ -202,8 +244,7 @@ class EvaluationMixin:
         self.callback_handler.eval_dataloader = dataloader
         model = self._evaluation_model()  # torch_compile: a compiled wrapper of self.model
         input_name = main_input_name(self.model)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_mean = EvalLossMean(self.device)
         samples = 0
         steps = 0
         collector = PredictionCollector(concat=getattr(args, "eval_do_concat_batches", True)) if keep else None
@@ -226,8 +267,7 @@ class EvaluationMixin:
                         n = _batch_size(batch)
                         loss, logits, labels = self.prediction_step(model, batch, prediction_loss_only, ignore_keys)
                         if loss is not None:
-                            total += loss.detach().double().reshape(()) * n
-                            count += n
+                            loss_mean.add(loss, n)
                         samples += n
                         steps += 1
                         if not prediction_loss_only:
@@ -242,7 +282,7 @@ class EvaluationMixin:
                         per_batch.update(logits, labels, batch if "inputs" in include else None, losses, is_last)
             finally:
                 model.train(was_training)
-        total, count = all_reduce_sum(total, self.dist), all_reduce_sum(count, self.dist)
+        eval_loss, counted = loss_mean.result(self.dist, getattr(args, "logging_nan_inf_filter", True))
         num_samples = int(all_reduce_sum(torch.tensor(float(samples), device=self.device), self.dist).item())
         predictions = label_ids = None
         metrics: dict[str, Any] = {}
@@ -256,8 +296,8 @@ class EvaluationMixin:
                 )
         if per_batch is not None:
             metrics = per_batch.metrics()
-        if count > 0 or prediction_loss_only:
-            metrics[f"{metric_key_prefix}_loss"] = float(total / count) if count > 0 else float("nan")
+        if counted or prediction_loss_only:
+            metrics[f"{metric_key_prefix}_loss"] = eval_loss
         return EvalLoopOutput(predictions, label_ids, prefix_metrics(metrics, metric_key_prefix), num_samples, steps)
 
     def prediction_step(

@@ -938,15 +938,15 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
         self._add_tokens_seen(tokens)
         self._grad_norm, stepped = self._clip_and_step(step_loss)
         self._last_lr = self._get_learning_rate()  # the lr this step used
-        if stepped:
+        # A skipped step (NaN / inf: the guard, or fp16's GradScaler) adds nothing to the logged loss with
+        # logging_nan_inf_filter (the default): it is the mean of the applied steps. (transformers' filter
+        # adds the window's running mean instead, which is 0 in a window that starts with the skip: it
+        # logs loss=0.0 and pulls train_loss down.) False counts every step's loss, as transformers does.
+        if stepped or not getattr(self.args, "logging_nan_inf_filter", True):
             self._tr_loss = window
             self._tr_steps += 1
-            if not self._metric_scheduler:
-                self._step_scheduler()
-        # A skipped step (NaN / inf: the guard, or fp16's GradScaler) adds nothing: the logged loss is
-        # the mean of the applied steps. (transformers' logging_nan_inf_filter adds the window's running
-        # mean instead, which is 0 in a window that starts with the skip: it logs loss=0.0 and pulls
-        # train_loss down.)
+        if stepped and not self._metric_scheduler:
+            self._step_scheduler()
         self._zero_grad()
         return True
 
