@@ -642,6 +642,11 @@ class TrainingArguments:
     dataloader_multiprocessing_context: str | None = _field(
         None, "How worker processes start: 'fork', 'spawn' or 'forkserver' (needs dataloader_num_workers > 0); "
         "None: the platform's default.", _start_method)
+    dataloader_in_order: bool = _field(
+        True, "Yield batches in the order they were dispatched to the workers. False: as soon as a worker has "
+        "one ready (torch >= 2.6; less waiting on a slow batch, but the order, so the run, is no longer "
+        "reproducible, and a resume mid-epoch may repeat or miss a few batches). No effect without workers.",
+        _bool())
     remove_unused_columns: bool = _field(
         True, "Drop the keys of dict samples that the model's forward does not name (label, label_ids and "
         "label_names kept) before the data collator sees them, as transformers does; False: pass every key.",
@@ -1052,6 +1057,24 @@ def _check_worker_options(args: TrainingArguments) -> None:
             )
 
 
+def _check_in_order(args: TrainingArguments) -> None:
+    """``dataloader_in_order=False`` needs torch's DataLoader argument (torch 2.6), which transformers passes
+    whatever the torch, failing there with a ``TypeError`` from the DataLoader."""
+    if args.dataloader_in_order:
+        return
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    if "in_order" not in inspect.signature(DataLoader.__init__).parameters:
+        import torch
+
+        raise ValueError(
+            f"dataloader_in_order=False needs torch's DataLoader(in_order=...), from torch 2.6; torch "
+            f"{torch.__version__} is installed; accepted: dataloader_in_order=True, or torch >= 2.6."
+        )
+
+
 def _check_mixed_precision(args: TrainingArguments) -> None:
     if args.fp16 and args.bf16:
         raise ValueError("fp16=True and bf16=True conflict; accepted: at most one of them True.")
@@ -1154,6 +1177,7 @@ _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _resolve_torch_compile,
     _check_mixed_precision,
     _check_worker_options,
+    _check_in_order,
     _check_step_intervals,
     _check_optim_args,
     _check_scheduler_kwargs,

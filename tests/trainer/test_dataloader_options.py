@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import pytest
 import torch
@@ -80,3 +82,68 @@ def test_worker_options_reach_the_dataloader(tmp_path):
 def test_worker_options_without_workers_or_bad_values_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainingArguments(**fields)
+
+
+class GatedData(torch.utils.data.Dataset):
+    """8 samples; loading sample 0 waits (up to 60 s) until sample 4 has been loaded: in batches of 4 over
+    two workers, batch 1 is ready before batch 0."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 4:
+            self.flag.touch()
+        if i == 0:
+            deadline = time.monotonic() + 60
+            while not self.flag.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # batch 1's worker is already putting it in the queue
+        return {"x": torch.full((3,), float(i)), "labels": torch.tensor(float(i))}
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_in_order_false_yields_a_batch_as_soon_as_a_worker_has_it(tmp_path, in_order):
+    data = GatedData(tmp_path / "flag")
+    trainer = Trainer(Regressor(), _args(tmp_path, dataloader_num_workers=2, dataloader_in_order=in_order,
+                                         per_device_eval_batch_size=4), eval_dataset=data)
+    firsts = [int(batch["labels"][0]) for batch in trainer.get_eval_dataloader()]
+    assert firsts == ([0, 4] if in_order else [4, 0])
+
+
+def test_in_order_reaches_both_dataloaders_as_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    fields = {"dataloader_num_workers": 2, "dataloader_in_order": False, "use_cpu": True}
+    ours = Trainer(Regressor(), TrainingArguments(output_dir=str(tmp_path / "o"), **fields),
+                   train_dataset=PidData(), eval_dataset=PidData())
+    theirs = transformers.Trainer(Regressor(), transformers.TrainingArguments(
+        output_dir=str(tmp_path / "h"), report_to="none", **fields), train_dataset=PidData(), eval_dataset=PidData())
+    for trainer in (ours, theirs):
+        assert trainer.get_train_dataloader().in_order is False and trainer.get_eval_dataloader().in_order is False
+    assert Trainer(Regressor(), _args(tmp_path, dataloader_num_workers=2),
+                   train_dataset=PidData()).get_train_dataloader().in_order is True
+
+
+def test_a_resume_mid_epoch_out_of_order_warns_that_the_skipped_batches_may_differ(tmp_path, caplog):
+    trainer = Trainer(Regressor(), _args(tmp_path, dataloader_num_workers=2, dataloader_in_order=False),
+                      train_dataset=PidData())
+    loader = trainer.get_train_dataloader()
+    trainer.state.global_step = 3  # 2 steps an epoch: epoch 1, one step in
+    with caplog.at_level(logging.WARNING, logger="optsched"):
+        assert trainer._start_position(loader, trainer._plan(len(loader)))[:2] == (1, 1)
+    assert "dataloader_in_order=False" in caplog.text and "differ" in caplog.text
+
+
+def test_in_order_false_on_a_torch_without_it_is_refused(monkeypatch):
+    class OldDataLoader:  # torch < 2.6's DataLoader has no in_order
+        def __init__(self, dataset, batch_size=1, num_workers=0):
+            pass
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", OldDataLoader)
+    with pytest.raises(ValueError, match=r"dataloader_in_order=False needs torch's DataLoader\(in_order=...\).*"
+                                         r"accepted: dataloader_in_order=True"):
+        TrainingArguments(dataloader_num_workers=2, dataloader_in_order=False)
+    TrainingArguments(dataloader_num_workers=2)  # the default needs nothing

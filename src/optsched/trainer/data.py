@@ -306,12 +306,14 @@ def build_dataloader(
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
     multiprocessing_context: str | None = None,
+    in_order: bool = True,
 ) -> DataLoader:
     """A DataLoader whose worker seeds come from its own generator (never from the global RNG).
 
-    ``pin_memory``, ``persistent_workers``, ``prefetch_factor`` and ``multiprocessing_context`` are the
-    DataLoader's own (the last three only with ``num_workers > 0``; ``prefetch_factor=None`` is torch's
-    default, 2 batches per worker).
+    ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context`` and
+    ``in_order`` are the DataLoader's own (the last four only with ``num_workers > 0``;
+    ``prefetch_factor=None`` is torch's default, 2 batches per worker; ``in_order=False`` is passed only
+    when asked for, as torch before 2.6 has no such argument).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -320,6 +322,8 @@ def build_dataloader(
         workers = {"persistent_workers": persistent_workers, "multiprocessing_context": multiprocessing_context}
         if prefetch_factor is not None:
             workers["prefetch_factor"] = prefetch_factor
+        if not in_order:
+            workers["in_order"] = False
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -97,6 +97,7 @@ class DataLoaderMixin:
             "persistent_workers": args.dataloader_persistent_workers,
             "prefetch_factor": args.dataloader_prefetch_factor,
             "multiprocessing_context": args.dataloader_multiprocessing_context,
+            "in_order": getattr(args, "dataloader_in_order", True),
         }
 
     def _collator(self, description: str) -> Callable[[list[Any]], Any]:
@@ -220,6 +221,11 @@ class DataLoaderMixin:
             return step // plan.updates_per_epoch, 0, None
         if has_length(loader):
             epoch, done = divmod(step, plan.updates_per_epoch)
+            if done and getattr(loader, "in_order", True) is False and loader.num_workers > 1:
+                logger.warning(
+                    "resuming at step %d, %d steps into epoch %d, with dataloader_in_order=False: the batches "
+                    "trained before the stop came in the order the workers finished them, so the batches "
+                    "skipped now (the first ones dispatched) may differ from them by a few", step, done, epoch)
             return epoch, done, None
         # an iterable dataset: replay the passes (an exhausted pass starts the next epoch)
         epoch, remaining = 0, step
