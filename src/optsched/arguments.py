@@ -767,6 +767,11 @@ class TrainingArguments:
     # eval_delay, load_best_model_at_end); the integrations' own settings (trackio's project,
     # hub_private_repo, ...) are left out: a default the user could not change would log to the wrong
     # place without a word, where the AttributeError names what is missing.
+    enable_jit_checkpoint: bool = _field(
+        False, "transformers' name for a checkpoint on SIGTERM (a preemption). optsched already saves one on "
+        "SIGTERM and SIGINT (save_on_signal, save_signals: at the end of the current optimizer step, then "
+        "train() returns); True adds SIGTERM to save_signals when missing, and refuses save_on_signal=False.",
+        _bool())
     run_name: str | None = _field(
         None, "A name for the run, for the logging callbacks that read it (transformers' wandb, mlflow, comet, "
         "swanlab and trackio integrations); the Trainer itself does not use it.", _str(allow_none=True))
@@ -1075,6 +1080,20 @@ def _check_in_order(args: TrainingArguments) -> None:
         )
 
 
+def _check_jit_checkpoint(args: TrainingArguments) -> None:
+    """``enable_jit_checkpoint`` (transformers' SIGTERM checkpoint) is optsched's ``save_on_signal`` with
+    SIGTERM among ``save_signals``: added there when missing; ``save_on_signal=False`` contradicts it."""
+    if not args.enable_jit_checkpoint:
+        return
+    if not args.save_on_signal:
+        raise ValueError(
+            "enable_jit_checkpoint=True saves a checkpoint on SIGTERM, which save_on_signal=False turns off; "
+            "accepted: save_on_signal=True (the default), or enable_jit_checkpoint=False."
+        )
+    if "SIGTERM" not in args.save_signals.split(","):
+        _set(args, "save_signals", args.save_signals + ",SIGTERM")
+
+
 def _check_mixed_precision(args: TrainingArguments) -> None:
     if args.fp16 and args.bf16:
         raise ValueError("fp16=True and bf16=True conflict; accepted: at most one of them True.")
@@ -1178,6 +1197,7 @@ _CROSS_FIELD_RULES: tuple[Callable[[TrainingArguments], None], ...] = (
     _check_mixed_precision,
     _check_worker_options,
     _check_in_order,
+    _check_jit_checkpoint,
     _check_step_intervals,
     _check_optim_args,
     _check_scheduler_kwargs,

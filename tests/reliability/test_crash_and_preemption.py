@@ -95,6 +95,48 @@ def test_a_signal_saves_at_the_current_step_and_resume_is_exact(sig, tmp_path):
     _assert_same(weights(resumed.model), _reference(tmp_path))
 
 
+def test_enable_jit_checkpoint_adds_sigterm_to_the_signals_saved_on(tmp_path):
+    args = make_args(str(tmp_path / "out"), **RUN, save_signals="SIGINT", enable_jit_checkpoint=True)
+    assert args.save_signals == "SIGINT,SIGTERM"
+    t = Trainer(Tiny(), args, train_dataset=make_data(), callbacks=[_RaiseSignalAt(signal.SIGTERM, 3)])
+    assert t.train().global_step == 3 and t.preempted_by == "SIGTERM"
+    assert ckpt.list_checkpoints(tmp_path / "out")[-1].name == "checkpoint-3"
+    with pytest.raises(ValueError, match="enable_jit_checkpoint=True saves a checkpoint on SIGTERM, which "
+                                         "save_on_signal=False turns off; accepted: save_on_signal=True"):
+        make_args(str(tmp_path / "o"), enable_jit_checkpoint=True, save_on_signal=False)
+
+
+class _SigtermThenWait(_RaiseSignalAt):
+    """SIGTERM in step ``step``, then past transformers' 3 s wait (``CheckpointManager.kill_wait``) before
+    its checkpoint is requested."""
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            signal.raise_signal(self.sig)
+            time.sleep(3.3)
+
+
+def test_transformers_arguments_with_enable_jit_checkpoint_save_the_step_transformers_saves(tmp_path):
+    # transformers' Trainer and optsched's, both given transformers' TrainingArguments(enable_jit_checkpoint=True)
+    # and a SIGTERM in step 3: both stop after step 3 with checkpoint-3 holding the same weights
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    fields = dict(per_device_train_batch_size=4, learning_rate=1e-2, max_steps=8, save_strategy="no",
+                  use_cpu=True, optim="adamw_torch", seed=0, report_to="none", disable_tqdm=True,
+                  enable_jit_checkpoint=True)
+    saved = {}
+    for kind in ("optsched", "transformers"):
+        out = tmp_path / kind
+        hf_args = transformers.TrainingArguments(output_dir=str(out), **fields)
+        cls = Trainer if kind == "optsched" else transformers.Trainer
+        trainer = cls(Tiny(), hf_args, train_dataset=make_data(), callbacks=[_SigtermThenWait(signal.SIGTERM, 3)])
+        assert trainer.train().global_step == 3
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3"]
+        saved[kind] = load_file(out / "checkpoint-3" / "model.safetensors")
+    _assert_same(saved["optsched"], saved["transformers"])
+
+
 def test_save_on_signal_false_leaves_the_handlers_alone(tmp_path):
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
