@@ -205,6 +205,26 @@ def _metric_inclusions(name: str, value: Any) -> list[str]:
     return list(dict.fromkeys(check_choice(name, _plain(item), METRIC_INCLUSIONS, what="option") for item in items))
 
 
+#: ``debug`` options optsched implements (transformers' "tpu_metrics_debug" is refused: no TPU here).
+DEBUG_OPTIONS = ("underflow_overflow",)
+
+
+def _debug_options(name: str, value: Any) -> list[str]:
+    """``debug``: transformers' space-separated string (``""`` -> ``[]``), or a list of names or
+    ``DebugOption`` members; repeats dropped."""
+    if value is None:
+        return []
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"{name} must be a space-separated string or a list of names among "
+                        f"{', '.join(DEBUG_OPTIONS)}, got {type(value).__name__} {value!r}.")
+    items = [_plain(item) for item in items]
+    if "tpu_metrics_debug" in items:
+        raise ValueError(f"{name}={value!r}: 'tpu_metrics_debug' prints TPU metrics (torch_xla), and optsched "
+                         f"does not run on TPUs; accepted: {', '.join(DEBUG_OPTIONS)}, or ''.")
+    return list(dict.fromkeys(check_choice(name, item, DEBUG_OPTIONS, what="debug option") for item in items))
+
+
 def _start_method(name: str, value: Any) -> str | None:
     return None if value is None else check_choice(
         name, value, tuple(multiprocessing.get_all_start_methods()), what="start method")
@@ -675,6 +695,10 @@ class TrainingArguments:
         None, "transformers moves the collected predictions to the CPU every N eval steps (None: at the end); "
         "optsched's Trainer moves each batch's as it comes, so this changes no result. An integer >= 1 or "
         "None.", _int(low=1, allow_none=True))
+    debug: str | list[str] = _field(
+        "", "'underflow_overflow': stop training at the first NaN / inf in a module's parameters, inputs or "
+        "outputs, and log the last 21 forward frames (each module's |min| and |max|) in transformers' "
+        "DebugUnderflowOverflow layout. '' or []: none. Slow: for debugging.", _debug_options)
     include_for_metrics: list[str] | None = _field(
         None, "What compute_metrics also receives in its EvalPrediction: 'inputs' (the batch's main input, "
         "the model's main_input_name, as eval_pred.inputs) and / or 'loss' (each sample's batch loss, as "

@@ -16,12 +16,14 @@ from optsched.trainer.callbacks import (
 )
 from optsched.trainer.callback_state import ExportableState
 from optsched.trainer.checkpoint import get_last_checkpoint
+from optsched.trainer.overflow_debug import DebugUnderflowOverflow, UnderflowOverflowError
 from optsched.trainer.predictions import EvalPrediction, PredictionOutput
 from optsched.trainer.state import TrainerControl, TrainerState
 from optsched.trainer.trainer import Trainer, TrainOutput, set_seed
 
 __all__ = [
     "CallbackHandler",
+    "DebugUnderflowOverflow",
     "DefaultFlowCallback",
     "EvalPrediction",
     "ExportableState",
@@ -33,6 +35,7 @@ __all__ = [
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
+    "UnderflowOverflowError",
     "get_last_checkpoint",
     "set_seed",
 ]

@@ -112,6 +112,7 @@ from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
 from optsched.trainer.predictions import check_ignore_keys, find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
+from optsched.trainer.overflow_debug import DebugUnderflowOverflow
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
 from optsched.trainer.tf32 import apply_tf32
@@ -728,7 +729,9 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             self.preempted_by = None
             # handlers only around the loop (main thread only), the previous ones restored after it
             preemption = PreemptionHandler(getattr(args, "save_signals", "SIGTERM,SIGINT"), getattr(args, "save_on_signal", True))
-            with preemption:
+            debug_overflow = (DebugUnderflowOverflow(self.model) if "underflow_overflow" in getattr(args, "debug", ())
+                              else contextlib.nullcontext())
+            with preemption, debug_overflow:
                 self._preemption = preemption
                 try:
                     return self._train_loop(model, loader, plan, checkpoint)
