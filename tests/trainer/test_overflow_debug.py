@@ -119,3 +119,32 @@ def test_bad_debug_options_are_refused(value, error, message):
         TrainingArguments(debug=value)
     assert TrainingArguments(debug="underflow_overflow underflow_overflow").debug == ["underflow_overflow"]
     assert TrainingArguments(debug=None).debug == TrainingArguments().debug == []
+
+
+def test_masks_and_empty_tensors_are_framed_not_raised():
+    class Masked(nn.Module):
+        def forward(self, x, mask, empty):
+            return x * mask
+
+    model = Masked()
+    with DebugUnderflowOverflow(model) as debug:
+        model(torch.ones(3), torch.tensor([True, False, True]), torch.ones(0))
+    lines = debug.frames[-1].splitlines()
+    assert lines[-3].split() == ["0.00e+00", "1.00e+00", "input[1]"]
+    assert lines[-2].split() == ["empty", "input[2]"]
+
+
+def test_a_transformers_model_trains_under_the_hooks_as_without(tmp_path):
+    pytest.importorskip("transformers")
+    from trainer_helpers import masked_lm_data, tiny_gpt2
+
+    weights = {}
+    for debug in ("", "underflow_overflow"):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_gpt2(), TrainingArguments(output_dir=str(tmp_path / (debug or "plain")), max_steps=3,
+                                                         per_device_train_batch_size=4, save_strategy="no",
+                                                         use_cpu=True, disable_tqdm=True, debug=debug),
+                          train_dataset=masked_lm_data())
+        trainer.train()
+        weights[debug] = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[""], weights["underflow_overflow"]))

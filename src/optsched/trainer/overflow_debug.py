@@ -119,8 +119,12 @@ class DebugUnderflowOverflow:
         if not torch.is_tensor(value):
             self._frame.append(f"{'not a tensor':>17} {what}")
             return
+        if value.numel() == 0:  # transformers' min() of an empty tensor raises in the middle of training
+            self._frame.append(f"{'empty':>17} {what}")
+            return
         with torch.no_grad():
-            magnitude = value.detach().abs()
+            # a bool tensor (a mask) has no abs(): read as 0 / 1 (transformers raises there)
+            magnitude = (value.detach().to(torch.uint8) if value.dtype == torch.bool else value.detach()).abs()
             self._frame.append(f"{magnitude.min().item():8.2e} {magnitude.max().item():8.2e} {what}")
             # the same tests as transformers (isnan / isinf), so the same tensors trip it
             for kind, test in (("nans", torch.isnan), ("infs", torch.isinf)):
