@@ -711,6 +711,10 @@ class TrainingArguments:
         True, "Concatenate the batches' predictions, label_ids, inputs and losses (sequences of different lengths "
         "padded with -100); False: lists of per-batch arrays (one entry per evaluation step, the processes' "
         "batches of that step together under DDP).", _bool())
+    eval_use_gather_object: bool = _field(
+        False, "transformers' switch to gather Python objects across processes (a detection model's labels: a "
+        "list of one dict per image). optsched gathers any object, such a list item by item in the dataset's "
+        "order, whatever this says.", _bool())
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))

@@ -54,9 +54,32 @@ def run(kind: str, out: str) -> dict:
     return {"predictions": output.predictions, "label_ids": output.label_ids, **captured}
 
 
+def object_labels(items: list[dict[str, torch.Tensor]]) -> dict:
+    """:func:`pad_positions`, with labels as a detection collator gives them: a list of one dict per sample."""
+    batch = pad_positions(items)
+    batch["labels"] = [{"class_labels": torch.arange(len(item["labels"])), "boxes": item["x"][:, :2].clone()}
+                       for item in items]
+    return batch
+
+
+class ObjectLabelsRegressor(TokenRegressor):
+    def forward(self, x, labels=None):
+        logits = self.linear(x).squeeze(-1)
+        return {"loss": logits.pow(2).mean(), "logits": logits}
+
+
+def run_object_labels(kind: str, out: str) -> list:
+    """Both Trainers with eval_use_gather_object=True (transformers needs it for such labels): the label_ids."""
+    trainer = make_trainer(kind, ObjectLabelsRegressor(), None, object_labels, output_dir=os.path.join(out, kind),
+                           per_device_eval_batch_size=2, eval_do_concat_batches=False, use_cpu=True, disable_tqdm=True,
+                           eval_use_gather_object=True)
+    return trainer.predict(data()).label_ids
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     results = {kind: run(kind, out) for kind in ("hf", "optsched")}
+    results["objects"] = {kind: run_object_labels(kind, out) for kind in ("hf", "optsched")}
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out, "eval_batches.pkl"), "wb") as f:
             pickle.dump(results, f)

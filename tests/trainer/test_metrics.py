@@ -568,12 +568,16 @@ def test_ignore_keys_not_a_list_is_refused(tmp_path, call):
 
 
 def assert_same_nested(ours, theirs, name="predictions"):
-    """The same structure (arrays, tuples, per-batch lists) and the same arrays, dtypes included, bitwise."""
+    """The same structure (arrays, tuples, per-batch lists, dicts) and the same arrays, dtypes included, bitwise."""
     assert type(ours) is type(theirs), name
     if isinstance(theirs, (list, tuple)):
         assert len(ours) == len(theirs), name
         for i, (a, b) in enumerate(zip(ours, theirs)):
             assert_same_nested(a, b, f"{name}[{i}]")
+    elif isinstance(theirs, dict):
+        assert ours.keys() == theirs.keys(), name
+        for key in theirs:
+            assert_same_nested(ours[key], theirs[key], f"{name}[{key!r}]")
     elif theirs is not None:
         assert ours.dtype == theirs.dtype, name
         np.testing.assert_array_equal(ours, theirs, err_msg=name)
@@ -630,6 +634,12 @@ def test_per_batch_lists_under_two_processes_are_transformers(tmp_path):
         results = pickle.load(f)
     ours, theirs = results["optsched"], results["hf"]
     assert [len(b) for b in theirs["label_ids"]] == [4, 3]
+    # labels as a list of one dict per sample (a detection collator's), transformers with
+    # eval_use_gather_object=True: the same dicts in the same entries, in the dataset's order (optsched combined
+    # the ranks' lists position by position before, mixing two samples' boxes in one dict)
+    objects = results["objects"]
+    assert [[len(d["class_labels"]) for d in entry] for entry in objects["hf"]] == [[2, 3, 4, 5], [3, 2, 6]]
+    assert_same_nested(objects["optsched"], objects["hf"], "object labels")
     assert_same_nested(ours["label_ids"], theirs["label_ids"], "label_ids")
     # each sample's batch loss: the batches differ (so do the losses), the rows per entry do not
     assert [len(b) for b in ours["losses"]] == [len(b) for b in theirs["losses"]] == [4, 3]

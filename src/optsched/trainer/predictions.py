@@ -242,7 +242,13 @@ def _nested_interleave(parts: list[Any], padding_index: int) -> Any:
     first = next((p for p in parts if p is not None), None)
     if first is None:
         return None
-    if isinstance(first, (list, tuple)):
+    if isinstance(first, list):
+        # a list holds one object per sample (a detection model's labels: a dict of boxes and classes per
+        # image), as transformers' eval_use_gather_object gathers it: rank r's item i is the dataset's
+        # sample r + N * i. (A model's several outputs come as a tuple, combined position by position.)
+        lists = [p or [] for p in parts]
+        return [p[i] for i in range(max(map(len, lists))) for p in lists if i < len(p)]
+    if isinstance(first, tuple):
         return type(first)(
             _nested_interleave([None if p is None else p[i] for p in parts], padding_index) for i in range(len(first))
         )
