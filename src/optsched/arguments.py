@@ -712,9 +712,10 @@ class TrainingArguments:
         "padded with -100); False: lists of per-batch arrays (one entry per evaluation step, the processes' "
         "batches of that step together under DDP).", _bool())
     eval_use_gather_object: bool = _field(
-        False, "transformers' switch to gather Python objects across processes (a detection model's labels: a "
-        "list of one dict per image). optsched gathers any object, such a list item by item in the dataset's "
-        "order, whatever this says.", _bool())
+        False, "Under DDP, gather every list in the predictions, labels, inputs and losses as one object per "
+        "sample, item by item in the dataset's order, as transformers does. False: a list of anything but "
+        "tensors (a detection model's labels: a dict per image) is gathered so too, a list of tensors position "
+        "by position (one per output or layer).", _bool())
     label_smoothing_factor: float = _field(
         0.0, "Label smoothing epsilon in [0, 1): the Trainer computes the loss from the model's logits as "
         "transformers' LabelSmoother does (0: the model's own loss).", _float(0, 1))

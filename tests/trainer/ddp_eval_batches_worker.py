@@ -68,11 +68,11 @@ class ObjectLabelsRegressor(TokenRegressor):
         return {"loss": logits.pow(2).mean(), "logits": logits}
 
 
-def run_object_labels(kind: str, out: str) -> list:
-    """Both Trainers with eval_use_gather_object=True (transformers needs it for such labels): the label_ids."""
+def run_object_labels(kind: str, out: str, gather_object: bool = True) -> list:
+    """The label_ids of predict() with eval_use_gather_object (transformers needs it for such labels)."""
     trainer = make_trainer(kind, ObjectLabelsRegressor(), None, object_labels, output_dir=os.path.join(out, kind),
                            per_device_eval_batch_size=2, eval_do_concat_batches=False, use_cpu=True, disable_tqdm=True,
-                           eval_use_gather_object=True)
+                           eval_use_gather_object=gather_object)
     return trainer.predict(data()).label_ids
 
 
@@ -80,6 +80,7 @@ if __name__ == "__main__":
     out = sys.argv[1]
     results = {kind: run(kind, out) for kind in ("hf", "optsched")}
     results["objects"] = {kind: run_object_labels(kind, out) for kind in ("hf", "optsched")}
+    results["objects"]["optsched, no switch"] = run_object_labels("optsched", out, gather_object=False)
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out, "eval_batches.pkl"), "wb") as f:
             pickle.dump(results, f)

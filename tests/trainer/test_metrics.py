@@ -286,6 +286,24 @@ def test_gathered_ranks_are_interleaved_in_dataset_order():
     assert _nested_interleave([np.array([7]), None], -100).tolist() == [7]
 
 
+def test_a_list_of_objects_is_gathered_item_by_item_and_a_list_of_arrays_by_position():
+    from optsched.trainer.predictions import _nested_interleave
+
+    # rank 0 holds samples 0, 2, 4 and rank 1 samples 1, 3: one dict per sample (a detection collator's labels)
+    r0 = [{"boxes": np.full((k, 4), float(i))} for i, k in ((0, 1), (2, 3), (4, 2))]
+    r1 = [{"boxes": np.full((k, 4), float(i))} for i, k in ((1, 2), (3, 1))]
+    for objects in (False, True):
+        out = _nested_interleave([r0, r1], -100, objects)
+        assert [d["boxes"][0, 0] for d in out] == [0, 1, 2, 3, 4]
+        assert [len(d["boxes"]) for d in out] == [1, 2, 3, 1, 2]
+    # a list of arrays (one per layer, 2 samples each): position by position, unless eval_use_gather_object
+    layers0, layers1 = [np.array([0.0, 2.0]), np.array([10.0, 12.0])], [np.array([1.0, 3.0]), np.array([11.0, 13.0])]
+    by_layer = _nested_interleave([layers0, layers1], -100)
+    assert [a.tolist() for a in by_layer] == [[0, 1, 2, 3], [10, 11, 12, 13]]
+    as_objects = _nested_interleave([layers0, layers1], -100, objects=True)
+    assert [a.tolist() for a in as_objects] == [[0, 2], [1, 3], [10, 12], [11, 13]]  # transformers' object gather
+
+
 def test_eval_prediction_behaves_as_transformers():
     p, labels = np.zeros(2), np.ones(2)
     ep = EvalPrediction(predictions=p, label_ids=labels)
@@ -640,6 +658,7 @@ def test_per_batch_lists_under_two_processes_are_transformers(tmp_path):
     objects = results["objects"]
     assert [[len(d["class_labels"]) for d in entry] for entry in objects["hf"]] == [[2, 3, 4, 5], [3, 2, 6]]
     assert_same_nested(objects["optsched"], objects["hf"], "object labels")
+    assert_same_nested(objects["optsched, no switch"], objects["hf"], "object labels without the switch")
     assert_same_nested(ours["label_ids"], theirs["label_ids"], "label_ids")
     # each sample's batch loss: the batches differ (so do the losses), the rows per entry do not
     assert [len(b) for b in ours["losses"]] == [len(b) for b in theirs["losses"]] == [4, 3]

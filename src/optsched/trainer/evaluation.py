@@ -247,7 +247,8 @@ class EvaluationMixin:
         loss_mean = EvalLossMean(self.device)
         samples = 0
         steps = 0
-        collector = PredictionCollector(concat=getattr(args, "eval_do_concat_batches", True)) if keep else None
+        collector = PredictionCollector(concat=getattr(args, "eval_do_concat_batches", True),
+                                        objects=getattr(args, "eval_use_gather_object", False)) if keep else None
         batches = (
             lockstep_batches(dataloader, self.dist, self.device) if per_batch is not None
             else ((batch, False) for batch in dataloader)

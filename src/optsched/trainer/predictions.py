@@ -237,35 +237,42 @@ def _interleave(parts: list[np.ndarray], padding_index: int) -> np.ndarray:
     return out
 
 
-def _nested_interleave(parts: list[Any], padding_index: int) -> Any:
-    """:func:`_interleave` leaf by leaf; a rank's ``None`` (no sample, or no such value) contributes nothing."""
+def _per_sample(value: list[Any], objects: bool) -> bool:
+    """Whether a list holds one object per sample (gathered item by item) rather than one array per output
+    or layer (gathered position by position, as transformers' tensor gather does): with ``objects``
+    (``eval_use_gather_object``) every list, as transformers' object gather takes it; without, a list
+    holding anything but arrays (a detection collator's dict of classes and boxes per image)."""
+    return objects or any(not isinstance(v, np.ndarray) for v in value)
+
+
+def _nested_interleave(parts: list[Any], padding_index: int, objects: bool = False) -> Any:
+    """:func:`_interleave` leaf by leaf; a rank's ``None`` (no sample, or no such value) contributes nothing.
+    A list of one object per sample (:func:`_per_sample`) is interleaved item by item instead: rank ``r``'s
+    item ``i`` is the dataset's sample ``r + N * i``."""
     first = next((p for p in parts if p is not None), None)
     if first is None:
         return None
-    if isinstance(first, list):
-        # a list holds one object per sample (a detection model's labels: a dict of boxes and classes per
-        # image), as transformers' eval_use_gather_object gathers it: rank r's item i is the dataset's
-        # sample r + N * i. (A model's several outputs come as a tuple, combined position by position.)
+    if isinstance(first, list) and any(_per_sample(p, objects) for p in parts if p):
         lists = [p or [] for p in parts]
         return [p[i] for i in range(max(map(len, lists))) for p in lists if i < len(p)]
-    if isinstance(first, tuple):
-        return type(first)(
-            _nested_interleave([None if p is None else p[i] for p in parts], padding_index) for i in range(len(first))
-        )
+    if isinstance(first, (list, tuple)):
+        return type(first)(_nested_interleave([None if p is None else p[i] for p in parts], padding_index, objects)
+                           for i in range(len(first)))
     if isinstance(first, Mapping):
-        return type(first)({k: _nested_interleave([None if p is None else p[k] for p in parts], padding_index)
+        return type(first)({k: _nested_interleave([None if p is None else p[k] for p in parts], padding_index, objects)
                             for k in first})
     return _interleave([p if p is not None else np.empty((0,) + first.shape[1:], first.dtype) for p in parts],
                        padding_index)
 
 
-def gather_in_dataset_order(value: Any, ctx: Any, padding_index: int = PADDING_INDEX) -> Any:
+def gather_in_dataset_order(value: Any, ctx: Any, padding_index: int = PADDING_INDEX, objects: bool = False) -> Any:
     """This rank's collected arrays joined with the other ranks', in the dataset's order.
 
     The eval loader splits the data by striding (rank ``r`` of ``N`` reads samples ``r, r + N, ...``,
     each sample on exactly one rank, shares differing by at most one), so the gathered rows are
     interleaved, not concatenated, and none is counted twice. Identity for one process. Every rank must
-    call it (an ``all_gather_object``); a rank with no sample passes ``None``.
+    call it (an ``all_gather_object``); a rank with no sample passes ``None``. ``objects``
+    (``eval_use_gather_object``): every list is one object per sample (:func:`_per_sample`).
     """
     if not getattr(ctx, "enabled", False):
         return value
@@ -273,16 +280,18 @@ def gather_in_dataset_order(value: Any, ctx: Any, padding_index: int = PADDING_I
 
     parts: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(parts, value)
-    return _nested_interleave(parts, padding_index)
+    return _nested_interleave(parts, padding_index, objects)
 
 
-def gather_batches_in_dataset_order(batches: list[Any] | None, ctx: Any, padding_index: int = PADDING_INDEX) -> Any:
+def gather_batches_in_dataset_order(batches: list[Any] | None, ctx: Any, padding_index: int = PADDING_INDEX,
+                                    objects: bool = False) -> Any:
     """This rank's per-batch arrays (a list, or ``None`` for none) joined with the other ranks' step by
     step: entry ``k`` holds every rank's ``k``-th batch, its rows in the dataset's order (the eval loader's
     striding puts rank ``r``'s rows at ``r, r + N, ...`` of the step's), second dimensions padded with
     ``padding_index``; a rank with fewer batches adds nothing to the last entries. These are the rows of
     transformers' entry ``k`` (there, each process reads whole consecutive batches and a step's batches are
-    gathered). Identity for one process (``None`` then stays ``None``); a collective under DDP.
+    gathered). Identity for one process (``None`` then stays ``None``); a collective under DDP. ``objects``:
+    as in :func:`gather_in_dataset_order`.
     """
     if not getattr(ctx, "enabled", False):
         return batches
@@ -293,7 +302,8 @@ def gather_batches_in_dataset_order(batches: list[Any] | None, ctx: Any, padding
     steps = max(len(p) for p in parts)
     if steps == 0:
         return None
-    return [_nested_interleave([p[k] if k < len(p) else None for p in parts], padding_index) for k in range(steps)]
+    return [_nested_interleave([p[k] if k < len(p) else None for p in parts], padding_index, objects)
+            for k in range(steps)]
 
 
 class PredictionCollector:
@@ -306,9 +316,10 @@ class PredictionCollector:
     #: the collected streams, in :meth:`gathered`'s order
     STREAMS = ("predictions", "label_ids", "inputs", "losses")
 
-    def __init__(self, padding_index: int = PADDING_INDEX, concat: bool = True) -> None:
+    def __init__(self, padding_index: int = PADDING_INDEX, concat: bool = True, objects: bool = False) -> None:
         self.padding_index = padding_index
         self.concat = concat
+        self.objects = objects  # eval_use_gather_object: every list is one object per sample
         self.predictions: Any = None
         self.label_ids: Any = None
         self.inputs: Any = None
@@ -330,7 +341,7 @@ class PredictionCollector:
         """``(predictions, label_ids, inputs, losses)`` over all processes, in dataset order (collective
         under DDP): arrays, or per-batch lists (:func:`gather_batches_in_dataset_order`) without ``concat``."""
         gather = gather_in_dataset_order if self.concat else gather_batches_in_dataset_order
-        return tuple(gather(getattr(self, name), ctx, self.padding_index) for name in self.STREAMS)
+        return tuple(gather(getattr(self, name), ctx, self.padding_index, self.objects) for name in self.STREAMS)
 
 
 # ---- what include_for_metrics adds --------------------------------------------------------------------
