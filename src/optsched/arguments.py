@@ -186,6 +186,21 @@ def _tokens_seen(name: str, value: Any) -> str:
     return check_choice(name, value, TOKENS_SEEN_MODES, what="token count")
 
 
+def _name_list(name: str, value: Any, choices: tuple[str, ...], what: str, *, spaced: bool) -> list[str]:
+    """A list field of names among ``choices``: ``None`` -> ``[]``; a string is one name, or with ``spaced``
+    several separated by spaces (transformers' ``debug``); enum members give their values; repeats dropped;
+    an unknown name refused with a "did you mean"."""
+    if value is None:
+        return []
+    items = (value.split() if spaced else [value]) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        form = "a space-separated string or a list" if spaced else "a list"
+        raise TypeError(
+            f"{name} must be {form} of names among {', '.join(choices)}, got {type(value).__name__} {value!r}."
+        )
+    return list(dict.fromkeys(check_choice(name, _plain(item), choices, what=what) for item in items))
+
+
 #: What ``include_for_metrics`` may add to ``EvalPrediction`` (transformers 5's options).
 METRIC_INCLUSIONS = ("inputs", "loss")
 
@@ -194,15 +209,7 @@ def _metric_inclusions(name: str, value: Any) -> list[str]:
     """``include_for_metrics``: ``None`` -> ``[]`` (transformers' default); a name or a list of names among
     :data:`METRIC_INCLUSIONS`, repeats dropped. transformers checks nothing (a typo such as ``"losses"``
     silently adds nothing); here it is refused with a "did you mean"."""
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise TypeError(
-            f"{name} must be a list of names among {', '.join(METRIC_INCLUSIONS)}, got {type(value).__name__} "
-            f"{value!r}."
-        )
-    return list(dict.fromkeys(check_choice(name, _plain(item), METRIC_INCLUSIONS, what="option") for item in items))
+    return _name_list(name, value, METRIC_INCLUSIONS, "option", spaced=False)
 
 
 #: ``debug`` options optsched implements (transformers' "tpu_metrics_debug" is refused: no TPU here).
@@ -212,17 +219,11 @@ DEBUG_OPTIONS = ("underflow_overflow",)
 def _debug_options(name: str, value: Any) -> list[str]:
     """``debug``: transformers' space-separated string (``""`` -> ``[]``), or a list of names or
     ``DebugOption`` members; repeats dropped."""
-    if value is None:
-        return []
     items = value.split() if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise TypeError(f"{name} must be a space-separated string or a list of names among "
-                        f"{', '.join(DEBUG_OPTIONS)}, got {type(value).__name__} {value!r}.")
-    items = [_plain(item) for item in items]
-    if "tpu_metrics_debug" in items:
+    if isinstance(items, (list, tuple)) and "tpu_metrics_debug" in map(_plain, items):
         raise ValueError(f"{name}={value!r}: 'tpu_metrics_debug' prints TPU metrics (torch_xla), and optsched "
                          f"does not run on TPUs; accepted: {', '.join(DEBUG_OPTIONS)}, or ''.")
-    return list(dict.fromkeys(check_choice(name, item, DEBUG_OPTIONS, what="debug option") for item in items))
+    return _name_list(name, value, DEBUG_OPTIONS, "debug option", spaced=True)
 
 
 def _start_method(name: str, value: Any) -> str | None:

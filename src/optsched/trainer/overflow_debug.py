@@ -89,8 +89,8 @@ class DebugUnderflowOverflow:
         self._frame.append(f"{_PREFIX} {self._names[module]} {type(module).__name__}")
         for name, param in module.named_parameters(recurse=False):
             self._record(param, name)
-        for i, value in enumerate(inputs if isinstance(inputs, tuple) else (inputs,)):
-            self._record(value, f"input[{i}]" if isinstance(inputs, tuple) else "input")
+        for i, value in enumerate(inputs):  # torch hands a forward hook the positional inputs as a tuple
+            self._record(value, f"input[{i}]")
         if isinstance(output, tuple):
             for i, value in enumerate(output):
                 if isinstance(value, tuple):

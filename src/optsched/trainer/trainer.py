@@ -105,14 +105,14 @@ from optsched.trainer.evaluation import EvaluationMixin, steps_on_metric
 from optsched.trainer.flops import FlopsMixin
 from optsched.trainer.label_smoothing import make_label_smoother
 from optsched.trainer.log_levels import logs_at_process_level, optsched_log_level, process_log_level
-from optsched.trainer.mixed_precision import float32_outputs
 from optsched.trainer.loss_items import extract_loss, loss_shifts_labels, main_input_name, model_accepts_loss_kwargs
 from optsched.trainer.memory_metrics import MemoryTracker
+from optsched.trainer.mixed_precision import float32_outputs
 from optsched.trainer.neftune import input_embeddings, neftune_noise
 from optsched.trainer.nonfinite import NonFiniteGuard
+from optsched.trainer.overflow_debug import DebugUnderflowOverflow
 from optsched.trainer.predictions import check_ignore_keys, find_labels
 from optsched.trainer.reporting import ReportingMixin, speed_metrics
-from optsched.trainer.overflow_debug import DebugUnderflowOverflow
 from optsched.trainer.signals import PreemptionHandler
 from optsched.trainer.state import TrainerControl, TrainerState
 from optsched.trainer.tf32 import apply_tf32
