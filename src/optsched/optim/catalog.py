@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from optsched.optim.adalomo import with_adalomo_state
 from optsched.optim.grokadamw import with_standard_state
 from optsched.optim.lowrank import build_lowrank
 from optsched.optim.schedulefree import build_schedule_free
@@ -209,9 +210,17 @@ def _build_lomo(ctx):
 
 _register(OptimizerSpec("lomo", "lomo_optim.Lomo", package="lomo-optim", extra="lomo", needs_model=True,
                         builder=_build_lomo, description="LOMO: step inside backward (optimizer.fused_backward)"))
+
+
+def _build_adalomo(ctx):
+    """Upstream AdaLomo (takes the model) with a state dict that round-trips (``optsched.optim.adalomo``)."""
+    return with_adalomo_state(ctx.cls), {**ctx.kwargs, "model": ctx.model}
+
+
 _register(OptimizerSpec("adalomo", "lomo_optim.AdaLomo", package="lomo-optim", extra="lomo", needs_model=True,
-                        builder=_build_lomo, requires_device="cuda",
-                        description="AdaLomo (its state is allocated with .cuda(): CUDA only)"))
+                        builder=_build_adalomo, requires_device="cuda",
+                        description="AdaLomo (its state is allocated with .cuda(): CUDA only; its state now "
+                                    "survives a resume)"))
 
 def _build_grokadamw(ctx):
     """Upstream GrokAdamW with a state dict that round-trips (``optsched.optim.grokadamw``)."""
