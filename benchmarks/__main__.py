@@ -25,8 +25,6 @@ machine a parallel region waits for its slowest thread, which multiplies the noi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import os
 import re
@@ -44,11 +42,13 @@ from benchmarks._machine import (
     MiB,
     Row,
     describe_machine,
+    freeze_heap,
     in_new_process,
     measure_bandwidth,
     measure_matmul_flops,
-    quiet,
 )
+from benchmarks._report import captured, kept_analysis, machine_and_targets
+from benchmarks._report import table as _table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "BENCHMARKS.md"
@@ -57,33 +57,6 @@ _LINE = re.compile(
     r"^(?P<name>[^:\n]+): ours (?P<ours>[-+.\deE]+|nan|inf) ?(?P<unit>[a-zA-Z/]+)?, "
     r"reference (?P<ref>[-+.\deE]+|nan|inf) ?[a-zA-Z/]*, ratio (?P<ratio>[-+.\deE]+|nan|inf)"
 )
-
-
-class _Tee(io.TextIOBase):
-    """Write to the real stdout and keep a copy (the scripts' lines are both shown and parsed)."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        self.buffer_ = io.StringIO()
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self.buffer_.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def getvalue(self) -> str:
-        return self.buffer_.getvalue()
-
-
-def captured(fn: Callable[[], object]) -> tuple[object, str]:
-    """Call ``fn`` with stdout shown and captured; return its result and the text."""
-    tee = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee), quiet():  # the scripts silence logging globally: restored after
-        result = fn()
-    return result, tee.getvalue()
 
 
 def parse_lines(text: str, question: int) -> list[Row]:
@@ -205,44 +178,6 @@ TITLES = {
 }
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    text = f"{value:.4g}"
-    return f"{text} {unit}".strip() if unit else text
-
-
-def _met(met: bool | None) -> str:
-    return {True: "**met**", False: "**missed**", None: ""}[met]
-
-
-def _table(rows: list[Row], notes: bool = True) -> list[str]:
-    head = "| figure | optsched | reference | limit | ratio | target | |"
-    out = [head, "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ref = _fmt(r.reference, r.unit) + (f" ({r.reference_name})" if r.reference_name and r.reference is not None else "")
-        out.append(f"| {r.name} | {_fmt(r.ours, r.unit)} | {ref} | {_fmt(r.limit, r.unit)} | {_fmt(r.ratio)} | "
-                   f"{r.target} | {_met(r.met)} |")
-    if notes:
-        noted = [r for r in rows if r.note]
-        if noted:
-            out.append("")
-            out += [f"- *{r.name}*: {r.note}" for r in noted]
-    return out
-
-
-ANALYSIS_MARKER = "<!-- analysis: everything below this line is kept when python -m benchmarks rewrites the file -->"
-
-
-def kept_analysis(path: Path) -> str:
-    """The hand-written part of an existing report: from :data:`ANALYSIS_MARKER` to the end, or ``""``."""
-    if not path.is_file():
-        return ""
-    text = path.read_text(encoding="utf-8")
-    at = text.find(ANALYSIS_MARKER)
-    return text[at:] if at >= 0 else ""
-
-
 def render_report(machine: dict[str, str], rows: list[Row], failures: dict[int, str], *, quick: bool,
                   seconds: float, argv: list[str], analysis: str = "") -> str:
     """The text of ``BENCHMARKS.md``; ``analysis`` (see :func:`kept_analysis`) is appended unchanged."""
@@ -262,8 +197,9 @@ def render_report(machine: dict[str, str], rows: list[Row], failures: dict[int, 
         "figures can be off by tens of percent; the ratios, taken from interleaved rounds, are steadier than the "
         "absolute times.",
         "",
-        "**No GPU was lent to this task: CUDA figures (fused AdamW against the GPU's bandwidth, bf16 autocast in "
-        "the Trainer) were not measured.**",
+        "**CUDA figures** (fused AdamW against the GPU's bandwidth, bf16 autocast in the Trainer) come from "
+        "another machine, a GPU lent to one session: [BENCHMARKS-cuda.md](BENCHMARKS-cuda.md), written by "
+        "`python -m benchmarks.cuda`. Every figure below is this CPU machine's.",
         "",
         "## Reproduce",
         "",
@@ -280,15 +216,8 @@ def render_report(machine: dict[str, str], rows: list[Row], failures: dict[int, 
         "python -m benchmarks.resume_process --cold            # a resume from the disk (files dropped from the cache)",
         "```",
         "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in machine.items()]
-    lines += ["", "## Targets", ""]
-    targeted = [r for r in rows if r.target]
-    lines += _table(targeted, notes=False) if targeted else ["(no target figure was measured)"]
+    lines += machine_and_targets(machine, rows)
     fastest = [(r.name.split(": ")[0], r.reference_name[len("fastest torch ("):-1]) for r in rows
                if r.reference_name.startswith("fastest torch (")]
     if fastest:
@@ -344,25 +273,6 @@ def machine_limits(quick: bool) -> dict[str, str]:
     return limits
 
 
-def _freeze_heap() -> None:
-    """Import the heavy modules now and move every object they made out of the garbage collector's reach.
-
-    ``_timing.time_once`` runs ``gc.collect()`` before each timed call; with transformers imported that
-    walks ~370k objects (0.2 to 0.6 s here), which dominates the quick mode. ``gc.freeze()`` keeps those
-    long-lived objects out of later collections; objects the benchmarks create are still collected.
-    """
-    import gc
-
-    with contextlib.suppress(ImportError):  # transformers is only needed by the reference sides
-        import transformers  # noqa: F401
-        import transformers.trainer  # noqa: F401
-    import optsched.optim  # noqa: F401
-    import optsched.trainer  # noqa: F401
-
-    gc.collect()
-    gc.freeze()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run")
@@ -377,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(opts.threads)
 
     start = time.perf_counter()
-    _freeze_heap()
+    freeze_heap()
     machine = describe_machine()
     machine.update(machine_limits(opts.quick))
     print("\n".join(f"{k}: {v}" for k, v in machine.items()), flush=True)

@@ -12,7 +12,12 @@ scheduler plus the loop), and the medians are reported:
 
 Goal: optsched >= 0.90 of the hand loop (transformers reaches about 0.55-0.60 here).
 
-Run:  python benchmarks/trainer_overhead.py [--steps 200] [--rounds 9] [--profile]
+On a GPU (``--device cuda``, run by ``benchmarks.cuda``) the model lives there, batches are copied from
+pinned memory, and ``--bf16`` runs every forward under bf16 autocast (the hand loop through
+``torch.autocast``, the Trainers through ``bf16=True``); the hand loop reads the loss every
+``--logging-steps`` steps only, as on CPU, so it synchronises no more often than a Trainer must.
+
+Run:  python benchmarks/trainer_overhead.py [--steps 200] [--rounds 9] [--profile] [--device cuda] [--bf16]
 ``--profile`` also prints where optsched's ``train()`` spends its time (cProfile, top functions).
 """
 
@@ -65,11 +70,13 @@ def _model() -> torch.nn.Module:
     return build_model()
 
 
-def hand_loop(dataset, steps: int, batch_size: int, logging_steps: int) -> Callable[[], None]:
+def hand_loop(dataset, steps: int, batch_size: int, logging_steps: int, device: str = "cpu",
+              bf16: bool = False) -> Callable[[], None]:
     """The reference: the loop a user writes by hand, with the same semantics as the Trainers."""
+    on_gpu = torch.device(device).type != "cpu"
 
     def train() -> None:
-        model = _model()
+        model = _model().to(device)
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -85,13 +92,16 @@ def hand_loop(dataset, steps: int, batch_size: int, logging_steps: int) -> Calla
             return max(0.0, (steps - step) / max(1, steps - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, pin_memory=on_gpu,
                             generator=torch.Generator().manual_seed(0))
         params = [p for p in model.parameters() if p.requires_grad]
         step = 0
         while step < steps:
             for batch in loader:
-                loss = model(**batch).loss
+                if on_gpu:
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
                 optimizer.step()
@@ -106,7 +116,8 @@ def hand_loop(dataset, steps: int, batch_size: int, logging_steps: int) -> Calla
     return train
 
 
-def optsched_trainer(dataset, steps: int, batch_size: int, logging_steps: int, out: str) -> Callable[[], None]:
+def optsched_trainer(dataset, steps: int, batch_size: int, logging_steps: int, out: str, device: str = "cpu",
+                     bf16: bool = False) -> Callable[[], None]:
     from optsched import Trainer, TrainingArguments
 
     def make():
@@ -114,7 +125,7 @@ def optsched_trainer(dataset, steps: int, batch_size: int, logging_steps: int, o
             output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=LR,
             weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear", warmup_ratio=WARMUP_RATIO,
             max_grad_norm=MAX_GRAD_NORM, logging_steps=logging_steps, save_strategy="no", disable_tqdm=True,
-            use_cpu=True, seed=0, optim="adamw_torch_fused",
+            use_cpu=torch.device(device).type == "cpu", bf16=bf16, seed=0, optim="adamw_torch_fused",
         )
         trainer = Trainer(model=_model(), args=args, train_dataset=dataset)
         if not trainer.optimizer.defaults.get("fused"):
@@ -124,7 +135,8 @@ def optsched_trainer(dataset, steps: int, batch_size: int, logging_steps: int, o
     return make
 
 
-def transformers_trainer(dataset, steps: int, batch_size: int, logging_steps: int, out: str) -> Callable[[], None]:
+def transformers_trainer(dataset, steps: int, batch_size: int, logging_steps: int, out: str, device: str = "cpu",
+                         bf16: bool = False) -> Callable[[], None]:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -135,7 +147,7 @@ def transformers_trainer(dataset, steps: int, batch_size: int, logging_steps: in
             optim="adamw_torch_fused",
             weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear", warmup_steps=WARMUP_RATIO,  # < 1: a ratio
             max_grad_norm=MAX_GRAD_NORM, logging_steps=logging_steps, save_strategy="no", disable_tqdm=True,
-            use_cpu=True, seed=0, report_to="none",
+            use_cpu=torch.device(device).type == "cpu", bf16=bf16, seed=0, report_to="none",
         )
         return transformers.Trainer(model=_model(), args=args, train_dataset=dataset)
 
@@ -153,22 +165,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (steadier on a busy machine)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where all three train")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
     parser.add_argument("--profile", action="store_true", help="profile one optsched train() afterwards")
     opts = parser.parse_args(argv)
 
     torch.set_num_threads(opts.threads)
     logging.disable(logging.WARNING)  # a warning per run would be timed too
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    on_gpu = torch.device(opts.device).type != "cpu"
+    if not on_gpu:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    elif opts.clock == "cpu":
+        parser.error("--clock cpu measures this process's CPU time: with --device cuda the GPU's time would be missed")
     dataset = build_dataset(2048, seed=0)
     scratch = tempfile.TemporaryDirectory(prefix="optsched-bench-")  # removed when main returns
     out = scratch.name
 
     timer = time_once if opts.clock == "wall" else cpu_time_once
+    if on_gpu:  # train() returns with kernels queued: their time belongs to the run
+        timer = lambda fn: time_once(lambda: (fn(), torch.cuda.synchronize()))  # noqa: E731
     runners: dict[str, Callable[[], float]] = {}
-    hand = hand_loop(dataset, opts.steps, opts.batch_size, opts.logging_steps)
+    setup = {"device": opts.device, "bf16": opts.bf16}
+    hand = hand_loop(dataset, opts.steps, opts.batch_size, opts.logging_steps, **setup)
     runners["hand"] = lambda: timer(hand)
-    ours = optsched_trainer(dataset, opts.steps, opts.batch_size, opts.logging_steps, out)
+    ours = optsched_trainer(dataset, opts.steps, opts.batch_size, opts.logging_steps, out, **setup)
 
     def run_trainer(make: Callable[[], object]) -> float:
         trainer = make()  # construction (model, arguments) is not timed; train() is
@@ -180,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     runners["optsched"] = lambda: run_trainer(ours)
     if not opts.skip_transformers:
-        theirs = transformers_trainer(dataset, opts.steps, opts.batch_size, opts.logging_steps, out)
+        theirs = transformers_trainer(dataset, opts.steps, opts.batch_size, opts.logging_steps, out, **setup)
         runners["transformers"] = lambda: run_trainer(theirs)
 
     order = ["optsched", "hand", "transformers"]
@@ -200,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         line += f", ratio transformers/hand {rate['transformers'] / rate['hand']:.2f}"
     print(line, flush=True)
     print(f"  ({opts.steps} steps x {opts.rounds} rounds, batch {opts.batch_size}, {opts.threads} thread(s), "
+          f"{opts.device}{', bf16 autocast' if opts.bf16 else ''}, "
           f"{opts.clock} clock; "
           + "; ".join(f"{name}: " + " ".join(f"{t:.3f}" for t in ts) + " s" for name, ts in times.items()) + ")")
 

@@ -22,8 +22,10 @@ pytest.importorskip("matplotlib")
 from benchmarks import __main__ as runner  # noqa: E402
 from benchmarks import (  # noqa: E402
     _machine,
+    _report,
     adafactor_step,
     checkpoint_io,
+    cuda,
     growth,
     optimizer_step,
     resume_process,
@@ -237,7 +239,7 @@ def test_render_report_structure():
     ]
     text = runner.render_report({"CPU": "test cpu"}, rows, {3: "RuntimeError: boom"}, quick=True, seconds=60,
                                 argv=["--quick"])
-    for piece in ("## Machine", "| CPU | test cpu |", "## Targets", "**met**", "**missed**", "No GPU",
+    for piece in ("## Machine", "| CPU | test cpu |", "## Targets", "**met**", "**missed**", "BENCHMARKS-cuda.md",
                   "Quick mode", "RuntimeError: boom", "28 N (read p,g,m,v", "growth.png", "noisy"):
         assert piece in text
     targets = text.split("## Targets")[1].split("##")[0]
@@ -246,12 +248,12 @@ def test_render_report_structure():
 
 def test_report_keeps_the_analysis_section(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    assert runner.kept_analysis(path) == ""
-    analysis = runner.ANALYSIS_MARKER + "\n\n## Analysis\n\nwhy the figures are what they are\n"
+    assert _report.kept_analysis(path) == ""
+    analysis = _report.ANALYSIS_MARKER + "\n\n## Analysis\n\nwhy the figures are what they are\n"
     path.write_text("# old figures\n\n" + analysis)
-    assert runner.kept_analysis(path) == analysis
+    assert _report.kept_analysis(path) == analysis
     text = runner.render_report({}, [Row(4, "x", "s", 1.0)], {}, quick=False, seconds=1, argv=[],
-                                analysis=runner.kept_analysis(path))
+                                analysis=_report.kept_analysis(path))
     assert text.endswith(analysis) and "# old figures" not in text
 
 
@@ -352,6 +354,36 @@ def test_question_4_runs_last_and_the_report_keeps_the_order(tmp_path, monkeypat
     text = out.read_text()
     positions = [text.index(f"| figure {q} |") for q in range(1, 6)]
     assert positions == sorted(positions)
+
+
+def test_cuda_script_runs_its_questions_and_writes_its_report(tmp_path, capsys):
+    # On the CPU (--device cpu): the same code a GPU runs, minus the CUDA timer; the figures mean nothing.
+    out = tmp_path / "BENCHMARKS-cuda.md"
+    out.write_text("# old\n\n" + _report.ANALYSIS_MARKER + "\n\nkept\n")
+    assert cuda.main(["--quick", "--device", "cpu", "--output", str(out)]) == 0
+    text = out.read_text()
+    for piece in ("# optsched benchmarks on a CUDA GPU", "## Machine", "## Targets", "AdamW step 0.2M: fraction",
+                  "Muon step", "Trainer steps/s vs hand-written loop (fp32)",
+                  "Trainer steps/s vs hand-written loop (bf16 autocast)", "Quick mode"):
+        assert piece in text, piece
+    assert "Failed" not in text and text.endswith("kept\n") and "# old" not in text
+    roofline = next(line for line in text.splitlines() if "fraction of the memory roofline" in line)
+    assert "(CPU)" in roofline  # the 70% target is the CPU's; a GPU's fraction is reported without one
+    assert "bf16 autocast" in capsys.readouterr().out
+
+
+def test_cuda_script_refuses_a_machine_without_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        cuda.main(["--quick"])
+    assert "torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, timer", [("cpu", "time_once"), (torch.device("cpu"), "time_once")])
+def test_timer_for_a_cpu_is_the_wall_clock(device, timer):
+    from benchmarks import _timing
+
+    assert _timing.timer_for(device) is getattr(_timing, timer)
 
 
 def test_in_new_process_returns_the_output_and_raises_on_failure(capsys):
