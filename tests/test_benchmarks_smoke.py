@@ -9,6 +9,7 @@ report's structure, and that every question's script runs end to end and returns
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -384,6 +385,46 @@ def test_timer_for_a_cpu_is_the_wall_clock(device, timer):
     from benchmarks import _timing
 
     assert _timing.timer_for(device) is getattr(_timing, timer)
+
+
+def test_cuda_timer_sizes_its_spin_once_from_an_idle_gpu(monkeypatch):
+    # No GPU here: torch.cuda's events, synchronize and spin kernel are stand-ins. The timed function
+    # waits as long as the spin before it (an optimizer that reads a value back inside step()): a spin
+    # sized from that wait grew every call (seen on an H100: 20 ms to 14 s in 15 rounds).
+    from benchmarks import _timing
+
+    spins: list[int] = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = 0.0
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: spins.append(cycles))
+    timer = _timing.CudaTimer()
+    assert timer.cycles_per_second > 0
+    spins.clear()
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.002 + (spins[-1] / timer.cycles_per_second if spins else 0.0) / 1000)
+
+    seconds = [timer(step) for _ in range(5)]
+    assert len(calls) == 6  # one extra call, on an idle GPU, measures the host time
+    assert len(set(spins)) == 1  # sized once: no growth
+    assert spins[0] == int((1.5 * timer.host[step] + 2e-4) * timer.cycles_per_second)
+    assert all(s >= 0.002 for s in seconds)
 
 
 def test_in_new_process_returns_the_output_and_raises_on_failure(capsys):
