@@ -14,8 +14,10 @@ Goal: optsched >= 0.90 of the hand loop (transformers reaches about 0.55-0.60 he
 
 On a GPU (``--device cuda``, run by ``benchmarks.cuda``) the model lives there, batches are copied from
 pinned memory, and ``--bf16`` runs every forward under bf16 autocast (the hand loop through
-``torch.autocast``, the Trainers through ``bf16=True``); the hand loop reads the loss every
-``--logging-steps`` steps only, as on CPU, so it synchronises no more often than a Trainer must.
+``torch.autocast``, the Trainers through ``bf16=True``). As on the CPU, the hand loop reads the loss
+back every ``--logging-steps`` steps only and checks nothing for NaN / inf: it synchronises with the
+GPU less often than either Trainer (optsched's non-finite guard and transformers'
+``logging_nan_inf_filter`` read a value back every step), so it is the lower bound of the overhead.
 
 Run:  python benchmarks/trainer_overhead.py [--steps 200] [--rounds 9] [--profile] [--device cuda] [--bf16]
 ``--profile`` also prints where optsched's ``train()`` spends its time (cProfile, top functions).
