@@ -5,8 +5,9 @@ Run on a machine with a GPU::
     python -m benchmarks.cuda                 # writes BENCHMARKS-cuda.md
     python -m benchmarks.cuda --quick --device cpu   # tiny sizes on the CPU: checks the script runs
 
-What it measures, every time with CUDA events (``benchmarks._timing.CudaTimer``) after the queue
-drained, contestants interleaved in a fresh random order each round, medians over rounds:
+What it measures, every time with CUDA events, the kernels queued behind a spin kernel so that the host's
+launches overlap them (``benchmarks._timing.CudaTimer``), contestants interleaved in a fresh random order
+each round, medians over rounds:
 
 * the GPU's limits: memory bandwidth (a device-to-device copy and an in-place ``a += b`` on 1 GiB
   tensors, bytes read + written), bf16 and fp32 matmul rates (random data, 8192^3 and 1024^3);
@@ -14,7 +15,7 @@ drained, contestants interleaved in a fresh random order each round, medians ove
   default AdamW against torch's for-loop / foreach / fused AdamW and against the bandwidth (the fraction
   of the roofline), SGD with momentum, Adafactor against transformers', Muon against the bf16 matmul
   rate. A 50M step moves 1.4 GB, about half a millisecond at 3 TB/s, where launches and the tail of
-  each kernel weigh; AdamW alone is timed again at 201M and 805M parameters, where they do not;
+  each kernel weigh; AdamW alone is timed again at about 200M and 800M parameters, where they do not;
 * question 3 (``benchmarks.trainer_overhead``): optimizer steps per second of optsched's Trainer, a
   hand-written loop and transformers' Trainer training the demo model on the GPU, in fp32 and under
   bf16 autocast (``bf16=True``; ``torch.autocast`` in the hand loop).
@@ -51,7 +52,8 @@ LARGER_SIZES = (200e6, 800e6)
 
 
 def describe_gpu(device: str) -> dict[str, str]:
-    """The machine (``describe_machine``) and, on a GPU, its name, memory, multiprocessors and driver."""
+    """The machine (``describe_machine``) and, on a GPU, its name, memory, multiprocessors, compute capability
+    and the CUDA version torch was built with."""
     machine = describe_machine()
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(0)

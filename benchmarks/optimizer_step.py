@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from benchmarks._machine import MiB, Row, bandwidth_kernels, measure_matmul_flops, quiet
-from benchmarks._timing import compare, time_once, timer_for
+from benchmarks._timing import time_once, timer_for
 
 __all__ = [
     "TRAFFIC",
@@ -219,13 +219,16 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _with_kernels(contestants: dict[str, Callable[[], object]], nbytes: int, device: torch.device) -> dict[str, int]:
-    """Add the bandwidth kernels on ``device`` to ``contestants`` (as ``bw:copy`` ...); return their bytes moved."""
+def _round_robin_with_kernels(contestants: dict[str, Callable[[], object]], model: nn.Module, *, rounds: int,
+                              nbytes: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """:func:`round_robin` of ``contestants`` and the bandwidth kernels (as ``bw:copy`` ...) on ``model``'s
+    device, timed by that device's timer; returns the times and each kernel's bytes moved."""
+    device = _device(model)
     moved = {}
     for name, (fn, nb) in bandwidth_kernels(nbytes, device).items():
         contestants[f"bw:{name}"] = fn
         moved[f"bw:{name}"] = nb
-    return moved
+    return round_robin(contestants, rounds=rounds, timer=timer_for(device)), moved
 
 
 def _bandwidth(times: dict[str, list[float]], moved: dict[str, int]) -> tuple[float, str]:
@@ -241,9 +244,7 @@ def bench_adamw(model: nn.Module, *, rounds: int, copy_bytes: int, label: str) -
     """optsched's default vs torch's for-loop / foreach / fused AdamW, with the bandwidth kernels in the rotation."""
     opts = adamw_contestants(model)
     contestants: dict[str, Callable[[], object]] = {name: opt.step for name, opt in opts.items()}
-    device = _device(model)
-    moved = _with_kernels(contestants, copy_bytes, device)
-    times = round_robin(contestants, rounds=rounds, timer=timer_for(device))
+    times, moved = _round_robin_with_kernels(contestants, model, rounds=rounds, nbytes=copy_bytes)
     bandwidth, bw_note = _bandwidth(times, moved)
     need = step_bytes("adamw", model)
     limit_ms = need / bandwidth * 1e3
@@ -257,7 +258,7 @@ def bench_adamw(model: nn.Module, *, rounds: int, copy_bytes: int, label: str) -
                         f"{ref} AdamW", limit_ms, ref_ms / ours_ms, "ratio >= 0.95", ref_ms / ours_ms >= 0.95,
                         "same kernel as optsched's: the difference is noise" if kernel == ref.split()[-1] else ""))
     fraction = limit_ms / ours_ms
-    on_cpu = device.type == "cpu"  # the issue's 70% target is the CPU's; on a GPU the fraction is reported
+    on_cpu = _device(model).type == "cpu"  # the issue's 70% target is the CPU's; on a GPU the fraction is reported
     print(f"AdamW step {label} roofline: {need / 1e6:.0f} MB moved, bandwidth {bandwidth / 1e9:.2f} GB/s, "
           f"limit {limit_ms:.4g} ms, ours {ours_ms:.4g} ms, fraction {fraction:.2f}", flush=True)
     best_ref = min(("torch for-loop", "torch foreach", "torch fused"), key=lambda r: _median_ms(times[r]))
@@ -279,9 +280,7 @@ def bench_sgd(model: nn.Module, *, rounds: int, copy_bytes: int, label: str) -> 
         "torch for-loop": torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=False).step,
         "torch foreach": torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True).step,
     }
-    device = _device(model)
-    moved = _with_kernels(contestants, copy_bytes, device)
-    times = round_robin(contestants, rounds=rounds, timer=timer_for(device))
+    times, moved = _round_robin_with_kernels(contestants, model, rounds=rounds, nbytes=copy_bytes)
     bandwidth, _ = _bandwidth(times, moved)
     need = step_bytes("sgd", model)
     limit_ms = need / bandwidth * 1e3
@@ -305,9 +304,7 @@ def bench_adafactor(model: nn.Module, *, rounds: int, copy_bytes: int, label: st
     lr = ours.param_groups[0]["lr"]
     reference = HFAdafactor(params, lr=lr, scale_parameter=False, relative_step=False)
     contestants: dict[str, Callable[[], object]] = {"ours": ours.step, "reference": reference.step}
-    device = _device(model)
-    moved = _with_kernels(contestants, copy_bytes, device)
-    times = round_robin(contestants, rounds=rounds, timer=timer_for(device))
+    times, moved = _round_robin_with_kernels(contestants, model, rounds=rounds, nbytes=copy_bytes)
     bandwidth, _ = _bandwidth(times, moved)
     need = step_bytes("adafactor", model)
     limit_ms = need / bandwidth * 1e3
@@ -335,13 +332,9 @@ def bench_muon(model: nn.Module, *, rounds: int, label: str, matmul_n: int) -> t
     # torch's Newton-Schulz runs in bfloat16 (``grad.bfloat16()``): its limit is the bf16 matmul rate.
     device = _device(model)
     flop_rate = measure_matmul_flops(matmul_n, rounds=3, dtype=torch.bfloat16, device=device)
-    if device.type == "cpu":
-        result = compare(ours.step, None, rounds=rounds, warmup=0)  # about a minute per step on 2 cores
-        ours_ms = result.ours * 1e3
-    else:
-        ours.step()  # warm-up: first-call kernel selection
-        ours_ms = statistics.median(round_robin({"muon": ours.step}, rounds=rounds, warmup=0,
-                                                timer=timer_for(device))["muon"]) * 1e3
+    # no warm-up on the CPU (about a minute per step on 2 cores); on a GPU one, for the kernels' first-call set-up
+    times = round_robin({"muon": ours.step}, rounds=rounds, warmup=int(device.type != "cpu"), timer=timer_for(device))
+    ours_ms = _median_ms(times["muon"])
     flop_rate = max(flop_rate, measure_matmul_flops(matmul_n, rounds=3, dtype=torch.bfloat16, device=device))
     flops = muon_flops(model)
     limit_ms = flops / flop_rate * 1e3

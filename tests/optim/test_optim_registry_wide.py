@@ -99,7 +99,8 @@ def test_lowers_loss_and_state_dict_round_trips(name, _no_compile):
 
 
 def assert_trains_and_round_trips(name: str, device: str) -> None:
-    """50 steps of ``name`` on ``device`` lower the quadratic by 5%; its state dict, saved through bytes (as
+    """50 steps of ``name`` on ``device`` lower the quadratic by 5%, parameters and state staying there; its
+    state dict, saved through bytes (as
     a checkpoint does) and loaded into a fresh optimizer on a fresh model holding the same weights, gives
     identical parameters over 3 more steps (also run on a GPU by ``test_optim_cuda.py``)."""
     model = make_quadratic().to(device)
@@ -114,7 +115,10 @@ def assert_trains_and_round_trips(name: str, device: str) -> None:
     with torch.no_grad():
         last = model.loss().item()
     assert last < 0.95 * first, f"{name}: loss {first:.4f} -> {last:.4f}"
-    assert all(p.device.type == torch.device(device).type for p in model.parameters())
+    on = torch.device(device).type
+    assert all(p.device.type == on for p in model.parameters())
+    assert all(v.device.type == on for s in getattr(optimizer, "state", {}).values() for v in s.values()
+               if isinstance(v, torch.Tensor) and v.ndim > 0), f"{name}: state left {device}"
 
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)

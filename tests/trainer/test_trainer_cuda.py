@@ -20,7 +20,7 @@ from optsched.demo import build_dataset, build_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-class _BatchDevices(TrainerCallback):
+class _ParameterDevices(TrainerCallback):
     """Records the device of every parameter at each step's end."""
 
     def __init__(self, model) -> None:
@@ -41,7 +41,7 @@ def _demo(make_args, **fields):
 @pytest.mark.parametrize("precision", [{}, {"bf16": True}, {"fp16": True}])
 def test_trains_evaluates_and_predicts_on_the_gpu(make_args, precision):
     trainer = _demo(make_args, **precision)
-    seen = _BatchDevices(trainer.model)
+    seen = _ParameterDevices(trainer.model)
     trainer.add_callback(seen)
     assert trainer.device.type == "cuda"
     result = trainer.train()
