@@ -57,6 +57,22 @@ def test_trains_evaluates_and_predicts_on_the_gpu(make_args, precision):
     assert type(predictions.predictions).__module__ == "numpy"
 
 
+def test_the_label_count_reaches_the_gpu_without_a_stall():
+    # num_items_in_batch is sent to the device at every step: a pageable copy would stall the host until
+    # the GPU had run all it was given (torch's sync debug mode calls that an error); the staged copy does not.
+    from optsched.trainer.data import scalar_to_device
+
+    device = torch.device("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            torch.tensor(12, device=device)  # the check can fail: the plain copy is caught
+        counts = [scalar_to_device(n, device) for n in (12, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [c.item() for c in counts] == [12, 3] and counts[0].dtype == torch.int64
+
+
 def test_gpu_memory_metrics_are_reported(make_args):
     trainer = _demo(make_args, skip_memory_metrics=False)
     metrics = trainer.train().metrics

@@ -15,6 +15,7 @@ from optsched.trainer.data import (
     iter_update_groups,
     move_to_device,
     plan_training,
+    scalar_to_device,
     split_model_inputs,
 )
 from optsched.trainer.state import TrainerControl, TrainerState
@@ -194,6 +195,15 @@ def test_split_inputs_and_label_count():
         split_model_inputs((x,), take_labels=True)
     moved = move_to_device({"a": [x, (y,)], "b": 1}, torch.device("cpu"))
     assert moved["b"] == 1 and torch.equal(moved["a"][1][0], y)
+
+
+@pytest.mark.parametrize("value", [0, 7, 2**40, 2.5, -1e-3])
+def test_scalar_to_device_is_torch_tensor_of_the_value(value):
+    # What `torch.tensor(value, device=device)` gives, value, dtype and device (on a GPU without the
+    # host's stall: tests/trainer/test_trainer_cuda.py).
+    got, expected = scalar_to_device(value, torch.device("cpu")), torch.tensor(value)
+    assert (got.dtype, got.device, got.shape) == (expected.dtype, expected.device, torch.Size([]))
+    assert got.item() == expected.item()
 
 
 @settings(max_examples=60, deadline=None)

@@ -45,6 +45,7 @@ __all__ = [
     "iter_update_groups",
     "move_to_device",
     "plan_training",
+    "scalar_to_device",
     "split_model_inputs",
 ]
 
@@ -254,6 +255,21 @@ def iter_update_groups(batches: Iterator[Any], gradient_accumulation_steps: int)
         yield group
         if len(group) < gradient_accumulation_steps:
             return
+
+
+def scalar_to_device(value: float, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(value, device=device)`` without waiting for the GPU.
+
+    ``torch.tensor(n, device="cuda")`` copies from pageable memory, which blocks the host until the
+    stream has run everything queued before the copy: one stall of the host per call. Staged through
+    pinned memory the copy is queued like a kernel (torch's pinned-memory cache keeps the host buffer
+    until the copy has run). Same value, dtype (int64 for an int, the default float dtype for a float)
+    and device either way.
+    """
+    host = torch.tensor(value)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:

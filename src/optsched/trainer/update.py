@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from optsched.trainer.data import scalar_to_device
 from optsched.trainer.distributed import all_reduce_sum
 from optsched.trainer.evaluation import steps_on_metric
 from optsched.trainer.loss_items import count_label_items
@@ -142,7 +143,7 @@ class UpdateMixin:
         n = count_label_items(group, shift_labels=self._loss_shifts_labels)  # labels still on the host
         if n is None:
             return None
-        total = torch.tensor(n, device=self.device)
+        total = scalar_to_device(n, self.device)  # queued, not a stall of the host each step on a GPU
         if across_processes and self.args.average_tokens_across_devices:
             total = all_reduce_sum(total, self.dist)  # summed exactly, as integers
         return total.to(torch.get_default_dtype())
