@@ -14,13 +14,14 @@ Usage::
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Comparison", "CudaTimer", "compare", "report", "time_once", "timer_for"]
+__all__ = ["Comparison", "CudaTimer", "compare", "report", "round_robin", "time_once", "timer_for"]
 
 
 @dataclass(frozen=True)
@@ -170,3 +171,26 @@ def report(name: str, result: Comparison) -> str:
     line = f"{name}: ours {result.ours:.4g} s, reference {result.reference:.4g} s, ratio {result.ratio:.3g}"
     print(line, flush=True)
     return line
+
+
+def round_robin(
+    contestants: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1, seed: int = 0,
+    timer: Callable[[Callable[[], object]], float] = time_once,
+) -> dict[str, list[float]]:
+    """Seconds of each contestant per round, each called once per round, as ``_timing.compare`` does for two.
+
+    The warm-up runs in the given order; every timed round runs in a fresh random order (seeded), so
+    that no contestant always runs first, or right after the same other one (a fixed or rotated
+    order keeps the same neighbours, whose cache footprint each would inherit every round).
+    """
+    names = list(contestants)
+    order = random.Random(seed)
+    for _ in range(warmup):
+        for fn in contestants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
+            times[name].append(timer(contestants[name]))
+    return times

@@ -44,7 +44,6 @@ Run: ``python -m benchmarks.optimizer_step [--quick] [--rounds 15] [--params 50e
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from benchmarks._machine import MiB, Row, bandwidth_kernels, measure_matmul_flops, quiet
-from benchmarks._timing import time_once, timer_for
+from benchmarks._timing import round_robin, timer_for
 
 __all__ = [
     "TRAFFIC",
@@ -62,7 +61,6 @@ __all__ = [
     "adamw_contestants",
     "build_model",
     "muon_flops",
-    "round_robin",
     "run",
     "step_bytes",
     "main",
@@ -143,29 +141,6 @@ def muon_flops(model: nn.Module, ns_steps: int = 5) -> int:
             m, n = sorted(p.shape)
             flops += ns_steps * (4 * m * m * n + 2 * m**3)
     return flops
-
-
-def round_robin(
-    contestants: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1, seed: int = 0,
-    timer: Callable[[Callable[[], object]], float] = time_once,
-) -> dict[str, list[float]]:
-    """Seconds of each contestant per round, each called once per round, as ``_timing.compare`` does for two.
-
-    The warm-up runs in the given order; every timed round runs in a fresh random order (seeded), so
-    that no contestant always runs first, or right after the same other one (a fixed or rotated
-    order keeps the same neighbours, whose cache footprint each would inherit every round).
-    """
-    names = list(contestants)
-    order = random.Random(seed)
-    for _ in range(warmup):
-        for fn in contestants.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        order.shuffle(names)
-        for name in names:
-            times[name].append(timer(contestants[name]))
-    return times
 
 
 def _args(**kwargs):

@@ -4,9 +4,9 @@ PyTorch loop and transformers' Trainer, on the same tiny model and data?
 All three train optsched's demo model (``optsched.demo``) on the same synthetic data with the same
 set-up: fused AdamW (decay on matrices, none on biases / LayerNorm), linear schedule with 10% warmup,
 gradient clipping at 1.0, batch 8, a loss read back every ``--logging-steps`` steps, no checkpoints,
-no progress bar. They run alternately (optsched, hand, transformers, optsched, ...) for several
-rounds in one process; each round times ``train()`` only (the hand loop: building the optimizer and
-scheduler plus the loop), and the medians are reported:
+no progress bar. Each runs once per round, in a fresh random order each round, for several rounds in
+one process; each round times ``train()`` only (the hand loop: building the optimizer and scheduler
+plus the loop), and the medians are reported:
 
     trainer overhead: optsched X steps/s, hand loop Y steps/s, transformers Z steps/s, ratio optsched/hand R
 
@@ -21,6 +21,11 @@ GPU less often than either Trainer (optsched's non-finite guard and transformers
 
 Run:  python benchmarks/trainer_overhead.py [--steps 200] [--rounds 9] [--profile] [--device cuda] [--bf16]
 ``--profile`` also prints where optsched's ``train()`` spends its time (cProfile, top functions).
+``--without-guard`` adds a fourth contestant, optsched's Trainer with its non-finite guard taken out (the
+guard reads the loss and the gradient norm back every step: on a GPU, a wait for the queue), to measure
+what the guard costs. ``--sync-profile`` prints, per step of the hand loop and of optsched's Trainer, the
+operations dispatched, the kernels launched and the calls that wait for the GPU (torch's sync debug
+mode; the last two on a GPU only).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks._timing import time_once  # noqa: E402 - the shared wall-clock timer
+from benchmarks._timing import round_robin, time_once  # noqa: E402 - the shared timers
 from optsched.demo import build_dataset, build_model  # noqa: E402
 
 LR = 1e-3
@@ -118,9 +123,28 @@ def hand_loop(dataset, steps: int, batch_size: int, logging_steps: int, device: 
     return train
 
 
+def _unguarded_trainer() -> type:
+    """optsched's Trainer without its non-finite guard (a diagnostic, not a configuration users have):
+    ``_clip_and_step`` consults the guard only when ``train()`` has set ``_nonfinite``."""
+    from optsched import Trainer
+
+    class UnguardedTrainer(Trainer):
+        @property
+        def _nonfinite(self):
+            raise AttributeError("_nonfinite")  # hasattr() is False: no read-back, no skip
+
+        @_nonfinite.setter
+        def _nonfinite(self, guard) -> None:
+            pass
+
+    return UnguardedTrainer
+
+
 def optsched_trainer(dataset, steps: int, batch_size: int, logging_steps: int, out: str, device: str = "cpu",
-                     bf16: bool = False) -> Callable[[], None]:
+                     bf16: bool = False, guard: bool = True) -> Callable[[], None]:
     from optsched import Trainer, TrainingArguments
+
+    trainer_class = Trainer if guard else _unguarded_trainer()
 
     def make():
         args = TrainingArguments(
@@ -129,7 +153,7 @@ def optsched_trainer(dataset, steps: int, batch_size: int, logging_steps: int, o
             max_grad_norm=MAX_GRAD_NORM, logging_steps=logging_steps, save_strategy="no", disable_tqdm=True,
             use_cpu=torch.device(device).type == "cpu", bf16=bf16, seed=0, optim="adamw_torch_fused",
         )
-        trainer = Trainer(model=_model(), args=args, train_dataset=dataset)
+        trainer = trainer_class(model=_model(), args=args, train_dataset=dataset)
         if not trainer.optimizer.defaults.get("fused"):
             raise RuntimeError("optsched's AdamW is not the fused kernel here: the comparison would be unfair")
         return trainer
@@ -156,6 +180,35 @@ def transformers_trainer(dataset, steps: int, batch_size: int, logging_steps: in
     return make
 
 
+def per_step_counts(run: Callable[[], object], steps: int, on_gpu: bool) -> dict[str, float]:
+    """Per step of one ``run()`` of ``steps`` steps: operators dispatched (torch.profiler's ``aten::`` events)
+    and, on a GPU, kernels launched and calls that wait for the GPU (a read-back such as ``.item()``, a
+    copy from pageable memory, an explicit synchronize: what ``torch.cuda.set_sync_debug_mode("warn")``
+    reports).
+
+    A wait costs the GPU time queued before it; the hand loop waits once per ``--logging-steps`` steps.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        run()
+    events = prof.key_averages()
+    counts = {"ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps}
+    if on_gpu:
+        counts["kernel launches"] = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                              "cudaLaunchKernelExC")) / steps
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts["waits for the GPU"] = sum("synchroniz" in str(w.message) for w in caught) / steps
+    return counts
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
@@ -170,6 +223,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where all three train")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
     parser.add_argument("--profile", action="store_true", help="profile one optsched train() afterwards")
+    parser.add_argument("--without-guard", action="store_true",
+                        help="also time optsched's Trainer without its non-finite guard (what the guard costs)")
+    parser.add_argument("--sync-profile", action="store_true",
+                        help="print ops, kernel launches and GPU waits per step of the hand loop and optsched's")
     opts = parser.parse_args(argv)
 
     torch.set_num_threads(opts.threads)
@@ -205,27 +262,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not opts.skip_transformers:
         theirs = transformers_trainer(dataset, opts.steps, opts.batch_size, opts.logging_steps, out, **setup)
         runners["transformers"] = lambda: run_trainer(theirs)
+    if opts.without_guard:
+        unguarded = optsched_trainer(dataset, opts.steps, opts.batch_size, opts.logging_steps, out, **setup,
+                                     guard=False)
+        runners["optsched without guard"] = lambda: run_trainer(unguarded)
 
-    order = ["optsched", "hand", "transformers"]
-    for name in order:  # warm-up: imports, allocator, first-call caches
-        if name in runners:
-            runners[name]()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(opts.rounds):
-        for name in order:
-            if name in runners:
-                times[name].append(runners[name]())
+    # Warm-up (imports, allocator, first-call caches) in this order, then each round in a fresh random order.
+    times = round_robin(runners, rounds=opts.rounds, timer=lambda run: run())  # each runner times itself
     rate = {name: opts.steps / statistics.median(ts) for name, ts in times.items()}
     line = (f"trainer overhead: optsched {rate['optsched']:.0f} steps/s, hand loop {rate['hand']:.0f} steps/s, "
             f"transformers {rate.get('transformers', float('nan')):.0f} steps/s, "
             f"ratio optsched/hand {rate['optsched'] / rate['hand']:.2f}")
     if "transformers" in rate:
         line += f", ratio transformers/hand {rate['transformers'] / rate['hand']:.2f}"
+    if "optsched without guard" in rate:
+        line += f", ratio optsched without guard/hand {rate['optsched without guard'] / rate['hand']:.2f}"
     print(line, flush=True)
     print(f"  ({opts.steps} steps x {opts.rounds} rounds, batch {opts.batch_size}, {opts.threads} thread(s), "
           f"{opts.device}{', bf16 autocast' if opts.bf16 else ''}, "
           f"{opts.clock} clock; "
           + "; ".join(f"{name}: " + " ".join(f"{t:.3f}" for t in ts) + " s" for name, ts in times.items()) + ")")
+
+    if opts.sync_profile:
+        for name, run in (("hand loop", hand), ("optsched", lambda: ours().train())):
+            print(f"  {name}: " + ", ".join(f"{v:.1f} {k}" for k, v in per_step_counts(run, opts.steps, on_gpu).items())
+                  + " per step", flush=True)
 
     if opts.profile:
         trainer = ours()

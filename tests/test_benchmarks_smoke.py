@@ -24,6 +24,7 @@ from benchmarks import __main__ as runner  # noqa: E402
 from benchmarks import (  # noqa: E402
     _machine,
     _report,
+    _timing,
     adafactor_step,
     checkpoint_io,
     cuda,
@@ -138,8 +139,8 @@ def test_adafactor_compare_in_loop_times_each_side_and_frees_gradients():
 
 def test_round_robin_runs_each_once_per_round_in_varying_order():
     calls: list[str] = []
-    times = optimizer_step.round_robin({name: (lambda n=name: calls.append(n)) for name in "abcd"},
-                                       rounds=8, warmup=1)
+    times = _timing.round_robin({name: (lambda n=name: calls.append(n)) for name in "abcd"},
+                                rounds=8, warmup=1)
     assert "".join(calls[:4]) == "abcd"  # the warm-up, in the given order
     rounds = ["".join(calls[i:i + 4]) for i in range(4, len(calls), 4)]
     assert len(rounds) == 8 and all(sorted(r) == list("abcd") for r in rounds)
@@ -365,8 +366,11 @@ def test_cuda_script_runs_its_questions_and_writes_its_report(tmp_path, capsys):
     text = out.read_text()
     for piece in ("# optsched benchmarks on a CUDA GPU", "## Machine", "## Targets", "AdamW step 0.2M: fraction",
                   "Muon step", "Trainer steps/s vs hand-written loop (fp32)",
-                  "Trainer steps/s vs hand-written loop (bf16 autocast)", "Quick mode"):
+                  "Trainer steps/s vs hand-written loop (bf16 autocast)", "Quick mode",
+                  "Trainer without its non-finite guard vs hand-written loop (bf16 autocast)"):
         assert piece in text, piece
+    note = next(line for line in text.splitlines() if line.startswith("- *Trainer steps/s vs hand-written loop (fp32)"))
+    assert "hand loop:" in note and "ops per step" in note  # --sync-profile's counts
     assert "Failed" not in text and text.endswith("kept\n") and "# old" not in text
     roofline = next(line for line in text.splitlines() if "fraction of the memory roofline" in line)
     assert "(CPU)" in roofline  # the 70% target is the CPU's; a GPU's fraction is reported without one
@@ -382,8 +386,6 @@ def test_cuda_script_refuses_a_machine_without_a_gpu(monkeypatch, capsys):
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
 def test_timer_for_a_cpu_is_the_wall_clock(device):
-    from benchmarks import _timing
-
     assert _timing.timer_for(device) is _timing.time_once
 
 
@@ -391,8 +393,6 @@ def test_cuda_timer_sizes_its_spin_once_from_an_idle_gpu(monkeypatch):
     # No GPU here: torch.cuda's events, synchronize and spin kernel are stand-ins. The timed function
     # waits as long as the spin before it (an optimizer that reads a value back inside step()): a spin
     # sized from that wait grew every call (seen on an H100: 20 ms to 14 s in 15 rounds).
-    from benchmarks import _timing
-
     spins: list[int] = []
 
     class Event:
