@@ -480,6 +480,51 @@ def test_bf16_training_smooths_and_measures_float32_logits_as_transformers(tmp_p
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind_of_loss", ["compute_loss_func", "label_smoothing"])
+def test_the_loss_after_a_bf16_forward_runs_in_float32_as_in_transformers(tmp_path, kind_of_loss):
+    # was: optsched's autocast enclosed the whole loss, so a compute_loss_func's matmul ran in bfloat16 where
+    # transformers' (accelerate autocasts the forward alone) runs it in float32: other losses, other weights
+    seen: dict[str, set] = {}
+    runs = {}
+    for kind in ("optsched", "hf"):
+        seen[kind] = set()
+        projection = torch.randn(50, 50, generator=torch.Generator().manual_seed(1)) / 8
+
+        def loss_func(outputs, labels, num_items_in_batch=None, seen=seen[kind], projection=projection):
+            mixed = outputs.logits[:, :-1] @ projection  # float32 in transformers' Trainer
+            seen.add(mixed.dtype)
+            return torch.nn.functional.cross_entropy(mixed.transpose(1, 2), labels[:, 1:], reduction="sum") / (
+                num_items_in_batch)
+
+        torch.manual_seed(0)
+        fields = dict(output_dir=str(tmp_path / kind), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                      logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, bf16=True)
+        if kind_of_loss == "label_smoothing":
+            fields["label_smoothing_factor"] = 0.1
+            probe = torch.nn.Linear(2, 2)
+            original = torch.nn.functional.log_softmax
+
+            def log_softmax(x, *a, seen=seen[kind], **k):
+                seen.add(probe(torch.ones(1, 2)).dtype)  # bfloat16 under an autocast, float32 outside one
+                return original(x, *a, **k)
+
+        args = (transformers.TrainingArguments(report_to="none", **fields) if kind == "hf"
+                else TrainingArguments(**fields))
+        trainer_class = transformers.Trainer if kind == "hf" else Trainer
+        extra = {"compute_loss_func": loss_func} if kind_of_loss == "compute_loss_func" else {}
+        trainer = trainer_class(tiny_llama(), args, train_dataset=masked_lm_data(12), **extra)
+        if kind_of_loss == "label_smoothing":
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch.nn.functional, "log_softmax", log_softmax)
+                trainer.train()
+        else:
+            trainer.train()
+        runs[kind] = trainer
+    assert seen["optsched"] == seen["hf"] == {torch.float32}
+    assert _same_weights(runs["optsched"].model, runs["hf"].model)
+    assert_same_logs(runs["optsched"].state.log_history, runs["hf"].state.log_history)
+
+
 # ---- eval_do_concat_batches=False with batch_eval_metrics and include_for_metrics ---------------------------
 
 

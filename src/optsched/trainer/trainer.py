@@ -493,6 +493,16 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             return torch.autocast(device_type=self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def _outside_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast switched off for what comes after the forward (``compute_loss_func``, label smoothing):
+        accelerate autocasts the model's ``forward`` alone, so in transformers' Trainer a loss function's
+        matmuls run in float32 on the float32 outputs; inside optsched's autocast they would run in
+        bfloat16 / float16. (The Trainer's autocast encloses ``compute_loss`` so that an override calling
+        ``model(...)`` keeps it, as accelerate's wrapped forward does.)"""
+        if self.args.bf16 or self.args.fp16:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return contextlib.nullcontext()
+
     # ---- one step -----------------------------------------------------------------------------------
 
     def compute_loss(
@@ -511,9 +521,12 @@ class Trainer(UpdateMixin, CheckpointMixin, BestModelMixin, EvaluationMixin, Dat
             kwargs["num_items_in_batch"] = num_items_in_batch  # the model's loss: sum / the step's count
         outputs = self._float32_under_autocast(model(*args, **kwargs))
         if use_func:
-            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+            with self._outside_autocast():
+                loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif smoother is not None and labels is not None:
-            loss = smoother(outputs, labels, shift_labels=self._loss_shifts_labels, num_items_in_batch=num_items_in_batch)
+            with self._outside_autocast():
+                loss = smoother(outputs, labels, shift_labels=self._loss_shifts_labels,
+                                num_items_in_batch=num_items_in_batch)
         else:
             loss = extract_loss(outputs)
             if loss is None:
