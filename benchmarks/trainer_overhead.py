@@ -196,8 +196,8 @@ def per_step_counts(run: Callable[[], object], steps: int, on_gpu: bool) -> dict
     events = prof.key_averages()
     counts = {"ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps}
     if on_gpu:
-        counts["kernel launches"] = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                              "cudaLaunchKernelExC")) / steps
+        launches = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+        counts["kernel launches"] = sum(e.count for e in events if e.key in launches) / steps
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

@@ -257,7 +257,7 @@ def iter_update_groups(batches: Iterator[Any], gradient_accumulation_steps: int)
             return
 
 
-def scalar_to_device(value: float, device: torch.device) -> torch.Tensor:
+def scalar_to_device(value: int | float, device: torch.device) -> torch.Tensor:
     """``torch.tensor(value, device=device)`` without waiting for the GPU.
 
     ``torch.tensor(n, device="cuda")`` copies from pageable memory, which blocks the host until the

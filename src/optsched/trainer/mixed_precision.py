@@ -7,7 +7,7 @@ autocast and converts every float16 / bfloat16 tensor of its outputs to float32 
 float32 logits. optsched's Trainer puts the autocast around its whole loss computation (so that an
 overridden ``compute_loss`` that calls ``model(...)`` keeps it), so :func:`float32_outputs` converts the
 outputs where accelerate does, right after the forward, and ``compute_loss_func`` and label smoothing run
-with the autocast switched off, as they run outside accelerate's. Without it a
+with the autocast switched off, as they run outside accelerate's. Without the conversion a
 smoothed loss was summed and divided in bfloat16 (a tiny Llama's training losses 2e-3 off transformers'
 Trainer's) and ``batch_eval_metrics`` got bfloat16 logits where transformers passes float32 ones. A model
 cast by ``bf16_full_eval`` / ``fp16_full_eval`` alone runs without autocast and keeps its half-precision
