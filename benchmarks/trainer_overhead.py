@@ -184,27 +184,27 @@ def per_step_counts(run: Callable[[], object], steps: int, on_gpu: bool) -> dict
     """Per step of one ``run()`` of ``steps`` steps: operators dispatched (torch.profiler's ``aten::`` events)
     and, on a GPU, kernels launched and calls that wait for the GPU (a read-back such as ``.item()``, a
     copy from pageable memory, an explicit synchronize: what ``torch.cuda.set_sync_debug_mode("warn")``
-    reports).
+    reports, counted in the same run as the profile).
 
     A wait costs the GPU time queued before it; the hand loop waits once per ``--logging-steps`` steps.
     """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
-        run()
+    with warnings.catch_warnings(record=True) as caught, profile(activities=activities) as prof:
+        warnings.simplefilter("always")
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            if on_gpu:
+                torch.cuda.set_sync_debug_mode("default")
     events = prof.key_averages()
     counts = {"ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps}
     if on_gpu:
         launches = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
         counts["kernel launches"] = sum(e.count for e in events if e.key in launches) / steps
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                run()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
         counts["waits for the GPU"] = sum("synchroniz" in str(w.message) for w in caught) / steps
     return counts
 
